@@ -1,0 +1,1 @@
+"""The ``monarchify`` command line: thin Typer commands over the library."""

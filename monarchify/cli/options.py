@@ -1,0 +1,54 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from monarchify.config import MonarchConfig, parse_override
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for programs instead of tables.")]
+ForceFlag = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists and is not empty.")]
+NBlocks = Annotated[
+    int,
+    typer.Option("--nblocks", "-b", help="Blocks per Monarch layer: 2 keeps ~50% of a square layer's weights, 4 ~25%... (2/b)."),
+]
+Include = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include",
+        help="Regex of module names to convert (repeatable). Matches whole trailing name components, "
+        "e.g. 'query', 'attention\\..*', 'layer\\.[0-5]\\..*'. Default: every linear layer inside the repeated blocks.",
+    ),
+]
+Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="Regex of module names to keep dense (repeatable).")]
+Override = Annotated[
+    list[str] | None,
+    typer.Option("--override", help="REGEX=NBLOCKS: another block count for matching layers (repeatable; last wins)."),
+]
+AllowZeros = Annotated[
+    bool,
+    typer.Option(
+        "--allow-structural-zeros",
+        help="Accept nblocks² > min(d_in, d_out), where some blocks of the matrix are forced to zero.",
+    ),
+]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
+
+
+def build_config(
+    nblocks: int,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    override: list[str] | None,
+    allow_structural_zeros: bool,
+) -> MonarchConfig:
+    return MonarchConfig(
+        nblocks=nblocks,
+        include=include or [],
+        exclude=exclude or [],
+        overrides=dict(parse_override(text) for text in override or []),
+        allow_structural_zeros=allow_structural_zeros,
+    )

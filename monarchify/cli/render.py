@@ -1,0 +1,99 @@
+"""Rich tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from monarchify.report import ConversionReport, LayerReport, natural_key
+
+console = Console()
+if not console.is_terminal:  # piped or captured: wide enough that layer names are not folded
+    console.width = max(console.width, 140)
+err_console = Console(stderr=True)
+
+SORT_KEYS = ("model", "name", "error")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def sort_layers(layers: list[LayerReport], key: str) -> list[LayerReport]:
+    if key == "name":
+        return sorted(layers, key=lambda layer: natural_key(layer.name))
+    if key == "error":
+        return sorted(layers, key=lambda layer: -1.0 if layer.rel_error is None else layer.rel_error, reverse=True)
+    return list(layers)
+
+
+def _count(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def _err(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def report_table(report: ConversionReport, sort: str = "model", title: str | None = None) -> Table:
+    has_output_err = any("output_rel_error" in layer.extra for layer in report.layers)
+    table = Table(title=title, show_footer=True, header_style="bold")
+    totals = report.totals()
+    table.add_column("layer", footer=f"{totals['layers']} layers")
+    table.add_column("shape (in→out)", justify="right")
+    table.add_column("blocks", justify="right")
+    table.add_column("params dense → monarch", justify="right",
+                     footer=f"{_count(totals['params_dense'])} → {_count(totals['params_monarch'])}")
+    ratio = totals["params_ratio"]
+    table.add_column("kept", justify="right", footer="—" if ratio is None else f"{ratio:.0%}")
+    table.add_column("rel. error", justify="right", footer=f"mean {_err(totals['mean_rel_error'])}")
+    if has_output_err:
+        table.add_column("output error", justify="right")
+    for layer in sort_layers(report.layers, sort):
+        d_out, d_in = layer.shape
+        shape = f"{d_in}→{d_out}" + (" (padded)" if layer.padded else "")
+        if layer.kept_dense:
+            row = [layer.name, shape, "dense", _count(layer.params_dense), "100%", layer.reason or "kept dense"]
+        else:
+            row = [
+                layer.name,
+                shape,
+                str(layer.nblocks),
+                f"{_count(layer.params_dense)} → {_count(layer.params_monarch)}",
+                f"{layer.params_monarch / layer.params_dense:.0%}",
+                _err(layer.rel_error),
+            ]
+        if has_output_err:
+            row.append(_err(layer.extra.get("output_rel_error")))
+        table.add_row(*row)
+    return table
+
+
+def print_report(report: ConversionReport, sort: str = "model", title: str | None = None) -> None:
+    console.print(report_table(report, sort, title))
+    totals = report.totals()
+    console.print(
+        f"model parameters: {_count(totals['model_params_before'])} → {_count(totals['model_params'])}"
+        f" ({totals['model_params'] / max(totals['model_params_before'], 1):.0%})"
+    )
+    flops_dense = sum(layer.flops_dense for layer in report.layers)
+    flops_monarch = sum(layer.flops_monarch for layer in report.layers)
+    if flops_dense:
+        console.print(
+            f"FLOPs per token in these layers: {_count(flops_dense)} → {_count(flops_monarch)}"
+            f" ({flops_monarch / flops_dense:.0%})"
+        )
+    check = report.functional_check
+    if check:
+        console.print(
+            f"functional check on {check['sentences']} sample sentences: output relative difference "
+            f"{check['rel_diff']:.3f}, cosine {check['cosine']:.3f}, max abs {check['max_abs_diff']:.3g}"
+        )

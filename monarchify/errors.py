@@ -1,0 +1,33 @@
+"""The exceptions a user can cause.
+
+Everything a person can get wrong (a missing model, a bad flag, a corrupt file) raises a
+subclass of :class:`MonarchifyError` with a message written for them. The CLI turns exactly
+these into a one-line ``Error: ...`` and a non-zero exit; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MonarchifyError(Exception):
+    """A failure caused by the input, explained in one line."""
+
+
+class ConfigError(MonarchifyError, ValueError):
+    """A conversion recipe that cannot be carried out (bad block count, bad pattern...)."""
+
+
+class NoMatchError(ConfigError):
+    """A selection pattern matched no layer."""
+
+
+class ModelLoadError(MonarchifyError):
+    """A model, checkpoint or weight file that cannot be read."""
+
+
+class OutputExistsError(MonarchifyError):
+    """An output folder that already holds something we would overwrite."""
+
+
+class NonFiniteWeightError(MonarchifyError, ValueError):
+    """A weight with NaN or Inf: its projection would be meaningless."""

@@ -1,0 +1,1 @@
+"""Hugging Face integration: loading, saving and the ``from_pretrained`` plug-in."""

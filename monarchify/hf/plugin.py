@@ -1,0 +1,138 @@
+"""Loading Monarch checkpoints through stock ``from_pretrained``.
+
+A converted folder's ``config.json`` carries a ``quantization_config`` with
+``quant_method: "monarch"`` and the list of replaced modules. Importing ``monarchify``
+registers a config class and an ``HfQuantizer`` for that method with transformers' public
+plug-in points (``register_quantization_config``, ``register_quantizer``); the quantizer
+swaps the listed modules for ``MonarchLinear`` on the meta device before the weights load,
+and transformers then fills ``L``, ``R`` and ``bias`` from the safetensors files.
+
+Every line that touches this plug-in API lives in this file: its hooks changed across
+transformers releases, and ``tests/test_roundtrip.py`` (save -> stock ``from_pretrained``
+-> identical outputs) is the tripwire when they change again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from monarchify.errors import ModelLoadError
+from monarchify.monarch import MonarchLinear
+from monarchify.surgery import replace_module
+
+QUANT_METHOD = "monarch"
+FORMAT_VERSION = 1
+
+
+class MonarchQuantizationConfig(QuantizationConfigMixin):
+    """The self-description a converted checkpoint carries in its ``config.json``.
+
+    ``modules`` maps each replaced module's qualified name to
+    ``{"in_features", "out_features", "nblocks", "bias"}``; ``recipe`` is the
+    :class:`~monarchify.config.MonarchConfig` that chose them; ``padding`` states the rule for
+    widths the block count does not divide.
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, dict[str, Any]] | None = None,
+        recipe: dict[str, Any] | None = None,
+        monarchify_version: str | None = None,
+        format_version: int = FORMAT_VERSION,
+        padding: str = "zero",
+        quant_method: str = QUANT_METHOD,
+        **kwargs: Any,
+    ) -> None:
+        if format_version != FORMAT_VERSION:
+            raise ModelLoadError(
+                f"this checkpoint uses Monarch format {format_version}; this monarchify reads {FORMAT_VERSION}"
+            )
+        self.quant_method = QUANT_METHOD
+        self.modules = dict(modules or {})
+        self.recipe = dict(recipe or {})
+        self.monarchify_version = monarchify_version
+        self.format_version = format_version
+        self.padding = padding
+
+    @classmethod
+    def from_model(cls, model: nn.Module, recipe: dict[str, Any], version: str) -> MonarchQuantizationConfig:
+        modules = {
+            name: {
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "nblocks": m.nblocks,
+                "bias": m.bias is not None,
+            }
+            for name, m in model.named_modules()
+            if isinstance(m, MonarchLinear)
+        }
+        return cls(modules=modules, recipe=recipe, monarchify_version=version)
+
+
+def _resolve(model: nn.Module, name: str) -> str:
+    """The module's name in ``model``: a checkpoint saved from a base model (``BertModel``)
+    loads into a model with a head (``BertForSequenceClassification``), whose names carry the
+    base-model prefix, and the other way round."""
+    names = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    for option in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+        if option in names:
+            return option
+    raise ModelLoadError(f"the checkpoint lists Monarch layer '{name}', which this model does not have")
+
+
+class MonarchHfQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        for name, spec in self.quantization_config.modules.items():
+            target = _resolve(model, name)
+            old = model.get_submodule(target)
+            dtype = getattr(old, "weight", torch.empty(0)).dtype
+            with torch.device("meta"):
+                layer = MonarchLinear(
+                    spec["in_features"],
+                    spec["out_features"],
+                    spec["nblocks"],
+                    bias=spec.get("bias", True),
+                    allow_structural_zeros=True,
+                    dtype=dtype,
+                )
+            replace_module(model, target, layer)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Monarch factors are ordinary float parameters: training them is the point.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # Trainer refuses a "purely quantized" model unless this is true.
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register the plug-in once (importing ``monarchify`` calls this)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(MonarchQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(MonarchHfQuantizer)

@@ -1,0 +1,102 @@
+"""``MonarchLinear``: a drop-in replacement for ``nn.Linear`` with a Monarch weight."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monarchify.monarch.layout import MonarchLayout
+
+
+class MonarchLinear(nn.Module):
+    """``y = M x + bias`` with ``M = P_out · blockdiag(L) · P_mid · blockdiag(R)``.
+
+    Parameters ``R`` (``b, q, p``) and ``L`` (``b, s, q``) follow :class:`MonarchLayout`.
+    Inputs whose width ``nblocks`` does not divide are zero-padded and padded outputs are
+    dropped, so any ``in_features``/``out_features`` work.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        nblocks: int,
+        bias: bool = True,
+        *,
+        allow_structural_zeros: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.layout = MonarchLayout(in_features, out_features, nblocks)
+        self.layout.check_structure(allow_structural_zeros)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.nblocks = nblocks
+        factory = {"device": device, "dtype": dtype}
+        self.R = nn.Parameter(torch.empty(self.layout.r_shape, **factory))
+        self.L = nn.Parameter(torch.empty(self.layout.l_shape, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        if self.R.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init for training from scratch, with ``nn.Linear``'s output variance.
+
+        ``R`` keeps the variance of its input (Var = 1/p) and ``L`` scales it by 1/3 like
+        ``nn.Linear``'s default init does (Var = 1/(3q)), so swapping a freshly built
+        ``nn.Linear`` for a freshly built ``MonarchLinear`` leaves activation scales alone.
+        """
+        lay = self.layout
+        nn.init.uniform_(self.R, -math.sqrt(3.0 / lay.p), math.sqrt(3.0 / lay.p))
+        nn.init.uniform_(self.L, -1.0 / math.sqrt(lay.q), 1.0 / math.sqrt(lay.q))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        b, p, q, s = lay.nblocks, lay.p, lay.q, lay.s
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if lay.n_in != self.in_features:
+            x = F.pad(x, (0, lay.n_in - self.in_features))
+        n = x.shape[0]
+        # (b, N, p) @ (b, p, q) -> (b, N, q): every input block through its R block.
+        h = torch.bmm(x.reshape(n, b, p).transpose(0, 1), self.R.transpose(1, 2))
+        # Middle index f = k*q + j goes to L block f mod b as column f div b.
+        h = h.transpose(0, 1).reshape(n, q, b).permute(2, 0, 1)
+        # (b, N, q) @ (b, q, s) -> (b, N, s); output o = r*b + l.
+        y = torch.bmm(h, self.L.transpose(1, 2))
+        y = y.permute(1, 2, 0).reshape(n, lay.n_out)
+        if lay.n_out != self.out_features:
+            y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` matrix this layer multiplies by.
+
+        Built pair by pair from the layout rules rather than by pushing an identity through
+        ``forward``, so it is an independent check of the forward pass.
+        """
+        lay = self.layout
+        b, p = lay.nblocks, lay.p
+        dense = self.L.new_zeros(lay.n_out, lay.n_in)
+        for l in range(b):
+            for k in range(b):
+                cols, rows = lay.pair_indices(l, k)
+                if cols:
+                    dense[l::b, k * p : (k + 1) * p] = self.L[l][:, cols] @ self.R[k][rows, :]
+        return dense[: self.out_features, : self.in_features]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"nblocks={self.nblocks}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,111 @@
+"""What a conversion did, layer by layer: the object behind the tables and the JSON.
+
+Plain data with ``to_dict``/``from_dict`` so the same report is printed after ``convert``,
+saved as ``monarchify_report.json`` and read back by ``monarchify report``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def natural_key(name: str) -> list[tuple[int, Any]]:
+    """Sort key putting ``layer.2`` before ``layer.10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    """``Linear`` or ``Conv1D``."""
+    shape: list[int]
+    """``[d_out, d_in]`` of the dense weight."""
+    nblocks: int
+    padded: bool
+    bias: bool
+    params_dense: int
+    """Weight plus bias of the dense layer."""
+    params_monarch: int
+    """``L`` plus ``R`` plus bias."""
+    rel_error: float | None = None
+    """``||W - M||_F / ||W||_F``; ``None`` when unknown (e.g. a checkpoint without its report)."""
+    kept_dense: bool = False
+    """Selected but left dense (e.g. by a speed gate); ``reason`` says why."""
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further per-layer measurements (output error on calibration data, timings...)."""
+
+    @property
+    def flops_dense(self) -> int:
+        """Multiply-adds ×2 per token for the weight."""
+        d_out, d_in = self.shape
+        return 2 * d_out * d_in
+
+    @property
+    def flops_monarch(self) -> int:
+        if self.kept_dense:
+            return self.flops_dense
+        return 2 * (self.params_monarch - (self.shape[0] if self.bias else 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["flops_dense"] = self.flops_dense
+        data["flops_monarch"] = self.flops_monarch
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class ConversionReport:
+    layers: list[LayerReport]
+    model_params_before: int
+    model_params_after: int
+    functional_check: dict[str, Any] | None = None
+    """Dense vs converted model outputs on sample sentences: ``max_abs_diff``, ``rel_diff``."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Source model, recipe, versions."""
+
+    @property
+    def converted(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if not layer.kept_dense]
+
+    def totals(self) -> dict[str, Any]:
+        conv = self.converted
+        dense = sum(layer.params_dense for layer in conv)
+        monarch = sum(layer.params_monarch for layer in conv)
+        sq_err = [layer for layer in conv if layer.rel_error is not None]
+        return {
+            "layers": len(conv),
+            "kept_dense": len(self.layers) - len(conv),
+            "params_dense": dense,
+            "params_monarch": monarch,
+            "params_ratio": monarch / dense if dense else None,
+            "model_params": self.model_params_after,
+            "model_params_before": self.model_params_before,
+            "mean_rel_error": (sum(layer.rel_error for layer in sq_err) / len(sq_err)) if sq_err else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "totals": self.totals(),
+            "functional_check": self.functional_check,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConversionReport:
+        totals = data.get("totals", {})
+        return cls(
+            layers=[LayerReport.from_dict(layer) for layer in data.get("layers", [])],
+            model_params_before=totals.get("model_params_before", totals.get("model_params", 0)),
+            model_params_after=totals.get("model_params", 0),
+            functional_check=data.get("functional_check"),
+            meta=data.get("meta", {}),
+        )
