@@ -24,7 +24,7 @@ app.command()(report.report)
 def main(args: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()  # we draw our own progress
     transformers_logging.set_verbosity_error()
-    return run(typer.main.get_command(app), args)
+    return run(app, args)
 
 
 if __name__ == "__main__":

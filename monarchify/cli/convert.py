@@ -14,24 +14,24 @@ from monarchify.hf.convert import ConvertEvents, convert_pretrained
 
 
 class RichEvents(ConvertEvents):
-    """Progress on stderr, so ``--json`` output on stdout stays clean."""
+    """One transient progress line on stderr, so ``--json`` on stdout stays clean and a
+    failure leaves only its ``Error:`` line behind."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.task = None
+        self.task = progress.add_task("starting", total=None)
 
     def loading(self, source: str) -> None:
-        self.progress.console.print(f"loading [bold]{source}[/]")
+        self.progress.update(self.task, description=f"loading {source}")
 
     def projecting(self, total: int) -> None:
-        self.task = self.progress.add_task("projecting", total=total)
+        self.progress.update(self.task, description="projecting", total=total, completed=0)
 
     def projected(self, name: str) -> None:
         self.progress.update(self.task, advance=1, description=f"projecting {name}")
 
     def saving(self, out: str) -> None:
-        self.progress.update(self.task, description="projected")
-        self.progress.console.print(f"saving to [bold]{out}[/]")
+        self.progress.update(self.task, description=f"saving {out}")
 
 
 def convert(

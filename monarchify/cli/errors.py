@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Callable
 
-import click
+import typer
 
 from monarchify.errors import MonarchifyError
 
@@ -27,21 +26,23 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def run(command: Callable[..., object], args: list[str] | None = None) -> int:
-    """Run a Typer/Click command and map every failure to an exit code."""
+def run(app: typer.Typer, args: list[str] | None = None) -> int:
+    """Run the app and map every failure to an exit code.
+
+    Only Typer's public exceptions are used (``TyperException`` is the base of its usage
+    errors, with ``exit_code`` and ``format_message``): Typer moved its Click internals
+    between releases.
+    """
     debug = os.environ.get("MONARCHIFY_DEBUG", "") not in ("", "0")
     try:
-        result = command(args=args, standalone_mode=False, prog_name="monarchify")
+        result = app(args=args, standalone_mode=False, prog_name="monarchify")
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         return _fail("aborted", EXIT_INTERRUPTED)
-    except click.UsageError as exc:
-        hint = f" (see 'monarchify {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else " (see 'monarchify --help')"
-        return _fail(exc.format_message() + hint, EXIT_USAGE)
-    except click.ClickException as exc:
-        return _fail(exc.format_message(), EXIT_ERROR)
+    except typer.TyperException as exc:
+        return _fail(f"{exc.format_message()} (see --help)", exc.exit_code or EXIT_USAGE)
     except MonarchifyError as exc:
         if debug:
             traceback.print_exc()

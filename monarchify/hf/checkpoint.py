@@ -82,12 +82,19 @@ def _model_class(config: transformers.PretrainedConfig, model_class: Any) -> Any
     return transformers.AutoModel
 
 
-def load_model(source: str | os.PathLike[str], model_class: Any = None, **kwargs: Any) -> nn.Module:
+def load_model(
+    source: str | os.PathLike[str],
+    model_class: Any = None,
+    *,
+    config_overrides: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """Load a dense or Monarch model from a local folder or a Hub id.
 
     The class is the checkpoint's own architecture (so heads are kept) unless
     ``model_class`` (e.g. ``AutoModelForSequenceClassification``) is given. Monarch layers
-    load through the plug-in in :mod:`monarchify.hf.plugin`.
+    load through the plug-in in :mod:`monarchify.hf.plugin`. ``config_overrides`` (e.g.
+    ``{"num_labels": 3}``) change the checkpoint's config before the model is built.
     """
     source = os.fspath(source)
     path = Path(source).expanduser()
@@ -101,7 +108,7 @@ def load_model(source: str | os.PathLike[str], model_class: Any = None, **kwargs
         raise ModelLoadError(f"model folder '{source}' does not exist")
 
     try:
-        config = transformers.AutoConfig.from_pretrained(source)
+        config = transformers.AutoConfig.from_pretrained(source, **(config_overrides or {}))
         cls = _model_class(config, model_class)
         return cls.from_pretrained(source, config=config, use_safetensors=True, **kwargs)
     except ModelLoadError:
@@ -131,8 +138,15 @@ def save_model(
     max_shard_size: str = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Write a loadable folder atomically: ``config.json`` with the Monarch recipe,
-    safetensors weights (sharded past ``max_shard_size``), tokenizer files, and the report."""
-    model.config.quantization_config = MonarchQuantizationConfig.from_model(model, recipe or {}, _version())
+    safetensors weights (sharded past ``max_shard_size``), tokenizer files, and the report.
+
+    A model without Monarch layers is written as a plain Hugging Face folder (no recipe), which
+    loads without monarchify."""
+    quantization = MonarchQuantizationConfig.from_model(model, recipe or {}, _version())
+    if quantization.modules:
+        model.config.quantization_config = quantization
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic_output_dir(out, force) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:

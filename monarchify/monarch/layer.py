@@ -95,6 +95,12 @@ class MonarchLinear(nn.Module):
                     dense[l::b, k * p : (k + 1) * p] = self.L[l][:, cols] @ self.R[k][rows, :]
         return dense[: self.out_features, : self.in_features]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A detached dense copy, for code that inspects ``.weight`` (dtype, device, shape,
+        initialisers run by ``from_pretrained``). Training goes through ``L`` and ``R``."""
+        return self.to_dense()
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

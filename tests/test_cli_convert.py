@@ -1,0 +1,194 @@
+"""``monarchify convert`` and ``monarchify report`` as a user runs them, bad input included."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from monarchify.cli.app import main
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def test_convert_then_report(tmp_path, capsys, bert_folder):
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "convert", bert_folder, "--nblocks", "2", "--out", out, "--json")
+    assert code == 0, err
+    converted = json.loads(stdout)
+    assert converted["totals"]["layers"] == 12
+    check = converted["functional_check"]
+    assert check["sentences"] > 0 and 0 <= check["rel_diff"] < 1.5
+
+    saved = json.loads((out / "monarchify_report.json").read_text())
+    assert saved["layers"] == converted["layers"]
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
+
+    code, stdout, _ = run(capsys, "report", out, "--json", "--sort", "error")
+    assert code == 0
+    report = json.loads(stdout)
+    for key in ("name", "shape", "nblocks", "params_dense", "params_monarch", "rel_error"):
+        assert all(key in layer for layer in report["layers"])
+    errors = [layer["rel_error"] for layer in report["layers"]]
+    assert errors == sorted(errors, reverse=True)
+    by_name = {layer["name"]: layer for layer in converted["layers"]}
+    for layer in report["layers"]:
+        assert layer["params_monarch"] == by_name[layer["name"]]["params_monarch"]
+        assert layer["rel_error"] == by_name[layer["name"]]["rel_error"]
+    tensors = load_file(out / "model.safetensors")
+    assert report["totals"]["model_params"] == sum(t.numel() for t in tensors.values())
+    for key in ("params_dense", "params_monarch", "model_params"):
+        assert key in report["totals"]
+
+    code, stdout, _ = run(capsys, "report", out)
+    assert code == 0 and "encoder.layer.1.output.dense" in stdout and "rel. error" in stdout
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, bert_folder):
+    out = tmp_path / "never"
+    code, stdout, _ = run(capsys, "convert", bert_folder, "-b", "4", "--override", "attention\\..*=2",
+                          "--out", out, "--dry-run")
+    assert code == 0
+    assert "dry run" in stdout and "FLOPs" in stdout and "encoder.layer.0.intermediate.dense" in stdout
+    assert not out.exists() and leftovers(tmp_path) == []
+    code, stdout, _ = run(capsys, "convert", bert_folder, "--dry-run", "--json", "--exclude", "intermediate\\..*")
+    plan = json.loads(stdout)
+    assert plan["totals"]["layers"] == 10 and all(layer["rel_error"] is None for layer in plan["layers"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_bad_block_counts(tmp_path, capsys, bert_folder, value):
+    code, _, err = run(capsys, "convert", bert_folder, "--nblocks", value, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "nblocks")
+    assert not (tmp_path / "o").exists()
+
+
+def test_too_many_blocks_names_the_layer(tmp_path, capsys, bert_folder):
+    code, _, err = run(capsys, "convert", bert_folder, "--nblocks", "8", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "structural zeros", "encoder.layer.0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    code, _, err = run(capsys, "convert", tmp_path / "nope", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_hub_id_while_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(capsys, "convert", "bert-base-uncased", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "bert-base-uncased", "Hub")
+    assert not (tmp_path / "o").exists()
+
+
+def test_regex_matching_nothing_shows_names(tmp_path, capsys, bert_folder):
+    code, _, err = run(capsys, "convert", bert_folder, "--include", "no_such_layer", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "no_such_layer", "encoder.layer.0.attention.self.query")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(tmp_path, capsys, bert_folder):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "--out", out)
+    assert_one_line_error(code, err, "not empty", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "--out", out, "--force")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_nan_weight_names_the_layer(tmp_path, capsys, bert_folder):
+    weights = bert_folder / "model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("layer.1.attention.self.value.weight"))
+    tensors[key][2, 3] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "layer.1.attention.self.value", "NaN")
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def converted(tmp_path, capsys, bert_folder):
+    out = tmp_path / "converted"
+    code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "--out", out, "--no-check")
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_weights_are_reported_by_report_and_load(capsys, converted, damage):
+    weights = converted / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00\x01not a safetensors file" * 10)
+    else:
+        weights.write_bytes(b"")
+    code, _, err = run(capsys, "report", converted)
+    assert_one_line_error(code, err, "model.safetensors")
+
+    import monarchify
+    from monarchify.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        monarchify.load(converted)
+
+
+def test_report_on_a_dense_folder_and_on_nothing(tmp_path, capsys, bert_folder):
+    code, _, err = run(capsys, "report", bert_folder)
+    assert_one_line_error(code, err, "not a Monarch checkpoint")
+    code, _, err = run(capsys, "report", tmp_path / "nothing")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_help_explains_and_the_real_entry_point_exits_non_zero(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    helped = subprocess.run([sys.executable, "-m", "monarchify.cli.app", "convert", "--help"],
+                            capture_output=True, text=True, env=env)
+    assert helped.returncode == 0 and "--nblocks" in helped.stdout and "Examples" in helped.stdout
+    failed = subprocess.run([sys.executable, "-m", "monarchify.cli.app", "convert", str(tmp_path / "x"), "-o",
+                             str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().startswith("Error: ") and "Traceback" not in failed.stderr
+
+
+def test_converting_a_model_leaves_reloadable_identical_outputs(tmp_path, capsys, bert_folder, bert_tokenizer):
+    import monarchify
+
+    out = tmp_path / "out"
+    assert run(capsys, "convert", bert_folder, "-b", "2", "--out", out)[0] == 0
+    model = monarchify.load(bert_folder)
+    monarchify.convert(model, monarchify.MonarchConfig(nblocks=2))
+    batch = bert_tokenizer(["the quick brown fox"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.eval()(**batch)[0]
+        got = monarchify.load(out).eval()(**batch)[0]
+    assert torch.equal(got, expected)

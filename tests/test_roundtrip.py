@@ -1,0 +1,101 @@
+"""Convert -> save -> stock ``from_pretrained`` -> identical outputs, for three architectures.
+
+This is the tripwire for transformers' plug-in API (``monarchify/hf/plugin.py``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import monarchify
+from monarchify import MonarchConfig
+from monarchify.monarch import MonarchLinear
+
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+CASES = {
+    "bert": (tiny_bert, transformers.AutoModel),
+    "gpt2": (tiny_gpt2, transformers.AutoModelForCausalLM),
+    "llama": (tiny_llama, transformers.AutoModelForCausalLM),
+}
+
+
+def inputs(vocab: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(5, vocab, (2, 11))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def first_output(model, batch):
+    return model(**batch)[0]
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+@pytest.mark.parametrize("nblocks", [2, 4])
+def test_convert_save_and_stock_from_pretrained_give_identical_outputs(tmp_path, arch, nblocks):
+    build, auto_cls = CASES[arch]
+    model = build()
+    report = monarchify.convert(model, MonarchConfig(nblocks=nblocks))
+    assert report.layers and all(layer.rel_error is not None for layer in report.layers)
+    batch = inputs(model.config.vocab_size)
+    expected = first_output(model, batch)
+
+    monarchify.save(model, tmp_path / "out", report=report)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    recipe = config["quantization_config"]
+    assert recipe["quant_method"] == "monarch"
+    assert set(recipe["modules"]) == {layer.name for layer in report.layers}
+    assert recipe["monarchify_version"] == monarchify.__version__
+    assert not list((tmp_path / "out").glob("*.bin"))
+
+    for loaded in (auto_cls.from_pretrained(tmp_path / "out"), monarchify.load(tmp_path / "out")):
+        n_monarch = sum(isinstance(m, MonarchLinear) for m in loaded.modules())
+        assert n_monarch == len(report.layers)
+        assert torch.equal(first_output(loaded.eval(), batch), expected)
+
+
+def test_padding_shapes_round_trip(tmp_path):
+    """Hidden 48 and intermediate 100 at 8 blocks: 100 is padded to 104."""
+    model = tiny_bert()
+    report = monarchify.convert(model, MonarchConfig(nblocks=3))
+    assert any(layer.padded for layer in report.layers)
+    batch = inputs(model.config.vocab_size)
+    expected = first_output(model, batch)
+    monarchify.save(model, tmp_path / "out")
+    assert torch.equal(first_output(monarchify.load(tmp_path / "out").eval(), batch), expected)
+
+
+def test_a_base_model_checkpoint_loads_into_a_model_with_a_head(tmp_path):
+    model = tiny_bert()
+    monarchify.convert(model, MonarchConfig(nblocks=2))
+    monarchify.save(model, tmp_path / "out")
+    clf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", num_labels=3)
+    assert isinstance(clf.bert.encoder.layer[0].attention.self.query, MonarchLinear)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(clf.state_dict()["bert." + name], tensor, rtol=0, atol=0)
+
+
+def test_a_reloaded_model_can_be_trained_and_saved_again(tmp_path):
+    model = tiny_bert(with_head=True)
+    monarchify.convert(model, MonarchConfig(nblocks=2))
+    monarchify.save(model, tmp_path / "a")
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "a")
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    validate_quantization_for_training(loaded)  # Trainer's gate for plug-in-loaded models
+    loaded.train()
+    opt = torch.optim.SGD(loaded.parameters(), lr=0.1)
+    batch = inputs(loaded.config.vocab_size)
+    loss = loaded(**batch, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    assert loaded.bert.encoder.layer[0].attention.self.query.L.grad is not None
+    opt.step()
+    monarchify.save(loaded, tmp_path / "b")
+    again = monarchify.load(tmp_path / "b").eval()
+    loaded.eval()
+    torch.testing.assert_close(first_output(again, batch), first_output(loaded, batch), rtol=0, atol=0)
