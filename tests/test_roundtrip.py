@@ -99,3 +99,15 @@ def test_a_reloaded_model_can_be_trained_and_saved_again(tmp_path):
     again = monarchify.load(tmp_path / "b").eval()
     loaded.eval()
     torch.testing.assert_close(first_output(again, batch), first_output(loaded, batch), rtol=0, atol=0)
+
+
+def test_large_checkpoints_are_sharded_and_still_load_and_report(tmp_path):
+    model = tiny_bert()
+    report = monarchify.convert(model, MonarchConfig(nblocks=2))
+    monarchify.save(model, tmp_path / "out", report=report, max_shard_size="40KB")
+    shards = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    batch = inputs(model.config.vocab_size)
+    assert torch.equal(first_output(monarchify.load(tmp_path / "out").eval(), batch), first_output(model, batch))
+    again = monarchify.read_report(tmp_path / "out")
+    assert again.totals()["model_params"] == report.model_params_after

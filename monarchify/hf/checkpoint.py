@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import transformers
 from safetensors import safe_open
@@ -107,22 +110,49 @@ def load_model(
     elif _looks_like_path(source):
         raise ModelLoadError(f"model folder '{source}' does not exist")
 
+    hub = {} if path.is_dir() else _hub_options()
     try:
-        config = transformers.AutoConfig.from_pretrained(source, **(config_overrides or {}))
+        config = transformers.AutoConfig.from_pretrained(source, **hub, **(config_overrides or {}))
         cls = _model_class(config, model_class)
-        return cls.from_pretrained(source, config=config, use_safetensors=True, **kwargs)
+        return cls.from_pretrained(source, config=config, use_safetensors=True, **hub, **kwargs)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        where = "local folder" if path.is_dir() else "Hugging Face Hub model"
-        hint = "" if path.is_dir() else " (not a local folder; is the Hub reachable? pass a local folder when offline)"
-        raise ModelLoadError(f"could not load {where} '{source}'{hint}: {_short(exc)}") from None
+        if path.is_dir():
+            raise ModelLoadError(f"could not load local folder '{source}': {_short(exc)}") from None
+        offline = " the Hub is unreachable from here and it is not in the local cache;" if hub else ""
+        raise ModelLoadError(
+            f"could not load Hugging Face Hub model '{source}':{offline} {_short(exc)} "
+            "(not a local folder either; pass a local folder when offline)"
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the Hub endpoint: without it an offline machine spends ~30 s in
+    huggingface_hub's retries before failing."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_options() -> dict[str, Any]:
+    """Extra ``from_pretrained`` options for a Hub id: the local cache only when offline."""
+    return {} if _hub_reachable() else {"local_files_only": True}
 
 
 def load_tokenizer(source: str | os.PathLike[str]) -> Any | None:
     """The checkpoint's tokenizer, or ``None`` when it ships none."""
     try:
-        return transformers.AutoTokenizer.from_pretrained(os.fspath(source))
+        local = Path(os.fspath(source)).is_dir()
+        return transformers.AutoTokenizer.from_pretrained(os.fspath(source), **({} if local else _hub_options()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
