@@ -38,6 +38,12 @@ class MonarchConfig:
     * ``exclude``: regexes of module names to keep dense, applied after ``include``.
     * ``overrides``: ``{regex: nblocks}``; when several match a layer, the last one wins.
     * ``allow_structural_zeros``: accept ``nblocks² > min(d_in, d_out)`` layouts.
+    * ``budget``: a fraction of the selected layers' dense parameters; when set, every
+      selected layer's block count (or keeping it dense) is chosen to minimise the total
+      error under it (:mod:`monarchify.budget`); ``overrides`` then pin layers.
+    * ``budget_keep_dense``: whether the budget may keep a layer dense (one of its options).
+    * ``calibration``: how activation-aware projection was calibrated (source, samples,
+      method), recorded so the recipe says how its factors were obtained.
 
     Patterns match whole trailing components of a qualified name (see
     :func:`monarchify.selection.name_matches`), so ``query`` matches ``...self.query`` and
@@ -49,6 +55,9 @@ class MonarchConfig:
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, int] = field(default_factory=dict)
     allow_structural_zeros: bool = False
+    budget: float | None = None
+    budget_keep_dense: bool = True
+    calibration: dict[str, Any] | None = None
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -63,6 +72,10 @@ class MonarchConfig:
         for pattern, nblocks in self.overrides.items():
             _check_pattern(pattern, "override pattern")
             _positive_int(nblocks, f"nblocks of override {pattern!r}")
+        if self.budget is not None and (
+            isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget < 1
+        ):
+            raise ConfigError(f"budget must be a fraction between 0 and 1 (exclusive), got {self.budget!r}")
         if self.version != FORMAT_VERSION:
             raise ConfigError(f"unsupported recipe version {self.version} (this monarchify reads {FORMAT_VERSION})")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from monarchify.budget import apply_budget
 from monarchify.config import MonarchConfig
 from monarchify.errors import NonFiniteWeightError
 from monarchify.monarch import MonarchLayout, MonarchLinear, Projection, project
@@ -22,6 +23,8 @@ from monarchify.selection import FilterFn, dense_weight, is_conv1d, select
 Projector = Callable[[str, torch.Tensor, MonarchLayout], Projection]
 """``(layer name, dense (d_out, d_in) weight, layout) -> Projection``: how a layer is projected."""
 Progress = Callable[[str], None]
+KeepDense = Callable[[str, nn.Module, MonarchLayout], "str | None"]
+"""``(layer name, module, layout) -> reason to leave the layer dense, or None to convert it``."""
 
 
 @dataclass
@@ -53,6 +56,12 @@ class PlannedLayer:
             rel_error=rel_error,
         )
 
+    def report_kept(self, reason: str) -> LayerReport:
+        """The entry of a selected layer left dense (e.g. by the speed gate)."""
+        entry = self.report()
+        entry.kept_dense, entry.reason, entry.params_monarch = True, reason, entry.params_dense
+        return entry
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -74,7 +83,8 @@ def plan(model: nn.Module, config: MonarchConfig, filter_fn: FilterFn | None = N
 
 def dry_run(model: nn.Module, config: MonarchConfig, filter_fn: FilterFn | None = None) -> ConversionReport:
     """What ``convert`` would do (layers, shapes, parameters), without projecting anything."""
-    layers = [p.report() for p in plan(model, config, filter_fn)]
+    config, budget_rows = _resolve_budget(model, config, filter_fn)
+    layers = in_model_order(model, [p.report() for p in plan(model, config, filter_fn)] + budget_rows)
     before = count_params(model)
     saved = sum(layer.params_dense - layer.params_monarch for layer in layers)
     return ConversionReport(layers, before, before - saved)
@@ -119,20 +129,30 @@ def convert(
     *,
     projector: Projector | None = None,
     progress: Progress | None = None,
+    keep_dense: KeepDense | None = None,
 ) -> ConversionReport:
     """Replace the selected linear layers of ``model`` by their optimal Monarch projection.
 
     Returns the per-layer report (shapes, parameters, exact relative errors). ``projector``
     swaps in another projection (e.g. activation-aware); ``progress`` is called with each
-    layer's name as it is done.
+    layer's name as it is done; ``keep_dense`` (e.g. :class:`monarchify.speed_gate.SpeedGate`)
+    may veto a layer, which then stays dense, unprojected, with its reason in the report.
     """
     config = config or MonarchConfig()
+    config, budget_rows = _resolve_budget(model, config, filter_fn)
     projector = projector or optimal_projector(config)
     planned = plan(model, config, filter_fn)
     before = count_params(model)
 
     built: list[tuple[PlannedLayer, MonarchLinear, float]] = []
+    kept: dict[str, str] = {}
     for item in planned:
+        reason = keep_dense(item.name, item.module, item.layout) if keep_dense is not None else None
+        if reason is not None:
+            kept[item.name] = reason
+            if progress is not None:
+                progress(item.name)
+            continue
         try:
             projection = projector(item.name, dense_weight(item.module), item.layout)
         except NonFiniteWeightError as exc:
@@ -143,5 +163,24 @@ def convert(
 
     for item, layer, _ in built:
         replace_module(model, item.name, layer)
-    layers = [item.report(rel_error) for item, _, rel_error in built]
+    errors = {item.name: rel_error for item, _, rel_error in built}
+    layers = [item.report(errors[item.name]) if item.name in errors else item.report_kept(kept[item.name]) for item in planned]
+    layers = in_model_order(model, layers + budget_rows)
     return ConversionReport(layers, before, count_params(model), meta={"recipe": config.to_dict()})
+
+
+def _resolve_budget(
+    model: nn.Module, config: MonarchConfig, filter_fn: FilterFn | None
+) -> tuple[MonarchConfig, list[LayerReport]]:
+    """With ``config.budget``: the recipe with every layer's block count chosen (layers kept
+    dense excluded) and their report rows; otherwise ``config`` unchanged."""
+    if config.budget is None:
+        return config, []
+    config, _, rows = apply_budget(model, config, filter_fn)
+    return config, rows
+
+
+def in_model_order(model: nn.Module, layers: list[LayerReport]) -> list[LayerReport]:
+    """``layers`` sorted the way ``model.named_modules()`` lists them."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(layers, key=lambda layer: order.get(layer.name, len(order)))

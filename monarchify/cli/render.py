@@ -57,6 +57,9 @@ def report_table(report: ConversionReport, sort: str = "model", title: str | Non
     table.add_column("rel. error", justify="right", footer=f"mean {_err(totals['mean_rel_error'])}")
     if has_output_err:
         table.add_column("output error", justify="right")
+    has_plain_err = any("output_rel_error_plain" in layer.extra for layer in report.layers)
+    if has_plain_err:  # calibrated: the plain projection's output error, for comparison
+        table.add_column("plain proj. output error", justify="right")
     for layer in sort_layers(report.layers, sort):
         d_out, d_in = layer.shape
         shape = f"{d_in}→{d_out}" + (" (padded)" if layer.padded else "")
@@ -73,6 +76,8 @@ def report_table(report: ConversionReport, sort: str = "model", title: str | Non
             ]
         if has_output_err:
             row.append(_err(layer.extra.get("output_rel_error")))
+        if has_plain_err:
+            row.append(_err(layer.extra.get("output_rel_error_plain")))
         table.add_row(*row)
     return table
 
@@ -91,9 +96,33 @@ def print_report(report: ConversionReport, sort: str = "model", title: str | Non
             f"FLOPs per token in these layers: {_count(flops_dense)} → {_count(flops_monarch)}"
             f" ({flops_monarch / flops_dense:.0%})"
         )
+    print_accuracy_levers(report)
     check = report.functional_check
     if check:
         console.print(
             f"functional check on {check['sentences']} sample sentences: output relative difference "
             f"{check['rel_diff']:.3f}, cosine {check['cosine']:.3f}, max abs {check['max_abs_diff']:.3g}"
         )
+
+
+def print_accuracy_levers(report: ConversionReport) -> None:
+    """One line each for calibration and the parameter budget, when they were used."""
+    calib = report.meta.get("calibration") or {}
+    if "mean_output_rel_error" in calib:
+        console.print(
+            f"calibrated on {calib.get('samples')} samples of {calib.get('source')} ({calib.get('method')}): "
+            f"mean output error on {calib.get('heldout')} held-out samples {calib['mean_output_rel_error']:.3f} "
+            f"(plain projection {calib['mean_output_rel_error_plain']:.3f})"
+        )
+    budget = report.meta.get("budget")
+    if budget:
+        kept = len(budget.get("kept_dense", []))
+        line = (
+            f"budget {budget['fraction']:g}: {budget['params_used'] / budget['params_dense']:.1%} of the selected layers' "
+            f"parameters{f', {kept} kept dense' if kept else ''}; total {budget['error_kind']} error {budget['total_error']:.3f}"
+        )
+        closest = min(budget.get("uniform", {}).items(), default=None,
+                      key=lambda item: abs(item[1]["params"] - budget["params_used"]))
+        if closest:
+            line += f" (uniform {closest[0]} blocks: {closest[1]['fraction']:.1%}, error {closest[1]['error']:.3f})"
+        console.print(line)

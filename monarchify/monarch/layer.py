@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monarchify.monarch.kernels import monarch_matmul
 from monarchify.monarch.layout import MonarchLayout
 
 
@@ -58,24 +59,22 @@ class MonarchLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ to_dense().T + bias`` over the last dimension of ``x``.
+
+        The product itself is :func:`monarch_matmul`: a fused Triton kernel for CUDA tensors,
+        strided BLAS calls with a hand-written backward elsewhere (see ``kernels/``).
+        """
         lay = self.layout
-        b, p, q, s = lay.nblocks, lay.p, lay.q, lay.s
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if lay.n_in != self.in_features:
             x = F.pad(x, (0, lay.n_in - self.in_features))
-        n = x.shape[0]
-        # (b, N, p) @ (b, p, q) -> (b, N, q): every input block through its R block.
-        h = torch.bmm(x.reshape(n, b, p).transpose(0, 1), self.R.transpose(1, 2))
-        # Middle index f = k*q + j goes to L block f mod b as column f div b.
-        h = h.transpose(0, 1).reshape(n, q, b).permute(2, 0, 1)
-        # (b, N, q) @ (b, q, s) -> (b, N, s); output o = r*b + l.
-        y = torch.bmm(h, self.L.transpose(1, 2))
-        y = y.permute(1, 2, 0).reshape(n, lay.n_out)
+        bias = self.bias
+        if bias is not None and lay.n_out != self.out_features:
+            bias = F.pad(bias, (0, lay.n_out - self.out_features))
+        y = monarch_matmul(x, self.R, self.L, bias)
         if lay.n_out != self.out_features:
-            y = y[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
+            y = y[:, : self.out_features].contiguous()
         return y.reshape(*lead, self.out_features)
 
     @torch.no_grad()

@@ -1,0 +1,339 @@
+"""Dense vs Monarch timing on the current device: single layers and whole models.
+
+Every comparison is measured in one run with the contenders interleaved round-robin (so a
+slow patch of a shared machine hits all of them alike), after warm-up, and summarised by
+medians; ratios are ``dense time / Monarch time`` (above 1: Monarch is faster). GPU timings
+synchronise the device around every call, so launch overhead counts, as it does for a
+user.
+
+Plain library code: the ``monarchify bench`` command and the scripts in ``benchmarks/``
+call it; it knows nothing of either.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from monarchify.errors import ConfigError
+from monarchify.monarch import MonarchLinear, kernels
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but this machine has no usable CUDA GPU")
+    return device
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class Stat:
+    """Timings of one contender, in milliseconds."""
+
+    runs: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    @property
+    def best(self) -> float:
+        return min(self.runs)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    if device.type == "cuda":
+
+        def cuda_time(fn: Callable[[], Any]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end)
+
+        return cuda_time
+
+    def cpu_time(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return cpu_time
+
+
+def compare(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int = 3, repeat: int = 10) -> dict[str, Stat]:
+    """Time every callable ``repeat`` times, round-robin, after ``warmup`` calls of each."""
+    if repeat < 1 or warmup < 0:
+        raise ConfigError("repeat must be >= 1 and warmup >= 0")
+    timer = _timer(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(repeat):
+        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
+            runs[name].append(timer(fns[name]))
+    return {name: Stat(r) for name, r in runs.items()}
+
+
+def _pair(dense: Stat, monarch: Stat, extra: dict[str, Stat] | None = None) -> dict[str, float]:
+    row = {"dense_ms": dense.median, "monarch_ms": monarch.median, "ratio": dense.median / monarch.median}
+    for name, stat in (extra or {}).items():
+        row[f"{name}_ms"] = stat.median
+        row[f"ratio_{name}"] = dense.median / stat.median
+    return row
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    env = {"device": str(device), "device_name": describe_device(device), "torch": torch.__version__}
+    if device.type == "cpu":
+        env["threads"] = torch.get_num_threads()
+        env["load_avg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return env
+
+
+# --- single layers ------------------------------------------------------------------------
+
+
+def layer_benchmark(
+    d_in: int,
+    d_out: int,
+    nblocks: int,
+    tokens: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = "auto",
+    bias: bool = True,
+    backward: bool = True,
+    reference: bool = False,
+    implementations: tuple[str, ...] = (),
+    warmup: int = 5,
+    repeat: int = 20,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``nn.Linear`` vs ``MonarchLinear`` at one shape: forward (no autograd) and
+    forward+backward (gradients for the input and every parameter, as inside a model).
+
+    ``monarch`` is what the layer picks by itself (see :mod:`monarchify.monarch.kernels`).
+    ``reference`` also times the plain two-``bmm`` path, to show what the fast paths gain
+    over it; ``implementations`` adds any others by name (e.g. ``("strided",)`` on a GPU).
+    """
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    if tokens < 1:
+        raise ConfigError("tokens must be >= 1")
+    torch.manual_seed(seed)
+    factory = {"device": device, "dtype": dtype}
+    dense = nn.Linear(d_in, d_out, bias=bias, **factory)
+    monarch = MonarchLinear(d_in, d_out, nblocks, bias=bias, **factory)
+    x = torch.randn(tokens, d_in, **factory)
+    x_grad = x.clone().requires_grad_()
+    grad_out = torch.randn(tokens, d_out, **factory)
+
+    def forward(layer: nn.Module, impl: str = "auto") -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.no_grad(), kernels.use(impl):
+                return layer(x)
+
+        return run
+
+    def train(layer: nn.Module, impl: str = "auto") -> Callable[[], Any]:
+        def run() -> None:
+            with kernels.use(impl):
+                layer(x_grad).backward(grad_out)
+            x_grad.grad = None
+            for param in layer.parameters():
+                param.grad = None
+
+        return run
+
+    extras = tuple(dict.fromkeys((("reference",) if reference else ()) + tuple(implementations)))
+    for name in extras:
+        if name not in kernels.IMPLEMENTATIONS or name == "auto":
+            raise ConfigError(f"unknown Monarch implementation {name!r}")
+    fwd = {"dense": forward(dense), "monarch": forward(monarch)}
+    fwd.update({name: forward(monarch, name) for name in extras})
+    result: dict[str, Any] = {
+        "config": {"d_in": d_in, "d_out": d_out, "nblocks": nblocks, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
+                   "bias": bias, "warmup": warmup, "repeat": repeat},
+        "environment": _environment(device),
+        "implementation": kernels.auto_choice(x),
+        "params": {"dense": sum(p.numel() for p in dense.parameters()), "monarch": sum(p.numel() for p in monarch.parameters())},
+        "flops_ratio": (d_in * d_out) / monarch.layout.weight_params,
+    }
+    stats = compare(fwd, device, warmup=warmup, repeat=repeat)
+    result["forward"] = _pair(stats["dense"], stats["monarch"], {k: stats[k] for k in extras})
+    if backward:
+        bwd = {"dense": train(dense), "monarch": train(monarch)}
+        bwd.update({name: train(monarch, name) for name in extras})
+        stats = compare(bwd, device, warmup=warmup, repeat=repeat)
+        result["forward_backward"] = _pair(stats["dense"], stats["monarch"], {k: stats[k] for k in extras})
+    return result
+
+
+# --- whole models -------------------------------------------------------------------------
+
+
+def densified(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``MonarchLinear`` multiplied out into an ``nn.Linear``:
+    the dense model a Monarch checkpoint competes with (same architecture, same numbers)."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, MonarchLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.L.device, dtype=module.L.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.to_dense())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, linear)
+    return dense
+
+
+def model_pair(model: nn.Module, nblocks: int = 4) -> tuple[nn.Module, nn.Module]:
+    """``(dense, monarch)`` versions of ``model``: multiplied out if it already has Monarch
+    layers, else converted (the default selection) at ``nblocks``."""
+    from monarchify.config import MonarchConfig
+    from monarchify.surgery import convert
+
+    if any(isinstance(m, MonarchLinear) for m in model.modules()):
+        return densified(model), model
+    monarch = copy.deepcopy(model)
+    convert(monarch, MonarchConfig(nblocks=nblocks))
+    return model, monarch
+
+
+def _sample_inputs(model: nn.Module, batch: int, seq_len: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) or 1000
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device)}
+    labels = getattr(config, "num_labels", None)
+    if labels and type(model).__name__.endswith("ForSequenceClassification"):
+        inputs["labels"] = torch.randint(0, labels, (batch,), generator=gen).to(device)
+    return inputs
+
+
+def _loss(output: Any) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        return loss
+    first = output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+    return first.float().square().mean()
+
+
+def models_benchmark(
+    dense: nn.Module,
+    monarch: nn.Module,
+    *,
+    batch: int = 8,
+    seq_len: int = 128,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = "auto",
+    train: bool = True,
+    warmup: int = 3,
+    repeat: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Inference (eval, no autograd) and one training step (forward, backward, AdamW) of two
+    models on the same random batch."""
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    if batch < 1 or seq_len < 1:
+        raise ConfigError("batch and seq-len must be >= 1")
+    models = {"dense": dense.to(device=device, dtype=dtype), "monarch": monarch.to(device=device, dtype=dtype)}
+    inputs = _sample_inputs(dense, batch, seq_len, device, seed)
+    forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+
+    def infer(model: nn.Module) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.no_grad():
+                return model(**forward_inputs)
+
+        return run
+
+    for model in models.values():
+        model.eval()
+    result: dict[str, Any] = {
+        "config": {"batch": batch, "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "warmup": warmup, "repeat": repeat},
+        "environment": _environment(device),
+        "model": type(dense).__name__,
+        "params": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
+        "monarch_layers": sum(isinstance(m, MonarchLinear) for m in monarch.modules()),
+    }
+    stats = compare({name: infer(m) for name, m in models.items()}, device, warmup=warmup, repeat=repeat)
+    result["inference"] = _pair(stats["dense"], stats["monarch"])
+    if train:
+        steps = {}
+        for name, model in models.items():
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+            def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+                _loss(model(**inputs)).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            steps[name] = step
+        stats = compare(steps, device, warmup=warmup, repeat=repeat)
+        result["train_step"] = _pair(stats["dense"], stats["monarch"])
+    return result
+
+
+def model_benchmark(folder: str | os.PathLike[str], *, nblocks: int = 4, **kwargs: Any) -> dict[str, Any]:
+    """:func:`models_benchmark` for a model folder: a dense checkpoint is converted at
+    ``nblocks`` in memory; a Monarch checkpoint is compared with its multiplied-out twin."""
+    from monarchify.hf.checkpoint import load_model
+
+    model = load_model(folder)
+    checkpoint_is_monarch = any(isinstance(m, MonarchLinear) for m in model.modules())
+    dense, monarch = model_pair(model, nblocks)
+    result = models_benchmark(dense, monarch, **kwargs)
+    result["source"] = os.fspath(folder)
+    result["config"]["nblocks"] = None if checkpoint_is_monarch else nblocks
+    result["config"]["converted_in_memory"] = not checkpoint_is_monarch
+    return result

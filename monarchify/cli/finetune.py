@@ -1,0 +1,181 @@
+"""``monarchify finetune``: fine-tune a dense or Monarch model on a GLUE task."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import datasets
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from transformers import TrainerCallback
+
+from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, JsonFlag, Override, build_config
+from monarchify.cli.render import console, err_console, print_json
+from monarchify.errors import ConfigError
+from monarchify.glue.tasks import TASK_NAMES
+from monarchify.glue.train import PRECISIONS, RESULTS_FILE, FinetuneEvents, FinetuneOptions, finetune as run_finetune
+
+
+class RichEvents(FinetuneEvents):
+    def stage(self, message: str) -> None:
+        err_console.print(f"[dim]{message}[/]")
+
+    def done(self, message: str) -> None:
+        err_console.print(message)
+
+    def note(self, message: str) -> None:
+        err_console.print(f"[yellow]note:[/] {message}")
+
+
+class RichProgress(TrainerCallback):
+    """A progress bar over optimisation steps, with the running loss and each evaluation."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
+        )
+        self.task: Any = None
+        self.loss: float | None = None
+
+    def _describe(self, state: Any) -> str:
+        epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "training"
+        return epoch + (f"  loss {self.loss:.4f}" if self.loss is not None else "")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.progress.start()
+            self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=state.global_step, description=self._describe(state))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.task is not None and logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+            self.progress.update(self.task, description=self._describe(state))
+            if not self.progress.console.is_terminal:  # a log file gets a line per logging step instead of a bar
+                elapsed = self.progress.tasks[0].elapsed or 0.0
+                self.progress.console.print(
+                    f"step {state.global_step}/{state.max_steps}  {self._describe(state)}  "
+                    f"lr {logs.get('learning_rate', 0.0):.3g}  {elapsed:.0f} s"
+                )
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.task is None or not metrics:
+            return
+        shown = ", ".join(
+            f"{k.split('_', 1)[1]} {v:.4f}" for k, v in metrics.items()
+            if isinstance(v, float) and not k.endswith(("runtime", "per_second", "epoch"))
+        )
+        epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "eval"
+        self.progress.console.print(f"{epoch}: {shown}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n:,}"
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    table = Table(title=f"{results['task']}: {results['model']}", header_style="bold", show_header=True)
+    table.add_column("split")
+    names = sorted({k for m in results["metrics"].values() for k in m if not k.endswith(("runtime", "per_second"))})
+    for name in names:
+        table.add_column(name, justify="right")
+    for split, values in results["metrics"].items():
+        table.add_row(split, *(f"{values[n]:.4f}" if isinstance(values.get(n), float) else "—" for n in names))
+    return table
+
+
+def print_results(results: dict[str, Any], out: Path) -> None:
+    console.print(results_table(results))
+    train, params = results["train"], results["params"]
+    console.print(
+        f"train: {train['seconds']:.1f} s wall ({train['step_seconds']:.1f} s in steps), {train['steps']} steps, "
+        f"{train['samples_per_second']:.1f} samples/s; eval: {results['eval']['seconds']:.1f} s"
+    )
+    kind = f"Monarch ({params['monarch_layers']} layers)" if params["monarch_layers"] else "dense"
+    console.print(
+        f"parameters: {_count(params['monarch'])} {kind}; {_count(params['dense'])} if dense ({params['ratio']:.0%})"
+    )
+    console.print(f"saved [bold]{out}[/] ({RESULTS_FILE} inside)")
+
+
+def finetune(
+    task: Annotated[str, typer.Option("--task", "-t", help=f"GLUE task: {', '.join(TASK_NAMES)}.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A dense or converted model folder, or a Hub id (needs network).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the fine-tuned model and eval_results.json.")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="GLUE TSV folder (<DIR>/MRPC/train.tsv, dev.tsv...). Default: the datasets hub copy (needs network)."),
+    ] = None,
+    nblocks: Annotated[
+        int | None, typer.Option("--nblocks", "-b", help="Convert the model to Monarch with this many blocks before training.")
+    ] = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    override: Override = None,
+    allow_structural_zeros: AllowZeros = False,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then linear decay).")] = 5e-5,
+    monarch_lr: Annotated[float | None, typer.Option("--monarch-lr", help="Learning rate of the Monarch factors L, R (default: --lr).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size per device.")] = 32,
+    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Evaluation batch size per device.")] = 64,
+    epochs: Annotated[float, typer.Option("--epochs", help="Training epochs.")] = 3.0,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs; -1: off).")] = -1,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate inputs to this many tokens (padding is per batch).")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the new head, data order and dropout.")] = 42,
+    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up: a fraction of the steps (<1) or a number of steps.")] = 0.1,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases and LayerNorm).")] = 0.01,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
+    precision: Annotated[str, typer.Option("--precision", help=f"{', '.join(PRECISIONS)} (mixed precision via Trainer).")] = "fp32",
+    max_train_samples: Annotated[int | None, typer.Option("--max-train-samples", help="Use only the first N training examples.")] = None,
+    max_eval_samples: Annotated[int | None, typer.Option("--max-eval-samples", help="Use only the first N examples of each dev split.")] = None,
+    eval_each_epoch: Annotated[bool, typer.Option(help="Evaluate after every epoch (the final evaluation always runs).")] = True,
+    save_checkpoints: Annotated[bool, typer.Option(help="Keep a resumable Trainer checkpoint after every epoch.")] = True,
+    checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Where checkpoints go (default: OUT.checkpoints).")] = None,
+    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Do not delete the checkpoints after a successful run.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Resume from the latest checkpoint in the checkpoint folder.")] = False,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder, if the model folder has none.")] = None,
+    force: ForceFlag = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Fine-tune a dense or Monarch model on a GLUE task with transformers' Trainer.
+
+    Adds a classification head when the checkpoint has none (and says so), evaluates every dev split with the GLUE metric (offline), and saves the model (same loadable format) with eval_results.json. Several GPUs: run it under torchrun or accelerate launch.
+
+    \b
+    Examples:
+      monarchify finetune --task mrpc --model minilm-monarch --data-dir ../shared/data/glue --out runs/mrpc
+      monarchify finetune --task mrpc --model ./bert --nblocks 4 --data-dir glue --out runs/mrpc-nb4
+      monarchify finetune --task mrpc --model ./bert --data-dir glue --out runs/mrpc-dense
+      torchrun --nproc-per-node 4 -m monarchify.cli.app finetune --task mnli --model ./bert -b 4 --out runs/mnli
+    """
+    datasets.disable_progress_bars()  # the tokenizing step is quick; our own bar shows training
+    config = None
+    if nblocks is not None:
+        config = build_config(nblocks, include, exclude, override, allow_structural_zeros)
+    elif include or exclude or override:
+        raise ConfigError("--include/--exclude/--override choose layers to convert: pass --nblocks too")
+    options = FinetuneOptions(
+        task=task, model=model, out=out, data_dir=data_dir, tokenizer=tokenizer, monarch=config,
+        learning_rate=learning_rate, monarch_lr=monarch_lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        epochs=epochs, max_steps=max_steps, max_length=max_length, seed=seed, warmup=warmup,
+        weight_decay=weight_decay, grad_accum=grad_accum, precision=precision,
+        max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, eval_each_epoch=eval_each_epoch,
+        save_checkpoints=save_checkpoints, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+        resume=resume, force=force,
+    )
+    result = run_finetune(options, events=RichEvents(), callbacks=[RichProgress()], argv=["monarchify", *sys.argv[1:]])
+    if json_out:
+        print_json(result.results)
+    else:
+        print_results(result.results, out)

@@ -1,0 +1,92 @@
+"""The fused Triton kernel, run on CPU tensors through Triton's interpreter.
+
+The CI machine has no GPU, so the kernel's arithmetic (index maps for both permutations,
+masks, the middle it writes for the weight gradients) is checked under
+``TRITON_INTERPRET=1`` in a subprocess (the variable must be set before ``triton.jit``
+runs) on tiny shapes, against float64 with every output buffer poisoned. Performance,
+and the compiled path, are for ``benchmarks/gpu_check.py`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the fused kernel needs triton (pip install triton)")
+
+from monarchify.monarch.kernels import check, strided  # noqa: E402
+from monarchify.monarch.kernels import triton_monarch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "monarchify.monarch.kernels.check"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.stdout.strip(), proc.stderr[-3000:]
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def test_interpreter_covers_every_case_and_dtype(interpreted):
+    _, results = interpreted
+    assert len(results) == len(check.INTERPRETER_CASES) * 3
+    assert {r["dtype"] for r in results} == {"float32", "float16", "bfloat16"}
+    assert all(set(r["errors"]) == {"y", "dx", "dR", "dL", "dbias"} for r in results)
+
+
+def test_fused_kernel_matches_float64_forward_and_backward(interpreted):
+    code, results = interpreted
+    bad = [r for r in results if not r["ok"]]
+    assert not bad, json.dumps(bad, indent=1)
+    assert code == 0
+    # float32 through the interpreter is exact arithmetic up to rounding: hold it tighter.
+    assert max(e for r in results if r["dtype"] == "float32" for e in r["errors"].values()) < 1e-6
+
+
+def test_the_check_catches_a_wrong_kernel(monkeypatch):
+    """Guard against a check that cannot fail: break the CPU path's interleave and the same
+    routine must flag the output and every gradient that depends on it."""
+    real = strided._forward
+
+    def swapped(x, R, L, bias):
+        y, h = real(x, R, L, bias)
+        return y.roll(1, dims=1), h
+
+    monkeypatch.setattr(strided, "_forward", swapped)
+    result = check.check_case("strided", 2, 8, 8, 5, torch.float64, "cpu", seed=0)
+    assert not result.ok and result.errors["y"] > 0.1
+
+
+def test_the_check_catches_an_unwritten_output(monkeypatch):
+    real = strided._forward
+
+    def partial(x, R, L, bias):
+        y, h = real(x, R, L, bias)
+        out = strided._empty(y.shape, dtype=y.dtype)
+        out[:, :-1] = y[:, :-1]  # last column never written
+        return out, h
+
+    monkeypatch.setattr(strided, "_forward", partial)
+    result = check.check_case("strided", 2, 8, 8, 5, torch.float64, "cpu", seed=0)
+    assert result.errors["y"] != result.errors["y"]  # NaN from the poison
+
+
+def test_only_cuda_tensors_and_divisible_layouts_go_to_the_kernel():
+    assert not triton_monarch.supports(torch.zeros(2, 8))
+    R = torch.zeros(4, 8, 16)
+    assert triton_monarch.layout_supported(R, torch.zeros(4, 8, 8))
+    assert not triton_monarch.layout_supported(torch.zeros(4, 6, 16), torch.zeros(4, 6, 6))  # q % b != 0
+    assert not triton_monarch.layout_supported(torch.zeros(4, 2, 16), torch.zeros(4, 2, 2))  # q < b
+
+
+def test_layouts_the_kernel_skips_fall_back_to_the_strided_path():
+    gen = torch.Generator().manual_seed(0)
+    R, L = torch.randn(4, 6, 5, generator=gen), torch.randn(4, 6, 6, generator=gen)
+    x = torch.randn(3, 20, generator=gen)
+    torch.testing.assert_close(triton_monarch.monarch_triton(x, R, L), strided.monarch_strided(x, R, L))

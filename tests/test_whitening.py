@@ -1,0 +1,208 @@
+"""Activation-aware projection: exact optimality for its objective, against explicit
+reconstructions, brute-force perturbation and the plain projection it generalises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from monarchify.errors import ConfigError, NonFiniteWeightError
+from monarchify.monarch import MonarchLayout, MonarchLinear, project
+from monarchify.monarch.whitening import (
+    assemble,
+    diagonal_blocks,
+    output_rel_error,
+    output_sq_error,
+    padded_covariance,
+    project_whitened,
+    refine_full,
+)
+
+F64 = torch.float64
+
+
+@st.composite
+def cases(draw):
+    """(d_in, d_out, nblocks) without structural zeros, padding allowed."""
+    b = draw(st.integers(1, 4))
+    return draw(st.integers(b * b, b * b + 14)), draw(st.integers(b * b, b * b + 14)), b
+
+
+def correlated_inputs(n: int, d_in: int, seed: int) -> torch.Tensor:
+    """Samples with a strongly non-isotropic, cross-correlated covariance (like activations)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g, dtype=F64) * torch.logspace(0, -2, d_in, dtype=F64)
+    return torch.randn(n, d_in, generator=g, dtype=F64) @ mix + torch.randn(d_in, generator=g, dtype=F64)
+
+
+def block_diagonal_cov(cov: torch.Tensor, layout: MonarchLayout, damping: float) -> torch.Tensor:
+    """The covariance the projection's objective uses, as a dense ``(d_in, d_in)`` matrix."""
+    blocks = diagonal_blocks(padded_covariance(cov, layout, damping), layout)
+    return torch.block_diag(*blocks)[: layout.d_in, : layout.d_in]
+
+
+def weight_and_cov(d_in, d_out, seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    x = correlated_inputs(3 * d_in + 5, d_in, seed)
+    return torch.randn(d_out, d_in, generator=g, dtype=F64), x.T @ x / x.shape[0]
+
+
+def test_assemble_matches_the_layer():
+    for d_in, d_out, b in [(12, 20, 2), (16, 16, 4), (17, 23, 3), (30, 10, 3)]:
+        layer = MonarchLinear(d_in, d_out, b, dtype=F64)
+        expected = layer.to_dense()
+        torch.testing.assert_close(assemble(layer.L.detach(), layer.R.detach(), layer.layout), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases(), st.integers(0, 1000))
+def test_objective_equals_the_predicted_value(case, seed):
+    d_in, d_out, b = case
+    w, cov = weight_and_cov(d_in, d_out, seed)
+    result = project_whitened(w, cov, b, damping=0.0)
+    p = result.projection
+    approx = assemble(p.L, p.R, p.layout)
+    c_bd = block_diagonal_cov(cov, p.layout, 0.0)
+    assert output_sq_error(w, approx, c_bd) == pytest.approx(result.objective, rel=1e-9, abs=1e-9)
+    assert output_sq_error(w, torch.zeros_like(w), c_bd) == pytest.approx(result.energy, rel=1e-9)
+    # The Projection keeps the meaning of rel_error: the plain weight error of these factors.
+    assert p.sq_error == pytest.approx(float((w - approx).square().sum()), rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(cases(), st.integers(0, 1000))
+def test_no_perturbation_of_the_factors_lowers_the_objective(case, seed):
+    d_in, d_out, b = case
+    w, cov = weight_and_cov(d_in, d_out, seed)
+    result = project_whitened(w, cov, b, damping=0.0)
+    p = result.projection
+    c_bd = block_diagonal_cov(cov, p.layout, 0.0)
+    g = torch.Generator().manual_seed(seed)
+    for scale in (1e-1, 1e-3, 1e-6):
+        for _ in range(5):
+            L = p.L + scale * torch.randn(p.L.shape, generator=g, dtype=F64)
+            R = p.R + scale * torch.randn(p.R.shape, generator=g, dtype=F64)
+            assert output_sq_error(w, assemble(L, R, p.layout), c_bd) >= result.objective * (1 - 1e-9) - 1e-12
+
+
+def test_gradient_descent_from_random_starts_never_beats_it():
+    """A small brute-force search of the non-convex problem: Adam from random factors."""
+    d_in, d_out, b = 12, 8, 2
+    w, cov = weight_and_cov(d_in, d_out, 3)
+    result = project_whitened(w, cov, b, damping=0.0)
+    layout = result.projection.layout
+    c_bd = block_diagonal_cov(cov, layout, 0.0)
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        L = torch.randn(layout.l_shape, generator=g, dtype=F64).requires_grad_()
+        R = torch.randn(layout.r_shape, generator=g, dtype=F64).requires_grad_()
+        opt = torch.optim.Adam([L, R], lr=0.05)
+        for _ in range(800):
+            opt.zero_grad()
+            e = w - assemble(L, R, layout)
+            loss = ((e @ c_bd) * e).sum()
+            loss.backward()
+            opt.step()
+        assert loss.item() >= result.objective * (1 - 1e-6)
+    # ...while it does get close, so the search is not simply failing.
+    assert loss.item() <= result.objective * 1.5
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases(), st.integers(0, 1000))
+def test_identity_covariance_gives_the_plain_projection(case, seed):
+    d_in, d_out, b = case
+    w, _ = weight_and_cov(d_in, d_out, seed)
+    result = project_whitened(w, torch.eye(d_in, dtype=F64), b, damping=0.0)
+    plain = project(w, b)
+    assert result.objective == pytest.approx(plain.sq_error, rel=1e-9, abs=1e-10)
+    torch.testing.assert_close(
+        assemble(result.projection.L, result.projection.R, plain.layout),
+        assemble(plain.L.to(F64), plain.R.to(F64), plain.layout),
+        rtol=1e-7, atol=1e-9,
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases(), st.integers(0, 1000))
+def test_a_monarch_matrix_projects_onto_itself_under_any_covariance(case, seed):
+    d_in, d_out, b = case
+    torch.manual_seed(seed)
+    layer = MonarchLinear(d_in, d_out, b, dtype=F64)
+    target = layer.to_dense().detach()
+    _, cov = weight_and_cov(d_in, d_out, seed)
+    result = project_whitened(target, cov, b)
+    torch.testing.assert_close(assemble(result.projection.L, result.projection.R, layer.layout), target, rtol=1e-8, atol=1e-9)
+    assert result.objective <= 1e-18 * max(result.energy, 1.0) + 1e-20
+
+
+def test_whitening_beats_plain_on_the_objective_and_on_fresh_samples():
+    d_in, d_out, b = 32, 24, 4
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(d_out, d_in, generator=g, dtype=F64)
+    samples = correlated_inputs(800, d_in, 7)
+    fit, held = samples[:400], samples[400:]  # same distribution, other samples
+    cov_fit, cov_held = fit.T @ fit / 400, held.T @ held / 400
+    white = project_whitened(w, cov_fit, b)
+    plain = project(w, b)
+    m_white = assemble(white.projection.L, white.projection.R, plain.layout)
+    m_plain = assemble(plain.L.to(F64), plain.R.to(F64), plain.layout)
+    assert output_rel_error(w, m_white, cov_held) < 0.9 * output_rel_error(w, m_plain, cov_held)
+    # ...and the explicit error on the samples agrees with the covariance form.
+    direct = float(((held @ (w - m_white).T).norm() / (held @ w.T).norm()))
+    assert output_rel_error(w, m_white, cov_held) == pytest.approx(direct, rel=1e-9)
+
+
+@settings(max_examples=10, deadline=None)
+@given(cases(), st.integers(0, 1000))
+def test_full_refinement_never_increases_the_full_objective(case, seed):
+    d_in, d_out, b = case
+    w, cov = weight_and_cov(d_in, d_out, seed)
+    start = project_whitened(w, cov, b, damping=1e-3)
+    c_full = padded_covariance(cov, start.projection.layout, 1e-3)[:d_in, :d_in]
+    before = output_sq_error(w, assemble(start.projection.L, start.projection.R, start.projection.layout), c_full)
+    refined = refine_full(w, cov, start, sweeps=3, damping=1e-3)
+    after = output_sq_error(w, assemble(refined.projection.L, refined.projection.R, start.projection.layout), c_full)
+    history = [before, *refined.history]
+    assert all(b2 <= b1 * (1 + 1e-9) + 1e-12 for b1, b2 in zip(history, history[1:]))
+    assert after == pytest.approx(refined.objective, rel=1e-9, abs=1e-12)
+
+
+def test_full_refinement_is_a_no_op_for_a_block_diagonal_covariance():
+    """With no cross-block correlation the block-diagonal solution is already optimal."""
+    d_in, d_out, b = 12, 12, 3
+    w, cov = weight_and_cov(d_in, d_out, 1)
+    layout = MonarchLayout(d_in, d_out, b)
+    cov_bd = block_diagonal_cov(cov, layout, 0.0)
+    start = project_whitened(w, cov_bd, b, damping=0.0)
+    refined = refine_full(w, cov_bd, start, sweeps=2, damping=0.0)
+    assert refined.objective == pytest.approx(start.objective, rel=1e-9)
+
+
+def test_padded_inputs_stay_zero_and_damping_handles_dead_features():
+    d_in, d_out, b = 10, 9, 3  # both sides padded
+    w, cov = weight_and_cov(d_in, d_out, 2)
+    cov[4, :] = cov[:, 4] = 0.0  # a dead input feature: singular without damping
+    with pytest.raises(ConfigError, match="positive definite"):
+        project_whitened(w, cov, b, damping=0.0)
+    result = project_whitened(w, cov, b, damping=0.01)
+    layout = result.projection.layout
+    assert torch.isfinite(result.projection.L).all() and torch.isfinite(result.projection.R).all()
+    # Padded input columns of R carry nothing (the last input block's padding).
+    assert float(result.projection.R[-1][:, d_in - (b - 1) * layout.p :].abs().max()) == 0.0
+
+
+def test_bad_inputs_fail_cleanly():
+    w, cov = weight_and_cov(8, 8, 0)
+    with pytest.raises(ValueError, match="covariance has shape"):
+        project_whitened(w, cov[:4, :4], 2)
+    bad = cov.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightError):
+        project_whitened(w, bad, 2)
+    with pytest.raises(ConfigError, match="damping"):
+        project_whitened(w, cov, 2, damping=-1.0)
+    with pytest.raises(ConfigError, match="structural zeros"):
+        project_whitened(w, cov, 4)
