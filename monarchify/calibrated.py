@@ -38,8 +38,9 @@ from monarchify.selection import FilterFn, select
 from monarchify.surgery import in_model_order
 
 DEFAULT_SWEEPS = 2
-"""Full-covariance refinement sweeps: on MiniLM the second sweep still gains ~0.01 of relative
-output error, later ones less than 0.005 each, at the cost of one projection per sweep."""
+"""Full-covariance refinement sweeps. On MiniLM at 4 blocks, 2 sweeps take the mean held-out
+output error from 0.348 (closed form) to 0.294, 8 sweeps only to 0.286 for 4× the work
+(``docs/accuracy.md``)."""
 
 
 @dataclass

@@ -41,7 +41,11 @@ def bert_tokenizer(tmp_path_factory):
     from transformers import BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tok")
-    return BertTokenizerFast(vocab_file=str(write_wordpiece_vocab(folder)))
+    write_wordpiece_vocab(folder)
+    # from_pretrained, not the constructor: transformers 5 ignores ``vocab_file=`` there.
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder))
+    assert len(tokenizer) > 100 and tokenizer.unk_token_id not in tokenizer("the quick fox")["input_ids"]
+    return tokenizer
 
 
 def tiny_bert(vocab_size: int = 200, with_head: bool = False, **overrides):
