@@ -17,29 +17,9 @@ from monarchify.glue import FinetuneOptions, MonarchTrainer, finetune
 from monarchify.glue.train import RESULTS_FILE, monarch_factor_names
 from monarchify.hf.convert import convert_pretrained
 
-from conftest import WORDS, tiny_bert, write_wordpiece_vocab
+from conftest import WORDS, tiny_bert
 
 FILLER = [w for w in WORDS if w != "good"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("vocab")
-    write_wordpiece_vocab(folder)
-    tok = BertTokenizerFast.from_pretrained(folder)  # (transformers 5 ignores a vocab_file= argument)
-    assert len(tok) > 100 and tok.unk_token_id not in tok("the good fox")["input_ids"]
-    return tok
-
-
-@pytest.fixture
-def bert_folder(tmp_path, tokenizer):
-    """A tiny random BertModel (no head) with a real word-level tokenizer."""
-    folder = tmp_path / "tiny-bert"
-    tiny_bert(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def write_sst2(root: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) -> Path:
