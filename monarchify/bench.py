@@ -105,7 +105,13 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
 
 
 def compare(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int = 3, repeat: int = 10) -> dict[str, Stat]:
-    """Time every callable ``repeat`` times, round-robin, after ``warmup`` calls of each."""
+    """Time every callable ``repeat`` times, round-robin, after ``warmup`` calls of each.
+
+    Round-robin spreads a shared machine's slow patches over all contenders; each timed
+    call directly follows an untimed call of the same contender, so it runs with its own
+    data in cache (as when one layer is called repeatedly) rather than with whatever the
+    previous contender left there.
+    """
     if repeat < 1 or warmup < 0:
         raise ConfigError("repeat must be >= 1 and warmup >= 0")
     timer = _timer(device)
@@ -116,6 +122,7 @@ def compare(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: 
     names = list(fns)
     for i in range(repeat):
         for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
+            fns[name]()
             runs[name].append(timer(fns[name]))
     return {name: Stat(r) for name, r in runs.items()}
 

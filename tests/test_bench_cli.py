@@ -123,4 +123,5 @@ def test_compare_interleaves_and_counts_every_run():
     calls = []
     stats = bench.compare({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"), warmup=2, repeat=3)
     assert len(stats["a"].runs) == 3 and len(stats["b"].runs) == 3
-    assert calls[:4] == ["a", "b", "a", "b"] and calls[4:] == ["a", "b", "b", "a", "a", "b"]
+    # warm-up a b a b, then rounds a a b b | b b a a | a a b b (each timed call follows an untimed one)
+    assert calls == ["a", "b"] * 2 + ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]

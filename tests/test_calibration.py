@@ -18,7 +18,7 @@ from monarchify.hf.convert import convert_pretrained
 from monarchify.monarch.whitening import output_rel_error
 from monarchify.selection import select
 
-from conftest import tiny_bert, write_wordpiece_vocab
+from conftest import tiny_bert
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -45,27 +45,6 @@ def glue_tsv(tmp_path, rows=SENTENCES):
     for i, text in enumerate(rows):
         lines.append(f'{i % 2}\t{1000 + i}\t{2000 + i}\tHe said "{text}\t{text[::-1]} ends"')
     return write(tmp_path / "train.tsv", "\n".join(lines) + "\n")
-
-
-@pytest.fixture(scope="module")
-def word_tokenizer(tmp_path_factory):
-    """A word-level BERT tokenizer (``from_pretrained``: transformers 5 ignores ``vocab_file=``,
-    which would map every word to [UNK] and make every activation alike)."""
-    from transformers import BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("vocab")
-    write_wordpiece_vocab(folder)
-    tok = BertTokenizerFast.from_pretrained(folder)
-    assert tok.unk_token_id not in tok(SENTENCES[0])["input_ids"]
-    return tok
-
-
-@pytest.fixture
-def bert_folder(tmp_path, word_tokenizer):
-    folder = tmp_path / "tiny-bert"
-    tiny_bert(vocab_size=len(word_tokenizer)).save_pretrained(folder)
-    word_tokenizer.save_pretrained(folder)
-    return folder
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -163,17 +142,17 @@ def test_bad_calibration_input_is_a_one_line_error(tmp_path, make, samples, mess
 
 
 @pytest.fixture
-def tiny(word_tokenizer):
-    model = tiny_bert(vocab_size=len(word_tokenizer))
+def tiny(bert_tokenizer):
+    model = tiny_bert(vocab_size=len(bert_tokenizer))
     modules = {name: module for name, module, _ in select(model, MonarchConfig())}
     return model, modules
 
 
-def test_statistics_ignore_padding_and_share_identical_inputs(tiny, word_tokenizer):
+def test_statistics_ignore_padding_and_share_identical_inputs(tiny, bert_tokenizer):
     model, modules = tiny
     samples = [(a, b) for a, b in zip(SENTENCES, SENTENCES[3:] + SENTENCES[:3])]
-    padded = collect(model, modules, tokenize(samples, word_tokenizer, batch_size=4))
-    single = collect(model, modules, tokenize(samples, word_tokenizer, batch_size=1))
+    padded = collect(model, modules, tokenize(samples, bert_tokenizer, batch_size=4))
+    single = collect(model, modules, tokenize(samples, bert_tokenizer, batch_size=1))
     for name in modules:
         torch.testing.assert_close(padded.covariance(name), single.covariance(name), rtol=1e-5, atol=1e-6)
     query, key = (n for n in modules if n.endswith(("layer.0.attention.self.query", "layer.0.attention.self.key")))
@@ -182,10 +161,10 @@ def test_statistics_ignore_padding_and_share_identical_inputs(tiny, word_tokeniz
     assert sum(len(g) for g in groups) == len(modules) and len(groups) == 2 * 4
 
 
-def test_statistics_equal_an_explicit_computation(tiny, word_tokenizer):
+def test_statistics_equal_an_explicit_computation(tiny, bert_tokenizer):
     model, modules = tiny
     name = next(n for n in modules if n.endswith("layer.1.output.dense"))
-    batches = tokenize(SENTENCES, word_tokenizer, batch_size=3)
+    batches = tokenize(SENTENCES, bert_tokenizer, batch_size=3)
     seen = []
     handle = modules[name].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
     with torch.no_grad():
@@ -198,10 +177,10 @@ def test_statistics_equal_an_explicit_computation(tiny, word_tokenizer):
     assert stats.counts[name] == int(sum(b["attention_mask"].sum() for b in batches))
 
 
-def test_stop_after_ends_the_forward_pass(tiny, word_tokenizer):
+def test_stop_after_ends_the_forward_pass(tiny, bert_tokenizer):
     model, modules = tiny
     first = next(iter(modules))
-    stats = collect(model, modules, tokenize(SENTENCES[:4], word_tokenizer), stop_after=first)
+    stats = collect(model, modules, tokenize(SENTENCES[:4], bert_tokenizer), stop_after=first)
     assert set(stats.owner) == {first}
 
 

@@ -7,7 +7,7 @@ import sys
 import typer
 from transformers.utils import logging as transformers_logging
 
-from monarchify.cli import bench, convert, finetune, report
+from monarchify.cli import bench, convert, finetune, heal, report
 from monarchify.cli.errors import run
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.command()(convert.convert)
 app.command()(report.report)
+app.command()(heal.heal)
 app.command()(finetune.finetune)
 app.add_typer(bench.bench_app)
 

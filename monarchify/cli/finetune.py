@@ -6,17 +6,15 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import datasets
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from transformers import TrainerCallback
 
 from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, JsonFlag, Override, build_config
 from monarchify.cli.render import console, err_console, print_json
+from monarchify.distill import DistillConfig
 from monarchify.errors import ConfigError
+from monarchify.glue.options import PRECISIONS, RESULTS_FILE, FinetuneEvents, FinetuneOptions
 from monarchify.glue.tasks import TASK_NAMES
-from monarchify.glue.train import PRECISIONS, RESULTS_FILE, FinetuneEvents, FinetuneOptions, finetune as run_finetune
 
 
 class RichEvents(FinetuneEvents):
@@ -28,57 +26,6 @@ class RichEvents(FinetuneEvents):
 
     def note(self, message: str) -> None:
         err_console.print(f"[yellow]note:[/] {message}")
-
-
-class RichProgress(TrainerCallback):
-    """A progress bar over optimisation steps, with the running loss and each evaluation."""
-
-    def __init__(self) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
-        )
-        self.task: Any = None
-        self.loss: float | None = None
-
-    def _describe(self, state: Any) -> str:
-        epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "training"
-        return epoch + (f"  loss {self.loss:.4f}" if self.loss is not None else "")
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.progress.start()
-            self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.task is not None:
-            self.progress.update(self.task, completed=state.global_step, description=self._describe(state))
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if self.task is not None and logs and "loss" in logs:
-            self.loss = float(logs["loss"])
-            self.progress.update(self.task, description=self._describe(state))
-            if not self.progress.console.is_terminal:  # a log file gets a line per logging step instead of a bar
-                elapsed = self.progress.tasks[0].elapsed or 0.0
-                self.progress.console.print(
-                    f"step {state.global_step}/{state.max_steps}  {self._describe(state)}  "
-                    f"lr {logs.get('learning_rate', 0.0):.3g}  {elapsed:.0f} s"
-                )
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if self.task is None or not metrics:
-            return
-        shown = ", ".join(
-            f"{k.split('_', 1)[1]} {v:.4f}" for k, v in metrics.items()
-            if isinstance(v, float) and not k.endswith(("runtime", "per_second", "epoch"))
-        )
-        epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "eval"
-        self.progress.console.print(f"{epoch}: {shown}")
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.task is not None:
-            self.progress.stop()
-            self.task = None
 
 
 def _count(n: int) -> str:
@@ -127,6 +74,19 @@ def finetune(
     allow_structural_zeros: AllowZeros = False,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then linear decay).")] = 5e-5,
     monarch_lr: Annotated[float | None, typer.Option("--monarch-lr", help="Learning rate of the Monarch factors L, R (default: --lr).")] = None,
+    distill_from: Annotated[
+        str | None,
+        typer.Option("--distill-from", help="Learn also from this dense model, already fine-tuned on the task (its logits; see --distill-hidden)."),
+    ] = None,
+    distill_alpha: Annotated[
+        float | None, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels, 0..1 (default 0.5).")
+    ] = None,
+    distill_temperature: Annotated[
+        float | None, typer.Option("--distill-temperature", help="Softmax temperature of the logit term (default 2).")
+    ] = None,
+    distill_hidden: Annotated[
+        float | None, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states, layer by layer (default 0: off).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size per device.")] = 32,
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Evaluation batch size per device.")] = 64,
     epochs: Annotated[float, typer.Option("--epochs", help="Training epochs.")] = 3.0,
@@ -157,23 +117,36 @@ def finetune(
       monarchify finetune --task mrpc --model minilm-monarch --data-dir ../shared/data/glue --out runs/mrpc
       monarchify finetune --task mrpc --model ./bert --nblocks 4 --data-dir glue --out runs/mrpc-nb4
       monarchify finetune --task mrpc --model ./bert --data-dir glue --out runs/mrpc-dense
+      monarchify finetune --task mrpc --model minilm-monarch --distill-from runs/mrpc-dense --out runs/mrpc-kd
       torchrun --nproc-per-node 4 -m monarchify.cli.app finetune --task mnli --model ./bert -b 4 --out runs/mnli
     """
-    datasets.disable_progress_bars()  # the tokenizing step is quick; our own bar shows training
     config = None
     if nblocks is not None:
         config = build_config(nblocks, include, exclude, override, allow_structural_zeros)
     elif include or exclude or override:
         raise ConfigError("--include/--exclude/--override choose layers to convert: pass --nblocks too")
+    distill = None
+    tuning = {"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden}
+    if distill_from is not None:
+        distill = DistillConfig(distill_from, **{k: v for k, v in tuning.items() if v is not None})
+    elif any(v is not None for v in tuning.values()):
+        raise ConfigError("--distill-alpha/--distill-temperature/--distill-hidden tune distillation: pass --distill-from too")
     options = FinetuneOptions(
         task=task, model=model, out=out, data_dir=data_dir, tokenizer=tokenizer, monarch=config,
-        learning_rate=learning_rate, monarch_lr=monarch_lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        learning_rate=learning_rate, monarch_lr=monarch_lr, distill=distill, batch_size=batch_size, eval_batch_size=eval_batch_size,
         epochs=epochs, max_steps=max_steps, max_length=max_length, seed=seed, warmup=warmup,
         weight_decay=weight_decay, grad_accum=grad_accum, precision=precision,
         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, eval_each_epoch=eval_each_epoch,
         save_checkpoints=save_checkpoints, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
         resume=resume, force=force,
     )
+    # Imported here: Trainer and datasets take seconds to import, which no other command should pay.
+    import datasets
+
+    from monarchify.cli.training_progress import RichProgress
+    from monarchify.glue.train import finetune as run_finetune
+
+    datasets.disable_progress_bars()  # the tokenizing step is quick; our own bar shows training
     result = run_finetune(options, events=RichEvents(), callbacks=[RichProgress()], argv=["monarchify", *sys.argv[1:]])
     if json_out:
         print_json(result.results)

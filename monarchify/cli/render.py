@@ -106,7 +106,7 @@ def print_report(report: ConversionReport, sort: str = "model", title: str | Non
 
 
 def print_accuracy_levers(report: ConversionReport) -> None:
-    """One line each for calibration and the parameter budget, when they were used."""
+    """One line each for calibration, the parameter budget and healing, when they were used."""
     calib = report.meta.get("calibration") or {}
     if "mean_output_rel_error" in calib:
         console.print(
@@ -126,3 +126,10 @@ def print_accuracy_levers(report: ConversionReport) -> None:
         if closest:
             line += f" (uniform {closest[0]} blocks: {closest[1]['fraction']:.1%}, error {closest[1]['error']:.3f})"
         console.print(line)
+    heal = report.meta.get("heal")
+    if heal:
+        console.print(
+            f"healed {heal['steps']} steps towards {heal['teacher']} on {heal['data']['samples']} samples of "
+            f"{heal['data']['source']}: held-out hidden-state error {heal['heldout_hidden_error_before']:.4f} → "
+            f"{heal['heldout_hidden_error_after']:.4f}"
+        )

@@ -9,8 +9,8 @@ plus ``eval_results.json`` to the output folder.
 
 Mixed precision, gradient accumulation, resuming and multi-GPU (``torchrun`` /
 ``accelerate launch``) come from ``Trainer``. :class:`MonarchTrainer` is the one place that
-changes how training works (a separate learning rate for the Monarch factors; a future
-distillation loss belongs in its ``compute_loss``).
+changes how training works (a separate learning rate for the Monarch factors, and the
+distillation loss from a fine-tuned dense teacher in its ``compute_loss``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,114 +39,16 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from monarchify.atomic import check_output_dir, write_text_atomic
-from monarchify.config import MonarchConfig
+from monarchify.distill import DistillConfig, hidden_state_loss, logit_loss
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.glue.data import GlueData, load_glue
+from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
 from monarchify.glue.metrics import compute_metrics_fn
 from monarchify.glue.tasks import GlueTask, get_task
-from monarchify.hf.checkpoint import load_model, load_tokenizer, save_model
+from monarchify.hf.checkpoint import load_model, load_tokenizer, recipe_of, save_model
 from monarchify.monarch import MonarchLinear
 from monarchify.report import ConversionReport
 from monarchify.surgery import convert, dry_run
-
-RESULTS_FILE = "eval_results.json"
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class FinetuneOptions:
-    """Everything a fine-tuning run depends on (recorded verbatim in ``eval_results.json``).
-
-    ``monarch``: convert the loaded model with this recipe before training (``None``: train
-    the model as loaded, dense or already Monarch). ``monarch_lr``: learning rate of the
-    Monarch factors ``L``/``R`` (``None``: same as ``learning_rate``). ``warmup``: a fraction
-    of the training steps (< 1) or a number of steps. ``checkpoint_dir``: where Trainer keeps
-    its resumable checkpoints (default ``<out>.checkpoints``, removed after a successful run
-    unless ``keep_checkpoints``).
-    """
-
-    task: str
-    model: str
-    out: Path
-    data_dir: Path | None = None
-    tokenizer: str | None = None
-    monarch: MonarchConfig | None = None
-    learning_rate: float = 5e-5
-    monarch_lr: float | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    epochs: float = 3.0
-    max_steps: int = -1
-    max_length: int = 128
-    seed: int = 42
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    grad_accum: int = 1
-    precision: str = "fp32"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    eval_each_epoch: bool = True
-    save_checkpoints: bool = True
-    checkpoint_dir: Path | None = None
-    keep_checkpoints: bool = False
-    resume: bool = False
-    logging_steps: int = 10
-    force: bool = False
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        self.data_dir = Path(self.data_dir) if self.data_dir is not None else None
-        self.checkpoint_dir = Path(self.checkpoint_dir) if self.checkpoint_dir is not None else None
-        for name in ("learning_rate", "epochs"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.monarch_lr is not None and not self.monarch_lr > 0:
-            raise ConfigError(f"--monarch-lr must be positive, got {self.monarch_lr}")
-        for name in ("batch_size", "eval_batch_size", "max_length", "grad_accum", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.warmup < 0 or self.weight_decay < 0:
-            raise ConfigError("--warmup and --weight-decay must not be negative")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.checkpoint_dir or self.out.with_name(self.out.name + ".checkpoints")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, Path):
-                data[key] = str(value)
-        data["monarch"] = self.monarch.to_dict() if self.monarch else None
-        return data
-
-
-class FinetuneEvents:
-    """Hooks for a front end; every method is optional."""
-
-    def stage(self, message: str) -> None:
-        """A long step starts (only after the input was checked: an error ends with one line)."""
-
-    def done(self, message: str) -> None:
-        """A step finished, e.g. what was loaded."""
-
-    def note(self, message: str) -> None:
-        """Something the user should know (a new head, skipped rows...)."""
-
-
-@dataclass
-class FinetuneResult:
-    out: Path
-    results: dict[str, Any]
-    model: nn.Module | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
 
 # ---------------------------------------------------------------------------------- trainer
 
@@ -167,15 +68,27 @@ class MonarchTrainer(Trainer):
 
     * ``monarch_lr``: the Monarch factors get their own learning rate (the linear schedule
       scales every group alike); weight decay follows Trainer's own rules.
+    * ``teacher`` + ``distill``: while training, the loss mixes the task loss with the
+      teacher's logits (and hidden states); evaluation reports the plain task loss.
     * ``eval_seconds``: wall time spent in ``evaluate`` (so training time can exclude it).
 
-    A distillation or healing loss overrides ``compute_loss`` here (and gets its teacher
-    through ``__init__``); everything else stays stock ``Trainer``.
+    Everything else stays stock ``Trainer``.
     """
 
-    def __init__(self, *args: Any, monarch_lr: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        monarch_lr: float | None = None,
+        teacher: nn.Module | None = None,
+        distill: DistillConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if (teacher is None) != (distill is None):
+            raise ValueError("a teacher needs a DistillConfig and the other way round")
         self.monarch_lr = monarch_lr
+        self.distill = distill
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False) if teacher is not None else None
         self.eval_seconds = 0.0
         self._evaluating = False
 
@@ -201,6 +114,22 @@ class MonarchTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        if self.teacher is None or self.distill is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        cfg = self.distill
+        hidden = cfg.hidden_weight > 0
+        outputs = model(**inputs, output_hidden_states=hidden)
+        with torch.no_grad():
+            taught = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=hidden)
+        loss = (1 - cfg.alpha) * outputs.loss + cfg.alpha * logit_loss(outputs.logits, taught.logits, cfg.temperature)
+        if hidden:  # index 0 is the embedding output, which the conversion does not touch
+            states = hidden_state_loss(outputs.hidden_states[1:], taught.hidden_states[1:], inputs.get("attention_mask"))
+            loss = loss + cfg.hidden_weight * states
+        return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         # Trainer evaluates a dict of datasets by calling evaluate once per dataset: time the outer call only.
@@ -254,12 +183,6 @@ def parameter_counts(model: nn.Module) -> dict[str, Any]:
     return {"monarch": total, "dense": total + saved, "ratio": total / (total + saved), "monarch_layers": len(layers)}
 
 
-def _recipe_of(model: nn.Module) -> dict[str, Any]:
-    quant = getattr(model.config, "quantization_config", None)
-    recipe = quant.get("recipe") if isinstance(quant, dict) else getattr(quant, "recipe", None)
-    return dict(recipe or {})
-
-
 def _subsample(data: GlueData, max_train: int | None, max_eval: int | None) -> None:
     if max_train is not None and data.train is not None and len(data.train) > max_train:
         data.train = data.train.select(range(max_train))
@@ -303,6 +226,27 @@ def _load(options: FinetuneOptions, task: GlueTask) -> tuple[nn.Module, list[str
             f"re-initialised {', '.join(mismatched)}"
         )
     return model, notes
+
+
+def load_teacher(distill: DistillConfig, task: GlueTask, student: nn.Module) -> nn.Module:
+    """The fine-tuned teacher, checked against the task and the student before training starts."""
+    teacher, info = load_model(distill.teacher, AutoModelForSequenceClassification, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ConfigError(
+            f"--distill-from '{distill.teacher}' has no fine-tuned classification head ({', '.join(missing)}): "
+            f"fine-tune the dense model on {task.name} first and pass that folder"
+        )
+    outputs = 1 if task.is_regression else task.num_labels
+    if teacher.config.num_labels != outputs:
+        raise ConfigError(
+            f"--distill-from '{distill.teacher}' has {teacher.config.num_labels} outputs; {task.name} needs {outputs}"
+        )
+    for key in ("vocab_size",) + (("num_hidden_layers", "hidden_size") if distill.hidden_weight > 0 else ()):
+        mine, theirs = getattr(student.config, key, None), getattr(teacher.config, key, None)
+        if mine != theirs:
+            raise ConfigError(f"--distill-from '{distill.teacher}' does not fit the model: {key} {theirs} vs {mine}")
+    return teacher
 
 
 def source_fingerprint() -> str:
@@ -409,6 +353,7 @@ def finetune(
     tokenizer = load_tokenizer(options.tokenizer or options.model)
     if tokenizer is None:
         raise ModelLoadError(f"'{options.tokenizer or options.model}' has no tokenizer files; pass --tokenizer FOLDER")
+    teacher = load_teacher(options.distill, task, model) if options.distill is not None else None
     # Everything the user passed has been checked: from here on, progress is worth printing.
     sizes = ", ".join(f"{n} {split}" for split, n in data.sizes().items())
     events.done(f"data: {task.name} from {data.source}: {sizes}")
@@ -417,6 +362,8 @@ def finetune(
     events.done(f"model: {options.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
     for note in notes:
         events.note(note)
+    if options.distill is not None:
+        events.done(f"teacher: {options.distill.teacher} (alpha {options.distill.alpha}, temperature {options.distill.temperature}, hidden {options.distill.hidden_weight})")
 
     report: ConversionReport | None = None
     convert_seconds = 0.0
@@ -428,7 +375,7 @@ def finetune(
             f"converted {len(report.converted)} layers on the fly: {report.model_params_before / 1e6:.2f}M -> "
             f"{report.model_params_after / 1e6:.2f}M parameters"
         )
-    recipe = options.monarch.to_dict() if options.monarch is not None else _recipe_of(model)
+    recipe = options.monarch.to_dict() if options.monarch is not None else recipe_of(model)
     params = parameter_counts(model)
 
     train_ds, eval_ds = tokenize(data, tokenizer, options.max_length)
@@ -445,6 +392,8 @@ def finetune(
         compute_metrics=compute_metrics_fn(task),
         callbacks=[timer, *callbacks],
         monarch_lr=options.monarch_lr,
+        teacher=teacher,
+        distill=options.distill,
     )
     trainer.remove_callback(PrinterCallback)  # never print raw log dicts; the history is in the results
     if callbacks:
@@ -480,6 +429,7 @@ def finetune(
             "layers": params["monarch_layers"],
             "convert_seconds": round(convert_seconds, 3),
         },
+        "distill": options.distill.to_dict() if options.distill is not None else None,
         "metrics": metrics,
         "main_metric": {split: values.get(task.main_metric) for split, values in metrics.items()},
         "train": {

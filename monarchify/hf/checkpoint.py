@@ -186,6 +186,13 @@ def save_model(
     return Path(out)
 
 
+def recipe_of(model: transformers.PreTrainedModel) -> dict[str, Any]:
+    """The Monarch recipe a loaded model was converted with (empty for a dense model)."""
+    quant = getattr(model.config, "quantization_config", None)
+    recipe = quant.get("recipe") if isinstance(quant, dict) else getattr(quant, "recipe", None)
+    return dict(recipe or {})
+
+
 def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
     """The conversion report of a saved folder, without building the model.
 

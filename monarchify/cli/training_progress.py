@@ -1,0 +1,62 @@
+"""The fine-tuning progress bar: a ``TrainerCallback`` drawn with rich (its own module, because
+importing ``transformers``' trainer machinery is slow and only ``finetune`` needs it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+from monarchify.cli.render import err_console
+
+
+class RichProgress(TrainerCallback):
+    """A progress bar over optimisation steps, with the running loss and each evaluation."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
+        )
+        self.task: Any = None
+        self.loss: float | None = None
+
+    def _describe(self, state: Any) -> str:
+        epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "training"
+        return epoch + (f"  loss {self.loss:.4f}" if self.loss is not None else "")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.progress.start()
+            self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=state.global_step, description=self._describe(state))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.task is not None and logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+            self.progress.update(self.task, description=self._describe(state))
+            if not self.progress.console.is_terminal:  # a log file gets a line per logging step instead of a bar
+                elapsed = self.progress.tasks[0].elapsed or 0.0
+                self.progress.console.print(
+                    f"step {state.global_step}/{state.max_steps}  {self._describe(state)}  "
+                    f"lr {logs.get('learning_rate', 0.0):.3g}  {elapsed:.0f} s"
+                )
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if self.task is None or not metrics:
+            return
+        shown = ", ".join(
+            f"{k.split('_', 1)[1]} {v:.4f}" for k, v in metrics.items()
+            if isinstance(v, float) and not k.endswith(("runtime", "per_second", "epoch"))
+        )
+        epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "eval"
+        self.progress.console.print(f"{epoch}: {shown}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.task is not None:
+            self.progress.stop()
+            self.task = None

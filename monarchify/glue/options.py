@@ -1,0 +1,115 @@
+"""What a fine-tuning run is asked to do, and what it reports back: plain data, so the command
+line can build and check it without importing ``Trainer`` (which takes seconds to import)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from monarchify.config import MonarchConfig
+from monarchify.distill import DistillConfig
+from monarchify.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+RESULTS_FILE = "eval_results.json"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything a fine-tuning run depends on (recorded verbatim in ``eval_results.json``).
+
+    ``monarch``: convert the loaded model with this recipe before training (``None``: train
+    the model as loaded, dense or already Monarch). ``monarch_lr``: learning rate of the
+    Monarch factors ``L``/``R`` (``None``: same as ``learning_rate``). ``distill``: learn from
+    a teacher already fine-tuned on the task (see :mod:`monarchify.distill`). ``warmup``: a fraction
+    of the training steps (< 1) or a number of steps. ``checkpoint_dir``: where Trainer keeps
+    its resumable checkpoints (default ``<out>.checkpoints``, removed after a successful run
+    unless ``keep_checkpoints``).
+    """
+
+    task: str
+    model: str
+    out: Path
+    data_dir: Path | None = None
+    tokenizer: str | None = None
+    monarch: MonarchConfig | None = None
+    learning_rate: float = 5e-5
+    monarch_lr: float | None = None
+    distill: DistillConfig | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    epochs: float = 3.0
+    max_steps: int = -1
+    max_length: int = 128
+    seed: int = 42
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    grad_accum: int = 1
+    precision: str = "fp32"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_each_epoch: bool = True
+    save_checkpoints: bool = True
+    checkpoint_dir: Path | None = None
+    keep_checkpoints: bool = False
+    resume: bool = False
+    logging_steps: int = 10
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.data_dir = Path(self.data_dir) if self.data_dir is not None else None
+        self.checkpoint_dir = Path(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        for name in ("learning_rate", "epochs"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.monarch_lr is not None and not self.monarch_lr > 0:
+            raise ConfigError(f"--monarch-lr must be positive, got {self.monarch_lr}")
+        for name in ("batch_size", "eval_batch_size", "max_length", "grad_accum", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.warmup < 0 or self.weight_decay < 0:
+            raise ConfigError("--warmup and --weight-decay must not be negative")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.out.with_name(self.out.name + ".checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, Path):
+                data[key] = str(value)
+        data["monarch"] = self.monarch.to_dict() if self.monarch else None
+        return data
+
+
+class FinetuneEvents:
+    """Hooks for a front end; every method is optional."""
+
+    def stage(self, message: str) -> None:
+        """A long step starts (only after the input was checked: an error ends with one line)."""
+
+    def done(self, message: str) -> None:
+        """A step finished, e.g. what was loaded."""
+
+    def note(self, message: str) -> None:
+        """Something the user should know (a new head, skipped rows...)."""
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    results: dict[str, Any]
+    model: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,91 @@
+"""``heal_pretrained``: load a converted folder and its dense original, heal the converted one on
+unlabeled text (:mod:`monarchify.heal`), and save it in the same loadable format."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from monarchify.atomic import check_output_dir
+from monarchify.calibration import DEFAULT_MAX_LENGTH, read_calibration, tokenize
+from monarchify.errors import ConfigError
+from monarchify.heal import HealConfig, HealResult, heal_
+from monarchify.hf.checkpoint import load_model, load_tokenizer, read_report, recipe_of, save_model
+from monarchify.monarch import MonarchLinear
+from monarchify.report import ConversionReport
+
+DEFAULT_HEAL_SAMPLES = 2048
+DEFAULT_HEAL_BATCH = 16
+
+
+@dataclass
+class HealRun:
+    result: HealResult
+    report: ConversionReport
+    model: nn.Module
+
+
+def _check_pair(student: nn.Module, teacher: nn.Module, source: str, teacher_source: str) -> None:
+    if not any(isinstance(m, MonarchLinear) for m in student.modules()):
+        raise ConfigError(f"'{source}' has no Monarch layers: convert it first (monarchify convert), then heal the result")
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+        mine, theirs = getattr(student.config, key, None), getattr(teacher.config, key, None)
+        if mine != theirs:
+            raise ConfigError(f"--teacher '{teacher_source}' is not the dense original of '{source}': {key} {theirs} vs {mine}")
+
+
+def heal_pretrained(
+    source: str | os.PathLike[str],
+    teacher: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: HealConfig,
+    *,
+    samples: int = DEFAULT_HEAL_SAMPLES,
+    batch_size: int = DEFAULT_HEAL_BATCH,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    force: bool = False,
+    progress: Callable[[int, float], None] | None = None,
+) -> HealRun:
+    """Heal the converted model in ``source`` towards ``teacher`` on ``data`` and save it to ``out``.
+
+    ``data`` is read like calibration data (text file, GLUE TSV, datasets folder, ``hf:``):
+    ``samples`` for training and a quarter more held out to measure the hidden-state error
+    before and after. Everything is checked before the long part starts; ``out`` is written
+    atomically at the end with the conversion report, whose ``meta.heal`` records the run.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    text = read_calibration(data, samples)
+    check_output_dir(out, force)
+    source, teacher_source = os.fspath(source), os.fspath(teacher)
+    report = read_report(source)  # also refuses a folder that is not a Monarch checkpoint
+    student = load_model(source)
+    dense = load_model(teacher_source)
+    _check_pair(student, dense, source, teacher_source)
+    tokenizer = load_tokenizer(source) or load_tokenizer(teacher_source)
+    batches = tokenize(text.fit, tokenizer, batch_size=batch_size, max_length=max_length)
+    heldout = tokenize(text.heldout, tokenizer, batch_size=batch_size, max_length=max_length)
+
+    result = heal_(student, dense, batches, config, heldout=heldout, progress=progress)
+    report.meta["heal"] = {
+        "teacher": teacher_source,
+        "data": text.describe(),
+        "batch_size": batch_size,
+        "max_length": max_length,
+        **config.to_dict(),
+        "heldout_hidden_error_before": result.heldout_before,
+        "heldout_hidden_error_after": result.heldout_after,
+        "seconds": round(result.seconds, 2),
+    }
+    save_model(student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force)
+    return HealRun(result, report, student)
+
+
+def describe(run: HealRun) -> dict[str, Any]:
+    """What a program reading ``heal --json`` needs."""
+    heal = run.report.meta["heal"]
+    return {"heal": heal, "losses": run.result.losses}

@@ -1,0 +1,125 @@
+"""Healing: the loop pulls a converted model towards its teacher, the command saves a loadable
+folder that records the run, and bad input fails with one line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from monarchify import MonarchConfig, MonarchLinear, convert
+from monarchify.errors import ConfigError
+from monarchify.heal import HealConfig, _schedule, heal_, hidden_error
+from monarchify.hf.convert import convert_pretrained
+
+from conftest import WORDS, tiny_bert
+from test_finetune import assert_one_line_error, run_cli
+
+
+def random_batches(n: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(5, vocab, (4, 10), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, 6:] = 0  # one padded row: padding must not count
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def test_healing_brings_the_student_back_towards_the_teacher():
+    teacher = tiny_bert(initializer_range=0.2)  # large weights: the layers, not the residuals, dominate
+    student = copy.deepcopy(teacher)
+    convert(student, MonarchConfig(nblocks=4))
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    heldout = random_batches(3, 200, seed=1)
+    start = hidden_error(student, teacher, heldout)
+    assert start > 0.5 and hidden_error(teacher, teacher, heldout) == 0.0
+
+    result = heal_(student, teacher, random_batches(8, 200, seed=0), HealConfig(steps=60, lr=1e-3), heldout=heldout)
+    assert len(result.losses) == 60 and result.heldout_before == pytest.approx(start)
+    assert result.heldout_after < 0.5 * result.heldout_before, (result.heldout_before, result.heldout_after)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_teacher.items())  # teacher untouched
+    assert sum(isinstance(m, MonarchLinear) for m in student.modules()) == 12  # still Monarch
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factor = _schedule(HealConfig(steps=10, warmup=0.2))
+    values = [factor(step) for step in range(10)]
+    assert values[:3] == [0.5, 1.0, 1.0]  # warm-up over 2 steps, then the peak
+    assert all(a > b for a, b in zip(values[2:], values[3:])) and values[-1] == pytest.approx(1 / 8)
+    assert _schedule(HealConfig(steps=4, warmup=0.0))(0) == 1.0
+
+
+@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"lr": 0.0}, {"warmup": 1.0}, {"weight_decay": -0.1}])
+def test_heal_config_is_checked(kwargs):
+    with pytest.raises(ConfigError):
+        HealConfig(**kwargs)
+
+
+def write_sentences(path, n: int = 80, seed: int = 0):
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.sample(WORDS, 8)) for _ in range(n)) + "\n", encoding="utf-8")
+    return path
+
+
+def test_cli_heals_a_converted_folder(tmp_path, capsys, bert_folder):
+    converted = tmp_path / "monarch"
+    convert_pretrained(bert_folder, converted, MonarchConfig(nblocks=4), check=False)
+    text = write_sentences(tmp_path / "text.txt")
+    out = tmp_path / "healed"
+    code = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--data", text, "-o", out,
+                   "--steps", "30", "--lr", "3e-4", "--batch-size", "8", "--samples", "48")[0]
+    assert code == 0
+    report = json.loads((out / "monarchify_report.json").read_text())
+    heal = report["meta"]["heal"]
+    assert heal["steps"] == 30 and heal["data"]["samples"] == 48 and heal["data"]["heldout"] == 12
+    assert heal["heldout_hidden_error_after"] < heal["heldout_hidden_error_before"]
+    assert report["meta"]["recipe"]["nblocks"] == 4 and len(report["layers"]) == 12
+
+    healed = AutoModel.from_pretrained(out).eval()
+    original = AutoModel.from_pretrained(converted).eval()
+    assert isinstance(healed.encoder.layer[0].output.dense, MonarchLinear)
+    ids = torch.randint(5, healed.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert not torch.allclose(healed(input_ids=ids).last_hidden_state, original(input_ids=ids).last_hidden_state)
+
+    from monarchify.cli.app import main
+
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "healed 30 steps towards" in capsys.readouterr().out
+
+
+def test_cli_heal_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
+    converted = tmp_path / "monarch"
+    convert_pretrained(bert_folder, converted, MonarchConfig(nblocks=2), check=False)
+    text = write_sentences(tmp_path / "text.txt", n=20)
+    out = tmp_path / "out"
+    base = ["--data", text, "-o", out, "--steps", "2"]
+
+    code, err = run_cli(capsys, "heal", bert_folder, "--teacher", bert_folder, *base)
+    assert_one_line_error(code, err, "is not a Monarch checkpoint")
+
+    wide = tmp_path / "wide"
+    tiny_bert(vocab_size=len(bert_tokenizer), hidden_size=64).save_pretrained(wide)
+    code, err = run_cli(capsys, "heal", converted, "--teacher", wide, *base)
+    assert_one_line_error(code, err, "is not the dense original", "hidden_size 64 vs 48")
+
+    code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--data", tmp_path / "none.txt", "-o", out)
+    assert_one_line_error(code, err, "none.txt", "does not exist")
+
+    code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, *base, "--lr", "0")
+    assert_one_line_error(code, err, "--lr must be positive")
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, *base)
+    assert_one_line_error(code, err, "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
