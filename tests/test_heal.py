@@ -16,7 +16,7 @@ from monarchify.errors import ConfigError
 from monarchify.heal import HealConfig, _schedule, heal_, hidden_error
 from monarchify.hf.convert import convert_pretrained
 
-from conftest import WORDS, tiny_bert
+from conftest import WORDS, tiny_bert, tiny_gpt2, tiny_llama
 from test_finetune import assert_one_line_error, run_cli
 
 
@@ -123,3 +123,18 @@ def test_cli_heal_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
     code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, *base)
     assert_one_line_error(code, err, "--force")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2-conv1d", "llama-gqa"])
+def test_healing_works_for_other_architectures(make):
+    teacher = make()
+    with torch.no_grad():  # larger weights, so the converted layers matter against the residual stream
+        for p in teacher.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    student = copy.deepcopy(teacher)
+    convert(student, MonarchConfig(nblocks=2))
+    batches = [{"input_ids": b["input_ids"] % 120} for b in random_batches(6, 120, seed=0)]
+    heldout = [{"input_ids": b["input_ids"] % 120} for b in random_batches(2, 120, seed=1)]
+    result = heal_(student, teacher, batches, HealConfig(steps=40, lr=1e-3), heldout=heldout)
+    assert result.heldout_after < result.heldout_before, (result.heldout_before, result.heldout_after)

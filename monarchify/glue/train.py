@@ -42,8 +42,8 @@ from monarchify.atomic import check_output_dir, write_text_atomic
 from monarchify.distill import DistillConfig, hidden_state_loss, logit_loss
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.glue.data import GlueData, load_glue
-from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
 from monarchify.glue.metrics import compute_metrics_fn
+from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
 from monarchify.glue.tasks import GlueTask, get_task
 from monarchify.hf.checkpoint import load_model, load_tokenizer, recipe_of, save_model
 from monarchify.monarch import MonarchLinear
