@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monarchify.calibration import model_device
 from monarchify.distill import hidden_state_loss
 from monarchify.errors import ConfigError
 
@@ -67,17 +68,13 @@ def _states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
     return model(**batch, output_hidden_states=True).hidden_states[1:]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def hidden_error(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch]) -> float:
     """Mean over batches of :func:`hidden_state_loss`: how far the student is from the teacher."""
     was_training = student.training
     student.eval()
     teacher.eval()
-    device = _device(student)
+    device = model_device(student)
     values = []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -120,7 +117,7 @@ def heal_(
     torch.manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
     student.eval()
-    device = _device(student)
+    device = model_device(student)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))

@@ -45,7 +45,7 @@ from monarchify.glue.data import GlueData, load_glue
 from monarchify.glue.metrics import compute_metrics_fn
 from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
 from monarchify.glue.tasks import GlueTask, get_task
-from monarchify.hf.checkpoint import load_model, load_tokenizer, recipe_of, save_model
+from monarchify.hf.checkpoint import config_difference, load_model, load_tokenizer, recipe_of, save_model
 from monarchify.monarch import MonarchLinear
 from monarchify.report import ConversionReport
 from monarchify.surgery import convert, dry_run
@@ -242,10 +242,10 @@ def load_teacher(distill: DistillConfig, task: GlueTask, student: nn.Module) -> 
         raise ConfigError(
             f"--distill-from '{distill.teacher}' has {teacher.config.num_labels} outputs; {task.name} needs {outputs}"
         )
-    for key in ("vocab_size",) + (("num_hidden_layers", "hidden_size") if distill.hidden_weight > 0 else ()):
-        mine, theirs = getattr(student.config, key, None), getattr(teacher.config, key, None)
-        if mine != theirs:
-            raise ConfigError(f"--distill-from '{distill.teacher}' does not fit the model: {key} {theirs} vs {mine}")
+    keys = ("vocab_size",) + (("num_hidden_layers", "hidden_size") if distill.hidden_weight > 0 else ())
+    difference = config_difference(student, teacher, keys)
+    if difference:
+        raise ConfigError(f"--distill-from '{distill.teacher}' does not fit the model: {difference}")
     return teacher
 
 

@@ -186,6 +186,16 @@ def save_model(
     return Path(out)
 
 
+def config_difference(student: nn.Module, teacher: nn.Module, keys: tuple[str, ...]) -> str | None:
+    """The first of ``keys`` whose config values differ, as ``"key teacher vs student"`` (or None):
+    what a teacher must share with its student for their outputs to be comparable."""
+    for key in keys:
+        mine, theirs = getattr(student.config, key, None), getattr(teacher.config, key, None)
+        if mine != theirs:
+            return f"{key} {theirs} vs {mine}"
+    return None
+
+
 def recipe_of(model: transformers.PreTrainedModel) -> dict[str, Any]:
     """The Monarch recipe a loaded model was converted with (empty for a dense model)."""
     quant = getattr(model.config, "quantization_config", None)

@@ -13,7 +13,7 @@ from monarchify.atomic import check_output_dir
 from monarchify.calibration import DEFAULT_MAX_LENGTH, read_calibration, tokenize
 from monarchify.errors import ConfigError
 from monarchify.heal import HealConfig, HealResult, heal_
-from monarchify.hf.checkpoint import load_model, load_tokenizer, read_report, recipe_of, save_model
+from monarchify.hf.checkpoint import config_difference, load_model, load_tokenizer, read_report, recipe_of, save_model
 from monarchify.monarch import MonarchLinear
 from monarchify.report import ConversionReport
 
@@ -31,10 +31,9 @@ class HealRun:
 def _check_pair(student: nn.Module, teacher: nn.Module, source: str, teacher_source: str) -> None:
     if not any(isinstance(m, MonarchLinear) for m in student.modules()):
         raise ConfigError(f"'{source}' has no Monarch layers: convert it first (monarchify convert), then heal the result")
-    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
-        mine, theirs = getattr(student.config, key, None), getattr(teacher.config, key, None)
-        if mine != theirs:
-            raise ConfigError(f"--teacher '{teacher_source}' is not the dense original of '{source}': {key} {theirs} vs {mine}")
+    difference = config_difference(student, teacher, ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"))
+    if difference:
+        raise ConfigError(f"--teacher '{teacher_source}' is not the dense original of '{source}': {difference}")
 
 
 def heal_pretrained(
