@@ -18,15 +18,27 @@ from pathlib import Path
 from monarchify.errors import OutputExistsError
 
 
-def check_output_dir(out: str | os.PathLike[str], force: bool = False) -> Path:
-    """Fail early (before any expensive work) if ``out`` cannot be written."""
+def check_output_dir(out: str | os.PathLike[str], force: bool = False, *, inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """Fail early (before any expensive work) if ``out`` cannot be written.
+
+    ``inputs`` are the folders the run reads: replacing one of them (``--out`` naming the
+    model itself, or a folder that holds it) would destroy what is being converted, so that
+    is refused even with ``force``.
+    """
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output '{path}' exists and is not a folder")
+    dest = path.resolve()
+    for source in inputs:
+        src = Path(source).expanduser()
+        if src.exists() and (src.resolve() == dest or dest in src.resolve().parents):
+            raise OutputExistsError(f"output folder '{path}' would replace the input '{source}'; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise OutputExistsError(f"output folder '{path}' exists and is not empty (pass --force to replace it)")
-    if not path.resolve().parent.is_dir():
+    if not dest.parent.is_dir():
         raise OutputExistsError(f"the parent folder of '{path}' does not exist")
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write to '{dest.parent}' (read-only or no permission)")
     return path
 
 
@@ -36,7 +48,10 @@ def atomic_output_dir(out: str | os.PathLike[str], force: bool = False) -> Itera
     dest = check_output_dir(out, force).resolve()
     token = uuid.uuid4().hex[:8]
     staging = dest.parent / f".{dest.name}.partial-{token}"
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise OutputExistsError(f"cannot write to '{dest.parent}': {exc.strerror or exc}") from None
     try:
         yield staging
         if dest.exists():
@@ -50,12 +65,3 @@ def atomic_output_dir(out: str | os.PathLike[str], force: bool = False) -> Itera
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace one file atomically (write a sibling, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

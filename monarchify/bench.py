@@ -255,15 +255,34 @@ def model_pair(model: nn.Module, nblocks: int = 4) -> tuple[nn.Module, nn.Module
 
 
 def _sample_inputs(model: nn.Module, batch: int, seq_len: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """A random batch of what the model reads: token ids, or images / audio features for vision
+    and speech models (``seq_len`` then sets only the decoder's length); encoder-decoder models
+    also get decoder ids, classifiers labels."""
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None) or 1000
+    for attr in ("max_position_embeddings", "n_positions", "max_target_positions"):
+        limit = getattr(config, attr, None)
+        if isinstance(limit, int) and 0 < limit < seq_len:
+            raise ConfigError(f"--seq-len {seq_len} is longer than the model's {limit} positions ({attr}); pass --seq-len {limit} or less")
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device)}
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "input_ids":
+        inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+    elif main == "pixel_values" and getattr(config, "image_size", None):
+        size = config.image_size if isinstance(config.image_size, int) else tuple(config.image_size)
+        size = (size, size) if isinstance(size, int) else size
+        inputs = {main: torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=gen)}
+    elif main == "input_features" and getattr(config, "num_mel_bins", None) and getattr(config, "max_source_positions", None):
+        inputs = {main: torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions, generator=gen)}
+    else:
+        raise ConfigError(f"bench model cannot make inputs for {type(model).__name__}: it reads {main!r}")
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
     labels = getattr(config, "num_labels", None)
-    if labels and type(model).__name__.endswith("ForSequenceClassification"):
-        inputs["labels"] = torch.randint(0, labels, (batch,), generator=gen).to(device)
-    return inputs
+    if labels and type(model).__name__.endswith(("ForSequenceClassification", "ForImageClassification")):
+        inputs["labels"] = torch.randint(0, labels, (batch,), generator=gen)
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
 def _loss(output: Any) -> torch.Tensor:
@@ -293,7 +312,7 @@ def models_benchmark(
     if batch < 1 or seq_len < 1:
         raise ConfigError("batch and seq-len must be >= 1")
     models = {"dense": dense.to(device=device, dtype=dtype), "monarch": monarch.to(device=device, dtype=dtype)}
-    inputs = _sample_inputs(dense, batch, seq_len, device, seed)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _sample_inputs(dense, batch, seq_len, device, seed).items()}
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
 
     def infer(model: nn.Module) -> Callable[[], Any]:

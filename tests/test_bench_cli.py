@@ -71,7 +71,8 @@ def test_layer_table_for_people(capsys):
         (("--device", "tpu9"), "unknown device"),
         (("--repeat", "0"), "repeat"),
         (("--tokens", "0"), "tokens"),
-        (("--nblocks", "64"), "structural zeros"),
+        (("--nblocks", "64"), "more than a 32->32 layer"),
+        (("--nblocks", "8"), "structural zeros"),
     ],
 )
 def test_layer_bad_input_is_one_line(capsys, args, fragment):
@@ -125,3 +126,39 @@ def test_compare_interleaves_and_counts_every_run():
     assert len(stats["a"].runs) == 3 and len(stats["b"].runs) == 3
     # warm-up a b a b, then rounds a a b b | b b a a | a a b b (each timed call follows an untimed one)
     assert calls == ["a", "b"] * 2 + ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+
+
+def _tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                       image_size=16, patch_size=8, num_labels=3)
+    return ViTForImageClassification(config).eval()
+
+
+@pytest.mark.parametrize("build,expected", [(_tiny_t5, {"input_ids", "attention_mask", "decoder_input_ids"}),
+                                            (_tiny_vit, {"pixel_values", "labels"})])
+def test_model_inputs_follow_what_the_model_reads(build, expected):
+    """Encoder-decoder models need decoder ids, vision models images; both must benchmark."""
+    model = build()
+    inputs = bench._sample_inputs(model, 2, 8, torch.device("cpu"), 0)
+    assert set(inputs) == expected
+    dense, monarch = bench.model_pair(model, nblocks=2)
+    result = bench.models_benchmark(dense, monarch, batch=2, seq_len=8, warmup=1, repeat=1, device="cpu")
+    assert result["monarch_layers"] > 0 and result["train_step"]["monarch_ms"] > 0
+
+
+def test_model_inputs_refuse_a_sequence_longer_than_the_positions():
+    from monarchify.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--seq-len 65 is longer than the model's 64 positions"):
+        bench._sample_inputs(tiny_bert(), 1, 65, torch.device("cpu"), 0)
+    assert bench._sample_inputs(tiny_bert(), 1, 64, torch.device("cpu"), 0)["input_ids"].shape == (1, 64)

@@ -16,6 +16,7 @@ from monarchify.cli.app import main
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed (transformers' save progress bars)
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
@@ -192,3 +193,140 @@ def test_converting_a_model_leaves_reloadable_identical_outputs(tmp_path, capsys
         expected = model.eval()(**batch)[0]
         got = monarchify.load(out).eval()(**batch)[0]
     assert torch.equal(got, expected)
+
+
+def test_a_folder_without_tokenizer_files_is_checked_on_random_ids_and_gets_no_tokenizer(tmp_path, capsys):
+    """transformers 5 builds an empty tokenizer from the bare model type; it must not be taken
+    for the checkpoint's own (it encodes the sample sentences to nothing) nor be saved."""
+    from tests.conftest import tiny_gpt2
+
+    from monarchify.hf.checkpoint import load_tokenizer
+
+    source = tmp_path / "gpt2-no-tokenizer"
+    tiny_gpt2().save_pretrained(source)
+    assert load_tokenizer(source) is None
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "convert", source, "--nblocks", "2", "--out", out, "--json")
+    assert code == 0, err
+    check = json.loads(stdout)["functional_check"]
+    assert check["inputs"] == "random token ids" and check["rel_diff"] > 0
+    assert not any(name.startswith("tokenizer") or name.startswith("vocab") for name in os.listdir(out))
+
+
+def test_a_folder_with_its_tokenizer_keeps_it(bert_folder):
+    from monarchify.hf.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(bert_folder)
+    assert tokenizer is not None and len(tokenizer) >= 100
+    assert tokenizer("hello world")["input_ids"]
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_values(tmp_path, capsys, bert_folder):
+    _rewrite_weights(bert_folder, lambda t: t.pop("encoder.layer.0.output.dense.weight"))
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "--out", out)
+    assert_one_line_error(code, err, "has no weights for encoder.layer.0.output.dense.weight")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_names_the_tensor(tmp_path, capsys, bert_folder):
+    config = json.loads((bert_folder / "config.json").read_text())
+    config["intermediate_size"] += 4
+    (bert_folder / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "intermediate.dense.weight", "but its config.json describes")
+
+
+def test_monarch_factors_the_recipe_does_not_declare_are_refused(tmp_path, capsys, bert_folder):
+    out = tmp_path / "m"
+    assert run(capsys, "convert", bert_folder, "-b", "2", "--out", out, "--no-check")[0] == 0
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["modules"].pop("encoder.layer.0.attention.self.query")
+    (out / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "bench", "model", out, "--no-train", "--repeat", "1", "--warmup", "1")
+    assert code == 1 and "encoder.layer.0.attention.self.query" in err.strip().splitlines()[-1]
+
+
+def test_output_that_would_replace_the_input_is_refused_even_with_force(tmp_path, capsys, bert_folder):
+    before = sorted(os.listdir(bert_folder))
+    for out in (bert_folder, bert_folder.parent):
+        code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "--out", out, "--force")
+        assert_one_line_error(code, err, "would replace the input")
+    assert sorted(os.listdir(bert_folder)) == before
+
+
+def test_an_unwritable_output_location_is_one_line(tmp_path, monkeypatch):
+    from monarchify.atomic import atomic_output_dir, check_output_dir
+    from monarchify.errors import OutputExistsError
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(OutputExistsError, match="cannot write to"):
+        check_output_dir(tmp_path / "out")
+    monkeypatch.undo()
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(OutputExistsError, match="Read-only file system"):
+        with atomic_output_dir(tmp_path / "out"):
+            pass
+
+
+LAYER = "encoder.layer.0.attention.output.dense"
+
+
+def _tamper_config(change):
+    def apply(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        change(config["quantization_config"])
+        (folder / "config.json").write_text(json.dumps(config))
+    return apply
+
+
+def _tamper_report(value):
+    def apply(folder: Path) -> None:
+        (folder / "monarchify_report.json").write_text(json.dumps(value))
+    return apply
+
+
+@pytest.mark.parametrize("tamper,fragment", [
+    (_tamper_config(lambda q: q["modules"][LAYER].update(nblocks=4)), "but its factors have shapes"),
+    (_tamper_config(lambda q: q["modules"][LAYER].update(in_features=128)), "but its factors have shapes"),
+    (_tamper_config(lambda q: q["modules"][LAYER].update(nblocks="2")), "positive integer"),
+    (_tamper_config(lambda q: q["modules"].update({LAYER: None})), "positive integer"),
+    (_tamper_config(lambda q: q.update(modules=["x"])), "must map layer names"),
+    (_tamper_config(lambda q: q.update(modules={})), "does not declare"),
+    (_tamper_config(lambda q: q.update(padding="reflect")), "unknown Monarch padding"),
+    (_tamper_config(lambda q: q.update(format_version=99)), "Monarch format 99"),
+    (_tamper_report([1, 2]), "is not a monarchify report"),
+    (_tamper_report({"layers": [{"name": LAYER, "rel_error": "big"}]}), "is not a monarchify report"),
+    (_tamper_report({"layers": [], "meta": []}), "is not a monarchify report"),
+])
+def test_a_tampered_checkpoint_is_one_line_from_report(tmp_path, capsys, bert_folder, tamper, fragment):
+    out = tmp_path / "m"
+    assert run(capsys, "convert", bert_folder, "-b", "2", "--out", out, "--no-check")[0] == 0
+    tamper(out)
+    code, _, err = run(capsys, "report", out)
+    assert_one_line_error(code, err, fragment)
+    assert "unexpected" not in err
+
+
+def test_ctrl_c_says_so_in_one_line_and_leaves_nothing(tmp_path, capsys, bert_folder, monkeypatch):
+    import monarchify.hf.checkpoint as checkpoint
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "read_config", interrupt)
+    code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "--out", tmp_path / "out")
+    assert code == 130
+    assert err.strip().splitlines()[-1].startswith("Error: interrupted")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

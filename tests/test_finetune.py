@@ -238,3 +238,21 @@ def test_resume_after_an_interruption(tmp_path, bert_folder):
     assert CountSteps.steps == [3, 4]  # only the second epoch ran again
     assert [e["step"] for e in results["history"] if "loss" in e] == [1, 2, 3, 4]
     assert (opts.out / RESULTS_FILE).is_file() and not opts.checkpoints.exists()
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_max_steps_must_be_positive_or_minus_one(tmp_path, steps):
+    from monarchify.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--max-steps must be at least 1"):
+        FinetuneOptions(task="mrpc", model="m", out=tmp_path / "o", max_steps=steps)
+    assert FinetuneOptions(task="mrpc", model="m", out=tmp_path / "o", max_steps=-1).max_steps == -1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_without_a_gpu_is_refused_before_anything_loads(tmp_path, capsys, precision):
+    code = main(["finetune", "--task", "mrpc", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+                 "--precision", precision])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1] == f"Error: --precision {precision} needs a CUDA GPU; this machine has none (use fp32)"

@@ -111,6 +111,9 @@ def test_cli_heal_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
     code, err = run_cli(capsys, "heal", converted, "--teacher", wide, *base)
     assert_one_line_error(code, err, "is not the dense original", "hidden_size 64 vs 48")
 
+    code, err = run_cli(capsys, "heal", converted, "--teacher", converted, *base)
+    assert_one_line_error(code, err, "has Monarch layers: the teacher is the dense original")
+
     code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--data", tmp_path / "none.txt", "-o", out)
     assert_one_line_error(code, err, "none.txt", "does not exist")
 

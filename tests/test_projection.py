@@ -219,3 +219,33 @@ def test_random_init_matches_nn_linear_output_variance():
     monarch = MonarchLinear(256, 512, 4, bias=False)
     ratio = float(monarch(x).detach().var() / dense(x).detach().var())
     assert 0.85 < ratio < 1.15
+
+
+def test_weight_is_recomputed_only_when_the_factors_change(monkeypatch):
+    """Models that read ``.weight`` every forward (T5) must not pay a dense product each time,
+    and a stale or shared copy must never be handed out."""
+    layer = MonarchLinear(24, 16, 2, dtype=F64)
+    calls = []
+    original = MonarchLinear.to_dense
+    monkeypatch.setattr(MonarchLinear, "to_dense", lambda self: calls.append(1) or original(self))
+    first = layer.weight
+    assert torch.equal(layer.weight, first) and len(calls) == 1
+    first.zero_()  # a caller writing into its copy changes nothing for the next reader
+    assert torch.equal(layer.weight, original(layer)) and len(calls) == 1
+
+    with torch.no_grad():
+        layer.L.mul_(2.0)  # in place: the version counter moves
+    assert torch.equal(layer.weight, original(layer)) and len(calls) == 2
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(3, 24, dtype=F64)).sum().backward()
+    optimizer.step()
+    assert torch.equal(layer.weight, original(layer)) and len(calls) == 3
+    layer.to(torch.float32)
+    assert layer.weight.dtype == torch.float32 and len(calls) == 4
+
+
+def test_more_blocks_than_features_is_refused_even_with_structural_zeros_allowed():
+    with pytest.raises(ConfigError, match="more than a 64->6 layer has features on its narrower side \\(6\\)"):
+        MonarchLinear(64, 6, 8, allow_structural_zeros=True)
+    with pytest.raises(ConfigError, match="min\\(d_in, d_out\\) = 64"):
+        MonarchLinear(64, 64, 9)  # the unpadded size, not the padded 72

@@ -111,3 +111,40 @@ def test_large_checkpoints_are_sharded_and_still_load_and_report(tmp_path):
     assert torch.equal(first_output(monarchify.load(tmp_path / "out").eval(), batch), first_output(model, batch))
     again = monarchify.read_report(tmp_path / "out")
     assert again.totals()["model_params"] == report.model_params_after
+
+
+def test_an_architecture_saved_under_renamed_keys_round_trips_and_reports(tmp_path):
+    """transformers 5 saves ViT under its original key names (``encoder.layer.0.attention.
+    attention.query``) while its modules are ``layers.0.attention.q_proj``: loading renames
+    them back, and ``read_report`` must find the Monarch weights through the same rules."""
+    config = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=96, image_size=16, patch_size=8, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    report = monarchify.convert(model, MonarchConfig(nblocks=2))
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+    monarchify.save(model, tmp_path / "out", report=report)
+
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
+    assert sum(isinstance(m, MonarchLinear) for m in loaded.modules()) == len(report.layers) == 12
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=pixels).logits, expected)
+    again = monarchify.read_report(tmp_path / "out")
+    assert [layer.name for layer in again.layers] == [layer.name for layer in report.layers]
+    assert [layer.params_monarch for layer in again.layers] == [layer.params_monarch for layer in report.layers]
+
+
+def test_report_counts_parameters_not_the_buffers_saved_beside_them(tmp_path):
+    """BART saves a persistent buffer (``final_logits_bias``) in its weight files."""
+    config = transformers.BartConfig(vocab_size=60, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4,
+                                     encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config)
+    report = monarchify.convert(model, MonarchConfig(nblocks=2))
+    monarchify.save(model, tmp_path / "out", report=report)
+    totals = monarchify.read_report(tmp_path / "out").totals()
+    assert totals["model_params"] == sum(p.numel() for p in model.parameters()) == report.totals()["model_params"]
+    assert totals["model_params_before"] == report.totals()["model_params_before"]

@@ -136,3 +136,24 @@ def test_solver_precision_follows_the_weight_and_threads_are_restored():
     threads = torch.get_num_threads()
     project(torch.randn(256, 256), 4)
     assert torch.get_num_threads() == threads
+
+
+def test_eigenvectors_split_across_threads_match_one_call_and_the_pool_is_reused():
+    """The batch split over worker threads must not change the answer, whatever the number
+    of threads (the chunks differ) and however often it is called (the pool is kept)."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(7, 90, 80, generator=gen)
+    gram = a.mT @ a
+    expected = torch.linalg.eigh(gram)[1][..., -20:]
+    threads = torch.get_num_threads()
+    try:
+        for workers in (1, 2, 3):
+            torch.set_num_threads(workers)
+            for _ in range(2):
+                got = proj._top_eigenvectors(gram, 20)
+                # eigenvectors are defined up to sign: compare the projectors they span
+                assert torch.allclose(got @ got.mT, expected @ expected.mT, atol=1e-4)
+                assert torch.get_num_threads() == workers
+        assert proj._eigh_pool(3) is proj._eigh_pool(3)
+    finally:
+        torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from monarchify.errors import MonarchifyError
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+INTERRUPTED = "interrupted; the output folder was not written (a fine-tuning run keeps its checkpoints for --resume)"
 
 
 def _fail(message: str, code: int) -> int:
@@ -36,8 +37,12 @@ def run(app: typer.Typer, args: list[str] | None = None) -> int:
     debug = os.environ.get("MONARCHIFY_DEBUG", "") not in ("", "0")
     try:
         result = app(args=args, standalone_mode=False, prog_name="monarchify")
+        if result == EXIT_INTERRUPTED:  # Typer turns Ctrl-C into this return value, silently
+            return _fail(INTERRUPTED, EXIT_INTERRUPTED)
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:
+        if exc.exit_code == EXIT_INTERRUPTED:  # Typer's own translation of Ctrl-C
+            return _fail(INTERRUPTED, EXIT_INTERRUPTED)
         return exc.exit_code
     except typer.Abort:
         return _fail("aborted", EXIT_INTERRUPTED)
@@ -48,7 +53,7 @@ def run(app: typer.Typer, args: list[str] | None = None) -> int:
             traceback.print_exc()
         return _fail(str(exc), EXIT_ERROR)
     except KeyboardInterrupt:
-        return _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+        return _fail(INTERRUPTED, EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: say so briefly, keep the traceback one variable away
         if debug:
             traceback.print_exc()

@@ -98,9 +98,12 @@ def print_report(report: ConversionReport, sort: str = "model", title: str | Non
         )
     print_accuracy_levers(report)
     check = report.functional_check
-    if check:
+    if check and check.get("skipped"):
+        console.print(f"functional check skipped: {check['skipped']}", markup=False)
+    elif check:
+        inputs = "sample sentences" if check.get("inputs", "tokenizer") == "tokenizer" else "random token sequences"
         console.print(
-            f"functional check on {check['sentences']} sample sentences: output relative difference "
+            f"functional check on {check['sentences']} {inputs}: output relative difference "
             f"{check['rel_diff']:.3f}, cosine {check['cosine']:.3f}, max abs {check['max_abs_diff']:.3g}"
         )
 

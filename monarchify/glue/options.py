@@ -80,6 +80,8 @@ class FinetuneOptions:
             raise ConfigError("--warmup and --weight-decay must not be negative")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1 (or -1 for none), got {self.max_steps}")
 
     @property
     def checkpoints(self) -> Path:

@@ -38,7 +38,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from monarchify.atomic import check_output_dir, write_text_atomic
+from monarchify.atomic import check_output_dir
 from monarchify.distill import DistillConfig, hidden_state_loss, logit_loss
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.glue.data import GlueData, load_glue
@@ -204,6 +204,23 @@ def tokenize(data: GlueData, tokenizer: Any, max_length: int) -> tuple[Any, dict
     return run(data.train), {name: run(ds) for name, ds in data.eval.items()}
 
 
+def _inputs(options: FinetuneOptions) -> tuple[str | Path, ...]:
+    """The folders a run reads, which its output must never replace."""
+    teacher = (options.distill.teacher,) if options.distill is not None else ()
+    data = (options.data_dir,) if options.data_dir is not None else ()
+    return (options.model, *((options.tokenizer,) if options.tokenizer else ()), *data, *teacher)
+
+
+def _check_precision(precision: str) -> None:
+    """Mixed precision needs a GPU (Trainer would refuse later, after loading everything)."""
+    if precision == "fp32":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--precision {precision} needs a CUDA GPU; this machine has none (use fp32)")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16 needs a GPU with bf16 support (use fp16 or fp32)")
+
+
 def _load(options: FinetuneOptions, task: GlueTask) -> tuple[nn.Module, list[str]]:
     model, info = load_model(
         options.model,
@@ -335,8 +352,9 @@ def finetune(
     events = events or FinetuneEvents()
     environment = _environment()  # now: the source hash must describe the code this run imported
     task = get_task(options.task)
+    _check_precision(options.precision)
     if not options.resume:
-        check_output_dir(options.out, options.force)
+        check_output_dir(options.out, options.force, inputs=_inputs(options))
     checkpoints_existed = options.checkpoints.exists()
     if options.resume and not checkpoints_existed:
         raise ConfigError(f"--resume: checkpoint folder '{options.checkpoints}' does not exist")
@@ -464,8 +482,8 @@ def finetune(
     if trainer.is_world_process_zero():
         events.stage(f"saving to {options.out}")
         final = trainer.model
-        save_model(final, options.out, tokenizer=tokenizer, report=report, recipe=recipe, force=options.force or options.resume)
-        write_text_atomic(options.out / RESULTS_FILE, json.dumps(results, indent=2, default=str) + "\n")
+        save_model(final, options.out, tokenizer=tokenizer, report=report, recipe=recipe, force=options.force or options.resume,
+                   extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
         if not options.keep_checkpoints and (not checkpoints_existed or options.resume) and options.checkpoints.is_dir():
             shutil.rmtree(options.checkpoints, ignore_errors=True)
     return FinetuneResult(options.out, results, trainer.model)

@@ -21,7 +21,7 @@ from torch import nn
 
 from monarchify.atomic import atomic_output_dir
 from monarchify.errors import ModelLoadError
-from monarchify.hf.plugin import QUANT_METHOD, MonarchQuantizationConfig
+from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHOD, MonarchQuantizationConfig, check_recipe
 from monarchify.monarch import MonarchLayout
 from monarchify.report import ConversionReport, LayerReport, natural_key
 
@@ -111,12 +111,15 @@ def load_model(
         raise ModelLoadError(f"model folder '{source}' does not exist")
 
     hub = {} if path.is_dir() else _hub_options()
+    wants_info = kwargs.pop("output_loading_info", False)
     try:
         config = transformers.AutoConfig.from_pretrained(source, **hub, **(config_overrides or {}))
         cls = _model_class(config, model_class)
-        return cls.from_pretrained(source, config=config, use_safetensors=True, **hub, **kwargs)
+        model, info = cls.from_pretrained(source, config=config, use_safetensors=True, output_loading_info=True, **hub, **kwargs)
     except ModelLoadError:
         raise
+    except RuntimeError as exc:  # transformers' "size mismatch" (its details go to its logger)
+        raise ModelLoadError(f"could not load '{source}': {_mismatch(cls, source, config, hub) or _short(exc)}") from None
     except (OSError, ValueError, KeyError) as exc:
         if path.is_dir():
             raise ModelLoadError(f"could not load local folder '{source}': {_short(exc)}") from None
@@ -125,6 +128,48 @@ def load_model(
             f"could not load Hugging Face Hub model '{source}':{offline} {_short(exc)} "
             "(not a local folder either; pass a local folder when offline)"
         ) from None
+    _check_loading(model, info, source, new_head_ok=model_class is not None)
+    return (model, info) if wants_info else model
+
+
+def _mismatch(cls: Any, source: str, config: Any, hub: dict[str, Any]) -> str | None:
+    """Which tensors do not fit the config, found by loading once more while allowing it."""
+    try:
+        _, info = cls.from_pretrained(source, config=config, use_safetensors=True, ignore_mismatched_sizes=True,
+                                      output_loading_info=True, **hub)
+        first = next(iter(info.get("mismatched_keys") or []))
+    except Exception:  # noqa: BLE001 - only a better message was at stake
+        return None
+    if isinstance(first, (tuple, list)) and len(first) == 3:
+        key, saved, expected = first
+        return f"tensor '{key}' has shape {list(saved)} but its config.json describes {list(expected)}"
+    return f"tensor '{first}' does not have the shape its config.json describes"
+
+
+def _check_loading(model: nn.Module, info: dict[str, Any], source: str, *, new_head_ok: bool) -> None:
+    """Refuse a checkpoint whose tensors do not cover the model it describes.
+
+    ``from_pretrained`` fills missing or misshapen tensors with fresh random values and
+    only logs it: a conversion would then project random weights, and fine-tuning would
+    train them. Only a task head outside the base model may be new (``new_head_ok``, when
+    the caller asked for another head than the checkpoint's own). Monarch factors nobody
+    declared mean ``config.json`` and the weights disagree.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def in_head(key: str) -> bool:
+        return new_head_ok and bool(prefix) and not key.startswith(prefix + ".") and hasattr(model, prefix)
+
+    missing = [k for k in info.get("missing_keys") or [] if not in_head(k)]
+    mismatched = [str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or []]
+    mismatched = [k for k in mismatched if not in_head(k)]
+    stray = [k for k in info.get("unexpected_keys") or [] if k.endswith((".L", ".R"))]
+    for problem, keys in (("has no weights for", missing), ("has weights of the wrong shape for", mismatched),
+                          ("has Monarch factors its config.json does not declare:", stray)):
+        if keys:
+            keys = sorted(keys)
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise ModelLoadError(f"'{source}' {problem} {', '.join(keys[:3])}{more}")
 
 
 @lru_cache(maxsize=1)
@@ -148,13 +193,32 @@ def _hub_options() -> dict[str, Any]:
     return {} if _hub_reachable() else {"local_files_only": True}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+"""A local folder ships a tokenizer only if it has one of these."""
+MIN_TOKENIZER_VOCAB = 100
+"""Smaller than any real tokenizer: what ``AutoTokenizer`` builds from a bare model type."""
+
+
 def load_tokenizer(source: str | os.PathLike[str]) -> Any | None:
-    """The checkpoint's tokenizer, or ``None`` when it ships none."""
+    """The checkpoint's tokenizer, or ``None`` when it ships none.
+
+    transformers 5 builds an empty tokenizer from the model type for a folder without
+    tokenizer files (a GPT-2 tokenizer with one token, a BERT one with five); taking it for
+    the real one would encode text to nothing and copy a useless tokenizer into the output.
+    So a local folder needs tokenizer files, and a tokenizer with a toy vocabulary is refused.
+    """
+    path = Path(os.fspath(source))
+    local = path.is_dir()
+    if local and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
-        local = Path(os.fspath(source)).is_dir()
-        return transformers.AutoTokenizer.from_pretrained(os.fspath(source), **({} if local else _hub_options()))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(source), **({} if local else _hub_options()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    try:
+        return tokenizer if len(tokenizer) >= MIN_TOKENIZER_VOCAB else None
+    except TypeError:  # a tokenizer object without a length: trust it
+        return tokenizer
 
 
 def save_model(
@@ -166,9 +230,11 @@ def save_model(
     recipe: dict[str, Any] | None = None,
     force: bool = False,
     max_shard_size: str = DEFAULT_SHARD_SIZE,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a loadable folder atomically: ``config.json`` with the Monarch recipe,
-    safetensors weights (sharded past ``max_shard_size``), tokenizer files, and the report.
+    safetensors weights (sharded past ``max_shard_size``), tokenizer files, the report, and
+    ``extra_files`` (name -> text, e.g. fine-tuning results: inside, not added afterwards).
 
     A model without Monarch layers is written as a plain Hugging Face folder (no recipe), which
     loads without monarchify."""
@@ -183,6 +249,8 @@ def save_model(
             tokenizer.save_pretrained(staging)
         if report is not None:
             (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
     return Path(out)
 
 
@@ -215,28 +283,31 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
         raise ModelLoadError(f"model folder '{folder}' does not exist")
     config = read_config(path)
     recipe = config.get("quantization_config") or {}
-    if recipe.get("quant_method") != QUANT_METHOD:
+    if not isinstance(recipe, dict) or recipe.get("quant_method") != QUANT_METHOD:
         raise ModelLoadError(f"'{folder}' is not a Monarch checkpoint (its config.json has no Monarch recipe)")
+    check_recipe(recipe.get("modules"), recipe.get("format_version", FORMAT_VERSION), recipe.get("padding", "zero"))
     shapes = tensor_shapes(path)
-
-    saved: dict[str, Any] = {}
-    report_path = path / REPORT_FILE
-    if report_path.is_file():
-        try:
-            saved = json.loads(report_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"'{report_path}' is not valid JSON: {_short(exc)}") from None
+    saved = _saved_report(path / REPORT_FILE)
     saved_layers = {layer["name"]: layer for layer in saved.get("layers", [])}
 
     # Model order when the saved report knows it, else natural name order (layer.2 < layer.10).
     order = {name: i for i, name in enumerate(saved_layers)}
-    modules = sorted(recipe.get("modules", {}).items(), key=lambda item: (order.get(item[0], len(order)), natural_key(item[0])))
+    modules = sorted((recipe.get("modules") or {}).items(), key=lambda item: (order.get(item[0], len(order)), natural_key(item[0])))
+    if any(_find_key(shapes, name, "L") is None for name, _ in modules):
+        shapes = _as_loaded(path, shapes)
     layers = []
+    declared: set[str] = set()
     for name, spec in modules:
         layout = MonarchLayout(spec["in_features"], spec["out_features"], spec["nblocks"])
         keys = {suffix: _find_key(shapes, name, suffix) for suffix in ("L", "R", "bias")}
+        declared.update(key for key in (keys["L"], keys["R"]) if key)
         if keys["L"] is None or keys["R"] is None:
             raise ModelLoadError(f"'{folder}': the weights of Monarch layer '{name}' are missing")
+        if shapes[keys["L"]] != list(layout.l_shape) or shapes[keys["R"]] != list(layout.r_shape):
+            raise ModelLoadError(
+                f"'{folder}': config.json says Monarch layer '{name}' is {layout.describe()}, but its factors have "
+                f"shapes L {shapes[keys['L']]} and R {shapes[keys['R']]}"
+            )
         numel = {s: _numel(shapes[k]) if k else 0 for s, k in keys.items()}
         previous = saved_layers.get(name, {})
         layers.append(
@@ -253,12 +324,72 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
                 extra=previous.get("extra", {}),
             )
         )
+    stray = sorted(key for key in shapes if key.endswith((".L", ".R")) and key not in declared)
+    if stray:
+        raise ModelLoadError(f"'{folder}' has Monarch factors its config.json does not declare: {', '.join(stray[:3])}")
     after = sum(_numel(shape) for shape in shapes.values())
+    # The files also hold persistent buffers (BART's final_logits_bias); the saved report
+    # counted parameters only, so it is preferred when it is consistent with the files.
+    counted = saved.get("totals", {}).get("model_params")
+    if isinstance(counted, int) and 0 < counted <= after:
+        after = counted
     saved_dense = sum(layer.params_dense - layer.params_monarch for layer in layers)
     meta = dict(saved.get("meta", {}))
     meta.setdefault("recipe", recipe.get("recipe"))
     meta.setdefault("monarchify_version", recipe.get("monarchify_version"))
     return ConversionReport(layers, after + saved_dense, after, saved.get("functional_check"), meta)
+
+
+def _saved_report(file: Path) -> dict[str, Any]:
+    """The ``monarchify_report.json`` beside the weights ({} if absent), checked for the
+    fields :func:`read_report` uses: errors and notes come from it, shapes never do."""
+    if not file.is_file():
+        return {}
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"'{file}' is not valid JSON: {_short(exc)}") from None
+    layers = saved.get("layers", []) if isinstance(saved, dict) else None
+    valid = (
+        isinstance(layers, list)
+        and all(isinstance(layer, dict) and isinstance(layer.get("name"), str) for layer in layers)
+        and all(isinstance(layer.get("rel_error"), (int, float, type(None))) and not isinstance(layer.get("rel_error"), bool)
+                and isinstance(layer.get("extra", {}), dict) for layer in layers)
+        and isinstance(saved.get("functional_check"), (dict, type(None)))
+        and isinstance(saved.get("meta", {}), dict)
+        and isinstance(saved.get("totals", {}), dict)
+    )
+    if not valid:
+        raise ModelLoadError(f"'{file}' is not a monarchify report (its layers, totals, functional_check or meta are malformed)")
+    return saved
+
+
+def _as_loaded(folder: Path, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The saved tensors under the names ``from_pretrained`` loads them as.
+
+    transformers 5 renames the modules of some architectures (ViT's
+    ``encoder.layer.0.attention.attention.query`` is ``layers.0.attention.q_proj``) and saves
+    under the original names, while the recipe names modules as loaded. The renaming rules
+    belong to the model class, so an empty (meta-device) model of it is built to read them.
+    Without rules, or where that fails, the names stay as saved.
+    """
+    try:
+        import torch
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        model_class = next((getattr(transformers, name, None) for name in (config.architectures or [])), None)
+        with torch.device("meta"):
+            model = model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
+        renamings = [rule for rule in get_model_conversion_mapping(model) if isinstance(rule, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - an older transformers, an unknown architecture: keep the names
+        return shapes
+    renamed = {}
+    for key, shape in shapes.items():
+        for rule in renamings:
+            key, _ = rule.rename_source_key(key)
+        renamed[key] = shape
+    return renamed
 
 
 def _numel(shape: list[int]) -> int:

@@ -31,6 +31,8 @@ class HealRun:
 def _check_pair(student: nn.Module, teacher: nn.Module, source: str, teacher_source: str) -> None:
     if not any(isinstance(m, MonarchLinear) for m in student.modules()):
         raise ConfigError(f"'{source}' has no Monarch layers: convert it first (monarchify convert), then heal the result")
+    if any(isinstance(m, MonarchLinear) for m in teacher.modules()):
+        raise ConfigError(f"--teacher '{teacher_source}' has Monarch layers: the teacher is the dense original")
     difference = config_difference(student, teacher, ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"))
     if difference:
         raise ConfigError(f"--teacher '{teacher_source}' is not the dense original of '{source}': {difference}")
@@ -59,7 +61,7 @@ def heal_pretrained(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     text = read_calibration(data, samples)
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=(source, teacher))
     source, teacher_source = os.fspath(source), os.fspath(teacher)
     report = read_report(source)  # also refuses a folder that is not a Monarch checkpoint
     student = load_model(source)

@@ -35,6 +35,28 @@ QUANT_METHOD = "monarch"
 FORMAT_VERSION = 1
 
 
+def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: Any = "zero") -> None:
+    """Refuse a ``config.json`` Monarch recipe this version cannot build layers from.
+
+    The recipe decides the shape of every layer before any weight is read, so a damaged one
+    must fail here, as one line, rather than deep inside model construction.
+    """
+    if format_version != FORMAT_VERSION:
+        raise ModelLoadError(f"this checkpoint uses Monarch format {format_version}; this monarchify reads {FORMAT_VERSION}")
+    if padding != "zero":
+        raise ModelLoadError(f"config.json: unknown Monarch padding {padding!r} (this monarchify pads with zeros)")
+    if modules is not None and not isinstance(modules, dict):
+        raise ModelLoadError("config.json: the Monarch recipe's 'modules' must map layer names to their shapes")
+    for name, spec in (modules or {}).items():
+        fields = ("in_features", "out_features", "nblocks")
+        if not isinstance(spec, dict) or not all(
+            isinstance(spec.get(f), int) and not isinstance(spec.get(f), bool) and spec[f] >= 1 for f in fields
+        ) or not isinstance(spec.get("bias", True), bool):
+            raise ModelLoadError(
+                f"config.json: Monarch layer '{name}' needs positive integer in_features, out_features and nblocks, got {spec!r}"
+            )
+
+
 class MonarchQuantizationConfig(QuantizationConfigMixin):
     """The self-description a converted checkpoint carries in its ``config.json``.
 
@@ -54,10 +76,7 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ) -> None:
-        if format_version != FORMAT_VERSION:
-            raise ModelLoadError(
-                f"this checkpoint uses Monarch format {format_version}; this monarchify reads {FORMAT_VERSION}"
-            )
+        check_recipe(modules, format_version, padding)
         self.quant_method = QUANT_METHOD
         self.modules = dict(modules or {})
         self.recipe = dict(recipe or {})

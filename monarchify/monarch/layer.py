@@ -97,8 +97,19 @@ class MonarchLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """A detached dense copy, for code that inspects ``.weight`` (dtype, device, shape,
-        initialisers run by ``from_pretrained``). Training goes through ``L`` and ``R``."""
-        return self.to_dense()
+        initialisers run by ``from_pretrained``). Training goes through ``L`` and ``R``.
+
+        Some models read it on every forward pass (T5 checks ``wo.weight.dtype`` up to three
+        times per layer), so the product is kept until ``L`` or ``R`` change (their version
+        counters, storage, dtype or device), and each read gets its own copy, so that writing
+        into it cannot corrupt the next.
+        """
+        key = (self.L._version, self.R._version, self.L.data_ptr(), self.R.data_ptr(), self.L.dtype, self.L.device)
+        cached = self.__dict__.get("_dense_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.to_dense())
+            self.__dict__["_dense_cache"] = cached
+        return cached[1].clone()
 
     def extra_repr(self) -> str:
         return (

@@ -110,10 +110,17 @@ class MonarchLayout:
         return text
 
     def check_structure(self, allow_structural_zeros: bool = False) -> None:
-        """Refuse a layout that forces exact zeros into the matrix, unless asked to allow it."""
+        """Refuse a layout that forces exact zeros into the matrix, unless asked to allow it;
+        more blocks than features on a side (blocks of nothing but padding) always."""
+        if self.nblocks > min(self.d_in, self.d_out):
+            raise ConfigError(
+                f"{self.nblocks} blocks is more than a {self.d_in}->{self.d_out} layer has features on its "
+                f"narrower side ({min(self.d_in, self.d_out)}); use fewer blocks"
+            )
         if self.has_structural_zeros and not allow_structural_zeros:
             raise ConfigError(
-                f"{self.nblocks} blocks is too many for a {self.d_in}->{self.d_out} layer: "
-                f"nblocks² ({self.nblocks**2}) > min(d_in, d_out) ({min(self.n_in, self.n_out)}) "
-                "leaves some blocks with structural zeros; use fewer blocks or allow structural zeros"
+                f"{self.nblocks} blocks is too many for a {self.d_in}->{self.d_out} layer: each block's "
+                f"{self.q} middle features cannot reach all {self.nblocks} blocks (needs nblocks² ≲ "
+                f"min(d_in, d_out) = {min(self.d_in, self.d_out)}), leaving structural zeros; "
+                "use fewer blocks or allow structural zeros"
             )

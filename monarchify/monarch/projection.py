@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,8 @@ def project(
     blocks = _blocks(w, layout)
     u, sigma, vh, sq_err = truncated_svd(blocks, ranks, solver_dtype=solver_dtype_for(weight.dtype), dtype=compute_dtype)
     root = sigma.sqrt()
-    weight_sq_norm = float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
+    # (converting first is twice as fast as vector_norm's own dtype= on the CPU)
+    weight_sq_norm = float(torch.linalg.vector_norm(w.double())) ** 2
 
     factory = {"dtype": compute_dtype, "device": w.device}
     if layout.q % b == 0:  # every pair owns t = q/b middle indices: write all at once
@@ -229,7 +231,9 @@ def _top_eigenvectors(gram: torch.Tensor, t: int) -> torch.Tensor:
 
     On the CPU the batch is split across threads, each running LAPACK single-threaded:
     LAPACK gains little from threads at n ≈ 200, and letting torch's threaded batch loop
-    call a threaded LAPACK oversubscribes the cores (measured 10× slower on 2 cores).
+    call a threaded LAPACK oversubscribes the cores (measured 10× slower on 2 cores). The
+    threads are kept between calls: a conversion projects layer after layer, and starting
+    a pool per layer cost a sixth of the projection time (docs/performance.md).
     """
     workers = min(torch.get_num_threads(), gram.shape[0])
     if gram.is_cuda or workers == 1:
@@ -238,8 +242,13 @@ def _top_eigenvectors(gram: torch.Tensor, t: int) -> torch.Tensor:
     chunks = gram.tensor_split(workers)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(lambda g: torch.linalg.eigh(g)[1][..., -t:], chunks))
+        parts = list(_eigh_pool(workers).map(lambda g: torch.linalg.eigh(g)[1][..., -t:], chunks))
     finally:
         torch.set_num_threads(previous)
     return torch.cat(parts)
+
+
+@lru_cache(maxsize=1)
+def _eigh_pool(workers: int) -> ThreadPoolExecutor:
+    """One long-lived pool per thread count (idle threads cost nothing)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="monarchify-eigh")
