@@ -112,6 +112,7 @@ def load_model(
 
     hub = {} if path.is_dir() else _hub_options()
     wants_info = kwargs.pop("output_loading_info", False)
+    cls = config = None
     try:
         config = transformers.AutoConfig.from_pretrained(source, **hub, **(config_overrides or {}))
         cls = _model_class(config, model_class)
@@ -134,6 +135,8 @@ def load_model(
 
 def _mismatch(cls: Any, source: str, config: Any, hub: dict[str, Any]) -> str | None:
     """Which tensors do not fit the config, found by loading once more while allowing it."""
+    if cls is None:
+        return None
     try:
         _, info = cls.from_pretrained(source, config=config, use_safetensors=True, ignore_mismatched_sizes=True,
                                       output_loading_info=True, **hub)
@@ -152,13 +155,15 @@ def _check_loading(model: nn.Module, info: dict[str, Any], source: str, *, new_h
     ``from_pretrained`` fills missing or misshapen tensors with fresh random values and
     only logs it: a conversion would then project random weights, and fine-tuning would
     train them. Only a task head outside the base model may be new (``new_head_ok``, when
-    the caller asked for another head than the checkpoint's own). Monarch factors nobody
+    the caller asked for another head than the checkpoint's own), with the pooler a
+    classification head builds on (checkpoints saved without it are common). Monarch factors nobody
     declared mean ``config.json`` and the weights disagree.
     """
     prefix = getattr(model, "base_model_prefix", "") or ""
 
-    def in_head(key: str) -> bool:
-        return new_head_ok and bool(prefix) and not key.startswith(prefix + ".") and hasattr(model, prefix)
+    def in_head(key: str) -> bool:  # the classifier, and the pooler a classifier may need
+        outside = bool(prefix) and hasattr(model, prefix) and not key.startswith(prefix + ".")
+        return new_head_ok and (outside or ".pooler." in key)
 
     missing = [k for k in info.get("missing_keys") or [] if not in_head(k)]
     mismatched = [str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or []]
