@@ -140,7 +140,7 @@ def _mismatch(cls: Any, source: str, config: Any, hub: dict[str, Any]) -> str | 
     try:
         _, info = cls.from_pretrained(source, config=config, use_safetensors=True, ignore_mismatched_sizes=True,
                                       output_loading_info=True, **hub)
-        first = next(iter(info.get("mismatched_keys") or []))
+        first = min(info.get("mismatched_keys") or [], key=lambda item: str(item[0] if isinstance(item, (tuple, list)) else item))
     except Exception:  # noqa: BLE001 - only a better message was at stake
         return None
     if isinstance(first, (tuple, list)) and len(first) == 3:
