@@ -45,7 +45,7 @@ from monarchify.glue.data import GlueData, load_glue
 from monarchify.glue.metrics import compute_metrics_fn
 from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
 from monarchify.glue.tasks import GlueTask, get_task
-from monarchify.hf.checkpoint import config_difference, load_model, load_tokenizer, recipe_of, save_model
+from monarchify.hf.checkpoint import config_difference, load_model, load_tokenizer, mismatched_keys, recipe_of, save_model
 from monarchify.monarch import MonarchLinear
 from monarchify.report import ConversionReport
 from monarchify.surgery import convert, dry_run
@@ -231,7 +231,7 @@ def _load(options: FinetuneOptions, task: GlueTask) -> tuple[nn.Module, list[str
     )
     notes = []
     missing = sorted(info.get("missing_keys") or [])
-    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    mismatched = mismatched_keys(info)
     if missing:
         notes.append(
             f"the checkpoint has no {task.num_labels}-output classification head: added a new one, "

@@ -133,6 +133,16 @@ def load_model(
     return (model, info) if wants_info else model
 
 
+def _key_name(entry: Any) -> str:
+    """A ``mismatched_keys`` entry is ``(key, saved shape, expected shape)`` or just the key."""
+    return str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+
+
+def mismatched_keys(info: dict[str, Any]) -> list[str]:
+    """The sorted names of the tensors ``from_pretrained`` re-initialised for not fitting."""
+    return sorted(_key_name(entry) for entry in info.get("mismatched_keys") or [])
+
+
 def _mismatch(cls: Any, source: str, config: Any, hub: dict[str, Any]) -> str | None:
     """Which tensors do not fit the config, found by loading once more while allowing it."""
     if cls is None:
@@ -140,7 +150,7 @@ def _mismatch(cls: Any, source: str, config: Any, hub: dict[str, Any]) -> str | 
     try:
         _, info = cls.from_pretrained(source, config=config, use_safetensors=True, ignore_mismatched_sizes=True,
                                       output_loading_info=True, **hub)
-        first = min(info.get("mismatched_keys") or [], key=lambda item: str(item[0] if isinstance(item, (tuple, list)) else item))
+        first = min(info.get("mismatched_keys") or [], key=_key_name)
     except Exception:  # noqa: BLE001 - only a better message was at stake
         return None
     if isinstance(first, (tuple, list)) and len(first) == 3:
@@ -166,8 +176,7 @@ def _check_loading(model: nn.Module, info: dict[str, Any], source: str, *, new_h
         return new_head_ok and (outside or ".pooler." in key)
 
     missing = [k for k in info.get("missing_keys") or [] if not in_head(k)]
-    mismatched = [str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or []]
-    mismatched = [k for k in mismatched if not in_head(k)]
+    mismatched = [k for k in mismatched_keys(info) if not in_head(k)]
     stray = [k for k in info.get("unexpected_keys") or [] if k.endswith((".L", ".R"))]
     for problem, keys in (("has no weights for", missing), ("has weights of the wrong shape for", mismatched),
                           ("has Monarch factors its config.json does not declare:", stray)):

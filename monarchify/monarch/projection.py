@@ -233,7 +233,8 @@ def _top_eigenvectors(gram: torch.Tensor, t: int) -> torch.Tensor:
     LAPACK gains little from threads at n ≈ 200, and letting torch's threaded batch loop
     call a threaded LAPACK oversubscribes the cores (measured 10× slower on 2 cores). The
     threads are kept between calls: a conversion projects layer after layer, and starting
-    a pool per layer cost a sixth of the projection time (docs/performance.md).
+    a pool per layer was measurable (with a faster weight norm: 5.23 → 4.75 s for the
+    nblocks-2 benchmark of docs/performance.md).
     """
     workers = min(torch.get_num_threads(), gram.shape[0])
     if gram.is_cuda or workers == 1:
