@@ -27,15 +27,16 @@ from collections import defaultdict
 
 import torch
 
-from monarchify.budget import layer_choices, plan_budget
-from monarchify.calibrated import CalibrationSettings, calibrate
-from monarchify.calibration import collect, read_calibration, tokenize
-from monarchify.config import MonarchConfig
-from monarchify.hf.checkpoint import load_model, load_tokenizer
+from monarchify.config import CalibrationConfig, MonarchConfig
+from monarchify.hf.loading import load_model, load_tokenizer
 from monarchify.monarch import MonarchLayout, project
 from monarchify.monarch.whitening import DEFAULT_DAMPING, assemble, output_rel_error, project_whitened, refine_full
-from monarchify.selection import dense_weight, select
-from monarchify.surgery import build_layer, replace_module
+from monarchify.pipeline.allocate import layer_choices, plan_budget
+from monarchify.pipeline.apply import replace_module
+from monarchify.pipeline.observe import collect, observe
+from monarchify.pipeline.plan import dense_weight, plan
+from monarchify.pipeline.project import monarch_module
+from monarchify.samples import read_samples, tokenize
 
 KINDS = ("query", "key", "value", "attention.output", "intermediate", "output.dense")
 
@@ -75,7 +76,7 @@ def convert_with(model, layers: dict[str, int], run) -> tuple[torch.nn.Module, d
     for name, nblocks in layers.items():
         module = converted.get_submodule(name)
         projections[name] = run(name, dense_weight(module).detach().double(), nblocks)
-        replace_module(converted, name, build_layer(projections[name], module))
+        replace_module(converted, name, monarch_module(projections[name], module))
     return converted, projections
 
 
@@ -92,14 +93,17 @@ def sequential(model, layers: dict[str, int], calib, batches) -> tuple[torch.nn.
     the model converted so far."""
     converted = copy.deepcopy(model)
     projections = {}
-    for group in calib.fit.groups():
+    groups = defaultdict(list)  # layers sharing an input, in the order their inputs were first seen
+    for name, owner in calib.fit.owner.items():
+        groups[owner].append(name)
+    for group in groups.values():
         modules = {n: converted.get_submodule(n) for n in group}
-        stats = collect(converted, modules, batches, stop_after=group[0])
+        stats = collect(converted, modules, batches)
         cov = stats.covariance(group[0])
         for name in group:
             w = dense_weight(modules[name]).detach().double()
             projections[name] = project_whitened(w, cov, layers[name]).projection
-            replace_module(converted, name, build_layer(projections[name], modules[name]))
+            replace_module(converted, name, monarch_module(projections[name], modules[name]))
     return converted, projections
 
 
@@ -130,10 +134,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model).eval(), load_tokenizer(args.model)
-    data = read_calibration(args.calibrate, args.samples)
-    names = {name: module for name, module, _ in select(model, MonarchConfig())}
+    data = read_samples(args.calibrate, args.samples)
+    names = {layer.name: layer.module for layer in plan(model, MonarchConfig())}
     start = time.perf_counter()
-    calib = calibrate(model, tokenizer, data, names, CalibrationSettings(sweeps=args.sweeps))
+    calib = observe(model, names, data, tokenizer, CalibrationConfig(samples=args.samples, sweeps=args.sweeps))
     print(f"calibration: {len(data.fit)} fitting / {len(data.heldout)} held-out samples of {args.calibrate}, "
           f"{calib.tokens['fit']} / {calib.tokens['heldout']} tokens, statistics in {time.perf_counter() - start:.1f}s")
     held_batches = tokenize(data.heldout, tokenizer)
@@ -168,7 +172,8 @@ def compare_budgets(model, calib, args) -> None:
     print("\n| uniform nblocks | params fraction | plan | predicted weighted error (Σ) | measured held-out "
           "error (Σ rel²) | kept dense | block counts chosen |")
     print("|---" * 7 + "|")
-    probe = plan_budget(model, MonarchConfig(budget=0.999))
+    layers = plan(model, MonarchConfig())
+    probe = plan_budget(layers, MonarchConfig(budget=0.999))
     # Activation-weighted error of every candidate of every layer, to score any plan alike.
     weighted_error = {}
     for name in probe.choices:
@@ -181,10 +186,10 @@ def compare_budgets(model, calib, args) -> None:
         plans = [("uniform", {name: nblocks for name in probe.choices})]
         for weighted, keep_dense in ((False, True), (True, True), (True, False)):
             config = MonarchConfig(budget=fraction, budget_keep_dense=keep_dense)
-            plan = plan_budget(model, config, covariance=calib.fit.covariance if weighted else None)
-            assert plan.params_used <= probe.uniform[nblocks]["params"]
+            solved = plan_budget(layers, config, covariance=calib.fit.covariance if weighted else None)
+            assert solved.params_used <= probe.uniform[nblocks]["params"]
             label = f"budget ({'weighted' if weighted else 'Frobenius'}{'' if keep_dense else ', no dense'})"
-            plans.append((label, {n: o.nblocks for n, o in plan.choices.items()}))
+            plans.append((label, {n: o.nblocks for n, o in solved.choices.items()}))
         for label, choice in plans:
             converted = {n: b for n, b in choice.items() if b is not None}
             _, proj = convert_with(model, converted, run)

@@ -3,7 +3,8 @@
 Everything is written into a hidden staging folder beside the destination
 (``.<name>.partial-<id>``) and renamed into place at the end: an interrupted run leaves no
 half-written output, and the staging folder is removed on any error. With ``force`` an
-existing destination is replaced only after the new one is complete.
+existing destination is replaced only after the new one is complete, and an interrupted
+replacement puts the old one back: the destination never ends up empty.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from monarchify.errors import OutputExistsError
+from monarchify.errors import OutputExistsError, OutputNotEmptyError
 
 
 def check_output_dir(out: str | os.PathLike[str], force: bool = False, *, inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
     """Fail early (before any expensive work) if ``out`` cannot be written.
 
-    ``inputs`` are the folders the run reads: replacing one of them (``--out`` naming the
+    ``inputs`` are the folders the run reads: replacing one of them (the output naming the
     model itself, or a folder that holds it) would destroy what is being converted, so that
-    is refused even with ``force``.
+    is refused even with ``force``. Missing parent folders are fine (they are created when
+    the output is written), as long as the nearest existing one is writable.
     """
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -32,13 +34,14 @@ def check_output_dir(out: str | os.PathLike[str], force: bool = False, *, inputs
     for source in inputs:
         src = Path(source).expanduser()
         if src.exists() and (src.resolve() == dest or dest in src.resolve().parents):
-            raise OutputExistsError(f"output folder '{path}' would replace the input '{source}'; choose another --out")
+            raise OutputExistsError(f"output folder '{path}' would replace the input '{source}'; choose another output folder")
     if path.is_dir() and any(path.iterdir()) and not force:
-        raise OutputExistsError(f"output folder '{path}' exists and is not empty (pass --force to replace it)")
-    if not dest.parent.is_dir():
-        raise OutputExistsError(f"the parent folder of '{path}' does not exist")
-    if not os.access(dest.parent, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"cannot write to '{dest.parent}' (read-only or no permission)")
+        raise OutputNotEmptyError(f"output folder '{path}' exists and is not empty")
+    existing = next(parent for parent in dest.parents if parent.exists())
+    if not existing.is_dir():
+        raise OutputExistsError(f"cannot create '{path}': '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write to '{existing}' (read-only or no permission)")
     return path
 
 
@@ -49,19 +52,35 @@ def atomic_output_dir(out: str | os.PathLike[str], force: bool = False) -> Itera
     token = uuid.uuid4().hex[:8]
     staging = dest.parent / f".{dest.name}.partial-{token}"
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
     except OSError as exc:
         raise OutputExistsError(f"cannot write to '{dest.parent}': {exc.strerror or exc}") from None
     try:
         yield staging
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{token}"
-            dest.rename(old)
-            staging.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _move_into_place(staging, dest, dest.parent / f".{dest.name}.old-{token}")
+
+
+def _move_into_place(staging: Path, dest: Path, old: Path) -> None:
+    """Rename the complete ``staging`` folder to ``dest``, replacing what is there.
+
+    Replacing takes two renames (the old folder aside to ``old``, then ``staging`` in), and an
+    error or Ctrl-C can fall between them. Then the old folder is renamed back, so ``dest``
+    always holds one whole folder, the old or the new. If the old one cannot come back either,
+    nothing is deleted: both stay on disk, hidden but whole, for the user to recover.
+    """
+    try:
+        if dest.exists():
+            dest.rename(old)
+        staging.rename(dest)
+    except BaseException:
+        if old.exists() and not dest.exists():
+            old.rename(dest)
+        shutil.rmtree(staging, ignore_errors=True)  # any old folder is back at dest by now
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from monarchify.errors import ConfigError
+from monarchify.model_inputs import random_inputs
 from monarchify.monarch import MonarchLinear, kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -46,7 +47,7 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but this machine has no usable CUDA GPU")
+        raise ConfigError(f"device {name!r} asked for, but this machine has no usable CUDA GPU")
     return device
 
 
@@ -245,7 +246,7 @@ def model_pair(model: nn.Module, nblocks: int = 4) -> tuple[nn.Module, nn.Module
     """``(dense, monarch)`` versions of ``model``: multiplied out if it already has Monarch
     layers, else converted (the default selection) at ``nblocks``."""
     from monarchify.config import MonarchConfig
-    from monarchify.surgery import convert
+    from monarchify.pipeline import convert
 
     if any(isinstance(m, MonarchLinear) for m in model.modules()):
         return densified(model), model
@@ -255,33 +256,13 @@ def model_pair(model: nn.Module, nblocks: int = 4) -> tuple[nn.Module, nn.Module
 
 
 def _sample_inputs(model: nn.Module, batch: int, seq_len: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
-    """A random batch of what the model reads: token ids, or images / audio features for vision
-    and speech models (``seq_len`` then sets only the decoder's length); encoder-decoder models
-    also get decoder ids, classifiers labels."""
+    """A random batch of what the model reads (:func:`~monarchify.model_inputs.random_inputs`),
+    with labels for classifiers so a training step has a loss."""
+    inputs = random_inputs(model, batch, seq_len, seed)
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None) or 1000
-    for attr in ("max_position_embeddings", "n_positions", "max_target_positions"):
-        limit = getattr(config, attr, None)
-        if isinstance(limit, int) and 0 < limit < seq_len:
-            raise ConfigError(f"--seq-len {seq_len} is longer than the model's {limit} positions ({attr}); pass --seq-len {limit} or less")
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-    main = getattr(model, "main_input_name", "input_ids")
-    if main == "input_ids":
-        inputs = {"input_ids": ids, "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
-    elif main == "pixel_values" and getattr(config, "image_size", None):
-        size = config.image_size if isinstance(config.image_size, int) else tuple(config.image_size)
-        size = (size, size) if isinstance(size, int) else size
-        inputs = {main: torch.randn(batch, getattr(config, "num_channels", 3), *size, generator=gen)}
-    elif main == "input_features" and getattr(config, "num_mel_bins", None) and getattr(config, "max_source_positions", None):
-        inputs = {main: torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions, generator=gen)}
-    else:
-        raise ConfigError(f"bench model cannot make inputs for {type(model).__name__}: it reads {main!r}")
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids
     labels = getattr(config, "num_labels", None)
     if labels and type(model).__name__.endswith(("ForSequenceClassification", "ForImageClassification")):
-        inputs["labels"] = torch.randint(0, labels, (batch,), generator=gen)
+        inputs["labels"] = torch.randint(0, labels, (batch,), generator=torch.Generator().manual_seed(seed + 1))
     return {name: tensor.to(device) for name, tensor in inputs.items()}
 
 
@@ -310,7 +291,7 @@ def models_benchmark(
     models on the same random batch."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     if batch < 1 or seq_len < 1:
-        raise ConfigError("batch and seq-len must be >= 1")
+        raise ConfigError("batch and seq_len must be >= 1")
     models = {"dense": dense.to(device=device, dtype=dtype), "monarch": monarch.to(device=device, dtype=dtype)}
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _sample_inputs(dense, batch, seq_len, device, seed).items()}
     forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -353,7 +334,7 @@ def models_benchmark(
 def model_benchmark(folder: str | os.PathLike[str], *, nblocks: int = 4, **kwargs: Any) -> dict[str, Any]:
     """:func:`models_benchmark` for a model folder: a dense checkpoint is converted at
     ``nblocks`` in memory; a Monarch checkpoint is compared with its multiplied-out twin."""
-    from monarchify.hf.checkpoint import load_model
+    from monarchify.hf.loading import load_model
 
     model = load_model(folder)
     checkpoint_is_monarch = any(isinstance(m, MonarchLinear) for m in model.modules())

@@ -1,18 +1,34 @@
-"""``MonarchConfig``: what to convert and how, as a small validated dataclass.
+"""The conversion recipe: what to convert and how, as small validated dataclasses.
 
-The same object drives the Python API, the CLI flags and the recipe recorded in a saved
-checkpoint, so a conversion can be repeated from its ``config.json`` alone.
+One :class:`MonarchConfig` is the whole recipe: the layers and block counts, the parameter
+budget, activation-aware calibration (:class:`CalibrationConfig`) and the speed gate
+(:class:`SpeedGateConfig`). Only the calibration *text* stays outside it, as an argument of
+:func:`monarchify.convert`. The same object drives the Python API and the CLI (which only
+maps flags onto it), and is recorded in every saved checkpoint so a conversion can be
+repeated from its ``config.json``.
+
+Torch-free on purpose: the command line builds its help and checks its flags from here
+without importing torch.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from monarchify.errors import ConfigError
 
-FORMAT_VERSION = 1
+RECIPE_VERSION = 1
+"""Version of the recipe dictionary (``MonarchConfig.to_dict``), not of the weight format."""
+DEFAULT_CALIBRATION_SAMPLES = 256
+DEFAULT_SWEEPS = 2
+"""Full-covariance refinement sweeps. On MiniLM at 4 blocks, 2 sweeps take the mean held-out
+output error from 0.348 (closed form) to 0.294, 8 sweeps only to 0.286 for 4× the work
+(``docs/accuracy.md``)."""
+DEFAULT_DAMPING = 0.01
+DEFAULT_MAX_LENGTH = 128
+DEFAULT_SPEED_TOKENS = 512
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -28,6 +44,78 @@ def _check_pattern(pattern: str, what: str) -> None:
         raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
 
 
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of ``cls``: saved recipes also carry records
+    (where the data came from, what a run measured) that are not settings."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass
+class CalibrationConfig:
+    """Activation-aware projection: fit each layer's *output* on real text instead of its weight.
+
+    * ``samples``: samples fitted; ``heldout`` more (default: a quarter) measure the output
+      error on text the projection did not see.
+    * ``damping``: added to each input covariance's diagonal, times its mean diagonal
+      (insensitive on MiniLM between 0 and 0.1; a rank-deficient covariance needs some).
+    * ``sweeps``: full-covariance refinement sweeps after the closed-form block-diagonal
+      whitening (0: closed form only).
+    * ``max_length``, ``batch_size``: how the samples are tokenised and batched.
+    """
+
+    samples: int = DEFAULT_CALIBRATION_SAMPLES
+    heldout: int | None = None
+    damping: float = DEFAULT_DAMPING
+    sweeps: int = DEFAULT_SWEEPS
+    max_length: int = DEFAULT_MAX_LENGTH
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _positive_int(self.samples, "calibration samples")
+        if self.heldout is not None:
+            _positive_int(self.heldout, "calibration heldout")
+        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
+            raise ConfigError(f"calibration sweeps must be a non-negative integer, got {self.sweeps!r}")
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
+            raise ConfigError(f"calibration damping must be >= 0, got {self.damping!r}")
+        _positive_int(self.max_length, "calibration max_length")
+        _positive_int(self.batch_size, "calibration batch_size")
+
+    @property
+    def method(self) -> str:
+        return "whitened" + (f"+full-refine x{self.sweeps}" if self.sweeps else " (block-diagonal)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass
+class SpeedGateConfig:
+    """Keep dense every selected layer that Monarch does not make faster on this device.
+
+    Each distinct layer shape is timed (``nn.Linear`` against ``MonarchLinear``) on ``tokens``
+    rows, forward and, with ``backward``, forward+backward; a layer converts only when
+    Monarch wins every measure.
+    """
+
+    tokens: int = DEFAULT_SPEED_TOKENS
+    backward: bool = True
+    warmup: int = 3
+    repeat: int = 10
+
+    def __post_init__(self) -> None:
+        _positive_int(self.tokens, "speed gate tokens")
+        _positive_int(self.repeat, "speed gate repeat")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"speed gate warmup must be a non-negative integer, got {self.warmup!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeedGateConfig:
+        return cls(**_known_fields(cls, data))
+
+
 @dataclass
 class MonarchConfig:
     """A conversion recipe.
@@ -40,13 +128,13 @@ class MonarchConfig:
     * ``allow_structural_zeros``: accept ``nblocks² > min(d_in, d_out)`` layouts.
     * ``budget``: a fraction of the selected layers' dense parameters; when set, every
       selected layer's block count (or keeping it dense) is chosen to minimise the total
-      error under it (:mod:`monarchify.budget`); ``overrides`` then pin layers.
+      error under it (:mod:`monarchify.pipeline.allocate`); ``overrides`` then pin layers.
     * ``budget_keep_dense``: whether the budget may keep a layer dense (one of its options).
-    * ``calibration``: how activation-aware projection was calibrated (source, samples,
-      method), recorded so the recipe says how its factors were obtained.
+    * ``calibration``: project on real activations (the text is an argument of ``convert``).
+    * ``speed_gate``: time every layer shape and keep dense those Monarch does not speed up.
 
     Patterns match whole trailing components of a qualified name (see
-    :func:`monarchify.selection.name_matches`), so ``query`` matches ``...self.query`` and
+    :func:`monarchify.pipeline.plan.name_matches`), so ``query`` matches ``...self.query`` and
     ``layer\\.1\\..*`` does not match ``layer.10.output``.
     """
 
@@ -57,8 +145,9 @@ class MonarchConfig:
     allow_structural_zeros: bool = False
     budget: float | None = None
     budget_keep_dense: bool = True
-    calibration: dict[str, Any] | None = None
-    version: int = FORMAT_VERSION
+    calibration: CalibrationConfig | None = None
+    speed_gate: SpeedGateConfig | None = None
+    version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
         _positive_int(self.nblocks, "nblocks")
@@ -76,23 +165,33 @@ class MonarchConfig:
             isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget < 1
         ):
             raise ConfigError(f"budget must be a fraction between 0 and 1 (exclusive), got {self.budget!r}")
-        if self.version != FORMAT_VERSION:
-            raise ConfigError(f"unsupported recipe version {self.version} (this monarchify reads {FORMAT_VERSION})")
+        if not self.budget_keep_dense and self.budget is None:
+            raise ConfigError("budget_keep_dense=False only means something with a budget")
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig.from_dict(self.calibration)
+        if isinstance(self.speed_gate, dict):
+            self.speed_gate = SpeedGateConfig.from_dict(self.speed_gate)
+        if self.version != RECIPE_VERSION:
+            raise ConfigError(f"unsupported recipe version {self.version} (this monarchify reads {RECIPE_VERSION})")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The recipe as plain data; ``speed_gate`` appears only when set (recipes written
+        before it existed stay byte-identical)."""
+        data = asdict(self)
+        if self.speed_gate is None:
+            del data["speed_gate"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MonarchConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        return cls(**_known_fields(cls, data))
 
 
 def parse_override(text: str) -> tuple[str, int]:
-    """Parse a CLI override ``REGEX=NBLOCKS`` (the regex may itself contain ``=``)."""
+    """Parse an override written ``REGEX=NBLOCKS`` (the regex may itself contain ``=``)."""
     pattern, sep, value = text.rpartition("=")
     if not sep or not pattern:
-        raise ConfigError(f"override {text!r} must look like REGEX=NBLOCKS, e.g. 'attention\\..*=2'")
+        raise ConfigError(f"override {text!r} must look like REGEX=NBLOCKS, e.g. 'intermediate\\.dense=8'")
     try:
         nblocks = int(value)
     except ValueError:

@@ -9,45 +9,21 @@ Two signals, both free once the dense model exists:
   its output should be, which is what a projection that lost accuracy needs most; used during
   task fine-tuning (optionally) and by the task-agnostic healing pass (``monarchify heal``).
 
-Plain tensors in, a scalar out: nothing here knows about transformers.
+Plain tensors in, a scalar out: nothing here knows about transformers. The settings,
+:class:`DistillConfig`, live in the torch-free :mod:`monarchify.distill_config` (re-exported here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
 
-
-@dataclass
-class DistillConfig:
-    """How fine-tuning mixes the task loss with the teacher's signals.
-
-    ``loss = (1 - alpha) * task_loss + alpha * logit_loss + hidden_weight * hidden_loss``.
-    ``temperature`` softens both distributions for the logit term (its gradient is rescaled
-    by ``temperature²`` so the term keeps its weight as the temperature changes).
-    """
-
-    teacher: str
-    alpha: float = 0.5
-    temperature: float = 2.0
-    hidden_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"--distill-alpha must be between 0 and 1, got {self.alpha}")
-        if not self.temperature > 0:
-            raise ConfigError(f"--distill-temperature must be positive, got {self.temperature}")
-        if self.hidden_weight < 0:
-            raise ConfigError(f"--distill-hidden must not be negative, got {self.hidden_weight}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["DistillConfig", "hidden_state_loss", "logit_loss"]
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -26,7 +26,11 @@ class ModelLoadError(MonarchifyError):
 
 
 class OutputExistsError(MonarchifyError):
-    """An output folder that already holds something we would overwrite."""
+    """An output folder that cannot be written where it was asked for."""
+
+
+class OutputNotEmptyError(OutputExistsError):
+    """An output folder that already holds something; replacing it must be asked for (``force``)."""
 
 
 class NonFiniteWeightError(MonarchifyError, ValueError):

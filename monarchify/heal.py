@@ -7,7 +7,8 @@ of learning the task. Matching the teacher layer by layer needs no labels, so it
 text, and it leaves a model that is closer to the dense one for every downstream task.
 
 Plain PyTorch over a list of token batches; the teacher and student are any modules that
-return ``hidden_states`` when asked (every transformers base model does).
+return ``hidden_states`` when asked (every transformers base model does). The settings,
+:class:`HealConfig`, live in the torch-free :mod:`monarchify.heal_config` (re-exported here).
 """
 
 from __future__ import annotations
@@ -16,42 +17,19 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from monarchify.calibration import model_device
 from monarchify.distill import hidden_state_loss
 from monarchify.errors import ConfigError
+from monarchify.heal_config import HealConfig
+from monarchify.samples import model_device
+
+__all__ = ["HealConfig", "HealResult", "heal_", "hidden_error"]
 
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass
-class HealConfig:
-    """``steps`` optimiser steps of AdamW at peak ``lr`` (linear warm-up over ``warmup`` of
-    the steps, then linear decay to zero)."""
-
-    steps: int = 200
-    lr: float = 1e-4
-    warmup: float = 0.1
-    weight_decay: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"--warmup must be a fraction in [0, 1), got {self.warmup}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must not be negative, got {self.weight_decay}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """What a conversion did, layer by layer: the object behind the tables and the JSON.
 
-Plain data with ``to_dict``/``from_dict`` so the same report is printed after ``convert``,
-saved as ``monarchify_report.json`` and read back by ``monarchify report``.
+Plain data: the same report is printed after ``convert``, saved as ``monarchify_report.json``
+and read back by ``monarchify report``. A conversion builds it in exactly one place,
+:func:`monarchify.pipeline.report.build_report`.
 """
 
 from __future__ import annotations
@@ -56,10 +57,6 @@ class LayerReport:
         data["flops_monarch"] = self.flops_monarch
         return data
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
 
 @dataclass
 class ConversionReport:
@@ -98,14 +95,3 @@ class ConversionReport:
             "functional_check": self.functional_check,
             "meta": self.meta,
         }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConversionReport:
-        totals = data.get("totals", {})
-        return cls(
-            layers=[LayerReport.from_dict(layer) for layer in data.get("layers", [])],
-            model_params_before=totals.get("model_params_before", totals.get("model_params", 0)),
-            model_params_after=totals.get("model_params", 0),
-            functional_check=data.get("functional_check"),
-            meta=data.get("meta", {}),
-        )

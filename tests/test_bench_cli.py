@@ -1,21 +1,57 @@
-"""``monarchify bench``: what it measures and reports (never how fast: timings live in
-``benchmarks/``, not in tests)."""
+"""``monarchify bench``: what it measures and reports.
+
+How fast Monarch is lives in ``benchmarks/``, not in tests. Here a fake clock that advances
+by a known cost whenever a layer runs gives every timing and ratio an exact expected value,
+and one real-clock test checks that the timer measures work at all.
+"""
 
 from __future__ import annotations
 
 import json
+import statistics
+import time
 
 import pytest
 import torch
+from torch import nn
 
-from monarchify import bench
+from monarchify import bench, convert
 from monarchify.cli.app import main
 from monarchify.config import MonarchConfig
-from monarchify.monarch import MonarchLayout, MonarchLinear
-from monarchify.surgery import convert
+from monarchify.monarch import MonarchLinear, kernels
 from tests.conftest import tiny_bert
 
 QUICK = ("--warmup", "1", "--repeat", "2")
+COST_MS = {"dense": 3.0, "monarch": 1.0, "reference": 2.0}
+"""What one call of each kind of layer costs on the fake clock."""
+
+
+class FakeClock:
+    """Stands in for the ``time`` module in :mod:`monarchify.bench`. It advances only when a
+    layer's forward runs, by ``COST_MS`` for its kind, so a correct benchmark must report
+    exactly those costs (and their ratios); a swapped, mis-attributed or mis-aggregated
+    timing cannot."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def tick(self, module: nn.Module, args, output) -> None:
+        if isinstance(module, MonarchLinear):
+            self.now += COST_MS["reference" if kernels._choice.get() == "reference" else "monarch"] / 1e3
+        elif type(module) is nn.Linear:
+            self.now += COST_MS["dense"] / 1e3
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    handle = nn.modules.module.register_module_forward_hook(clock.tick)
+    yield clock
+    handle.remove()
 
 
 def run(capsys, *args):
@@ -31,28 +67,48 @@ def one_line_error(code, err, fragment):
         and "Traceback" not in err
 
 
-def test_layer_json_has_the_documented_fields_and_consistent_ratios(capsys):
+def test_layer_json_has_the_documented_fields_and_the_clock_s_times(capsys, fake_clock):
     code, out, err = run(capsys, "bench", "layer", "--d-in", "64", "--d-out", "96", "--nblocks", "4", "--tokens", "16",
                          "--dtype", "float32", "--json", *QUICK)
     assert code == 0, err
     result = json.loads(out)
     for key in ("forward", "forward_backward"):
-        row = result[key]
-        assert row["dense_ms"] > 0 and row["monarch_ms"] > 0
-        assert row["ratio"] == pytest.approx(row["dense_ms"] / row["monarch_ms"])
+        assert result[key] == pytest.approx({"dense_ms": 3.0, "monarch_ms": 1.0, "ratio": 3.0})
     assert result["config"] == {"d_in": 64, "d_out": 96, "nblocks": 4, "tokens": 16, "dtype": "float32", "bias": True,
                                 "warmup": 1, "repeat": 2}
-    assert result["params"] == {"dense": 64 * 96 + 96, "monarch": MonarchLayout(64, 96, 4).weight_params + 96}
+    # docs/monarch.md: b·q·(p + s) weights, with p = 16, s = 24, q = 16 at b = 4.
+    assert result["params"] == {"dense": 64 * 96 + 96, "monarch": 4 * 16 * (16 + 24) + 96}
+    assert result["flops_ratio"] == pytest.approx(64 * 96 / 2560)
     assert result["implementation"] == "strided" and result["environment"]["device"] == "cpu"
 
 
-def test_layer_reference_column_and_no_backward(capsys):
+def test_layer_reference_column_and_no_backward(capsys, fake_clock):
     code, out, err = run(capsys, "bench", "layer", "--d-in", "32", "--d-out", "32", "--tokens", "8", "--reference",
                          "--no-backward", "--json", *QUICK)
     assert code == 0, err
     result = json.loads(out)
     assert "forward_backward" not in result
-    assert result["forward"]["ratio_reference"] == pytest.approx(result["forward"]["dense_ms"] / result["forward"]["reference_ms"])
+    assert result["forward"] == pytest.approx({"dense_ms": 3.0, "monarch_ms": 1.0, "ratio": 3.0,
+                                               "reference_ms": 2.0, "ratio_reference": 1.5})
+
+
+def test_real_timings_grow_with_the_work_and_agree_with_a_stopwatch():
+    """The one test on the real clock, with margins a busy machine cannot close: 500 000
+    times the FLOPs must take longer (50-200x here, call overhead included), and a stopwatch
+    timing the same dense layer independently must agree within 10x."""
+    small = bench.layer_benchmark(16, 16, 2, 4, device="cpu", backward=False, warmup=1, repeat=3)
+    big = bench.layer_benchmark(1024, 1024, 2, 512, device="cpu", backward=False, warmup=1, repeat=3)
+    for key in ("dense_ms", "monarch_ms"):
+        assert big["forward"][key] > 5 * small["forward"][key], (small["forward"], big["forward"])
+    layer, x = nn.Linear(1024, 1024), torch.randn(512, 1024)
+    with torch.no_grad():
+        layer(x)
+        watch = []
+        for _ in range(5):
+            start = time.perf_counter()
+            layer(x)
+            watch.append((time.perf_counter() - start) * 1e3)
+    assert 0.1 < big["forward"]["dense_ms"] / statistics.median(watch) < 10, (big["forward"], watch)
 
 
 def test_layer_table_for_people(capsys):
@@ -82,13 +138,15 @@ def test_layer_bad_input_is_one_line(capsys, args, fragment):
     assert one_line_error(code, err, fragment), err
 
 
-def test_model_on_a_dense_folder_converts_in_memory(capsys, bert_folder):
+def test_model_on_a_dense_folder_converts_in_memory(capsys, bert_folder, fake_clock):
     code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch", "2", "--seq-len", "8", "--json", *QUICK)
     assert code == 0, err
     result = json.loads(out)
     assert result["monarch_layers"] == 12 and result["params"]["monarch"] < result["params"]["dense"]
+    # The tiny BERT has 13 linear layers: 6 per block, and the pooler, which stays dense.
+    dense_ms, monarch_ms = 13 * 3.0, 1 * 3.0 + 12 * 1.0
     for key in ("inference", "train_step"):
-        assert result[key]["ratio"] == pytest.approx(result[key]["dense_ms"] / result[key]["monarch_ms"])
+        assert result[key] == pytest.approx({"dense_ms": dense_ms, "monarch_ms": monarch_ms, "ratio": dense_ms / monarch_ms})
     assert result["config"]["nblocks"] == 2 and result["config"]["batch"] == 2
 
 
@@ -118,6 +176,17 @@ def test_densified_twin_computes_the_same_function():
 def test_model_folder_that_does_not_exist(capsys, tmp_path):
     code, _, err = run(capsys, "bench", "model", tmp_path / "nope")
     assert one_line_error(code, err, "does not exist"), err
+
+
+def test_stats_are_the_timed_calls_summarised_by_median_and_best(monkeypatch):
+    """Each contender's timed call is the second of a pair (the first warms its cache); a
+    fake timer that reports what the call returns shows which calls were timed."""
+    monkeypatch.setattr(bench, "_timer", lambda device: lambda fn: fn())
+    returns = {"a": iter([0, 5, 0, 1, 0, 1000]), "b": iter([0, 2, 0, 2, 0, 2])}
+    stats = bench.compare({name: (lambda it=it: next(it)) for name, it in returns.items()}, torch.device("cpu"),
+                          warmup=0, repeat=3)
+    assert stats["a"].runs == [5, 1, 1000] and stats["a"].median == 5 and stats["a"].best == 1
+    assert bench._pair(stats["b"], stats["a"])["ratio"] == pytest.approx(2 / 5)  # the outlier does not move it
 
 
 def test_compare_interleaves_and_counts_every_run():
@@ -159,6 +228,6 @@ def test_model_inputs_follow_what_the_model_reads(build, expected):
 def test_model_inputs_refuse_a_sequence_longer_than_the_positions():
     from monarchify.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--seq-len 65 is longer than the model's 64 positions"):
+    with pytest.raises(ConfigError, match="sequence length 65 is longer than the model's 64 positions"):
         bench._sample_inputs(tiny_bert(), 1, 65, torch.device("cpu"), 0)
     assert bench._sample_inputs(tiny_bert(), 1, 64, torch.device("cpu"), 0)["input_ids"].shape == (1, 64)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monarchify.budget import (
+from monarchify.pipeline.allocate import (
     CANDIDATES,
     DENSE,
     BudgetError,
@@ -26,9 +26,9 @@ from monarchify.budget import (
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.monarch import MonarchLayout, project
-from monarchify.monarch.whitening import assemble, output_sq_error, project_whitened
-from monarchify.selection import select
-from monarchify.surgery import convert
+from monarchify.monarch.whitening import project_whitened
+from monarchify.pipeline import convert
+from monarchify.pipeline.plan import plan
 
 from conftest import tiny_bert
 
@@ -124,43 +124,44 @@ def test_layer_choices_prices_every_option_and_pins():
 def test_budget_plan_on_a_model_beats_uniform_at_equal_parameters():
     model = tiny_bert(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
     uniform = MonarchConfig(nblocks=4, budget=0.999)
-    plan_all = plan_budget(model, uniform)
+    plan_all = plan_budget(plan(model, uniform), uniform)
     fraction = plan_all.uniform[4]["fraction"]
-    plan = plan_budget(model, MonarchConfig(budget=fraction))
-    assert plan.params_used <= plan.params_budget
-    assert plan.error <= plan.uniform[4]["error"] + 1e-12
+    solved = plan_budget(plan(model, MonarchConfig(budget=fraction)), MonarchConfig(budget=fraction))
+    assert solved.params_used <= solved.params_budget
+    assert solved.error <= solved.uniform[4]["error"] + 1e-12
     # Converting with the resolved recipe gives exactly the planned parameters.
-    config = resolved_config(MonarchConfig(budget=fraction), plan)
+    config = resolved_config(MonarchConfig(budget=fraction), solved)
     report = convert(model, config)
-    dense_kept = plan.dense_layers()
+    dense_kept = solved.dense_layers()
     converted = {layer.name: layer for layer in report.converted}
-    assert set(converted) | set(dense_kept) == set(plan.choices)
+    assert set(converted) | set(dense_kept) == set(solved.choices)
     used = sum(layer.params_monarch for layer in converted.values()) + sum(
-        plan.choices[name].params for name in dense_kept
+        solved.choices[name].params for name in dense_kept
     )
-    assert used == plan.params_used
+    assert used == solved.params_used
     for name, layer in converted.items():
-        assert layer.nblocks == plan.choices[name].nblocks
-        assert layer.rel_error**2 == pytest.approx(plan.choices[name].error, rel=1e-6, abs=1e-12)
+        assert layer.nblocks == solved.choices[name].nblocks
+        assert layer.rel_error**2 == pytest.approx(solved.choices[name].error, rel=1e-6, abs=1e-12)
 
 
 def test_budget_respects_selection_and_pins_and_reports_infeasible():
     model = tiny_bert(hidden_size=64, intermediate_size=256)
     config = MonarchConfig(budget=0.4, exclude=["key"], overrides={"query": 2})
-    plan = plan_budget(model, config)
-    names = {name for name, _, _ in select(model, config)}
-    assert set(plan.choices) == names
-    assert all(plan.choices[n].nblocks == 2 for n in names if n.endswith("query"))
+    solved = plan_budget(plan(model, config), config)
+    names = {layer.name for layer in plan(model, config)}
+    assert set(solved.choices) == names
+    assert all(solved.choices[n].nblocks == 2 for n in names if n.endswith("query"))
     with pytest.raises(BudgetError, match="below what the candidates allow"):
-        plan_budget(model, MonarchConfig(budget=0.01))
+        plan_budget(plan(model, MonarchConfig(budget=0.01)), MonarchConfig(budget=0.01))
 
 
 def test_resolved_recipe_solves_to_the_same_plan():
     model = tiny_bert(hidden_size=64, intermediate_size=256)
     config = MonarchConfig(budget=0.45)
-    plan = plan_budget(model, config)
-    again = plan_budget(model, resolved_config(config, plan))
-    expected = {n: o.nblocks for n, o in plan.choices.items() if o.nblocks is not DENSE}
+    solved = plan_budget(plan(model, config), config)
+    resolved = resolved_config(config, solved)
+    again = plan_budget(plan(model, resolved), resolved)
+    expected = {n: o.nblocks for n, o in solved.choices.items() if o.nblocks is not DENSE}
     assert {n: o.nblocks for n, o in again.choices.items()} == expected
 
 
@@ -168,7 +169,7 @@ def test_weighted_errors_change_the_choice_towards_what_the_activations_need():
     """With calibration, a layer whose inputs are rank one inside every 8-wide input block
     is (almost) free to compress: the weighted plan gives it the most blocks."""
     model = tiny_bert(hidden_size=64, intermediate_size=256, num_hidden_layers=1)
-    names = [name for name, _, _ in select(model, MonarchConfig())]
+    names = [layer.name for layer in plan(model, MonarchConfig())]
     target = next(n for n in names if n.endswith("intermediate.dense"))
     g = torch.Generator().manual_seed(0)
 
@@ -181,8 +182,9 @@ def test_weighted_errors_change_the_choice_towards_what_the_activations_need():
             x = torch.randn(2000, d_in, generator=g, dtype=F64)
         return x.T @ x / 2000
 
-    plain = plan_budget(model, MonarchConfig(budget=0.35))
-    weighted = plan_budget(model, MonarchConfig(budget=0.35), covariance=covariance)
+    config = MonarchConfig(budget=0.35)
+    plain = plan_budget(plan(model, config), config)
+    weighted = plan_budget(plan(model, config), config, covariance=covariance)
     assert weighted.weighted and not plain.weighted
     assert plain.choices[target].error > 0.3
     assert weighted.choices[target].nblocks == max(candidate_nblocks(64, 256))

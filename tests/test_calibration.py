@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import monarchify
-from monarchify.calibrated import CalibrationSettings, calibrate
-from monarchify.calibration import CalibrationError, collect, read_calibration, tokenize
+from monarchify.pipeline.observe import collect
+from monarchify.pipeline.plan import plan
+from monarchify.samples import SampleError, read_samples, tokenize
 from monarchify.cli.app import main
-from monarchify.config import MonarchConfig
-from monarchify.errors import MonarchifyError
+from monarchify.config import CalibrationConfig, MonarchConfig
+from monarchify.errors import ConfigError, MonarchifyError
 from monarchify.hf.convert import convert_pretrained
 from monarchify.monarch.whitening import output_rel_error
-from monarchify.selection import select
 
 from conftest import tiny_bert
 
@@ -52,7 +52,7 @@ def glue_tsv(tmp_path, rows=SENTENCES):
 
 def test_text_file_one_sample_per_line(tmp_path):
     path = write(tmp_path / "calib.txt", "\ufeff" + "\n\n".join(SENTENCES) + "\n\n   \n")
-    data = read_calibration(path, samples=8)
+    data = read_samples(path, samples=8)
     assert data.kind == "text"
     assert data.fit == SENTENCES[:8]  # BOM stripped, blank lines skipped
     assert data.heldout == SENTENCES[8:10]  # a quarter of 8, read right after
@@ -60,7 +60,7 @@ def test_text_file_one_sample_per_line(tmp_path):
 
 
 def test_glue_tsv_pairs_with_bom_and_unbalanced_quotes(tmp_path):
-    data = read_calibration(glue_tsv(tmp_path), samples=4, heldout=3)
+    data = read_samples(glue_tsv(tmp_path), samples=4, heldout=3)
     assert data.kind == "tsv" and data.columns == ["#1 String", "#2 String"]
     assert data.fit[0] == (f'He said "{SENTENCES[0]}', f'{SENTENCES[0][::-1]} ends"')
     assert [s[0] for s in data.fit + data.heldout] == [f'He said "{t}' for t in SENTENCES[:7]]
@@ -69,32 +69,32 @@ def test_glue_tsv_pairs_with_bom_and_unbalanced_quotes(tmp_path):
 def test_headerless_tsv_finds_the_sentence_column(tmp_path):
     """CoLA's layout: source, label, marker, sentence, and no header row."""
     lines = [f"src{i}\t{i % 2}\t\t{text}" for i, text in enumerate(SENTENCES)]
-    data = read_calibration(write(tmp_path / "cola.tsv", "\n".join(lines)), samples=5, heldout=2)
+    data = read_samples(write(tmp_path / "cola.tsv", "\n".join(lines)), samples=5, heldout=2)
     assert data.columns == ["column 4"]
     assert data.fit == SENTENCES[:5]  # the first row is data, not a header
 
 
 def test_single_text_column_by_header(tmp_path):
     lines = ["sentence\tlabel"] + [f"{text}\t1" for text in SENTENCES]
-    data = read_calibration(write(tmp_path / "sst2.tsv", "\n".join(lines)), samples=3, heldout=1)
+    data = read_samples(write(tmp_path / "sst2.tsv", "\n".join(lines)), samples=3, heldout=1)
     assert data.fit == SENTENCES[:3] and data.heldout == SENTENCES[3:4]
 
 
 def test_rows_without_text_are_skipped_and_reading_stops_when_enough(tmp_path):
     lines = ["sentence\tlabel"] + [f"\t{i}" if i % 2 else f"{SENTENCES[i % 10]} {i}\t1" for i in range(200)]
-    data = read_calibration(write(tmp_path / "gaps.tsv", "\n".join(lines)), samples=60, heldout=15)
+    data = read_samples(write(tmp_path / "gaps.tsv", "\n".join(lines)), samples=60, heldout=15)
     assert len(data.fit) == 60 and len(data.heldout) == 15
     assert data.heldout[-1] == f"{SENTENCES[148 % 10]} 148"  # the 75th non-empty row, in order
 
 
 def test_few_samples_hold_out_a_fifth(tmp_path):
-    data = read_calibration(write(tmp_path / "few.txt", "\n".join(SENTENCES)), samples=256)
+    data = read_samples(write(tmp_path / "few.txt", "\n".join(SENTENCES)), samples=256)
     assert len(data.fit) == 8 and len(data.heldout) == 2
 
 
 def test_real_mrpc_train_file(glue_dir):
     path = glue_dir / "MRPC" / "train.tsv"
-    data = read_calibration(path, samples=300)
+    data = read_samples(path, samples=300)
     assert len(data.fit) == 300 and len(data.heldout) == 75
     assert all(isinstance(s, tuple) and all(s) for s in data.fit + data.heldout)
     # Independently: the same rows read with the quoting the data README prescribes.
@@ -110,7 +110,7 @@ def test_saved_dataset_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
     table = {"idx": list(range(10)), "sentence1": SENTENCES, "sentence2": SENTENCES[::-1], "label": [0, 1] * 5}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(table)}).save_to_disk(str(tmp_path / "ds"))
-    data = read_calibration(tmp_path / "ds", samples=6, heldout=2)
+    data = read_samples(tmp_path / "ds", samples=6, heldout=2)
     assert data.kind == "dataset" and data.columns == ["sentence1", "sentence2"]
     assert data.fit[0] == (SENTENCES[0], SENTENCES[-1])
     assert len(data.fit) == 6 and len(data.heldout) == 2
@@ -128,12 +128,12 @@ def test_saved_dataset_folder(tmp_path):
         (lambda p: write(p / "latin.txt", "caf\u00e9 au lait\nna\u00efve\n", "latin-1"), 8, "not UTF-8"),
         (lambda p: write(p / "ok.txt", "a b\nc d\n"), 0, "positive integer"),
         (lambda p: write(p / "ok.txt", "a b\nc d\n"), -3, "positive integer"),
-        (lambda p: p, 8, "could not load calibration dataset"),  # a folder that is no dataset
+        (lambda p: p, 8, "could not load dataset"),  # a folder that is no dataset
     ],
 )
 def test_bad_calibration_input_is_a_one_line_error(tmp_path, make, samples, message):
-    with pytest.raises(CalibrationError, match=message) as info:
-        read_calibration(make(tmp_path), samples=samples)
+    with pytest.raises(SampleError, match=message) as info:
+        read_samples(make(tmp_path), samples=samples)
     assert isinstance(info.value, MonarchifyError)
     assert "\n" not in str(info.value)
 
@@ -144,7 +144,7 @@ def test_bad_calibration_input_is_a_one_line_error(tmp_path, make, samples, mess
 @pytest.fixture
 def tiny(bert_tokenizer):
     model = tiny_bert(vocab_size=len(bert_tokenizer))
-    modules = {name: module for name, module, _ in select(model, MonarchConfig())}
+    modules = {layer.name: layer.module for layer in plan(model, MonarchConfig())}
     return model, modules
 
 
@@ -157,8 +157,7 @@ def test_statistics_ignore_padding_and_share_identical_inputs(tiny, bert_tokeniz
         torch.testing.assert_close(padded.covariance(name), single.covariance(name), rtol=1e-5, atol=1e-6)
     query, key = (n for n in modules if n.endswith(("layer.0.attention.self.query", "layer.0.attention.self.key")))
     assert padded.owner[key] == padded.owner[query] == query
-    groups = padded.groups()
-    assert sum(len(g) for g in groups) == len(modules) and len(groups) == 2 * 4
+    assert set(padded.owner) == set(modules) and len(set(padded.owner.values())) == 2 * 4  # q/k/v share an input
 
 
 def test_statistics_equal_an_explicit_computation(tiny, bert_tokenizer):
@@ -177,21 +176,14 @@ def test_statistics_equal_an_explicit_computation(tiny, bert_tokenizer):
     assert stats.counts[name] == int(sum(b["attention_mask"].sum() for b in batches))
 
 
-def test_stop_after_ends_the_forward_pass(tiny, bert_tokenizer):
-    model, modules = tiny
-    first = next(iter(modules))
-    stats = collect(model, modules, tokenize(SENTENCES[:4], bert_tokenizer), stop_after=first)
-    assert set(stats.owner) == {first}
-
-
 # --- activation-aware conversion ---------------------------------------------------------
 
 
 def test_calibrated_conversion_records_errors_that_match_held_out_activations(bert_folder, tmp_path):
     calib = write(tmp_path / "calib.txt", "\n".join(SENTENCES * 4))
     result = convert_pretrained(
-        bert_folder, tmp_path / "out", MonarchConfig(nblocks=4), calibrate=calib, calibration_samples=24,
-        calibration=CalibrationSettings(sweeps=1), check=False,
+        bert_folder, tmp_path / "out", MonarchConfig(nblocks=4, calibration=CalibrationConfig(samples=24, sweeps=1)),
+        calibration_data=calib, check=False,
     )
     layers = result.report.layers
     assert all({"output_rel_error", "output_rel_error_plain"} <= set(layer.extra) for layer in layers)
@@ -202,7 +194,7 @@ def test_calibrated_conversion_records_errors_that_match_held_out_activations(be
     # Independently: the dense model's inputs on the held-out samples, the converted matrices.
     dense = monarchify.load(bert_folder)
     modules = {layer.name: dense.get_submodule(layer.name) for layer in layers}
-    data = read_calibration(calib, samples=24)
+    data = read_samples(calib, samples=24)
     stats = collect(dense, modules, tokenize(data.heldout, result.tokenizer))
     for layer in layers[:4]:
         w = modules[layer.name].weight.detach().double()
@@ -219,20 +211,23 @@ def test_calibrated_conversion_records_errors_that_match_held_out_activations(be
 def test_weighted_budget_end_to_end_and_reloads(bert_folder, tmp_path):
     calib = write(tmp_path / "calib.txt", "\n".join(SENTENCES * 3))
     result = convert_pretrained(
-        bert_folder, tmp_path / "out", MonarchConfig(budget=0.45), calibrate=calib, calibration_samples=20,
-        calibration=CalibrationSettings(sweeps=0), check=False,
+        bert_folder, tmp_path / "out", MonarchConfig(budget=0.45, calibration=CalibrationConfig(samples=20, sweeps=0)),
+        calibration_data=calib, check=False,
     )
     budget = result.report.meta["budget"]
     assert budget["params_used"] <= budget["params_budget"] <= 0.45 * budget["params_dense"]
     assert "activation-weighted" in budget["error_kind"]
-    names = [name for name, _, _ in select(monarchify.load(bert_folder), MonarchConfig())]
+    names = [layer.name for layer in plan(monarchify.load(bert_folder), MonarchConfig())]
     assert [layer.name for layer in result.report.layers] == names  # kept-dense ones listed too
     used = sum(layer.params_monarch for layer in result.report.layers)
     assert used == budget["params_used"]
-    # The saved recipe reproduces the same layers without calibration data.
+    # The saved recipe reproduces the same layers; without the calibration text, minus calibration.
     recipe = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["recipe"]
+    assert MonarchConfig.from_dict(recipe).calibration == CalibrationConfig(samples=20, heldout=5, sweeps=0)
     again = monarchify.load(bert_folder)
-    report = monarchify.convert(again, MonarchConfig.from_dict(recipe))
+    with pytest.raises(ConfigError, match="no calibration samples"):
+        monarchify.convert(again, MonarchConfig.from_dict(recipe))
+    report = monarchify.convert(again, MonarchConfig.from_dict({**recipe, "calibration": None}))
     assert {(l.name, l.nblocks) for l in report.converted} == {(l.name, l.nblocks) for l in result.report.converted}
     loaded = monarchify.load(tmp_path / "out")
     batch = {"input_ids": torch.tensor([[2, 10, 11, 12, 3]])}
@@ -245,8 +240,8 @@ def test_calibrate_needs_a_tokenizer(tmp_path):
     tiny_bert().save_pretrained(folder)
     calib = write(tmp_path / "calib.txt", "\n".join(SENTENCES))
     # transformers 5 builds an empty tokenizer for such a folder; load_tokenizer refuses it.
-    with pytest.raises(CalibrationError, match="the model folder has none"):
-        convert_pretrained(folder, tmp_path / "out", MonarchConfig(), calibrate=calib)
+    with pytest.raises(SampleError, match="the model folder has none"):
+        convert_pretrained(folder, tmp_path / "out", MonarchConfig(calibration=CalibrationConfig()), calibration_data=calib)
     assert not (tmp_path / "out").exists()
 
 

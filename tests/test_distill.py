@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from transformers import TrainingArguments
 
 from monarchify import MonarchConfig
-from monarchify.distill import DistillConfig, hidden_state_loss, logit_loss
+from monarchify.distill import hidden_state_loss, logit_loss
+from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
 from monarchify.glue import MonarchTrainer, finetune
 
@@ -90,7 +91,7 @@ def test_hidden_state_loss_refuses_other_architectures():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"alpha": 1.5}, "--distill-alpha"), ({"temperature": 0.0}, "--distill-temperature"), ({"hidden_weight": -1}, "--distill-hidden")],
+    [({"alpha": 1.5}, "distill alpha"), ({"temperature": 0.0}, "distill temperature"), ({"hidden_weight": -1}, "distill hidden_weight")],
 )
 def test_distill_config_is_checked(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -127,6 +128,7 @@ def test_trainer_mixes_task_and_teacher_losses(tmp_path):
     assert loss(1.0, train=False) == pytest.approx(task, rel=1e-5)  # evaluation reports the task loss
 
 
+@pytest.mark.slow
 def test_finetune_distills_a_monarch_student_from_a_finetuned_teacher(tmp_path, bert_folder):
     data = write_sst2(tmp_path / "glue")
     teacher_opts = options(tmp_path, bert_folder, data, out=tmp_path / "teacher")
@@ -164,5 +166,5 @@ def test_cli_distillation_bad_input(tmp_path, capsys, bert_folder, bert_tokenize
     assert_one_line_error(code, err, "--distill-from")
 
     code, err = run_cli(capsys, *base, "--distill-from", three, "--distill-alpha", "2")
-    assert_one_line_error(code, err, "--distill-alpha must be between 0 and 1")
+    assert_one_line_error(code, err, "distill alpha must be between 0 and 1")
     assert not (tmp_path / "out").exists()

@@ -77,11 +77,34 @@ def check_run(result, out: Path) -> dict:
     return results
 
 
+RESULT_KEYS = {
+    "task", "model", "monarch", "distill", "metrics", "main_metric", "train", "eval", "params", "data",
+    "history", "notes", "arguments", "command", "environment",
+}
+SECTION_KEYS = {
+    "monarch": {"converted_on_the_fly", "recipe", "layers", "convert_seconds"},
+    "train": {"seconds", "seconds_excluding_eval", "step_seconds", "samples_per_second", "steps_per_second", "steps",
+              "epochs", "examples", "loss"},
+    "eval": {"seconds", "samples_per_second", "examples"},
+    "params": {"monarch", "dense", "ratio", "monarch_layers"},
+    "data": {"source", "sizes", "skipped"},
+    "environment": {"monarchify", "monarchify_source_sha256", "torch", "transformers", "python", "device", "cuda_devices",
+                    "cpu_threads", "world_size", "load_average_at_start", "load_average_at_end"},
+}
+
+
 def test_dense_end_to_end(tmp_path, bert_folder):
     data = write_sst2(tmp_path / "glue")
     opts = options(tmp_path, bert_folder, data, save_checkpoints=True)  # removed after success
     result = finetune(opts, progress_bar=False)
     results = check_run(result, opts.out)
+    # eval_results.json is what runs are compared by: its layout must not drift.
+    assert set(results) == RESULT_KEYS and {k: set(results[k]) for k in SECTION_KEYS} == SECTION_KEYS
+    assert results["data"]["sizes"] == {"train": 96, "validation": 32} == {"train": results["train"]["examples"], **results["eval"]["examples"]}
+    # One evaluation per epoch; the final one is in "metrics" only.
+    assert [sorted(k for k in entry if k.startswith("eval_")) for entry in results["history"] if "eval_validation_loss" in entry] \
+        == [["eval_validation_accuracy", "eval_validation_loss"]] * 6
+    assert not any("eval_loss" in entry for entry in results["history"])
     assert results["params"]["monarch"] == results["params"]["dense"] and results["params"]["monarch_layers"] == 0
     assert any("classification head" in note for note in results["notes"])
     config = json.loads((opts.out / "config.json").read_text())
@@ -192,7 +215,7 @@ def test_cli_bad_input(tmp_path, capsys, bert_folder):
     assert_one_line_error(code, err, "no_such_layer")
 
     code, err = run_cli(capsys, *base, "--task", "sst2", "--resume")
-    assert_one_line_error(code, err, "--resume", "out.checkpoints")
+    assert_one_line_error(code, err, "resume: checkpoint folder", "out.checkpoints")
 
     bad = data / "SST-2" / "dev.tsv"
     bad.write_text(bad.read_text().replace("\t1\n", "\tpositive\n", 1))
@@ -244,7 +267,7 @@ def test_resume_after_an_interruption(tmp_path, bert_folder):
 def test_max_steps_must_be_positive_or_minus_one(tmp_path, steps):
     from monarchify.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--max-steps must be at least 1"):
+    with pytest.raises(ConfigError, match="max_steps must be at least 1"):
         FinetuneOptions(task="mrpc", model="m", out=tmp_path / "o", max_steps=steps)
     assert FinetuneOptions(task="mrpc", model="m", out=tmp_path / "o", max_steps=-1).max_steps == -1
 
@@ -255,4 +278,28 @@ def test_mixed_precision_without_a_gpu_is_refused_before_anything_loads(tmp_path
     code = main(["finetune", "--task", "mrpc", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
                  "--precision", precision])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and err[-1] == f"Error: --precision {precision} needs a CUDA GPU; this machine has none (use fp32)"
+    assert code == 1 and err[-1] == f"Error: precision {precision} needs a CUDA GPU; this machine has none (use fp32)"
+
+
+def test_library_messages_name_fields_not_flags(tmp_path):
+    from monarchify.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^learning_rate must be positive, got -1$"):
+        FinetuneOptions(task="mrpc", model="m", out=tmp_path / "o", learning_rate=-1)
+    with pytest.raises(ConfigError, match=r"^max_train_samples must be at least 1, got 0$"):
+        FinetuneOptions(task="mrpc", model="m", out=tmp_path / "o", max_train_samples=0)
+
+
+def test_finetune_and_heal_help_import_neither_torch_nor_transformers():
+    """``monarchify finetune --help`` and ``heal --help`` build their options from these modules;
+    torch, transformers and datasets load only when a command runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import monarchify.cli.finetune, monarchify.cli.heal, monarchify.glue.results\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

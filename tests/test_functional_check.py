@@ -53,14 +53,26 @@ def test_a_working_tokenizer_is_used_and_only_model_inputs_are_passed():
     assert inputs[0]["input_ids"].shape[1] == len(SAMPLE_SENTENCES[0].split())
 
 
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.eval()(**item).logits.flatten() for item in inputs])
+
+
 def test_the_check_measures_a_change_and_reports_zero_for_none():
     model = tiny_gpt2()
     check = FunctionalCheck(model, EmptyTokenizer())
     same = check.result(model)
-    assert same["rel_diff"] == 0.0 and same["inputs"] == "random token ids"
+    assert same["rel_diff"] == 0.0 and same["max_abs_diff"] == 0.0 and same["inputs"] == "random token ids"
+    before = logits(model, check.inputs)
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+    after = logits(model, check.inputs)
     moved = check.result(model)
+    # The reported numbers are the change of the logits, recomputed here from the two models.
+    assert moved["sentences"] == len(SAMPLE_SENTENCES)
+    assert moved["rel_diff"] == pytest.approx(float((after - before).norm() / before.norm()), rel=1e-5)
+    assert moved["max_abs_diff"] == pytest.approx(float((after - before).abs().max()), rel=1e-5)
+    assert moved["cosine"] == pytest.approx(float(before @ after / (before.norm() * after.norm())), abs=1e-6)
     assert moved["rel_diff"] > 1e-4 and moved["cosine"] < 1.0
 
 

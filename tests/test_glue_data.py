@@ -237,4 +237,4 @@ def test_offline_without_data_dir_says_what_to_pass(monkeypatch):
     with pytest.raises(DataError) as info:
         load_glue(get_task("mrpc"), None)
     message = str(info.value)
-    assert "--data-dir" in message and "MRPC/train.tsv" in message and "\n" not in message
+    assert "data folder (data_dir)" in message and "MRPC/train.tsv" in message and "\n" not in message

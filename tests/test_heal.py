@@ -13,7 +13,8 @@ from transformers import AutoModel
 
 from monarchify import MonarchConfig, MonarchLinear, convert
 from monarchify.errors import ConfigError
-from monarchify.heal import HealConfig, _schedule, heal_, hidden_error
+from monarchify.heal import _schedule, heal_, hidden_error
+from monarchify.heal_config import HealConfig
 from monarchify.hf.convert import convert_pretrained
 
 from conftest import WORDS, tiny_bert, tiny_gpt2, tiny_llama
@@ -118,7 +119,7 @@ def test_cli_heal_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
     assert_one_line_error(code, err, "none.txt", "does not exist")
 
     code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, *base, "--lr", "0")
-    assert_one_line_error(code, err, "--lr must be positive")
+    assert_one_line_error(code, err, "lr must be positive")
     assert not out.exists()
 
     out.mkdir()

@@ -33,6 +33,7 @@ def interpreted():
     return proc.returncode, json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_interpreter_covers_every_case_and_dtype(interpreted):
     _, results = interpreted
     assert len(results) == len(check.INTERPRETER_CASES) * 3
@@ -40,6 +41,7 @@ def test_interpreter_covers_every_case_and_dtype(interpreted):
     assert all(set(r["errors"]) == {"y", "dx", "dR", "dL", "dbias"} for r in results)
 
 
+@pytest.mark.slow
 def test_fused_kernel_matches_float64_forward_and_backward(interpreted):
     code, results = interpreted
     bad = [r for r in results if not r["ok"]]
@@ -49,9 +51,28 @@ def test_fused_kernel_matches_float64_forward_and_backward(interpreted):
     assert max(e for r in results if r["dtype"] == "float32" for e in r["errors"].values()) < 1e-6
 
 
+def check_strided():
+    """The check on the CPU path, in float32."""
+    return check.check_case("strided", 2, 8, 8, 5, torch.float32, "cpu", seed=0)
+
+
+def test_the_check_passes_the_working_cpu_path():
+    """Without this, the two tests below would pass for a check that always fails."""
+    result = check_strided()
+    assert result.ok, result.errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_check_passes_the_working_cpu_path_in_every_dtype(dtype):
+    """Regression: the float64 reference once used an upstream gradient the kernel never saw."""
+    result = check.check_case("strided", 3, 8, 12, 7, dtype, "cpu", seed=1)
+    assert result.ok, result.to_dict()
+
+
 def test_the_check_catches_a_wrong_kernel(monkeypatch):
     """Guard against a check that cannot fail: break the CPU path's interleave and the same
-    routine must flag the output and every gradient that depends on it."""
+    routine must flag the output (the hand-written backward never sees the broken output,
+    so the gradients stay right and must still pass)."""
     real = strided._forward
 
     def swapped(x, R, L, bias):
@@ -59,8 +80,9 @@ def test_the_check_catches_a_wrong_kernel(monkeypatch):
         return y.roll(1, dims=1), h
 
     monkeypatch.setattr(strided, "_forward", swapped)
-    result = check.check_case("strided", 2, 8, 8, 5, torch.float64, "cpu", seed=0)
+    result = check_strided()
     assert not result.ok and result.errors["y"] > 0.1
+    assert max(e for name, e in result.errors.items() if name != "y") <= result.tolerance
 
 
 def test_the_check_catches_an_unwritten_output(monkeypatch):
@@ -73,8 +95,8 @@ def test_the_check_catches_an_unwritten_output(monkeypatch):
         return out, h
 
     monkeypatch.setattr(strided, "_forward", partial)
-    result = check.check_case("strided", 2, 8, 8, 5, torch.float64, "cpu", seed=0)
-    assert result.errors["y"] != result.errors["y"]  # NaN from the poison
+    result = check_strided()
+    assert result.errors["y"] != result.errors["y"] and not result.ok  # NaN from the poison
 
 
 def test_only_cuda_tensors_and_divisible_layouts_go_to_the_kernel():

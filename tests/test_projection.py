@@ -123,22 +123,50 @@ def test_projection_runs_in_float64_whatever_the_weight_dtype():
     half = project(weight.to(torch.bfloat16), 4)
     assert half.L.dtype == F64
     # The error is that of the bf16 weight itself, computed exactly; close to the f64 one.
+    rounded = weight.to(torch.bfloat16).to(F64)
+    assert half.sq_error == pytest.approx(brute_force_error(rounded.numpy(), 4), rel=1e-9)
     assert half.rel_error == pytest.approx(exact.rel_error, rel=1e-2)
 
 
 def test_padding_is_stated_and_exact_for_the_real_block():
+    """Zero padding changes nothing on the real block: the projection of a 17×30 weight is the
+    independent optimum (SVDs of the zero-padded sub-blocks), its reported error is measured
+    on the real block, the factors put nothing in the padding, and the layer computes the
+    real block's product."""
     layout = MonarchLayout(30, 17, 4)
     assert layout.padded and (layout.n_in, layout.n_out) == (32, 20)
-    layer = random_monarch(30, 17, 4)
-    assert layer.to_dense().shape == (17, 30)
-    assert layer(torch.randn(2, 3, 30, dtype=F64)).shape == (2, 3, 17)
+    weight = torch.randn(17, 30, generator=torch.Generator().manual_seed(5), dtype=F64)
+    projection = project(weight, 4)
+    layer = load(MonarchLinear(30, 17, 4, dtype=F64), projection)
+    rebuilt = layer.to_dense()
+    assert rebuilt.shape == (17, 30)
+    explicit = float((weight - rebuilt).square().sum())
+    assert projection.sq_error == pytest.approx(explicit, rel=1e-9)
+    assert projection.sq_error == pytest.approx(brute_force_error(weight.numpy(), 4), rel=1e-9)
+    assert projection.rel_error == pytest.approx((explicit / float(weight.square().sum())) ** 0.5, rel=1e-9)
+    # Padded inputs 30, 31 are columns 6, 7 of R block 3; padded outputs 17..19 are row 4 of
+    # L blocks 1..3 (output o = r·b + l).
+    assert float(projection.R[3][:, 6:].abs().max()) < 1e-12
+    assert float(projection.L[1:, 4, :].abs().max()) < 1e-12
+    # Projecting the explicitly zero-padded 20×32 weight gives the same real block.
+    padded = torch.zeros(20, 32, dtype=F64)
+    padded[:17, :30] = weight
+    full = project(padded, 4)
+    assert full.sq_error == pytest.approx(projection.sq_error, rel=1e-9)
+    full_rebuilt = load(MonarchLinear(32, 20, 4, dtype=F64), full).to_dense()
+    torch.testing.assert_close(full_rebuilt[:17, :30], rebuilt, rtol=1e-9, atol=1e-9)
+    assert float(full_rebuilt[17:].abs().max()) < 1e-12 and float(full_rebuilt[:, 30:].abs().max()) < 1e-12
+    x = torch.randn(2, 3, 30, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ rebuilt.T + layer.bias, rtol=1e-12, atol=1e-12)
 
 
 def test_parameter_counts_follow_the_doc():
     assert MonarchLayout(768, 3072, 4).weight_params == 737_280
     assert MonarchLayout(512, 512, 4).weight_params * 2 == 512 * 512  # 2/b of dense
     layout = MonarchLayout(37, 53, 3)
-    assert sum(map(sum, layout.pair_ranks)) == layout.nblocks * layout.q
+    assert (layout.p, layout.s, layout.q) == (13, 18, 13)
+    assert sum(map(sum, layout.pair_ranks)) == 3 * 13  # every middle index in exactly one pair
 
 
 @pytest.mark.parametrize("d_in,d_out,b", [(8, 8, 4), (16, 6, 3), (100, 100, 11)])
@@ -166,6 +194,7 @@ def test_bad_block_counts_are_refused(value):
         MonarchLayout(8, 8, value)
 
 
+@pytest.mark.slow
 def test_gradients_match_autograd_through_the_dense_matrix():
     layer = random_monarch(12, 18, 3)
     x = torch.randn(5, 12, dtype=F64, requires_grad=True)

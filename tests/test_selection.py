@@ -9,7 +9,7 @@ from monarchify import MonarchConfig, convert
 from monarchify.config import parse_override
 from monarchify.errors import ConfigError, NoMatchError
 from monarchify.monarch import MonarchLinear
-from monarchify.selection import name_matches, nblocks_for, select
+from monarchify.pipeline.plan import name_matches, plan
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -40,7 +40,7 @@ def test_name_matching_is_anchored_to_whole_components(pattern, name, expected):
 
 
 def names(model, config=None):
-    return [name for name, _, _ in select(model, config or MonarchConfig())]
+    return [layer.name for layer in plan(model, config or MonarchConfig())]
 
 
 def test_bert_default_is_the_six_encoder_linears_per_layer_and_nothing_else():
@@ -69,22 +69,25 @@ def test_include_replaces_the_default_so_a_head_can_be_converted():
 def test_exclude_and_overrides():
     model = tiny_bert()
     config = MonarchConfig(nblocks=4, exclude=["layer\\.1\\..*"], overrides={"attention\\..*": 2, "query": 3})
-    chosen = select(model, config)
-    assert all(".layer.0." in name for name, _, _ in chosen)
-    blocks = {name.split("layer.0.")[1]: b for name, _, b in chosen}
+    chosen = plan(model, config)
+    assert all(".layer.0." in layer.name for layer in chosen)
+    blocks = {layer.name.split("layer.0.")[1]: layer.nblocks for layer in chosen}
     assert blocks["attention.self.query"] == 3  # last matching override wins
     assert blocks["attention.self.key"] == 2
     assert blocks["intermediate.dense"] == 4
-    assert nblocks_for("x.query", MonarchConfig(nblocks=4, overrides={"query": 3, ".*": 2})) == 2
+    pinned = {layer.name.split("layer.0.")[1]: layer.pinned for layer in chosen}
+    assert blocks["output.dense"] == 4 and not pinned["output.dense"] and pinned["attention.output.dense"]
+    later = plan(model, MonarchConfig(nblocks=4, overrides={"query": 3, ".*": 2}))
+    assert {layer.nblocks for layer in later} == {2} and all(layer.pinned for layer in later)
 
 
 def test_a_pattern_that_matches_nothing_names_what_exists():
     with pytest.raises(NoMatchError, match="matches no linear layer.*encoder.layer.0"):
-        select(tiny_bert(), MonarchConfig(include=["nonexistent_layer"]))
+        plan(tiny_bert(), MonarchConfig(include=["nonexistent_layer"]))
     with pytest.raises(NoMatchError, match="override"):
-        select(tiny_bert(), MonarchConfig(overrides={"nonexistent": 2}))
-    with pytest.raises(NoMatchError, match="after --exclude"):
-        select(tiny_bert(), MonarchConfig(exclude=[".*"]))
+        plan(tiny_bert(), MonarchConfig(overrides={"nonexistent": 2}))
+    with pytest.raises(NoMatchError, match="matches no layer"):
+        plan(tiny_bert(), MonarchConfig(exclude=[".*"]))
 
 
 @pytest.mark.parametrize(
@@ -125,3 +128,19 @@ def test_filter_fn_replaces_the_default():
     model = tiny_bert()
     report = convert(model, MonarchConfig(nblocks=2), filter_fn=lambda module, name: name.endswith("query"))
     assert [layer.name for layer in report.layers] == ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"]
+
+
+def test_filter_fn_and_include_both_apply():
+    """Regression: ``include`` used to make ``filter_fn`` silently ignored."""
+    only_layer_0 = lambda module, name: ".layer.0." in name  # noqa: E731
+    chosen = [layer.name for layer in plan(tiny_bert(), MonarchConfig(include=["query", "key"]), only_layer_0)]
+    assert chosen == ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key"]
+    with pytest.raises(NoMatchError, match="matches no layer"):
+        plan(tiny_bert(), MonarchConfig(include=["query"]), lambda module, name: False)
+
+
+def test_an_already_converted_model_says_so():
+    model = tiny_bert()
+    convert(model, MonarchConfig(nblocks=2))
+    with pytest.raises(NoMatchError, match="already Monarch"):
+        plan(model, MonarchConfig(nblocks=2))

@@ -15,10 +15,10 @@ from torch import nn
 
 from monarchify import speed_gate as gate_module
 from monarchify.cli.app import main
-from monarchify.config import MonarchConfig
+from monarchify.config import MonarchConfig, SpeedGateConfig
 from monarchify.monarch import MonarchLinear
 from monarchify.speed_gate import SpeedGate, SpeedVerdict
-from monarchify.surgery import convert
+from monarchify.pipeline import convert
 from tests.conftest import tiny_bert
 
 
@@ -31,7 +31,7 @@ def run(capsys, *args):
 def slow_attention(self, layout, dtype, device, bias):
     """Fixed verdicts: square (attention) layers lose, the MLP layers win."""
     square = layout.d_in == layout.d_out
-    return SpeedVerdict(0.8 if square else 1.7, 1.2 if square else 1.4, self.tokens, "cpu float32")
+    return SpeedVerdict(0.8 if square else 1.7, 1.2 if square else 1.4, self.config.tokens, "cpu float32")
 
 
 @pytest.mark.parametrize(
@@ -50,9 +50,7 @@ def test_vetoed_layers_stay_dense_unprojected_and_reported(monkeypatch):
     model = tiny_bert()
     x = torch.randint(0, 200, (2, 9))
     before = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    gate = SpeedGate(tokens=64)
-    report = convert(model, MonarchConfig(nblocks=2), keep_dense=gate)
-    gate.annotate(report)
+    report = convert(model, MonarchConfig(nblocks=2, speed_gate=SpeedGateConfig(tokens=64)))
 
     kept = [layer for layer in report.layers if layer.kept_dense]
     converted = [layer for layer in report.layers if not layer.kept_dense]
@@ -81,7 +79,7 @@ def test_each_distinct_shape_is_timed_once(monkeypatch):
 
     monkeypatch.setattr(gate_module, "layer_benchmark", fake_benchmark)
     model = tiny_bert()
-    convert(model, MonarchConfig(nblocks=2), keep_dense=SpeedGate(tokens=16))
+    convert(model, MonarchConfig(nblocks=2, speed_gate=SpeedGateConfig(tokens=16)))
     assert sorted(calls) == [(48, 48, 2), (48, 100, 2), (100, 48, 2)]
 
 

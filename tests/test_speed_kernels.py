@@ -166,6 +166,7 @@ def test_auto_picks_the_fused_kernel_for_cuda_tensors_when_triton_is_there(monke
     assert kernels.auto_choice(_FakeCuda()) == "strided"
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_the_layer_with_full_graph():
     """Under torch.compile the plain path is traced (no graph break, correct gradients)."""
     torch.manual_seed(0)

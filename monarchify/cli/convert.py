@@ -2,43 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, Override, build_config
 from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report
-from monarchify.calibrated import DEFAULT_SWEEPS, CalibrationSettings
-from monarchify.calibration import DEFAULT_SAMPLES
+from monarchify.config import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_SPEED_TOKENS, DEFAULT_SWEEPS, CalibrationConfig, SpeedGateConfig
 from monarchify.errors import ConfigError
-from monarchify.hf.convert import ConvertEvents, convert_pretrained
-from monarchify.speed_gate import SpeedGate
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
-class RichEvents(ConvertEvents):
-    """One transient progress line on stderr, so ``--json`` on stdout stays clean and a
-    failure leaves only its ``Error:`` line behind."""
+def _events(progress: Progress):
+    """The pipeline's progress hooks drawn as one transient line on stderr, so ``--json`` on
+    stdout stays clean and a failure leaves only its ``Error:`` line behind."""
+    from monarchify.hf.convert import ConvertEvents
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.task = progress.add_task("starting", total=None)
+    class RichEvents(ConvertEvents):
+        def __init__(self) -> None:
+            self.task = progress.add_task("starting", total=None)
 
-    def loading(self, source: str) -> None:
-        self.progress.update(self.task, description=f"loading {source}")
+        def loading(self, source: str) -> None:
+            progress.update(self.task, description=f"loading {source}")
 
-    def calibrating(self, samples: int) -> None:
-        self.progress.update(self.task, description=f"calibrating on {samples} samples")
+        def observing(self, samples: int) -> None:
+            progress.update(self.task, description=f"calibrating on {samples} samples")
 
-    def projecting(self, total: int) -> None:
-        self.progress.update(self.task, description="projecting", total=total, completed=0)
+        def projecting(self, total: int) -> None:
+            progress.update(self.task, description="projecting", total=total, completed=0)
 
-    def projected(self, name: str) -> None:
-        self.progress.update(self.task, advance=1, description=f"projecting {name}")
+        def projected(self, name: str) -> None:
+            progress.update(self.task, advance=1, description=f"projecting {name}")
 
-    def saving(self, out: str) -> None:
-        self.progress.update(self.task, description=f"saving {out}")
+        def saving(self, out: str) -> None:
+            progress.update(self.task, description=f"saving {out}")
+
+    return RichEvents()
 
 
 def convert(
@@ -53,9 +54,9 @@ def convert(
     check: Annotated[bool, typer.Option(help="Compare dense and converted outputs on sample sentences.")] = True,
     force: ForceFlag = False,
     only_if_faster: Annotated[bool, typer.Option("--only-if-faster", help="Time every selected layer on this device (dense vs Monarch, forward and forward+backward) and keep it dense unless Monarch wins both.")] = False,
-    tokens: Annotated[int | None, typer.Option("--tokens", help="Rows per timed call for --only-if-faster (default 512).")] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", help=f"Rows per timed call for --only-if-faster (default {DEFAULT_SPEED_TOKENS}).")] = None,
     calibrate: Annotated[str | None, typer.Option("--calibrate", metavar="DATA", help="Activation-aware projection: minimise each layer's output error on these samples (a text file with one per line, a GLUE .tsv, a saved datasets folder or hf:NAME[:CONFIG[:SPLIT]]).")] = None,
-    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help=f"Samples fitted with --calibrate (default {DEFAULT_SAMPLES}); a quarter more are held out to measure the output error.")] = None,
+    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help=f"Samples fitted with --calibrate (default {DEFAULT_CALIBRATION_SAMPLES}); a quarter more are held out to measure the output error.")] = None,
     refine_sweeps: Annotated[int | None, typer.Option("--refine-sweeps", metavar="N", help=f"With --calibrate: sweeps of full-covariance refinement after the closed-form whitened projection (default {DEFAULT_SWEEPS}; 0: closed form only).")] = None,
     budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Choose every layer's block count (or keep it dense) to minimise the total error within this fraction of the selected layers' dense parameters; --override pins layers, --nblocks is ignored.")] = None,
     budget_dense: Annotated[bool, typer.Option("--budget-dense/--no-budget-dense", help="Whether --budget may keep a layer dense (error 0, full price).")] = True,
@@ -67,7 +68,7 @@ def convert(
     \b
     Examples:
       monarchify convert ./bert-folder --nblocks 4 --out bert-monarch
-      monarchify convert bert-base-uncased -b 4 --override 'attention\\..*=2' -o out
+      monarchify convert bert-base-uncased -b 4 --override 'intermediate\\.dense=8' -o out
       monarchify convert gpt2 --include 'mlp\\..*' --dry-run
       monarchify convert ./bert-folder -b 4 --only-if-faster --tokens 4096 -o out
       monarchify convert ./bert-folder -b 4 --calibrate glue/MRPC/train.tsv -o out
@@ -77,24 +78,31 @@ def convert(
         raise ConfigError(f"--sort must be one of {', '.join(SORT_KEYS)}")
     if out is None and not dry_run:
         raise ConfigError("missing --out FOLDER (or use --dry-run to only see the plan)")
-    config = build_config(nblocks, include, exclude, override, allow_structural_zeros)
-    if budget is not None:
-        config = replace(config, budget=budget, budget_keep_dense=budget_dense)
-    elif not budget_dense:
+    if budget is None and not budget_dense:
         raise ConfigError("--no-budget-dense needs --budget FRACTION")
     if calibrate is None and (calibration_samples is not None or refine_sweeps is not None):
         raise ConfigError("--calibration-samples and --refine-sweeps need --calibrate DATA")
-    settings = CalibrationSettings(sweeps=DEFAULT_SWEEPS if refine_sweeps is None else refine_sweeps)
     if tokens is not None and not only_if_faster:
         raise ConfigError("--tokens sets the timing of --only-if-faster; add that flag or drop --tokens")
-    gate = SpeedGate(512 if tokens is None else tokens) if only_if_faster else None
+    config = build_config(
+        nblocks, include, exclude, override, allow_structural_zeros,
+        budget=budget, budget_keep_dense=budget_dense,
+        calibration=CalibrationConfig(
+            samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
+            sweeps=DEFAULT_SWEEPS if refine_sweeps is None else refine_sweeps,
+        ) if calibrate is not None else None,
+        speed_gate=SpeedGateConfig(tokens=DEFAULT_SPEED_TOKENS if tokens is None else tokens) if only_if_faster else None,
+    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from monarchify.hf.convert import convert_pretrained
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err_console, transient=True,
     ) as progress:
-        result = convert_pretrained(model, out, config, force=force, dry=dry_run, check=check, events=RichEvents(progress),
-                                    speed_gate=gate, calibrate=calibrate, calibration=settings,
-                                    calibration_samples=DEFAULT_SAMPLES if calibration_samples is None else calibration_samples)
+        result = convert_pretrained(model, out, config, calibration_data=calibrate, force=force, dry=dry_run,
+                                    check=check, events=_events(progress))
     if json_out:
         print_json(result.report.to_dict())
         return

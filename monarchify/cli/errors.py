@@ -13,12 +13,20 @@ import traceback
 
 import typer
 
-from monarchify.errors import MonarchifyError
+from monarchify.errors import MonarchifyError, OutputNotEmptyError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 INTERRUPTED = "interrupted; the output folder was not written (a fine-tuning run keeps its checkpoints for --resume)"
+FLAG_HINTS = {OutputNotEmptyError: "pass --force to replace it"}
+"""What a library error means on the command line, for errors whose remedy is a flag: the
+library names recipe fields, only the CLI knows its flags."""
+
+
+def _with_hint(exc: MonarchifyError) -> str:
+    hint = next((text for kind, text in FLAG_HINTS.items() if isinstance(exc, kind)), None)
+    return f"{exc} ({hint})" if hint else str(exc)
 
 
 def _fail(message: str, code: int) -> int:
@@ -51,7 +59,7 @@ def run(app: typer.Typer, args: list[str] | None = None) -> int:
     except MonarchifyError as exc:
         if debug:
             traceback.print_exc()
-        return _fail(str(exc), EXIT_ERROR)
+        return _fail(_with_hint(exc), EXIT_ERROR)
     except KeyboardInterrupt:
         return _fail(INTERRUPTED, EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: say so briefly, keep the traceback one variable away

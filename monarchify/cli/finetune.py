@@ -11,7 +11,7 @@ from rich.table import Table
 
 from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, JsonFlag, Override, build_config
 from monarchify.cli.render import console, err_console, print_json
-from monarchify.distill import DistillConfig
+from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
 from monarchify.glue.options import PRECISIONS, RESULTS_FILE, FinetuneEvents, FinetuneOptions
 from monarchify.glue.tasks import TASK_NAMES

@@ -8,11 +8,10 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from monarchify.calibration import DEFAULT_MAX_LENGTH
 from monarchify.cli.options import ForceFlag, JsonFlag, OutDir
 from monarchify.cli.render import console, err_console, print_json
-from monarchify.heal import HealConfig
-from monarchify.hf.heal import DEFAULT_HEAL_BATCH, DEFAULT_HEAL_SAMPLES, describe, heal_pretrained
+from monarchify.heal_config import DEFAULT_HEAL_BATCH, DEFAULT_HEAL_SAMPLES, HealConfig
+from monarchify.samples import DEFAULT_MAX_LENGTH
 
 
 def heal(
@@ -41,6 +40,9 @@ def heal(
       monarchify heal minilm-monarch --teacher ./minilm --data glue/MRPC/train.tsv --steps 300 -o healed
     """
     config = HealConfig(steps=steps, lr=lr, seed=seed)
+    # Imported here: torch and transformers take seconds to import, which --help should not pay.
+    from monarchify.hf.heal import describe, heal_pretrained
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=err_console, transient=True,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,7 +13,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for programs 
 ForceFlag = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists and is not empty.")]
 NBlocks = Annotated[
     int,
-    typer.Option("--nblocks", "-b", help="Blocks per Monarch layer: 2 keeps ~50% of a square layer's weights, 4 ~25%... (2/b)."),
+    typer.Option("--nblocks", "-b", help="Blocks per Monarch layer: a square layer keeps 2/b of its weights (4 keeps 50%, 8 keeps 25%; 2 keeps 100% and saves nothing)."),
 ]
 Include = Annotated[
     list[str] | None,
@@ -44,11 +44,14 @@ def build_config(
     exclude: list[str] | None,
     override: list[str] | None,
     allow_structural_zeros: bool,
+    **recipe: Any,
 ) -> MonarchConfig:
+    """The recipe the layer-selection flags describe; ``recipe`` adds the other fields."""
     return MonarchConfig(
         nblocks=nblocks,
         include=include or [],
         exclude=exclude or [],
         overrides=dict(parse_override(text) for text in override or []),
         allow_structural_zeros=allow_structural_zeros,
+        **recipe,
     )

@@ -10,7 +10,6 @@ import typer
 from monarchify.cli.options import JsonFlag
 from monarchify.cli.render import SORT_KEYS, print_json, print_report, sort_layers
 from monarchify.errors import ConfigError
-from monarchify.hf.checkpoint import read_report
 
 
 def report(
@@ -29,6 +28,8 @@ def report(
     """
     if sort not in SORT_KEYS:
         raise ConfigError(f"--sort must be one of {', '.join(SORT_KEYS)}")
+    from monarchify.hf.stored_report import read_report
+
     result = read_report(folder)
     if json_out:
         result.layers = sort_layers(result.layers, sort)

@@ -1,6 +1,6 @@
 """GLUE fine-tuning: the task table, TSV/Hub data loading, the shipped metric, Trainer wiring.
 
-Imports point one way: ``glue`` uses ``hf``/``surgery``; nothing below it imports ``glue``.
+Imports point one way: ``glue`` uses ``hf``/``pipeline``; nothing below it imports ``glue``.
 Names are loaded on first use, so ``monarchify.glue.tasks`` stays cheap to import (the command
 line builds its help from it) while ``datasets`` and ``Trainer`` load only when needed.
 """

@@ -8,13 +8,12 @@ label ``-1``, the hub copy's convention). A row too short to hold the needed col
 and counted; a label the task does not know stops the run with the file and line.
 
 Without a data folder the ``datasets`` hub copy (``nyu-mll/glue``) is used, which needs network
-access (or a local ``datasets`` cache); when it cannot be reached the error says to pass
-``--data-dir``.
+access (or a local ``datasets`` cache); when it cannot be reached the error says to pass a
+data folder instead (``data_dir``).
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ import datasets
 
 from monarchify.errors import MonarchifyError
 from monarchify.glue.tasks import GlueTask
+from monarchify.tsv import tsv_rows
 
 HUB_DATASET = "nyu-mll/glue"
 NO_LABEL = -1
@@ -87,7 +87,7 @@ def _check_files(task: GlueTask, folder: Path, splits: list[str]) -> dict[str, P
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise DataError(
-            f"missing GLUE file(s) {', '.join(missing)}: --data-dir must hold {task.describe_layout()} "
+            f"missing GLUE file(s) {', '.join(missing)}: the data folder (data_dir) must hold {task.describe_layout()} "
             "as the GLUE download script lays them out"
         )
     return files
@@ -118,8 +118,8 @@ def read_tsv(task: GlueTask, path: str | os.PathLike[str], *, labelled: bool = T
     path = Path(path)
     positional = not task.header and labelled
     try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+        with tsv_rows(path) as reader:
+            rows = list(reader)
     except UnicodeDecodeError as exc:
         raise DataError(f"'{path}' is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except OSError as exc:
@@ -234,7 +234,7 @@ def load_hub(task: GlueTask) -> GlueData:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
         raise DataError(
             f"could not get GLUE '{task.name}' from the Hugging Face Hub ({first}; {why}): "
-            f"pass --data-dir FOLDER holding the GLUE TSV files {task.describe_layout()}"
+            f"pass a data folder (data_dir) holding the GLUE TSV files {task.describe_layout()}"
         ) from None
     missing = [s for s in ["train", *task.eval_files] if s not in dataset]
     if missing:

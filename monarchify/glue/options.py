@@ -3,12 +3,12 @@ line can build and check it without importing ``Trainer`` (which takes seconds t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monarchify.config import MonarchConfig
-from monarchify.distill import DistillConfig
+from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ class FinetuneOptions:
     ``monarch``: convert the loaded model with this recipe before training (``None``: train
     the model as loaded, dense or already Monarch). ``monarch_lr``: learning rate of the
     Monarch factors ``L``/``R`` (``None``: same as ``learning_rate``). ``distill``: learn from
-    a teacher already fine-tuned on the task (see :mod:`monarchify.distill`). ``warmup``: a fraction
+    a teacher already fine-tuned on the task (see :mod:`monarchify.distill_config`). ``warmup``: a fraction
     of the training steps (< 1) or a number of steps. ``checkpoint_dir``: where Trainer keeps
     its resumable checkpoints (default ``<out>.checkpoints``, removed after a successful run
     unless ``keep_checkpoints``).
@@ -66,22 +66,22 @@ class FinetuneOptions:
         self.checkpoint_dir = Path(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.monarch_lr is not None and not self.monarch_lr > 0:
-            raise ConfigError(f"--monarch-lr must be positive, got {self.monarch_lr}")
+            raise ConfigError(f"monarch_lr must be positive, got {self.monarch_lr}")
         for name in ("batch_size", "eval_batch_size", "max_length", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+                raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.warmup < 0 or self.weight_decay < 0:
-            raise ConfigError("--warmup and --weight-decay must not be negative")
+            raise ConfigError("warmup and weight_decay must not be negative")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.max_steps != -1 and self.max_steps < 1:
-            raise ConfigError(f"--max-steps must be at least 1 (or -1 for none), got {self.max_steps}")
+            raise ConfigError(f"max_steps must be at least 1 (or -1 for none), got {self.max_steps}")
 
     @property
     def checkpoints(self) -> Path:
@@ -111,7 +111,9 @@ class FinetuneEvents:
 
 @dataclass
 class FinetuneResult:
+    """What a run returns: the output folder, the results it wrote there (``RESULTS_FILE``)
+    and the trained model (``None`` where no model is kept)."""
+
     out: Path
     results: dict[str, Any]
     model: nn.Module | None = None
-    extra: dict[str, Any] = field(default_factory=dict)

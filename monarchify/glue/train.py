@@ -11,18 +11,19 @@ Mixed precision, gradient accumulation, resuming and multi-GPU (``torchrun`` /
 ``accelerate launch``) come from ``Trainer``. :class:`MonarchTrainer` is the one place that
 changes how training works (a separate learning rate for the Monarch factors, and the
 distillation loss from a fine-tuned dense teacher in its ``compute_loss``).
+
+``finetune`` itself only sequences named steps (check the request, load data, load the models,
+convert, build the Trainer, train, evaluate, save); the contents of ``eval_results.json`` are
+assembled by :mod:`monarchify.glue.results`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 import shutil
-import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,14 @@ from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.glue.data import GlueData, load_glue
 from monarchify.glue.metrics import compute_metrics_fn
 from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
+from monarchify.glue.results import Conversion, Evaluation, Training, build_results, load_average, run_environment
 from monarchify.glue.tasks import GlueTask, get_task
-from monarchify.hf.checkpoint import config_difference, load_model, load_tokenizer, mismatched_keys, recipe_of, save_model
+from monarchify.hf.loading import load_model, load_tokenizer, mismatched_keys
+from monarchify.hf.saving import recipe_of, save_model
+from monarchify.hf.teacher import has_monarch_layers, load_task_teacher
 from monarchify.monarch import MonarchLinear
+from monarchify.pipeline import convert, dry_run
 from monarchify.report import ConversionReport
-from monarchify.surgery import convert, dry_run
 
 # ---------------------------------------------------------------------------------- trainer
 
@@ -204,105 +208,6 @@ def tokenize(data: GlueData, tokenizer: Any, max_length: int) -> tuple[Any, dict
     return run(data.train), {name: run(ds) for name, ds in data.eval.items()}
 
 
-def _inputs(options: FinetuneOptions) -> tuple[str | Path, ...]:
-    """The folders a run reads, which its output must never replace."""
-    teacher = (options.distill.teacher,) if options.distill is not None else ()
-    data = (options.data_dir,) if options.data_dir is not None else ()
-    return (options.model, *((options.tokenizer,) if options.tokenizer else ()), *data, *teacher)
-
-
-def _check_precision(precision: str) -> None:
-    """Mixed precision needs a GPU (Trainer would refuse later, after loading everything)."""
-    if precision == "fp32":
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError(f"--precision {precision} needs a CUDA GPU; this machine has none (use fp32)")
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--precision bf16 needs a GPU with bf16 support (use fp16 or fp32)")
-
-
-def _load(options: FinetuneOptions, task: GlueTask) -> tuple[nn.Module, list[str]]:
-    model, info = load_model(
-        options.model,
-        AutoModelForSequenceClassification,
-        config_overrides=label_config(task),
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,
-    )
-    notes = []
-    missing = sorted(info.get("missing_keys") or [])
-    mismatched = mismatched_keys(info)
-    if missing:
-        notes.append(
-            f"the checkpoint has no {task.num_labels}-output classification head: added a new one, "
-            f"randomly initialised ({', '.join(missing)})"
-        )
-    if mismatched:
-        notes.append(
-            f"the checkpoint's head does not fit {task.name} ({task.num_labels} outputs): "
-            f"re-initialised {', '.join(mismatched)}"
-        )
-    return model, notes
-
-
-def load_teacher(distill: DistillConfig, task: GlueTask, student: nn.Module) -> nn.Module:
-    """The fine-tuned teacher, checked against the task and the student before training starts."""
-    teacher, info = load_model(distill.teacher, AutoModelForSequenceClassification, output_loading_info=True)
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        raise ConfigError(
-            f"--distill-from '{distill.teacher}' has no fine-tuned classification head ({', '.join(missing)}): "
-            f"fine-tune the dense model on {task.name} first and pass that folder"
-        )
-    outputs = 1 if task.is_regression else task.num_labels
-    if teacher.config.num_labels != outputs:
-        raise ConfigError(
-            f"--distill-from '{distill.teacher}' has {teacher.config.num_labels} outputs; {task.name} needs {outputs}"
-        )
-    keys = ("vocab_size",) + (("num_hidden_layers", "hidden_size") if distill.hidden_weight > 0 else ())
-    difference = config_difference(student, teacher, keys)
-    if difference:
-        raise ConfigError(f"--distill-from '{distill.teacher}' does not fit the model: {difference}")
-    return teacher
-
-
-def source_fingerprint() -> str:
-    """A hash of monarchify's own source files: which code produced a result, even uncommitted."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _environment() -> dict[str, Any]:
-    from monarchify import __version__
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {
-        "monarchify": __version__,
-        "monarchify_source_sha256": source_fingerprint(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "cuda_devices": torch.cuda.device_count(),
-        "cpu_threads": torch.get_num_threads(),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-    }
-
-
-def _history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Trainer's log: the training loss every ``logging_steps`` and each evaluation's metrics."""
-    drop = ("runtime", "per_second", "total_flos", "grad_norm")
-    return [
-        {k: v for k, v in entry.items() if not k.endswith(drop) and not k.startswith("train_")}
-        for entry in log_history
-        if "loss" in entry or any(k.startswith("eval_") for k in entry)
-    ]
-
-
 def training_arguments(options: FinetuneOptions, *, progress_bar: bool) -> TrainingArguments:
     checkpoints = options.checkpoints
     return TrainingArguments(
@@ -333,6 +238,256 @@ def training_arguments(options: FinetuneOptions, *, progress_bar: bool) -> Train
     )
 
 
+
+# ------------------------------------------------------------------------- steps of finetune
+
+
+def _inputs(options: FinetuneOptions) -> tuple[str | Path, ...]:
+    """The folders a run reads, which its output must never replace."""
+    teacher = (options.distill.teacher,) if options.distill is not None else ()
+    data = (options.data_dir,) if options.data_dir is not None else ()
+    return (options.model, *((options.tokenizer,) if options.tokenizer else ()), *data, *teacher)
+
+
+def _check_precision(precision: str) -> None:
+    """Mixed precision needs a GPU (Trainer would refuse later, after loading everything)."""
+    if precision == "fp32":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"precision {precision} needs a CUDA GPU; this machine has none (use fp32)")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision bf16 needs a GPU with bf16 support (use fp16 or fp32)")
+
+
+def _check_request(options: FinetuneOptions) -> tuple[GlueTask, bool]:
+    """The task, and whether the checkpoint folder existed before this run.
+
+    Why first: whatever the options alone show to be impossible (an unknown task, mixed
+    precision without a GPU, an output folder that would be overwritten, nothing to resume)
+    must fail in one line before minutes go into loading data and models. Whether the
+    checkpoint folder existed decides later whether this run may delete it.
+    """
+    task = get_task(options.task)
+    _check_precision(options.precision)
+    if not options.resume:
+        check_output_dir(options.out, options.force, inputs=_inputs(options))
+    checkpoints_existed = options.checkpoints.exists()
+    if options.resume and not checkpoints_existed:
+        raise ConfigError(f"resume: checkpoint folder '{options.checkpoints}' does not exist")
+    return task, checkpoints_existed
+
+
+def _load_data(options: FinetuneOptions, task: GlueTask) -> GlueData:
+    """The task's splits, cut to ``max_train_samples``/``max_eval_samples``.
+
+    Why before the model: a bad data folder (missing files, unknown labels) is the most
+    common mistake, and reading TSV files is quick next to loading a model.
+    """
+    data = load_glue(task, options.data_dir)
+    _subsample(data, options.max_train_samples, options.max_eval_samples)
+    return data
+
+
+def _load_student(options: FinetuneOptions, task: GlueTask) -> tuple[nn.Module, list[str]]:
+    """The model with a head of the task's size, and notes on any head it had to add or replace.
+
+    A base checkpoint has no head, and a head fine-tuned on another task has the wrong size:
+    both are normal starting points, so they are re-initialised and said, not refused.
+    """
+    model, info = load_model(
+        options.model,
+        AutoModelForSequenceClassification,
+        config_overrides=label_config(task),
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+    )
+    notes = []
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = mismatched_keys(info)
+    if missing:
+        notes.append(
+            f"the checkpoint has no {task.num_labels}-output classification head: added a new one, "
+            f"randomly initialised ({', '.join(missing)})"
+        )
+    if mismatched:
+        notes.append(
+            f"the checkpoint's head does not fit {task.name} ({task.num_labels} outputs): "
+            f"re-initialised {', '.join(mismatched)}"
+        )
+    return model, notes
+
+
+@dataclass
+class _Models:
+    """Everything loaded from model folders for one run."""
+
+    model: nn.Module
+    tokenizer: Any
+    teacher: nn.Module | None
+    notes: list[str]
+
+
+def _load_models(options: FinetuneOptions, task: GlueTask) -> _Models:
+    """The student (with its task head), its tokenizer and the distillation teacher, checked.
+
+    Why together, and before any output: each can be wrong in its own way (a model that is
+    already Monarch but asked to be converted again, a recipe matching no layer, no tokenizer
+    files, a teacher that does not fit), and every such mistake must surface before training.
+    The seed is set first because the new head is initialised while loading.
+    """
+    transformers.set_seed(options.seed)
+    model, notes = _load_student(options, task)
+    if options.monarch is not None:
+        if has_monarch_layers(model):
+            raise ConfigError(
+                f"'{options.model}' already has Monarch layers: fine-tune it without a Monarch recipe (monarch), "
+                "or start from the dense model"
+            )
+        dry_run(model, options.monarch)  # a pattern that matches nothing fails here, before any output
+    tokenizer = load_tokenizer(options.tokenizer or options.model)
+    if tokenizer is None:
+        raise ModelLoadError(
+            f"'{options.tokenizer or options.model}' has no tokenizer files; pass a tokenizer folder (tokenizer)"
+        )
+    teacher = _load_teacher(options.distill, task, model) if options.distill is not None else None
+    return _Models(model, tokenizer, teacher, notes)
+
+
+def _load_teacher(distill: DistillConfig, task: GlueTask, student: nn.Module) -> nn.Module:
+    """The distillation teacher: its head must have the task's outputs (one for regression)."""
+    outputs = 1 if task.is_regression else task.num_labels
+    return load_task_teacher(distill.teacher, student, task=task.name, outputs=outputs, hidden_states=distill.hidden_weight > 0)
+
+
+def _announce(events: FinetuneEvents, options: FinetuneOptions, task: GlueTask, data: GlueData, models: _Models) -> None:
+    """Say what was loaded. Only now: everything the user passed has been checked, so an
+    error still ends with a single line, and from here on progress is worth printing."""
+    sizes = ", ".join(f"{n} {split}" for split, n in data.sizes().items())
+    events.done(f"data: {task.name} from {data.source}: {sizes}")
+    for split, count in data.skipped.items():
+        events.note(f"skipped {count} malformed row(s) of the {split} file")
+    model = models.model
+    events.done(f"model: {options.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+    for note in models.notes:
+        events.note(note)
+    if options.distill is not None:
+        distill = options.distill
+        events.done(f"teacher: {distill.teacher} (alpha {distill.alpha}, temperature {distill.temperature}, hidden {distill.hidden_weight})")
+
+
+def _convert(options: FinetuneOptions, model: nn.Module, events: FinetuneEvents) -> tuple[ConversionReport | None, Conversion]:
+    """Convert the model to Monarch when a recipe was given, and what the run records about it.
+
+    The report (``None`` without a conversion) is saved with the model; the recipe is the one
+    given, or for a model loaded already converted, the one it was converted with.
+    """
+    if options.monarch is None:
+        return None, Conversion(on_the_fly=False, recipe=recipe_of(model))
+    start = time.perf_counter()
+    report = convert(model, options.monarch)
+    seconds = time.perf_counter() - start
+    events.note(
+        f"converted {len(report.converted)} layers on the fly: {report.model_params_before / 1e6:.2f}M -> "
+        f"{report.model_params_after / 1e6:.2f}M parameters"
+    )
+    return report, Conversion(on_the_fly=True, recipe=options.monarch.to_dict(), seconds=seconds)
+
+
+def _build_trainer(
+    options: FinetuneOptions,
+    task: GlueTask,
+    models: _Models,
+    datasets: tuple[Any, dict[str, Any]],
+    callbacks: Sequence[TrainerCallback],
+    progress_bar: bool,
+) -> tuple[MonarchTrainer, StepTimer]:
+    """The Trainer, and the timer of its optimisation steps.
+
+    Why its own step: this is where the run's options meet Trainer's. Trainer's raw log
+    printer is removed (the history goes into the results instead), and a front end's own
+    progress callbacks replace Trainer's tqdm bar.
+    """
+    train_ds, eval_ds = datasets
+    timer = StepTimer()
+    trainer = MonarchTrainer(
+        model=models.model,
+        args=training_arguments(options, progress_bar=progress_bar and not callbacks),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if options.eval_each_epoch else None,
+        processing_class=models.tokenizer,
+        data_collator=DataCollatorWithPadding(models.tokenizer),
+        compute_metrics=compute_metrics_fn(task),
+        callbacks=[timer, *callbacks],
+        monarch_lr=options.monarch_lr,
+        teacher=models.teacher,
+        distill=options.distill,
+    )
+    trainer.remove_callback(PrinterCallback)  # never print raw log dicts; the history is in the results
+    if callbacks:
+        trainer.remove_callback(ProgressCallback)
+    return trainer, timer
+
+
+def _train(trainer: MonarchTrainer, timer: StepTimer, options: FinetuneOptions) -> Training:
+    """Train (or resume), and collect what the results report about it.
+
+    Why the machine's load is taken here: training time is only comparable between runs on
+    an equally busy machine. A resume with nothing to resume from is the user's mistake, so
+    Trainer's error becomes a one-line :class:`ConfigError`.
+    """
+    load_at_start = load_average()
+    try:
+        output = trainer.train(resume_from_checkpoint=True if options.resume else None)
+    except ValueError as exc:
+        if options.resume and "checkpoint" in str(exc).lower():
+            raise ConfigError(f"resume: no checkpoint to resume from in '{options.checkpoints}'") from None
+        raise
+    return Training(
+        metrics=output.metrics,
+        eval_seconds=trainer.eval_seconds,
+        step_seconds=timer.seconds,
+        steps=trainer.state.global_step,
+        epochs=trainer.state.epoch,
+        examples=len(trainer.train_dataset),
+        log_history=list(trainer.state.log_history),
+        load_average_at_start=load_at_start,
+    )
+
+
+def _evaluate(trainer: MonarchTrainer, eval_ds: dict[str, Any]) -> Evaluation:
+    """Evaluate every dev split once more with the final model.
+
+    Why always, even after per-epoch evaluation: the saved model is the final one, and the
+    results must describe exactly that model on every split (MNLI has two).
+    """
+    metrics: dict[str, dict[str, float]] = {}
+    seconds = 0.0
+    for split, ds in eval_ds.items():
+        result = trainer.evaluate(eval_dataset=ds, metric_key_prefix="eval")
+        seconds += result.get("eval_runtime", 0.0)
+        metrics[split] = {k.removeprefix("eval_"): v for k, v in result.items() if k not in ("epoch",)}
+    return Evaluation(metrics, seconds, {split: len(ds) for split, ds in eval_ds.items()})
+
+
+def _save(
+    options: FinetuneOptions,
+    trainer: MonarchTrainer,
+    models: _Models,
+    report: ConversionReport | None,
+    conversion: Conversion,
+    results: dict[str, Any],
+    checkpoints_existed: bool,
+) -> None:
+    """Write the output folder (model, tokenizer, report and results, atomically), then drop
+    the checkpoints this run made: a finished run needs them no more. A checkpoint folder
+    that was there before is kept, unless this run resumed from it."""
+    save_model(trainer.model, options.out, tokenizer=models.tokenizer, report=report, recipe=conversion.recipe,
+               force=options.force or options.resume,
+               extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
+    if not options.keep_checkpoints and (not checkpoints_existed or options.resume) and options.checkpoints.is_dir():
+        shutil.rmtree(options.checkpoints, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------- finetune
 
 
@@ -350,140 +505,27 @@ def finetune(
     here); ``progress_bar=False`` shows none. ``argv`` is recorded as the command.
     """
     events = events or FinetuneEvents()
-    environment = _environment()  # now: the source hash must describe the code this run imported
-    task = get_task(options.task)
-    _check_precision(options.precision)
-    if not options.resume:
-        check_output_dir(options.out, options.force, inputs=_inputs(options))
-    checkpoints_existed = options.checkpoints.exists()
-    if options.resume and not checkpoints_existed:
-        raise ConfigError(f"--resume: checkpoint folder '{options.checkpoints}' does not exist")
+    environment = run_environment()  # now: the source hash must describe the code this run imported
+    task, checkpoints_existed = _check_request(options)
+    data = _load_data(options, task)
+    models = _load_models(options, task)
+    _announce(events, options, task, data, models)
 
-    data = load_glue(task, options.data_dir)
-    _subsample(data, options.max_train_samples, options.max_eval_samples)
-
-    transformers.set_seed(options.seed)  # before the head is initialised
-    model, notes = _load(options, task)
-    if options.monarch is not None and any(isinstance(m, MonarchLinear) for m in model.modules()):
-        raise ConfigError(f"'{options.model}' already has Monarch layers: drop --nblocks, or start from the dense model")
-    if options.monarch is not None:
-        dry_run(model, options.monarch)  # a pattern that matches nothing fails here, before any output
-    tokenizer = load_tokenizer(options.tokenizer or options.model)
-    if tokenizer is None:
-        raise ModelLoadError(f"'{options.tokenizer or options.model}' has no tokenizer files; pass --tokenizer FOLDER")
-    teacher = load_teacher(options.distill, task, model) if options.distill is not None else None
-    # Everything the user passed has been checked: from here on, progress is worth printing.
-    sizes = ", ".join(f"{n} {split}" for split, n in data.sizes().items())
-    events.done(f"data: {task.name} from {data.source}: {sizes}")
-    for split, count in data.skipped.items():
-        events.note(f"skipped {count} malformed row(s) of the {split} file")
-    events.done(f"model: {options.model} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
-    for note in notes:
-        events.note(note)
-    if options.distill is not None:
-        events.done(f"teacher: {options.distill.teacher} (alpha {options.distill.alpha}, temperature {options.distill.temperature}, hidden {options.distill.hidden_weight})")
-
-    report: ConversionReport | None = None
-    convert_seconds = 0.0
-    if options.monarch is not None:
-        start = time.perf_counter()
-        report = convert(model, options.monarch)
-        convert_seconds = time.perf_counter() - start
-        events.note(
-            f"converted {len(report.converted)} layers on the fly: {report.model_params_before / 1e6:.2f}M -> "
-            f"{report.model_params_after / 1e6:.2f}M parameters"
-        )
-    recipe = options.monarch.to_dict() if options.monarch is not None else recipe_of(model)
-    params = parameter_counts(model)
-
-    train_ds, eval_ds = tokenize(data, tokenizer, options.max_length)
-
-    args = training_arguments(options, progress_bar=progress_bar and not callbacks)
-    timer = StepTimer()
-    trainer = MonarchTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds if options.eval_each_epoch else None,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics_fn(task),
-        callbacks=[timer, *callbacks],
-        monarch_lr=options.monarch_lr,
-        teacher=teacher,
-        distill=options.distill,
-    )
-    trainer.remove_callback(PrinterCallback)  # never print raw log dicts; the history is in the results
-    if callbacks:
-        trainer.remove_callback(ProgressCallback)
+    report, conversion = _convert(options, models.model, events)
+    params = parameter_counts(models.model)
+    train_ds, eval_ds = tokenize(data, models.tokenizer, options.max_length)
+    trainer, timer = _build_trainer(options, task, models, (train_ds, eval_ds), callbacks, progress_bar)
 
     events.stage("training")
-    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    try:
-        train_output = trainer.train(resume_from_checkpoint=True if options.resume else None)
-    except ValueError as exc:
-        if options.resume and "checkpoint" in str(exc).lower():
-            raise ConfigError(f"--resume: no checkpoint to resume from in '{options.checkpoints}'") from None
-        raise
-    in_loop_eval = trainer.eval_seconds
-    history = _history(trainer.state.log_history)
-
+    training = _train(trainer, timer, options)
     events.stage("evaluating")
-    metrics: dict[str, dict[str, float]] = {}
-    eval_seconds = 0.0
-    for split, ds in eval_ds.items():
-        result = trainer.evaluate(eval_dataset=ds, metric_key_prefix="eval")
-        eval_seconds += result.get("eval_runtime", 0.0)
-        metrics[split] = {k.removeprefix("eval_"): v for k, v in result.items() if k not in ("epoch",)}
-
-    train_metrics = train_output.metrics
-    samples = len(train_ds)
-    results = {
-        "task": task.name,
-        "model": options.model,
-        "monarch": {
-            "converted_on_the_fly": report is not None,
-            "recipe": recipe or None,
-            "layers": params["monarch_layers"],
-            "convert_seconds": round(convert_seconds, 3),
-        },
-        "distill": options.distill.to_dict() if options.distill is not None else None,
-        "metrics": metrics,
-        "main_metric": {split: values.get(task.main_metric) for split, values in metrics.items()},
-        "train": {
-            "seconds": train_metrics.get("train_runtime"),
-            "seconds_excluding_eval": (train_metrics.get("train_runtime") or 0.0) - in_loop_eval,
-            "step_seconds": timer.seconds,
-            "samples_per_second": train_metrics.get("train_samples_per_second"),
-            "steps_per_second": train_metrics.get("train_steps_per_second"),
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "examples": samples,
-            "loss": train_metrics.get("train_loss"),
-        },
-        "eval": {
-            "seconds": eval_seconds,
-            "samples_per_second": {split: m.get("samples_per_second") for split, m in metrics.items()},
-            "examples": {split: len(ds) for split, ds in eval_ds.items()},
-        },
-        "params": params,
-        "data": {"source": data.source, "sizes": {"train": samples, **{k: len(v) for k, v in eval_ds.items()}}, "skipped": data.skipped},
-        "history": history,
-        "notes": notes,
-        "arguments": options.to_dict(),
-        "command": list(argv) if argv is not None else list(sys.argv),
-        "environment": {
-            **environment,
-            "load_average_at_start": load_at_start,
-            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
-    }
+    evaluation = _evaluate(trainer, eval_ds)
+    results = build_results(
+        options, task, data, conversion=conversion, params=params, training=training, evaluation=evaluation,
+        notes=models.notes, environment=environment, argv=argv,
+    )
 
     if trainer.is_world_process_zero():
         events.stage(f"saving to {options.out}")
-        final = trainer.model
-        save_model(final, options.out, tokenizer=tokenizer, report=report, recipe=recipe, force=options.force or options.resume,
-                   extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
-        if not options.keep_checkpoints and (not checkpoints_existed or options.resume) and options.checkpoints.is_dir():
-            shutil.rmtree(options.checkpoints, ignore_errors=True)
+        _save(options, trainer, models, report, conversion, results, checkpoints_existed)
     return FinetuneResult(options.out, results, trainer.model)

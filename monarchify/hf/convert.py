@@ -1,32 +1,39 @@
-"""Convert a pretrained checkpoint end to end: load, project, check, save."""
+"""Convert a Hugging Face checkpoint end to end: load, run the pipeline, check, save.
+
+Everything a person can get wrong is checked before the model loads: the calibration text
+is read first and the output folder must be writable. The folder is written atomically at
+the end.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from monarchify.atomic import check_output_dir
-from monarchify.calibrated import CalibrationSettings, prepare_conversion
-from monarchify.calibration import DEFAULT_SAMPLES, read_calibration
 from monarchify.config import MonarchConfig
-from monarchify.hf.checkpoint import load_model, load_tokenizer, save_model
 from monarchify.hf.functional_check import FunctionalCheck
+from monarchify.errors import ConfigError
+from monarchify.hf.loading import load_model, load_tokenizer, read_config
+from monarchify.hf.plugin import QUANT_METHOD
+from monarchify.hf.saving import save_model
+from monarchify.pipeline import Events, convert, dry_run
 from monarchify.report import ConversionReport
-from monarchify.speed_gate import SpeedGate
-from monarchify.surgery import Projector, convert, dry_run
+from monarchify.samples import read_samples
 
 
-class ConvertEvents:
-    """Hooks for a front end to show progress; every method is optional."""
+class ConvertEvents(Events):
+    """The pipeline's progress hooks, plus loading and saving; every method is optional."""
 
-    def loading(self, source: str) -> None: ...
-    def calibrating(self, samples: int) -> None: ...
-    def projecting(self, total: int) -> None: ...
-    def projected(self, name: str) -> None: ...
-    def saving(self, out: str) -> None: ...
+    def loading(self, source: str) -> None:
+        """The checkpoint starts loading."""
+
+    def saving(self, out: str) -> None:
+        """The converted model starts being written."""
 
 
 @dataclass
@@ -34,7 +41,16 @@ class ConvertResult:
     report: ConversionReport
     model: nn.Module | None = None
     tokenizer: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _refuse_monarch_checkpoint(source: str | os.PathLike[str]) -> None:
+    """A folder converted already is refused at once, before seconds of loading."""
+    folder = Path(os.fspath(source)).expanduser()
+    if not (folder / "config.json").is_file():
+        return  # a Hub id, or a folder that loading will refuse with its own message
+    quantization = read_config(folder).get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+        raise ConfigError(f"'{source}' is a Monarch checkpoint already: convert the dense model it came from")
 
 
 def convert_pretrained(
@@ -42,51 +58,37 @@ def convert_pretrained(
     out: str | os.PathLike[str] | None,
     config: MonarchConfig,
     *,
+    calibration_data: str | os.PathLike[str] | None = None,
     force: bool = False,
     dry: bool = False,
     check: bool = True,
-    projector: Projector | None = None,
     events: ConvertEvents | None = None,
-    speed_gate: SpeedGate | None = None,
-    calibrate: str | os.PathLike[str] | None = None,
-    calibration_samples: int = DEFAULT_SAMPLES,
-    calibration: CalibrationSettings | None = None,
 ) -> ConvertResult:
     """Load ``source``, convert it with ``config`` and (unless ``dry``) save it to ``out``.
 
-    The output folder is checked before anything is loaded, and written atomically at the end.
-    ``speed_gate`` leaves dense every layer Monarch does not speed up on this device.
-    ``calibrate`` (a text/TSV file or dataset, see :mod:`monarchify.calibration`) makes the
-    projection activation-aware; ``config.budget`` chooses per-layer block counts
-    (:mod:`monarchify.budget`). Calibration data is read before the model is loaded.
+    ``calibration_data`` (a text or TSV file, a saved dataset or ``hf:NAME``; see
+    :mod:`monarchify.samples`) is the text a calibrating recipe runs through the dense model.
+    ``check`` compares the dense and converted model's outputs on sample sentences.
     """
     events = events or ConvertEvents()
-    data = read_calibration(calibrate, calibration_samples) if calibrate is not None else None
+    _refuse_monarch_checkpoint(source)
+    samples = None
+    if config.calibration is not None and calibration_data is not None:
+        samples = read_samples(calibration_data, config.calibration.samples, config.calibration.heldout)
     if out is not None and not dry:
         check_output_dir(out, force, inputs=(source,))
     events.loading(os.fspath(source))
     model = load_model(source)
-    tokenizer = load_tokenizer(source) if (data is not None or not dry) else None
-    if data is not None:
-        events.calibrating(len(data.fit) + len(data.heldout))
-    prepared = prepare_conversion(model, tokenizer, config, data, calibration)
+    tokenizer = load_tokenizer(source) if (samples is not None or not dry) else None
     if dry:
-        plan = prepared.finish(dry_run(model, prepared.surgery_config), model)
-        if speed_gate is not None:
-            speed_gate.mark_plan(plan, model)
-        return ConvertResult(plan, model)
+        return ConvertResult(dry_run(model, config, samples=samples, tokenizer=tokenizer, events=events), model)
 
     functional = FunctionalCheck(model, tokenizer) if check else None
-    config = prepared.surgery_config
-    events.projecting(len(dry_run(model, config).layers))
-    report = convert(model, config, projector=projector or prepared.projector, progress=events.projected, keep_dense=speed_gate)
-    prepared.finish(report, model)
-    if speed_gate is not None:
-        speed_gate.annotate(report)
+    report = convert(model, config, samples=samples, tokenizer=tokenizer, events=events)
     if functional is not None:
         report.functional_check = functional.result(model)
     report.meta.update({"source": os.fspath(source), "architecture": type(model).__name__})
     if out is not None:
         events.saving(os.fspath(out))
-        save_model(model, out, tokenizer=tokenizer, report=report, recipe=prepared.config.to_dict(), force=force)
+        save_model(model, out, tokenizer=tokenizer, report=report, recipe=report.meta["recipe"], force=force)
     return ConvertResult(report, model, tokenizer)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from monarchify.model_inputs import position_limit, random_inputs
+
 SAMPLE_SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
     "Monarch matrices replace dense weights with two block-diagonal factors.",
@@ -40,10 +42,8 @@ def sample_inputs(model: nn.Module, tokenizer: Any, sentences: tuple[str, ...] =
     source = "tokenizer"
     inputs = [_encoded(tokenizer, sentence) for sentence in sentences] if tokenizer is not None else []
     if not inputs or any(item is None for item in inputs):
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, int(vocab), (len(sentences), RANDOM_TOKENS), generator=gen)
-        inputs = [{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in ids]
-        source = "random token ids"
+        batch = random_inputs(model, len(sentences), min(RANDOM_TOKENS, position_limit(model) or RANDOM_TOKENS), seed=0)
+        return [{name: tensor[i : i + 1] for name, tensor in batch.items()} for i in range(len(sentences))], "random token ids"
     if getattr(config, "is_encoder_decoder", False):
         inputs = [{**item, "decoder_input_ids": item["input_ids"]} for item in inputs]
     return inputs, source

@@ -10,15 +10,15 @@ from typing import Any, Callable
 from torch import nn
 
 from monarchify.atomic import check_output_dir
-from monarchify.calibration import DEFAULT_MAX_LENGTH, read_calibration, tokenize
 from monarchify.errors import ConfigError
-from monarchify.heal import HealConfig, HealResult, heal_
-from monarchify.hf.checkpoint import config_difference, load_model, load_tokenizer, read_report, recipe_of, save_model
-from monarchify.monarch import MonarchLinear
+from monarchify.heal import HealResult, heal_
+from monarchify.heal_config import DEFAULT_HEAL_BATCH, DEFAULT_HEAL_SAMPLES, HealConfig
+from monarchify.hf.loading import load_model, load_tokenizer
+from monarchify.hf.saving import recipe_of, save_model
+from monarchify.hf.stored_report import read_report
+from monarchify.hf.teacher import check_dense_original
 from monarchify.report import ConversionReport
-
-DEFAULT_HEAL_SAMPLES = 2048
-DEFAULT_HEAL_BATCH = 16
+from monarchify.samples import DEFAULT_MAX_LENGTH, read_samples, tokenize
 
 
 @dataclass
@@ -26,16 +26,6 @@ class HealRun:
     result: HealResult
     report: ConversionReport
     model: nn.Module
-
-
-def _check_pair(student: nn.Module, teacher: nn.Module, source: str, teacher_source: str) -> None:
-    if not any(isinstance(m, MonarchLinear) for m in student.modules()):
-        raise ConfigError(f"'{source}' has no Monarch layers: convert it first (monarchify convert), then heal the result")
-    if any(isinstance(m, MonarchLinear) for m in teacher.modules()):
-        raise ConfigError(f"--teacher '{teacher_source}' has Monarch layers: the teacher is the dense original")
-    difference = config_difference(student, teacher, ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"))
-    if difference:
-        raise ConfigError(f"--teacher '{teacher_source}' is not the dense original of '{source}': {difference}")
 
 
 def heal_pretrained(
@@ -53,20 +43,20 @@ def heal_pretrained(
 ) -> HealRun:
     """Heal the converted model in ``source`` towards ``teacher`` on ``data`` and save it to ``out``.
 
-    ``data`` is read like calibration data (text file, GLUE TSV, datasets folder, ``hf:``):
-    ``samples`` for training and a quarter more held out to measure the hidden-state error
+    ``data`` is read like calibration data (:func:`monarchify.samples.read_samples`: text file,
+    GLUE TSV, datasets folder, ``hf:``): ``samples`` for training and a quarter more held out to measure the hidden-state error
     before and after. Everything is checked before the long part starts; ``out`` is written
     atomically at the end with the conversion report, whose ``meta.heal`` records the run.
     """
     if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    text = read_calibration(data, samples)
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    text = read_samples(data, samples)
     check_output_dir(out, force, inputs=(source, teacher))
     source, teacher_source = os.fspath(source), os.fspath(teacher)
     report = read_report(source)  # also refuses a folder that is not a Monarch checkpoint
     student = load_model(source)
     dense = load_model(teacher_source)
-    _check_pair(student, dense, source, teacher_source)
+    check_dense_original(student, dense, source, teacher_source)
     tokenizer = load_tokenizer(source) or load_tokenizer(teacher_source)
     batches = tokenize(text.fit, tokenizer, batch_size=batch_size, max_length=max_length)
     heldout = tokenize(text.heldout, tokenizer, batch_size=batch_size, max_length=max_length)

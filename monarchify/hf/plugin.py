@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.quantizers import HfQuantizer
+from transformers.quantizers.base import HfQuantizer  # not the package: it may be mid-import (see registration.py)
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -29,7 +29,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from monarchify.errors import ModelLoadError
 from monarchify.monarch import MonarchLinear
-from monarchify.surgery import replace_module
+from monarchify.pipeline.apply import replace_module
 
 QUANT_METHOD = "monarch"
 FORMAT_VERSION = 1
@@ -150,8 +150,11 @@ class MonarchHfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register the plug-in once (importing ``monarchify`` calls this)."""
+    """Register the plug-in once (``import monarchify`` arranges it; see :mod:`.registration`)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(MonarchQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(MonarchHfQuantizer)
+
+
+register()  # importing the plug-in is using it

@@ -10,6 +10,7 @@ from torch import nn
 
 from monarchify.monarch.kernels import monarch_matmul
 from monarchify.monarch.layout import MonarchLayout
+from monarchify.monarch.projection import assemble
 
 
 class MonarchLinear(nn.Module):
@@ -81,18 +82,10 @@ class MonarchLinear(nn.Module):
     def to_dense(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` matrix this layer multiplies by.
 
-        Built pair by pair from the layout rules rather than by pushing an identity through
-        ``forward``, so it is an independent check of the forward pass.
+        Built from the factors by :func:`~monarchify.monarch.projection.assemble`, not by
+        pushing an identity through ``forward``, so it is an independent check of the kernels.
         """
-        lay = self.layout
-        b, p = lay.nblocks, lay.p
-        dense = self.L.new_zeros(lay.n_out, lay.n_in)
-        for l in range(b):
-            for k in range(b):
-                cols, rows = lay.pair_indices(l, k)
-                if cols:
-                    dense[l::b, k * p : (k + 1) * p] = self.L[l][:, cols] @ self.R[k][rows, :]
-        return dense[: self.out_features, : self.in_features]
+        return assemble(self.L, self.R, self.layout)
 
     @property
     def weight(self) -> torch.Tensor:

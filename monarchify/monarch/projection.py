@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from monarchify.errors import NonFiniteWeightError
 from monarchify.monarch.layout import MonarchLayout
+from monarchify.monarch.threads import torch_threads
 
 
 @dataclass
@@ -78,7 +79,7 @@ def project(
     if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
         raise NonFiniteWeightError("the weight contains NaN or Inf values")
 
-    b, t = layout.nblocks, layout.q // layout.nblocks
+    b = layout.nblocks
     ranks = torch.tensor(layout.pair_ranks, device=w.device)
     blocks = _blocks(w, layout)
     u, sigma, vh, sq_err = truncated_svd(blocks, ranks, solver_dtype=solver_dtype_for(weight.dtype), dtype=compute_dtype)
@@ -95,12 +96,41 @@ def project(
         L, R = torch.zeros(layout.l_shape, **factory), torch.zeros(layout.r_shape, **factory)
         for l in range(b):
             for k in range(b):
-                t = layout.pair_ranks[l][k]
-                cols, rows = layout.pair_indices(l, k)
-                if t:
-                    L[l][:, cols] = u[l, k, :, :t] * root[l, k, :t]
-                    R[k][rows, :] = root[l, k, :t, None] * vh[l, k, :t, :]
+                write_pair(L, R, layout, l, k, u[l, k], root[l, k], vh[l, k])
     return Projection(layout, L.contiguous(), R.contiguous(), float(sq_err.sum()), weight_sq_norm)
+
+
+def write_pair(
+    L: torch.Tensor, R: torch.Tensor, layout: MonarchLayout, l: int, k: int,
+    u: torch.Tensor, root: torch.Tensor, vh: torch.Tensor,
+) -> None:
+    """Give sub-block ``(l, k)`` its top ``t(l, k)`` singular triplets: ``u·√σ`` into the
+    columns of ``L[l]`` and ``√σ·vh`` into the rows of ``R[k]`` that the pair owns
+    (:meth:`MonarchLayout.pair_indices`). ``u`` is ``(s, ≥t)``, ``root`` the ``√σ`` and ``vh``
+    ``(≥t, p)``; a pair of rank 0 gets nothing.
+
+    Every projection (plain, whitened, refined) writes its factors through here, so the
+    layout rule lives in one place.
+    """
+    t = layout.pair_ranks[l][k]
+    if t:
+        cols, rows = layout.pair_indices(l, k)
+        L[l][:, cols] = u[:, :t] * root[:t]
+        R[k][rows, :] = root[:t, None] * vh[:t, :]
+
+
+def assemble(L: torch.Tensor, R: torch.Tensor, layout: MonarchLayout) -> torch.Tensor:
+    """The dense ``(d_out, d_in)`` matrix of factors ``L``, ``R``.
+
+    Written as ``L_full @ blockdiag(R)`` with ``L_full[r·b + l, c·b + l] = L[l, r, c]`` (the
+    middle permutation folded into where ``L`` lands): independent of the layer's forward
+    pass (strided or fused kernels), so each checks the other. Differentiable.
+    """
+    b = layout.nblocks
+    eye = torch.eye(b, dtype=L.dtype, device=L.device)
+    l_full = torch.einsum("lrc,lm->rlcm", L, eye).reshape(layout.n_out, b * layout.q)
+    dense = l_full @ torch.block_diag(*R)
+    return dense[: layout.d_out, : layout.d_in]
 
 
 def _blocks(weight: torch.Tensor, layout: MonarchLayout) -> torch.Tensor:
@@ -239,13 +269,9 @@ def _top_eigenvectors(gram: torch.Tensor, t: int) -> torch.Tensor:
     workers = min(torch.get_num_threads(), gram.shape[0])
     if gram.is_cuda or workers == 1:
         return torch.linalg.eigh(gram)[1][..., -t:]
-    previous = torch.get_num_threads()
     chunks = gram.tensor_split(workers)
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         parts = list(_eigh_pool(workers).map(lambda g: torch.linalg.eigh(g)[1][..., -t:], chunks))
-    finally:
-        torch.set_num_threads(previous)
     return torch.cat(parts)
 
 

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from monarchify.errors import ConfigError, NonFiniteWeightError
 from monarchify.monarch.layout import MonarchLayout
-from monarchify.monarch.projection import Projection, sub_blocks
+from monarchify.monarch.projection import Projection, assemble, sub_blocks, write_pair
+from monarchify.monarch.threads import torch_threads
 
 F64 = torch.float64
 DEFAULT_DAMPING = 0.01
@@ -107,20 +108,6 @@ def cholesky_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return factors
 
 
-def assemble(L: torch.Tensor, R: torch.Tensor, layout: MonarchLayout) -> torch.Tensor:
-    """The dense ``(d_out, d_in)`` matrix of factors ``L``, ``R``.
-
-    Written as ``L_full @ blockdiag(R)`` with ``L_full[r·b + l, c·b + l] = L[l, r, c]``
-    (the middle permutation folded into where ``L`` lands), independently of the layer's
-    forward pass so each can check the other.
-    """
-    b = layout.nblocks
-    eye = torch.eye(b, dtype=L.dtype, device=L.device)
-    l_full = torch.einsum("lrc,lm->rlcm", L, eye).reshape(layout.n_out, b * layout.q)
-    dense = l_full @ torch.block_diag(*R)
-    return dense[: layout.d_out, : layout.d_in]
-
-
 def output_sq_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> float:
     """``tr((W - M) C (W - M)ᵀ)``: the mean squared output error over the samples behind ``C``."""
     e = weight.to(F64) - approx.to(F64)
@@ -159,13 +146,8 @@ def batched_svd(a: torch.Tensor, values_only: bool = False):
     torch's threaded batch loop calling a threaded LAPACK oversubscribes the cores: 16 blocks
     of 96×384 took 2.3 s with 2 threads and 0.06 s with one (2-core CPU, float64).
     """
-    previous = torch.get_num_threads()
-    if not a.is_cuda:
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(torch.get_num_threads() if a.is_cuda else 1):
         return torch.linalg.svdvals(a) if values_only else torch.linalg.svd(a, full_matrices=False)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _fill_pair_factors(L, R, u, sigma, vh, layout: MonarchLayout) -> float:
@@ -175,12 +157,8 @@ def _fill_pair_factors(L, R, u, sigma, vh, layout: MonarchLayout) -> float:
     discarded = 0.0
     for l in range(layout.nblocks):
         for k in range(layout.nblocks):
-            t = layout.pair_ranks[l][k]
-            cols, rows = layout.pair_indices(l, k)
-            if t:
-                L[l][:, cols] = u[l, k, :, :t] * root[l, k, :t]
-                R[k][rows, :] = root[l, k, :t, None] * vh[l, k, :t, :]
-            discarded += float(sigma[l, k, t:].square().sum())
+            write_pair(L, R, layout, l, k, u[l, k], root[l, k], vh[l, k])
+            discarded += float(sigma[l, k, layout.pair_ranks[l][k]:].square().sum())
     return discarded
 
 
@@ -272,14 +250,9 @@ def refine_full(
             vh = torch.linalg.solve_triangular(factors[k], vh, upper=False, left=False)
             root = sigma.sqrt()
             for l in range(b):
-                t = layout.pair_ranks[l][k]
+                write_pair(L, R, layout, l, k, u[l], root[l], vh[l])
                 lcols, rows = layout.pair_indices(l, k)
-                if t:
-                    L[l][:, lcols] = u[l, :, :t] * root[l, :t]
-                    R[k][rows, :] = root[l, :t, None] * vh[l, :t, :]
-                    approx[l::b, cols] = L[l][:, lcols] @ R[k][rows, :]
-                else:
-                    approx[l::b, cols] = 0.0
+                approx[l::b, cols] = L[l][:, lcols] @ R[k][rows, :] if lcols else 0.0
         history.append(objective(approx))
     _balance(L, R, layout)  # M unchanged
     approx = assemble(L, R, layout)

@@ -1,6 +1,9 @@
-"""Per-layer block counts under a parameter budget: an exact multiple-choice knapsack.
+"""Stage 3, allocate: every planned layer's final block count, or keeping it dense.
 
-``convert --budget 0.5`` keeps at most half of the selected layers' dense parameters (weights
+Two deciders, in this order: the parameter budget (when the recipe has one) and the speed gate
+(when it has one). Without either, every layer keeps the block count the plan gave it.
+
+The budget is an exact multiple-choice knapsack. ``budget=0.5`` keeps at most half of the selected layers' dense parameters (weights
 and biases, the same count the report shows) and picks, for every layer, one option among
 
 * Monarch with ``nblocks`` in :data:`CANDIDATES` (those without structural zeros), and
@@ -9,8 +12,8 @@ and biases, the same count the report shows) and picks, for every layer, one opt
 Keeping dense is a candidate on purpose: when a few layers are much harder to approximate
 than the rest, paying full price for them and compressing the others harder gives a lower
 total error, and the solver should be free to find that. (For a square layer ``nblocks=2``
-costs exactly as much as dense, so dense always wins there.) ``--no-budget-dense``
-(``MonarchConfig.budget_keep_dense = False``) converts every selected layer instead.
+costs exactly as much as dense, so dense always wins there.) ``budget_keep_dense=False``
+converts every selected layer instead.
 
 The error of an option is the layer's *relative squared* error: ``||W - M||²/||W||²``, or
 with calibration ``tr((W - M) C (W - M)ᵀ) / tr(W C Wᵀ)`` (block-diagonal surrogate, see
@@ -24,6 +27,9 @@ any completion, so discarding it never loses the optimum: the result is exactly 
 The frontier has at most one point per distinct parameter total; transformer stacks repeat
 a few shapes, so it stays small (a few thousand points for MiniLM).
 
+The speed gate times each distinct layer shape on this device (:mod:`monarchify.speed_gate`)
+and keeps dense the layers Monarch does not make faster.
+
 Torch only: nothing here knows about transformers.
 """
 
@@ -35,15 +41,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.monarch.layout import MonarchLayout
 from monarchify.monarch.projection import sub_blocks
 from monarchify.monarch.whitening import DEFAULT_DAMPING, batched_svd, whitened_sub_blocks
-from monarchify.report import LayerReport
-from monarchify.selection import FilterFn, dense_weight, is_conv1d, name_matches, select
+from monarchify.pipeline.plan import PlannedLayer
 
 CANDIDATES = (2, 3, 4, 6, 8, 12, 16)
 DENSE = None
@@ -207,62 +211,51 @@ def layer_choices(
     return LayerChoices(name, options, d_in * d_out + bias)
 
 
-# --- applying it to a model -----------------------------------------------------------------
+
+# --- the budget over a planned model ------------------------------------------------------
 
 CovarianceOf = Callable[[str], torch.Tensor]
 
 
-def _pinned(name: str, config: MonarchConfig) -> int | None:
-    """The block count a user override fixes for ``name`` (the last matching wins)."""
-    value = None
-    for pattern, nblocks in config.overrides.items():
-        if name_matches(pattern, name):
-            value = nblocks
-    return value
-
-
 def plan_budget(
-    model: nn.Module,
+    layers: Sequence[PlannedLayer],
     config: MonarchConfig,
-    filter_fn: FilterFn | None = None,
     *,
     covariance: CovarianceOf | None = None,
     damping: float = DEFAULT_DAMPING,
 ) -> BudgetPlan:
-    """Choose every selected layer's block count under ``config.budget``.
+    """Choose every planned layer's block count under ``config.budget``.
 
-    ``--override`` pins a layer to its block count; every other selected layer is free to
-    take any candidate, or to stay dense when ``config.budget_keep_dense``.
-    ``covariance(name)``, when given, weighs errors by the layer's calibration activations.
+    A layer an override pinned keeps its block count; every other layer is free to take any
+    candidate, or to stay dense when ``config.budget_keep_dense``. ``covariance(name)``, when
+    given, weighs errors by the layer's calibration activations.
     """
     if config.budget is None:
-        raise ConfigError("no budget in the recipe")
-    layers = []
-    for name, module, _ in select(model, config, filter_fn):
-        weight = dense_weight(module)
-        layers.append(
-            layer_choices(
-                name, weight, getattr(module, "bias", None) is not None,
-                cov=covariance(name) if covariance else None, pinned=_pinned(name, config),
-                allow_dense=config.budget_keep_dense, allow_structural_zeros=config.allow_structural_zeros, damping=damping,
-            )
+        raise ConfigError("the recipe has no budget")
+    choices = [
+        layer_choices(
+            layer.name, layer.weight, layer.has_bias,
+            cov=covariance(layer.name) if covariance else None, pinned=layer.nblocks if layer.pinned else None,
+            allow_dense=config.budget_keep_dense, allow_structural_zeros=config.allow_structural_zeros, damping=damping,
         )
-    params_dense = sum(layer.params_dense for layer in layers)
+        for layer in layers
+    ]
+    params_dense = sum(layer.params_dense for layer in choices)
     budget = int(config.budget * params_dense)
     try:
-        picks = solve([layer.options for layer in layers], budget)
+        picks = solve([layer.options for layer in choices], budget)
     except BudgetError:
-        least = sum(min(o.params for o in layer.options) for layer in layers)
+        least = sum(min(o.params for o in layer.options) for layer in choices)
         raise BudgetError(
-            f"--budget {config.budget:g} is below what the candidates allow: at least {least / params_dense:.3f} "
+            f"budget {config.budget:g} is below what the candidates allow: at least {least / params_dense:.3f} "
             f"of the selected layers' dense parameters (nblocks up to {max(CANDIDATES)})"
         ) from None
     plan = BudgetPlan(
         config.budget, budget, params_dense,
-        {layer.name: layer.options[k] for layer, k in zip(layers, picks)}, weighted=covariance is not None,
+        {layer.name: layer.options[k] for layer, k in zip(choices, picks)}, weighted=covariance is not None,
     )
     for b in CANDIDATES:
-        chosen = [next((o for o in layer.options if o.nblocks == b), None) for layer in layers]
+        chosen = [next((o for o in layer.options if o.nblocks == b), None) for layer in choices]
         if all(chosen):
             plan.uniform[b] = {
                 "params": sum(o.params for o in chosen),
@@ -275,7 +268,8 @@ def plan_budget(
 def resolved_config(config: MonarchConfig, plan: BudgetPlan) -> MonarchConfig:
     """The recipe that reproduces ``plan`` without solving again: an exact-name override per
     converted layer and an exact-name exclude per layer kept dense (``budget`` is kept as a
-    record; solving it again with every layer pinned gives the same answer)."""
+    record; solving it again with every layer pinned gives the same answer). This is the
+    recipe a budgeted checkpoint records."""
     overrides = dict(config.overrides)
     exclude = list(config.exclude)
     for name, option in plan.choices.items():
@@ -286,34 +280,76 @@ def resolved_config(config: MonarchConfig, plan: BudgetPlan) -> MonarchConfig:
     return replace(config, overrides=overrides, exclude=exclude)
 
 
-def kept_dense_reports(model: nn.Module, plan: BudgetPlan) -> list[LayerReport]:
-    """Report rows for the layers the plan keeps dense."""
-    rows = []
-    for name in plan.dense_layers():
-        module = model.get_submodule(name)
-        d_out, d_in = dense_weight(module).shape
-        bias = getattr(module, "bias", None) is not None
-        params = d_out * d_in + (d_out if bias else 0)
-        rows.append(
-            LayerReport(
-                name=name, kind="Conv1D" if is_conv1d(module) else "Linear", shape=[d_out, d_in], nblocks=1,
-                padded=False, bias=bias, params_dense=params, params_monarch=params,
-                kept_dense=True, reason=f"kept dense by --budget {plan.fraction:g}",
-            )
-        )
-    return rows
+# --- the allocation -----------------------------------------------------------------------
 
 
-def apply_budget(
-    model: nn.Module,
-    config: MonarchConfig,
-    filter_fn: FilterFn | None = None,
-    *,
-    covariance: CovarianceOf | None = None,
-) -> tuple[MonarchConfig, BudgetPlan | None, list[LayerReport]]:
-    """``config`` with the budget resolved into per-layer block counts, the plan, and the
-    report rows of layers kept dense; ``config`` unchanged when it has no budget."""
-    if config.budget is None:
-        return config, None, []
-    plan = plan_budget(model, config, filter_fn, covariance=covariance)
-    return resolved_config(config, plan), plan, kept_dense_reports(model, plan)
+@dataclass
+class KeptDense:
+    """A selected layer that stays dense, and why."""
+
+    reason: str
+    nblocks: int | None = None
+    """The block count it would have had (None when the budget chose dense)."""
+
+
+@dataclass
+class Allocation:
+    """The answer of this stage: what each planned layer becomes."""
+
+    nblocks: dict[str, int] = field(default_factory=dict)
+    """Layers that become Monarch, with their block counts."""
+    kept: dict[str, KeptDense] = field(default_factory=dict)
+    budget: BudgetPlan | None = None
+    speed: dict[str, Any] = field(default_factory=dict)
+    """Layer name -> the speed gate's :class:`~monarchify.speed_gate.SpeedVerdict`."""
+
+    def layout(self, layer: PlannedLayer) -> MonarchLayout:
+        return MonarchLayout(layer.d_in, layer.d_out, self.nblocks[layer.name])
+
+    def recipe(self, config: MonarchConfig) -> MonarchConfig:
+        """The recipe to record: with a budget, every layer's block count written out."""
+        return resolved_config(config, self.budget) if self.budget is not None else config
+
+
+def allocate(
+    layers: Sequence[PlannedLayer], config: MonarchConfig, *, covariance: CovarianceOf | None = None
+) -> Allocation:
+    """Decide every planned layer: the budget first, then the speed gate on what it converts.
+
+    Layouts are checked here (a block count that leaves structural zeros is refused unless the
+    recipe allows it), naming the layer, before any projection starts.
+    """
+    allocation = Allocation()
+    if config.budget is not None:
+        damping = config.calibration.damping if config.calibration is not None else DEFAULT_DAMPING
+        allocation.budget = plan_budget(layers, config, covariance=covariance, damping=damping)
+        reason = f"kept dense by the budget ({config.budget:g})"
+        for name, option in allocation.budget.choices.items():
+            if option.nblocks is DENSE:
+                allocation.kept[name] = KeptDense(reason)
+            else:
+                allocation.nblocks[name] = option.nblocks
+    else:
+        allocation.nblocks = {layer.name: layer.nblocks for layer in layers}
+
+    monarch = [layer for layer in layers if layer.name in allocation.nblocks]
+    for layer in monarch:
+        try:
+            allocation.layout(layer).check_structure(config.allow_structural_zeros)
+        except ConfigError as exc:
+            raise type(exc)(f"layer '{layer.name}': {exc}") from None
+    if config.speed_gate is not None:
+        _apply_speed_gate(allocation, monarch, config)
+    return allocation
+
+
+def _apply_speed_gate(allocation: Allocation, layers: Sequence[PlannedLayer], config: MonarchConfig) -> None:
+    from monarchify.speed_gate import SpeedGate
+
+    gate = SpeedGate(config.speed_gate)
+    for layer in layers:
+        weight = layer.weight
+        verdict = gate.measure(allocation.layout(layer), weight.dtype, weight.device, layer.has_bias)
+        allocation.speed[layer.name] = verdict
+        if verdict.reason is not None:
+            allocation.kept[layer.name] = KeptDense(verdict.reason, allocation.nblocks.pop(layer.name))

@@ -1,4 +1,4 @@
-"""Which layers of a model get converted, and with how many blocks.
+"""Stage 1, plan: which layers of a model the recipe converts, and their block counts.
 
 The rules, each tested as a table in ``tests/test_selection.py``:
 
@@ -9,11 +9,15 @@ The rules, each tested as a table in ``tests/test_selection.py``:
   ``attention`` in it.
 * Convertible modules are ``nn.Linear`` and GPT-2 style ``Conv1D`` (weight stored
   transposed).
-* Without ``include``, the default is every convertible module inside the model's repeated
-  blocks (below an ``nn.ModuleList``): attention and MLP projections, never embeddings,
-  poolers, classifier or LM heads. ``include`` replaces that default, so a head can be
-  converted by naming it. ``exclude`` then removes layers.
-* ``overrides`` give some layers another block count; the last matching one wins.
+* Without ``include`` or a ``filter_fn``, the default is every convertible module inside the
+  model's repeated blocks (below an ``nn.ModuleList``): attention and MLP projections, never
+  embeddings, poolers, classifier or LM heads. ``include`` and ``filter_fn`` each replace that
+  default (so a head can be converted by naming it); given both, a layer must pass both.
+  ``exclude`` then removes layers.
+* ``overrides`` give some layers another block count (the last matching one wins), and pin
+  it: a budget never changes a pinned layer's block count.
+
+Planning touches nothing and runs once per conversion.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from monarchify.config import MonarchConfig
 from monarchify.errors import NoMatchError
 
 FilterFn = Callable[[nn.Module, str], bool]
+"""``filter_fn(module, qualified_name) -> bool``, as torchao's ``quantize_`` takes it."""
 
 
 @lru_cache(maxsize=512)
@@ -45,7 +50,7 @@ def name_matches(pattern: str, name: str) -> bool:
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: a linear layer whose weight is stored as ``(in, out)``.
 
-    Recognised by shape rather than by importing transformers, so this module stays free of it.
+    Recognised by shape rather than by importing transformers, so the pipeline stays free of it.
     """
     weight = getattr(module, "weight", None)
     return (
@@ -87,6 +92,41 @@ def candidates(model: nn.Module) -> Iterator[Candidate]:
     yield from walk(model, "", False)
 
 
+@dataclass
+class PlannedLayer:
+    """One selected layer: what it is, and the block count the recipe gives it."""
+
+    name: str
+    module: nn.Module
+    nblocks: int
+    pinned: bool
+    """An override fixed ``nblocks``: the budget must keep it."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dense_weight(self.module)
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def kind(self) -> str:
+        return "Conv1D" if is_conv1d(self.module) else "Linear"
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def params_dense(self) -> int:
+        return self.d_out * self.d_in + (self.d_out if self.has_bias else 0)
+
+
 def _output_embedding(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     try:
@@ -100,33 +140,38 @@ def _examples(names: list[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def select(
-    model: nn.Module, config: MonarchConfig, filter_fn: FilterFn | None = None
-) -> list[tuple[str, nn.Module, int]]:
-    """``(name, module, nblocks)`` for every layer the recipe converts, in model order.
+def _nothing_to_convert(model: nn.Module, problem: str) -> NoMatchError:
+    """``problem``, unless the reason is that the model was converted already."""
+    from monarchify.monarch import MonarchLinear
 
-    ``filter_fn(module, name)``, when given, replaces the default selection (like
-    torchao's ``quantize_``); ``include``/``exclude`` still apply on top of it.
+    if any(isinstance(m, MonarchLinear) for m in model.modules()):
+        return NoMatchError("the model's layers are already Monarch layers: convert the dense model instead")
+    return NoMatchError(problem)
+
+
+def plan(model: nn.Module, config: MonarchConfig, filter_fn: FilterFn | None = None) -> list[PlannedLayer]:
+    """Every layer the recipe converts, in model order, with its block count.
+
+    Every pattern must match something: a typo fails here, naming what exists, before any
+    work is done.
     """
     found = list(candidates(model))
-    all_names = [c.name for c in found]
     if not found:
-        raise NoMatchError("the model has no linear layers to convert")
-
+        raise _nothing_to_convert(model, "the model has no linear layers to convert")
+    all_names = [c.name for c in found]
     for pattern in config.include:
         if not any(name_matches(pattern, n) for n in all_names):
-            raise NoMatchError(
-                f"--include {pattern!r} matches no linear layer; layers that exist: {_examples(all_names)}"
-            )
+            raise NoMatchError(f"include pattern {pattern!r} matches no linear layer; layers that exist: {_examples(all_names)}")
 
     head = _output_embedding(model)
     chosen = []
     for cand in found:
+        keep = True
         if config.include:
             keep = any(name_matches(p, cand.name) for p in config.include)
-        elif filter_fn is not None:
-            keep = filter_fn(cand.module, cand.name)
-        else:
+        if filter_fn is not None:
+            keep = keep and bool(filter_fn(cand.module, cand.name))
+        if not config.include and filter_fn is None:
             keep = cand.in_block and cand.module is not head
         if keep and any(name_matches(p, cand.name) for p in config.exclude):
             keep = False
@@ -134,21 +179,20 @@ def select(
             chosen.append(cand)
 
     if not chosen:
-        raise NoMatchError(
-            "the selection matches no layer (after --exclude); layers that exist: " + _examples(all_names)
+        raise _nothing_to_convert(
+            model, "the selection (include, filter and exclude) matches no layer; layers that exist: " + _examples(all_names)
         )
     chosen_names = [c.name for c in chosen]
     for pattern in config.overrides:
         if not any(name_matches(pattern, n) for n in chosen_names):
-            raise NoMatchError(
-                f"override {pattern!r} matches no selected layer; selected: {_examples(chosen_names)}"
-            )
-    return [(c.name, c.module, nblocks_for(c.name, config)) for c in chosen]
+            raise NoMatchError(f"override {pattern!r} matches no selected layer; selected: {_examples(chosen_names)}")
+    return [PlannedLayer(c.name, c.module, *_blocks_for(c.name, config)) for c in chosen]
 
 
-def nblocks_for(name: str, config: MonarchConfig) -> int:
-    nblocks = config.nblocks
+def _blocks_for(name: str, config: MonarchConfig) -> tuple[int, bool]:
+    """``(nblocks, pinned)``: the last matching override wins."""
+    nblocks, pinned = config.nblocks, False
     for pattern, value in config.overrides.items():
         if name_matches(pattern, name):
-            nblocks = value
-    return nblocks
+            nblocks, pinned = value, True
+    return nblocks, pinned

@@ -1,7 +1,7 @@
-"""Calibration data for activation-aware projection: read samples, feed them to a model, and
-accumulate every selected layer's input second-moment matrix ``XᵀX / N``.
+"""Text samples for the steps that run a model on real text (calibration, healing): read them
+from a file or dataset, and turn them into model inputs.
 
-Sources (``convert --calibrate SOURCE``):
+Sources:
 
 * a text file: one sample per non-empty line;
 * a ``.tsv`` file (GLUE layout): the text columns become the sample; two text columns (a
@@ -11,30 +11,26 @@ Sources (``convert --calibrate SOURCE``):
 * a folder written by ``datasets``' ``save_to_disk``, or ``hf:NAME[:CONFIG[:SPLIT]]`` for a
   Hub dataset (needs the network): the string columns, known names first.
 
-Samples are taken in source order: the first ``samples`` fit the projection, the next
-``heldout`` measure it on data it did not see. Anything wrong with the source is a one-line
-:class:`CalibrationError`, raised before the model is loaded.
+Samples are taken in source order: the first ``samples`` are used (to fit a projection, or
+to heal), the next ``heldout`` measure the result on text it did not see. Anything wrong with
+the source is a one-line :class:`SampleError`, raised before any model is loaded.
 
-The statistics are accumulated in float64 without keeping activations, and padded tokens
-are left out (they are not part of any real input). Layers fed the same tensor in a forward
-pass (query/key/value) share one accumulator. Memory is one ``d_in × d_in`` float64 matrix
-per distinct input (~110 MB for all of BERT-base's encoder).
+Torch is imported only by :func:`tokenize`, so reading and checking a source stays cheap.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from monarchify.errors import ConfigError, MonarchifyError
+from monarchify.tsv import tsv_rows
+
+if TYPE_CHECKING:
+    import torch
 
 Sample = str | tuple[str, str]
 
@@ -48,8 +44,8 @@ TEXT_COLUMNS = (
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-class CalibrationError(ConfigError):
-    """Calibration data that cannot be used (missing, empty, no text columns...)."""
+class SampleError(ConfigError):
+    """Text samples that cannot be used (missing, empty, no text columns...)."""
 
 
 def default_heldout(samples: int) -> int:
@@ -58,7 +54,7 @@ def default_heldout(samples: int) -> int:
 
 
 @dataclass
-class CalibrationData:
+class TextSamples:
     source: str
     kind: str
     """``text``, ``tsv`` or ``dataset``."""
@@ -79,7 +75,7 @@ class CalibrationData:
 
 def _check_count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CalibrationError(f"{what} must be a positive integer, got {value!r}")
+        raise SampleError(f"{what} must be a positive integer, got {value!r}")
     return value
 
 
@@ -104,11 +100,10 @@ def _text_columns_by_content(rows: list[list[str]]) -> list[int]:
 def _read_tsv(path: Path, wanted: int) -> tuple[list[str], list[Sample]]:
     """Text columns (by header name, else by the content of the first 50 rows) and up to
     ``wanted`` samples, streamed (a large file is not read past what is needed)."""
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    with tsv_rows(path) as reader:
         rows = list(itertools.islice((row for row in reader if any(cell.strip() for cell in row)), 51))
         if not rows:
-            raise CalibrationError(f"calibration file '{path}' is empty")
+            raise SampleError(f"data file '{path}' is empty")
         header = [cell.strip().lower() for cell in rows[0]]
         columns = [i for i, name in enumerate(header) if name in TEXT_COLUMNS][:2]
         if columns:
@@ -116,7 +111,7 @@ def _read_tsv(path: Path, wanted: int) -> tuple[list[str], list[Sample]]:
         else:
             columns = _text_columns_by_content(rows[1:] or rows)
             if not columns:
-                raise CalibrationError(
+                raise SampleError(
                     f"'{path}' has no text columns (no header named {', '.join(TEXT_COLUMNS[:4])}..., "
                     "and no column of sentences)"
                 )
@@ -155,12 +150,12 @@ def _load_dataset(source: str) -> Any:
     try:
         import datasets
     except ImportError:
-        raise CalibrationError("reading a dataset needs the 'datasets' package (pip install datasets)") from None
+        raise SampleError("reading a dataset needs the 'datasets' package (pip install datasets)") from None
     try:
         if source.startswith("hf:"):
             parts = source[3:].split(":")
             if not parts[0] or len(parts) > 3:
-                raise CalibrationError(f"'{source}': expected hf:NAME[:CONFIG[:SPLIT]]")
+                raise SampleError(f"'{source}': expected hf:NAME[:CONFIG[:SPLIT]]")
             name, config, split = (parts + [None, None])[:3]
             return datasets.load_dataset(name, config or None, split=split or "train")
         loaded = datasets.load_from_disk(source)
@@ -169,11 +164,11 @@ def _load_dataset(source: str) -> Any:
     except Exception as exc:  # datasets raises many types (network, missing files, bad config)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         hint = " (is the Hugging Face Hub reachable?)" if source.startswith("hf:") else ""
-        raise CalibrationError(f"could not load calibration dataset '{source}'{hint}: {first}") from None
+        raise SampleError(f"could not load dataset '{source}'{hint}: {first}") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else next(iter(loaded), None)
         if split is None:
-            raise CalibrationError(f"calibration dataset '{source}' has no splits")
+            raise SampleError(f"dataset '{source}' has no splits")
         loaded = loaded[split]
     return loaded
 
@@ -182,7 +177,7 @@ def _read_dataset(source: str, wanted: int) -> tuple[list[str], list[Sample]]:
     dataset = _load_dataset(source)
     columns = _dataset_columns(dataset)
     if not columns:
-        raise CalibrationError(f"calibration dataset '{source}' has no text (string) columns")
+        raise SampleError(f"dataset '{source}' has no text (string) columns")
     samples: list[Sample] = []
     for row in dataset.select_columns(columns):
         texts = [str(row[c] or "").strip() for c in columns]
@@ -193,15 +188,15 @@ def _read_dataset(source: str, wanted: int) -> tuple[list[str], list[Sample]]:
     return columns, samples
 
 
-def read_calibration(
+def read_samples(
     source: str | os.PathLike[str], samples: int = DEFAULT_SAMPLES, heldout: int | None = None
-) -> CalibrationData:
+) -> TextSamples:
     """Read ``samples`` fitting samples and ``heldout`` more (default: a quarter) from ``source``.
 
     With fewer samples available, a fifth of what there is (at least one) is held out; a
     source needs at least two samples.
     """
-    _check_count(samples, "--calibration-samples")
+    _check_count(samples, "samples")
     heldout = default_heldout(samples) if heldout is None else _check_count(heldout, "held-out samples")
     text = os.fspath(source)
     path = Path(text).expanduser()
@@ -211,7 +206,7 @@ def read_calibration(
             kind = "dataset"
             columns, found = _read_dataset(text, wanted)
         elif not path.exists():
-            raise CalibrationError(f"calibration file '{text}' does not exist")
+            raise SampleError(f"data file '{text}' does not exist")
         elif path.suffix.lower() == ".tsv":
             kind = "tsv"
             columns, found = _read_tsv(path, wanted)
@@ -219,20 +214,32 @@ def read_calibration(
             kind, columns = "text", ["line"]
             found = _read_lines(path, wanted)
     except UnicodeDecodeError:
-        raise CalibrationError(f"calibration file '{text}' is not UTF-8 text") from None
+        raise SampleError(f"data file '{text}' is not UTF-8 text") from None
     except OSError as exc:
-        raise CalibrationError(f"cannot read calibration file '{text}': {exc.strerror or exc}") from None
+        raise SampleError(f"cannot read data file '{text}': {exc.strerror or exc}") from None
+    return split_samples(found, samples, heldout, source=text, kind=kind, columns=columns)
+
+
+def split_samples(
+    found: list[Sample], samples: int, heldout: int | None = None, *, source: str, kind: str = "list",
+    columns: list[str] | None = None,
+) -> TextSamples:
+    """The first ``samples`` of ``found`` to use and the next ``heldout`` (default: a quarter)
+    to measure on; with fewer available, a fifth of them (at least one) is held out."""
+    _check_count(samples, "samples")
+    heldout = default_heldout(samples) if heldout is None else _check_count(heldout, "held-out samples")
     if not found:
-        raise CalibrationError(f"calibration source '{text}' has no samples (it is empty or has only blank rows)")
+        raise SampleError(f"data source '{source}' has no samples (it is empty or has only blank rows)")
     if len(found) < 2:
-        raise CalibrationError(
-            f"calibration source '{text}' has only 1 sample; at least 2 are needed (some are held out "
-            "to measure the output error)"
+        raise SampleError(
+            f"data source '{source}' has only 1 sample; at least 2 are needed (some are held out "
+            "to measure the result)"
         )
+    wanted = samples + heldout
     if len(found) < wanted:
         heldout = max(1, len(found) // 5)
     fit = found[: len(found) - heldout] if len(found) < wanted else found[:samples]
-    return CalibrationData(text, kind, columns, fit, found[len(fit) : len(fit) + heldout])
+    return TextSamples(source, kind, columns or ["text"], fit, found[len(fit) : len(fit) + heldout])
 
 
 # --- feeding the model ----------------------------------------------------------------------
@@ -243,7 +250,7 @@ def tokenize(
 ) -> list[dict[str, torch.Tensor]]:
     """Padded batches of model inputs; one sample per batch when the tokenizer cannot pad."""
     if tokenizer is None:
-        raise CalibrationError("calibration needs the model's tokenizer, and the model folder has none")
+        raise SampleError("running the model on text needs its tokenizer, and the model folder has none")
     if getattr(tokenizer, "pad_token", None) is None:
         batch_size = 1
     batches = []
@@ -261,8 +268,10 @@ def tokenize(
 
 
 def _check_unknown(batches: list[dict[str, torch.Tensor]], tokenizer: Any, limit: float = 0.5) -> None:
-    """Refuse statistics of mostly ``[UNK]`` tokens: a model folder without tokenizer files
+    """Refuse text that is mostly ``[UNK]`` tokens: a model folder without tokenizer files
     (transformers then builds an empty one) or a tokenizer for another language."""
+    import torch
+
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None:
         return
@@ -275,120 +284,15 @@ def _check_unknown(batches: list[dict[str, torch.Tensor]], tokenizer: Any, limit
         unknown += int((ids[real] == unk).sum())
         words += int(real.sum())
     if words and unknown > limit * words:
-        raise CalibrationError(
-            f"the tokenizer maps {unknown / words:.0%} of the calibration tokens to its unknown token; "
+        raise SampleError(
+            f"the tokenizer maps {unknown / words:.0%} of the tokens to its unknown token; "
             "does the model folder lack its tokenizer files, or is the data in another language?"
         )
 
 
-class _Stop(Exception):
-    """Ends a forward pass early once the statistics it was run for are collected."""
+def model_device(model: Any) -> torch.device:
+    """Where ``model``'s parameters live: batches are moved there before a forward pass."""
+    import torch
 
-
-@dataclass
-class InputStatistics:
-    """``XᵀX`` and row counts per distinct layer input, and which layers share an input."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-    owner: dict[str, str] = field(default_factory=dict)
-    """Layer name -> the name whose accumulator holds its input (itself unless shared)."""
-
-    def covariance(self, name: str) -> torch.Tensor:
-        key = self.owner.get(name)
-        if key is None or not self.counts.get(key):
-            raise KeyError(f"no calibration statistics for layer '{name}' (did the forward pass reach it?)")
-        return self.sums[key] / self.counts[key]
-
-    def groups(self) -> list[list[str]]:
-        """Layers grouped by shared input, in the order their inputs were first seen."""
-        grouped: dict[str, list[str]] = {}
-        for name, key in self.owner.items():
-            grouped.setdefault(key, []).append(name)
-        return list(grouped.values())
-
-
-def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The input vectors of real tokens: padded positions are dropped when the shape allows."""
-    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask]
-    if mask is not None and x.ndim == 2 and x.shape[0] == mask.numel():
-        return x[mask.reshape(-1)]
-    return x.reshape(-1, x.shape[-1])
-
-
-class _Collector:
-    """Forward pre-hooks accumulating ``XᵀX`` per distinct input tensor."""
-
-    def __init__(self, modules: dict[str, nn.Module], stats: InputStatistics, stop_after: str | None) -> None:
-        self.modules, self.stats, self.stop_after = modules, stats, stop_after
-        self.mask: torch.Tensor | None = None
-        self.seen: dict[int, tuple[torch.Tensor, str]] = {}
-
-    def hook(self, name: str):
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            shared = self.seen.get(id(x))
-            if shared is not None:  # the same tensor object: keep it alive so ids stay unique
-                self.stats.owner.setdefault(name, shared[1])
-            else:
-                key = self.stats.owner.setdefault(name, name)
-                self.seen[id(x)] = (x, key)
-                rows = _rows(x.detach(), self.mask).float()
-                # One batch's product in float32 (a few thousand rows: ample precision, and
-                # several times faster than float64 on CPU), summed across batches in float64.
-                product = (rows.T @ rows).to(torch.float64)
-                if key in self.stats.sums:
-                    self.stats.sums[key] += product
-                else:
-                    self.stats.sums[key] = product
-                self.stats.counts[key] = self.stats.counts.get(key, 0) + rows.shape[0]
-            if name == self.stop_after:
-                raise _Stop
-
-        return pre_hook
-
-
-def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def collect(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    batches: Iterable[dict[str, torch.Tensor]],
-    *,
-    stop_after: str | None = None,
-    stats: InputStatistics | None = None,
-) -> InputStatistics:
-    """Run ``batches`` through ``model`` and accumulate the input statistics of ``modules``.
-
-    With ``stop_after``, each forward pass ends as soon as that layer's input is collected
-    (sequential calibration only needs one layer's input at a time).
-    """
-    stats = stats or InputStatistics()
-    collector = _Collector(modules, stats, stop_after)
-    handles = [module.register_forward_pre_hook(collector.hook(name)) for name, module in modules.items()]
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            collector.mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
-            collector.seen.clear()
-            try:
-                model(**batch)
-            except _Stop:
-                pass
-    finally:
-        collector.seen.clear()
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    missing = [name for name in modules if name not in stats.owner]
-    if missing and stop_after is None:
-        raise CalibrationError(f"the calibration forward pass never reached layer(s) {', '.join(missing[:4])}")
-    return stats

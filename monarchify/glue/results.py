@@ -1,0 +1,181 @@
+"""What a fine-tuning run records in ``eval_results.json``, assembled in one place.
+
+The results file is what runs are compared by (``benchmarks/mrpc_table.py``, the tables of
+``docs/results.md``), so its keys and their meaning must not drift with changes to how
+training is wired. :func:`build_results` is the only place that names them: the training code
+hands over what it measured in the small records below, and gets the dictionary back.
+
+Torch-free to import: the environment record imports torch and transformers when it is taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from monarchify.glue.data import GlueData
+    from monarchify.glue.options import FinetuneOptions
+    from monarchify.glue.tasks import GlueTask
+
+
+@dataclass
+class Conversion:
+    """The Monarch side of the run: converted on the fly or loaded so, with which recipe."""
+
+    on_the_fly: bool
+    recipe: dict[str, Any]
+    """The recipe of the Monarch layers (empty for a dense model)."""
+    seconds: float = 0.0
+    """Time the on-the-fly conversion took (0 when there was none)."""
+
+
+@dataclass
+class Training:
+    """What ``Trainer.train`` reported, with the timings it does not separate itself."""
+
+    metrics: dict[str, Any]
+    """``Trainer.train``'s own metrics (``train_runtime``, ``train_loss``...)."""
+    eval_seconds: float
+    """Wall time of the evaluations run inside the training loop (after each epoch)."""
+    step_seconds: float
+    """Wall time inside optimisation steps only."""
+    steps: int
+    epochs: float | None
+    examples: int
+    log_history: list[dict[str, Any]]
+    """Trainer's log as it stood when training ended (the final evaluation is not in it)."""
+    load_average_at_start: list[float] | None
+
+
+@dataclass
+class Evaluation:
+    """The final evaluation of every dev split."""
+
+    metrics: dict[str, dict[str, float]]
+    """Split -> metric name (without the ``eval_`` prefix) -> value."""
+    seconds: float
+    examples: dict[str, int]
+
+
+def load_average() -> list[float] | None:
+    """The machine's load average (``None`` where the system has none): a busy machine explains
+    a slow run."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def source_fingerprint() -> str:
+    """A hash of monarchify's own source files: which code produced a result, even uncommitted."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_environment() -> dict[str, Any]:
+    """Versions, device and parallelism of this run. Taken when the run starts, so the source
+    hash describes the code the run imported, not code edited while it trained."""
+    import torch
+    import transformers
+
+    from monarchify import __version__
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "monarchify": __version__,
+        "monarchify_source_sha256": source_fingerprint(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "cuda_devices": torch.cuda.device_count(),
+        "cpu_threads": torch.get_num_threads(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+
+
+def history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trainer's log: the training loss every ``logging_steps`` and each evaluation's metrics."""
+    drop = ("runtime", "per_second", "total_flos", "grad_norm")
+    return [
+        {k: v for k, v in entry.items() if not k.endswith(drop) and not k.startswith("train_")}
+        for entry in log_history
+        if "loss" in entry or any(k.startswith("eval_") for k in entry)
+    ]
+
+
+def _train_section(training: Training) -> dict[str, Any]:
+    """Training throughput, with the time spent evaluating inside the loop taken out."""
+    metrics = training.metrics
+    return {
+        "seconds": metrics.get("train_runtime"),
+        "seconds_excluding_eval": (metrics.get("train_runtime") or 0.0) - training.eval_seconds,
+        "step_seconds": training.step_seconds,
+        "samples_per_second": metrics.get("train_samples_per_second"),
+        "steps_per_second": metrics.get("train_steps_per_second"),
+        "steps": training.steps,
+        "epochs": training.epochs,
+        "examples": training.examples,
+        "loss": metrics.get("train_loss"),
+    }
+
+
+def _eval_section(evaluation: Evaluation) -> dict[str, Any]:
+    return {
+        "seconds": evaluation.seconds,
+        "samples_per_second": {split: m.get("samples_per_second") for split, m in evaluation.metrics.items()},
+        "examples": evaluation.examples,
+    }
+
+
+def build_results(
+    options: FinetuneOptions,
+    task: GlueTask,
+    data: GlueData,
+    *,
+    conversion: Conversion,
+    params: dict[str, Any],
+    training: Training,
+    evaluation: Evaluation,
+    notes: list[str],
+    environment: dict[str, Any],
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The contents of ``eval_results.json``: what was asked (``arguments``, ``command``), on
+    what (data, model, parameters), how it went (metrics, timings, history, notes) and where
+    (``environment``, with the machine's load when training started and now)."""
+    metrics = evaluation.metrics
+    return {
+        "task": task.name,
+        "model": options.model,
+        "monarch": {
+            "converted_on_the_fly": conversion.on_the_fly,
+            "recipe": conversion.recipe or None,
+            "layers": params["monarch_layers"],
+            "convert_seconds": round(conversion.seconds, 3),
+        },
+        "distill": options.distill.to_dict() if options.distill is not None else None,
+        "metrics": metrics,
+        "main_metric": {split: values.get(task.main_metric) for split, values in metrics.items()},
+        "train": _train_section(training),
+        "eval": _eval_section(evaluation),
+        "params": params,
+        "data": {"source": data.source, "sizes": {"train": training.examples, **evaluation.examples}, "skipped": data.skipped},
+        "history": history(training.log_history),
+        "notes": notes,
+        "arguments": options.to_dict(),
+        "command": list(argv) if argv is not None else list(sys.argv),
+        "environment": {
+            **environment,
+            "load_average_at_start": training.load_average_at_start,
+            "load_average_at_end": load_average(),
+        },
+    }

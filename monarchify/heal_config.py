@@ -1,0 +1,42 @@
+"""The settings of a healing run (:mod:`monarchify.heal`), as plain data.
+
+Torch-free on purpose: the command line takes its defaults from here and checks the values
+before anything heavy is imported, so ``monarchify heal --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from monarchify.errors import ConfigError
+
+DEFAULT_HEAL_SAMPLES = 2048
+"""Text samples read for training; a quarter more are held out to measure the result."""
+DEFAULT_HEAL_BATCH = 16
+"""Samples per optimiser step."""
+
+
+@dataclass
+class HealConfig:
+    """``steps`` optimiser steps of AdamW at peak ``lr`` (linear warm-up over ``warmup`` of
+    the steps, then linear decay to zero)."""
+
+    steps: int = 200
+    lr: float = 1e-4
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must not be negative, got {self.weight_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

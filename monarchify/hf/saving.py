@@ -1,0 +1,67 @@
+"""Writing model folders: weights, the Monarch recipe in ``config.json``, tokenizer and report.
+
+The folder is written atomically (nothing is left half-written) and loads back with stock
+``from_pretrained``; a model without Monarch layers is written as a plain Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+from monarchify.atomic import atomic_output_dir
+from monarchify.hf.plugin import MonarchQuantizationConfig
+from monarchify.report import ConversionReport
+
+REPORT_FILE = "monarchify_report.json"
+DEFAULT_SHARD_SIZE = "2GB"
+
+
+def _version() -> str:
+    from monarchify import __version__
+
+    return __version__
+
+
+def save_model(
+    model: transformers.PreTrainedModel,
+    out: str | os.PathLike[str],
+    *,
+    tokenizer: Any | None = None,
+    report: ConversionReport | None = None,
+    recipe: dict[str, Any] | None = None,
+    force: bool = False,
+    max_shard_size: str = DEFAULT_SHARD_SIZE,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a loadable folder atomically: ``config.json`` with the Monarch recipe,
+    safetensors weights (sharded past ``max_shard_size``), tokenizer files, the report, and
+    ``extra_files`` (name -> text, e.g. fine-tuning results: inside, not added afterwards).
+
+    A model without Monarch layers is written as a plain Hugging Face folder (no recipe), which
+    loads without monarchify."""
+    quantization = MonarchQuantizationConfig.from_model(model, recipe or {}, _version())
+    if quantization.modules:
+        model.config.quantization_config = quantization
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_output_dir(out, force) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if report is not None:
+            (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
+    return Path(out)
+
+
+def recipe_of(model: transformers.PreTrainedModel) -> dict[str, Any]:
+    """The Monarch recipe a loaded model was converted with (empty for a dense model)."""
+    quant = getattr(model.config, "quantization_config", None)
+    recipe = quant.get("recipe") if isinstance(quant, dict) else getattr(quant, "recipe", None)
+    return dict(recipe or {})

@@ -1,0 +1,147 @@
+"""Stage 2, observe: run calibration text through the *dense* model and accumulate every
+selected layer's input second-moment matrix ``XᵀX / N`` (only when the recipe calibrates).
+
+The statistics are accumulated in float64 without keeping activations, and padded tokens
+are left out (they are not part of any real input). Layers fed the same tensor in a forward
+pass (query/key/value) share one accumulator. Memory is one ``d_in × d_in`` float64 matrix
+per distinct input (~110 MB for all of BERT-base's encoder). Held-out samples get statistics
+of their own: the project stage measures each layer's output error on them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from monarchify.config import DEFAULT_MAX_LENGTH, CalibrationConfig
+from monarchify.samples import SampleError, TextSamples, model_device, tokenize
+
+
+@dataclass
+class InputStatistics:
+    """``XᵀX`` and row counts per distinct layer input, and which layers share an input."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)
+    """Layer name -> the name whose accumulator holds its input (itself unless shared)."""
+
+    def covariance(self, name: str) -> torch.Tensor:
+        key = self.owner.get(name)
+        if key is None or not self.counts.get(key):
+            raise KeyError(f"no calibration statistics for layer '{name}' (did the forward pass reach it?)")
+        return self.sums[key] / self.counts[key]
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The input vectors of real tokens: padded positions are dropped when the shape allows."""
+    if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    if mask is not None and x.ndim == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1)]
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Collector:
+    """Forward pre-hooks accumulating ``XᵀX`` per distinct input tensor."""
+
+    def __init__(self, stats: InputStatistics) -> None:
+        self.stats = stats
+        self.mask: torch.Tensor | None = None
+        self.seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            shared = self.seen.get(id(x))
+            if shared is not None:  # the same tensor object: keep it alive so ids stay unique
+                self.stats.owner.setdefault(name, shared[1])
+            else:
+                key = self.stats.owner.setdefault(name, name)
+                self.seen[id(x)] = (x, key)
+                rows = _rows(x.detach(), self.mask).float()
+                # One batch's product in float32 (a few thousand rows: ample precision, and
+                # several times faster than float64 on CPU), summed across batches in float64.
+                product = (rows.T @ rows).to(torch.float64)
+                if key in self.stats.sums:
+                    self.stats.sums[key] += product
+                else:
+                    self.stats.sums[key] = product
+                self.stats.counts[key] = self.stats.counts.get(key, 0) + rows.shape[0]
+
+        return pre_hook
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+) -> InputStatistics:
+    """Run ``batches`` through ``model`` and accumulate the input statistics of ``modules``."""
+    stats = InputStatistics()
+    collector = _Collector(stats)
+    handles = [module.register_forward_pre_hook(collector.hook(name)) for name, module in modules.items()]
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            collector.mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
+            collector.seen.clear()
+            model(**batch)
+    finally:
+        collector.seen.clear()
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name in modules if name not in stats.owner]
+    if missing:
+        raise SampleError(f"the calibration forward pass never reached layer(s) {', '.join(missing[:4])}")
+    return stats
+
+
+@dataclass
+class Observation:
+    """Input statistics of the selected layers on the fitting and on the held-out samples."""
+
+    samples: TextSamples
+    config: CalibrationConfig
+    fit: InputStatistics
+    heldout: InputStatistics
+    tokens: dict[str, int]
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """What the saved recipe says about how the factors were obtained (enough to repeat it)."""
+        c = self.config
+        return {**self.samples.describe(), "method": c.method, "damping": c.damping, "sweeps": c.sweeps, "max_length": c.max_length}
+
+
+def observe(
+    model: nn.Module, modules: dict[str, nn.Module], samples: TextSamples, tokenizer: Any, config: CalibrationConfig
+) -> Observation:
+    """Run the dense model on the fitting and the held-out samples, collecting the inputs of
+    ``modules``."""
+    start = time.perf_counter()
+    stats, tokens = {}, {}
+    max_length = min(config.max_length, _position_limit(model, tokenizer))
+    for part, texts in (("fit", samples.fit), ("heldout", samples.heldout)):
+        batches = tokenize(texts, tokenizer, batch_size=config.batch_size, max_length=max_length)
+        tokens[part] = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+        stats[part] = collect(model, modules, batches)
+    return Observation(samples, config, stats["fit"], stats["heldout"], tokens, time.perf_counter() - start)
+
+
+def _position_limit(model: nn.Module, tokenizer: Any) -> int:
+    """The longest input the model and tokenizer accept (position embeddings run out)."""
+    config = getattr(model, "config", None)
+    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    return min([n for n in limits if isinstance(n, int) and n > 0] or [DEFAULT_MAX_LENGTH])

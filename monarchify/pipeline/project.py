@@ -1,0 +1,130 @@
+"""Stage 4, project: turn each allocated layer's dense weight into its replacement module.
+
+A *projector* is the extension point: ``projector(layer, layout) -> Projected``. Two ship:
+
+* :class:`PlainProjector`: the Frobenius-optimal Monarch projection (a blockwise truncated
+  SVD, :func:`monarchify.monarch.project`);
+* :class:`WhitenedProjector`: the output-optimal one on calibration activations (block-diagonal
+  whitening plus full-covariance refinement, :mod:`monarchify.monarch.whitening`), which also
+  measures every layer's output error on held-out samples, next to the plain projection's.
+
+Another structure (Monarch plus low rank, say) is a projector that returns its own module;
+the apply stage swaps in whatever module it gets. Every layer is projected before any is
+swapped, so a failure leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from monarchify.errors import NonFiniteWeightError
+from monarchify.monarch import MonarchLayout, MonarchLinear, Projection, project
+from monarchify.monarch.whitening import assemble, output_rel_error, project_whitened, refine_full
+from monarchify.pipeline.allocate import Allocation
+from monarchify.pipeline.observe import Observation
+from monarchify.pipeline.plan import PlannedLayer
+
+
+@dataclass
+class Projected:
+    """A layer's replacement, and what it cost."""
+
+    module: nn.Module
+    rel_error: float
+    """``||W - M||_F / ||W||_F`` of the replacement's weight."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Further per-layer measurements for the report (e.g. held-out output errors)."""
+
+
+Projector = Callable[[PlannedLayer, MonarchLayout], Projected]
+
+
+def monarch_module(projection: Projection, like: nn.Module) -> MonarchLinear:
+    """A ``MonarchLinear`` holding ``projection``'s factors, on ``like``'s device and dtype, with
+    ``like``'s bias and trainability."""
+    weight = like.weight
+    lay = projection.layout
+    bias = getattr(like, "bias", None)
+    with torch.device("meta"):
+        layer = MonarchLinear(lay.d_in, lay.d_out, lay.nblocks, bias=bias is not None, allow_structural_zeros=True)
+    layer = layer.to_empty(device=weight.device).to(weight.dtype)
+    with torch.no_grad():
+        layer.L.copy_(projection.L)
+        layer.R.copy_(projection.R)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.requires_grad_(weight.requires_grad)
+    return layer
+
+
+class PlainProjector:
+    """The Frobenius-optimal projection of each weight on its own."""
+
+    def __init__(self, allow_structural_zeros: bool = False) -> None:
+        self.allow_structural_zeros = allow_structural_zeros
+
+    def __call__(self, layer: PlannedLayer, layout: MonarchLayout) -> Projected:
+        projection = project(layer.weight, layout.nblocks, allow_structural_zeros=self.allow_structural_zeros)
+        return Projected(monarch_module(projection, layer.module), projection.rel_error)
+
+
+class WhitenedProjector:
+    """Minimises each layer's output error on the calibration activations of the dense model.
+
+    Calibrating layer after layer on the converted model's own activations (GPTQ-style) was
+    measured and did not pay on MiniLM (worse per-layer and end-to-end error, and one forward
+    pass per layer group; ``docs/accuracy.md``), so it is not offered.
+    """
+
+    def __init__(self, observation: Observation, allow_structural_zeros: bool = False) -> None:
+        self.observation = observation
+        self.allow_structural_zeros = allow_structural_zeros
+
+    def __call__(self, layer: PlannedLayer, layout: MonarchLayout) -> Projected:
+        settings = self.observation.config
+        weight = layer.weight
+        cov = self.observation.fit.covariance(layer.name)
+        result = project_whitened(
+            weight, cov, layout.nblocks, damping=settings.damping, allow_structural_zeros=self.allow_structural_zeros
+        )
+        if settings.sweeps:
+            result = refine_full(weight, cov, result, sweeps=settings.sweeps, damping=settings.damping)
+        held = self.observation.heldout.covariance(layer.name)
+        plain = project(weight, layout.nblocks, allow_structural_zeros=self.allow_structural_zeros)
+        w = weight.detach().to(torch.float64)
+        extra = {
+            "output_rel_error": output_rel_error(w, assemble(result.projection.L, result.projection.R, layout), held),
+            "output_rel_error_plain": output_rel_error(w, assemble(plain.L.to(w.dtype), plain.R.to(w.dtype), layout), held),
+        }
+        return Projected(monarch_module(result.projection, layer.module), result.projection.rel_error, extra)
+
+
+def default_projector(observation: Observation | None, allow_structural_zeros: bool) -> Projector:
+    """Whitened when the recipe calibrated, plain otherwise."""
+    if observation is not None:
+        return WhitenedProjector(observation, allow_structural_zeros)
+    return PlainProjector(allow_structural_zeros)
+
+
+def project_layers(
+    layers: Sequence[PlannedLayer],
+    allocation: Allocation,
+    projector: Projector,
+    on_layer: Callable[[str], None] | None = None,
+) -> dict[str, Projected]:
+    """Every layer the allocation makes Monarch, projected; ``on_layer(name)`` after each
+    planned layer (kept-dense ones included, so a progress bar over the plan completes)."""
+    projected = {}
+    for layer in layers:
+        if layer.name in allocation.nblocks:
+            try:
+                projected[layer.name] = projector(layer, allocation.layout(layer))
+            except NonFiniteWeightError as exc:
+                raise NonFiniteWeightError(f"layer '{layer.name}': {exc}") from None
+        if on_layer is not None:
+            on_layer(layer.name)
+    return projected

@@ -1,0 +1,192 @@
+"""The conversion pipeline as a whole: the Python API does what the CLI does, a dry run shows
+what the conversion then does, the recipe is the whole recipe, and importing stays cheap."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import monarchify
+from monarchify import CalibrationConfig, MonarchConfig, MonarchLinear
+from monarchify.errors import ConfigError, MonarchifyError
+from monarchify.pipeline.project import Projected
+
+from conftest import REPO, tiny_bert
+
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "the company said its profit rose ten percent",
+    "she did not think the film was as good as the book",
+    "where is the nearest train station",
+    "monarch matrices replace dense weights with two block diagonal factors",
+    "they said the year was good for the company",
+] * 3
+
+
+def rows(report):
+    return [(l.name, l.nblocks, l.kept_dense, l.params_dense, l.params_monarch, l.reason) for l in report.layers]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MonarchConfig(nblocks=2, overrides={"intermediate\\.dense": 4}),
+        MonarchConfig(budget=0.5, overrides={"query": 4}),
+        MonarchConfig(budget=0.45, budget_keep_dense=False, exclude=["key"]),
+    ],
+)
+def test_dry_run_shows_exactly_what_convert_then_does(config):
+    model = tiny_bert(hidden_size=64, intermediate_size=256)
+    plan = monarchify.dry_run(model, config)
+    assert not any(isinstance(m, MonarchLinear) for m in model.modules())  # touched nothing
+    report = monarchify.convert(model, config)
+    assert rows(plan) == rows(report)
+    assert plan.model_params_after == report.model_params_after == sum(p.numel() for p in model.parameters())
+    converted = {name for name, m in model.named_modules() if isinstance(m, MonarchLinear)}
+    assert converted == {layer.name for layer in report.converted}
+    assert plan.meta["recipe"] == report.meta["recipe"]
+
+
+def test_budget_rows_and_recorded_recipe_name_no_flags():
+    model = tiny_bert(hidden_size=64, intermediate_size=256)
+    report = monarchify.convert(model, MonarchConfig(budget=0.4))
+    kept = [layer for layer in report.layers if layer.kept_dense]
+    assert kept, "a 0.4 budget on this model keeps some square layers dense"
+    assert all(layer.reason == "kept dense by the budget (0.4)" for layer in kept)
+    assert "--" not in json.dumps(report.to_dict())
+    recipe = MonarchConfig.from_dict(report.meta["recipe"])  # every layer written out
+    again_model = tiny_bert(hidden_size=64, intermediate_size=256)
+    again = monarchify.convert(again_model, recipe)
+    assert [(l.name, l.nblocks) for l in again.converted] == [(l.name, l.nblocks) for l in report.converted]
+    assert all(type(again_model.get_submodule(layer.name)) is nn.Linear for layer in kept)
+
+
+def test_the_python_api_calibrates_like_the_cli(bert_tokenizer):
+    config = MonarchConfig(nblocks=4, calibration=CalibrationConfig(samples=12, sweeps=1))
+    model = tiny_bert(vocab_size=len(bert_tokenizer))
+    report = monarchify.convert(model, config, samples=TEXTS, tokenizer=bert_tokenizer)
+    calibration = report.meta["calibration"]
+    assert calibration["samples"] == 12 and calibration["heldout"] == 3 and calibration["source"] == "(in memory)"
+    assert calibration["tokens"]["fit"] > 12 and calibration["method"] == "whitened+full-refine x1"
+    assert all({"output_rel_error", "output_rel_error_plain"} <= set(layer.extra) for layer in report.layers)
+    assert calibration["mean_output_rel_error"] < calibration["mean_output_rel_error_plain"]
+    assert report.meta["recipe"]["calibration"]["sweeps"] == 1
+    # Not the plain projection: the factors differ from it.
+    plain = tiny_bert(vocab_size=len(bert_tokenizer))
+    monarchify.convert(plain, MonarchConfig(nblocks=4))
+    name = report.layers[0].name
+    assert not torch.allclose(model.get_submodule(name).L, plain.get_submodule(name).L)
+
+
+def test_calibration_and_samples_go_together(bert_tokenizer):
+    with pytest.raises(ConfigError, match="no calibration samples"):
+        monarchify.convert(tiny_bert(), MonarchConfig(calibration=CalibrationConfig()))
+    with pytest.raises(ConfigError, match="does not calibrate"):
+        monarchify.convert(tiny_bert(), MonarchConfig(), samples=TEXTS, tokenizer=bert_tokenizer)
+
+
+@pytest.mark.parametrize("kwargs", [{"samples": 0}, {"sweeps": -1}, {"damping": -0.1}, {"max_length": 0}, {"heldout": 0}])
+def test_bad_calibration_settings_are_refused(kwargs):
+    with pytest.raises(ConfigError):
+        CalibrationConfig(**kwargs)
+
+
+def test_recipe_round_trips_through_its_dictionary():
+    config = MonarchConfig(nblocks=8, overrides={"query": 2}, budget=0.3, calibration=CalibrationConfig(samples=9, sweeps=0),
+                           speed_gate=monarchify.SpeedGateConfig(tokens=64))
+    assert MonarchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert "speed_gate" not in MonarchConfig().to_dict()  # recipes without a gate are written as before
+
+
+def test_a_projector_is_the_extension_point():
+    """A projector may return any module: here the dense layer's exact copy as a Linear."""
+
+    def exact(layer, layout):
+        copy = nn.Linear(layer.d_in, layer.d_out, bias=layer.has_bias)
+        copy.load_state_dict(layer.module.state_dict())
+        return Projected(copy, 0.0, {"kind": 1.0})
+
+    model = tiny_bert()
+    x = torch.randint(0, 200, (2, 7))
+    with torch.no_grad():
+        before = model(x)[0]
+    report = monarchify.convert(model, MonarchConfig(nblocks=2), projector=exact)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], before, rtol=0, atol=0)
+    assert all(layer.rel_error == 0.0 and layer.extra == {"kind": 1.0} for layer in report.layers)
+
+
+def test_conversion_leaves_the_thread_count_as_it_found_it(bert_tokenizer):
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monarchify.convert(tiny_bert(hidden_size=256, intermediate_size=512, num_hidden_layers=1), MonarchConfig(nblocks=2))
+        assert torch.get_num_threads() == 2
+        model = tiny_bert(vocab_size=len(bert_tokenizer))
+        config = MonarchConfig(budget=0.5, calibration=CalibrationConfig(samples=10))
+        monarchify.convert(model, config, samples=TEXTS, tokenizer=bert_tokenizer)
+        assert torch.get_num_threads() == 2
+        bad = tiny_bert()
+        with torch.no_grad():
+            bad.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+        with pytest.raises(MonarchifyError, match="NaN"):
+            monarchify.convert(bad, MonarchConfig(nblocks=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.mark.slow
+def test_imports_stay_light():
+    result = python("""
+        import sys
+        import monarchify
+        assert "torch" not in sys.modules and "transformers" not in sys.modules, "import monarchify"
+        import monarchify.cli.app
+        assert "torch" not in sys.modules and "transformers" not in sys.modules, "the CLI app"
+        import monarchify.monarch.layer, monarchify.pipeline
+        assert "transformers" not in sys.modules, "the torch-only core"
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_stock_from_pretrained_loads_monarch_folders_after_import_monarchify(tmp_path, transformers_first):
+    folder = tmp_path / "m"
+    model = tiny_bert()
+    monarchify.convert(model, MonarchConfig(nblocks=2))
+    monarchify.save(model, folder)
+    first, second = ("import transformers.quantizers", "import monarchify") if transformers_first else ("import monarchify", "")
+    result = python(f"""
+        {first}
+        {second}
+        import transformers
+        model = transformers.AutoModel.from_pretrained({str(folder)!r})
+        print(sum(type(m).__name__ == "MonarchLinear" for m in model.modules()))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "12"
+
+
+def test_converting_a_converted_folder_is_refused_at_once(tmp_path, bert_folder, capsys):
+    from monarchify.cli.app import main
+
+    out = tmp_path / "once"
+    assert main(["convert", str(bert_folder), "-b", "2", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(out), "-b", "2", "-o", str(tmp_path / "twice")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a Monarch checkpoint already" in err[0]
+    assert not (tmp_path / "twice").exists()
