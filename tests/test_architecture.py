@@ -18,7 +18,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
 # Modules the command line imports to build its help: no torch, no transformers at import.
 LIGHT = [
     "__init__.py", "errors.py", "config.py", "report.py", "samples.py", "tsv.py", "atomic.py",
-    "distill_config.py", "heal_config.py", "hf/registration.py", "glue/options.py", "glue/tasks.py",
+    "distill_config.py", "heal_config.py", "hf/registration.py", "glue/options.py", "glue/tasks.py", "glue/compress.py",
 ]
 
 

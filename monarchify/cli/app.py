@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from monarchify.cli import bench, convert, finetune, heal, report
+from monarchify.cli import bench, compress, convert, finetune, heal, report
 from monarchify.cli.errors import run
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.command()(convert.convert)
 app.command()(report.report)
 app.command()(heal.heal)
 app.command()(finetune.finetune)
+app.command()(compress.compress)
 app.add_typer(bench.bench_app)
 
 

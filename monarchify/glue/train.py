@@ -498,11 +498,14 @@ def finetune(
     callbacks: Sequence[TrainerCallback] = (),
     progress_bar: bool = True,
     argv: Sequence[str] | None = None,
+    extra_results: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``options.model`` on ``options.task`` and save it with its results.
 
     ``callbacks`` replace Trainer's own tqdm progress bar (a front end passes its own bar
     here); ``progress_bar=False`` shows none. ``argv`` is recorded as the command.
+    ``extra_results`` are added to ``eval_results.json`` (a recipe that ran this fine-tuning
+    as one of its stages records itself there, inside the atomic write).
     """
     events = events or FinetuneEvents()
     environment = run_environment()  # now: the source hash must describe the code this run imported
@@ -524,6 +527,7 @@ def finetune(
         options, task, data, conversion=conversion, params=params, training=training, evaluation=evaluation,
         notes=models.notes, environment=environment, argv=argv,
     )
+    results.update(extra_results or {})
 
     if trainer.is_world_process_zero():
         events.stage(f"saving to {options.out}")

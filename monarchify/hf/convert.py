@@ -23,7 +23,7 @@ from monarchify.hf.plugin import QUANT_METHOD
 from monarchify.hf.saving import save_model
 from monarchify.pipeline import Events, convert, dry_run
 from monarchify.report import ConversionReport
-from monarchify.samples import read_samples
+from monarchify.samples import TextSamples, read_samples
 
 
 class ConvertEvents(Events):
@@ -58,7 +58,7 @@ def convert_pretrained(
     out: str | os.PathLike[str] | None,
     config: MonarchConfig,
     *,
-    calibration_data: str | os.PathLike[str] | None = None,
+    calibration_data: str | os.PathLike[str] | TextSamples | None = None,
     force: bool = False,
     dry: bool = False,
     check: bool = True,
@@ -66,14 +66,15 @@ def convert_pretrained(
 ) -> ConvertResult:
     """Load ``source``, convert it with ``config`` and (unless ``dry``) save it to ``out``.
 
-    ``calibration_data`` (a text or TSV file, a saved dataset or ``hf:NAME``; see
-    :mod:`monarchify.samples`) is the text a calibrating recipe runs through the dense model.
+    ``calibration_data`` (a text or TSV file, a saved dataset or ``hf:NAME``, see
+    :mod:`monarchify.samples`, or samples already read) is the text a calibrating recipe runs
+    through the dense model.
     ``check`` compares the dense and converted model's outputs on sample sentences.
     """
     events = events or ConvertEvents()
     _refuse_monarch_checkpoint(source)
-    samples = None
-    if config.calibration is not None and calibration_data is not None:
+    samples = calibration_data if isinstance(calibration_data, TextSamples) else None
+    if config.calibration is not None and calibration_data is not None and samples is None:
         samples = read_samples(calibration_data, config.calibration.samples, config.calibration.heldout)
     if out is not None and not dry:
         check_output_dir(out, force, inputs=(source,))

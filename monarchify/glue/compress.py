@@ -1,0 +1,202 @@
+"""The compression recipe: a dense model in, a smaller, faster model fine-tuned on the task out.
+
+Three stages, each a folder of its own under ``<out>.stages/`` so a stopped run resumes at the
+stage it stopped (and a fine-tuning stage from its last epoch checkpoint):
+
+1. ``1-teacher``: the dense model fine-tuned on the task. Skipped when the model given is
+   already fine-tuned on it (a sequence-classification checkpoint with the task's outputs):
+   "here is my classifier, make it smaller" is the most common request.
+2. ``2-converted``: the fine-tuned dense model converted under the parameter budget, with
+   calibration on the task's own training text, so the projection keeps what the *fine-tuned*
+   layers do on this task. The task head stays dense.
+3. the output: the converted model fine-tuned again, learning from the teacher's logits as
+   well as the labels (distillation), which recovers most of what the projection lost.
+
+The output folder is like ``finetune``'s (the model and ``eval_results.json``), with a
+``compress`` section in the results: the budget, the stages, the parameter counts, and the
+dense teacher's score when there is one to compare with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from monarchify.atomic import check_output_dir
+from monarchify.config import DEFAULT_CALIBRATION_SAMPLES, CalibrationConfig, MonarchConfig
+from monarchify.distill_config import DistillConfig
+from monarchify.errors import ConfigError
+from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions
+from monarchify.glue.tasks import GlueTask, get_task
+
+TEACHER, CONVERTED = "1-teacher", "2-converted"
+
+
+@dataclass
+class CompressOptions:
+    """What the recipe is asked to do.
+
+    ``budget``: the fraction of the selected layers' dense parameters the compressed model
+    keeps (as ``MonarchConfig.budget``). ``teacher_lr``/``student_lr``: peak learning rates of
+    the dense and the compressed fine-tuning. ``finetuned``: whether ``model`` is already
+    fine-tuned on the task (``None``: decided from its ``config.json``). ``finetune`` holds
+    the settings both fine-tuning stages share (epochs, batch size, seed...); its task, model
+    and output fields are filled in per stage.
+    """
+
+    task: str
+    model: str
+    out: Path
+    budget: float
+    data_dir: Path | None = None
+    teacher_lr: float = 1e-4
+    student_lr: float = 5e-5
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
+    distill: dict[str, float] = field(default_factory=lambda: {"alpha": 0.5, "temperature": 2.0, "hidden_weight": 0.0})
+    finetuned: bool | None = None
+    seed: int = 42
+    finetune: dict[str, Any] = field(default_factory=dict)
+    """Other :class:`FinetuneOptions` fields for both fine-tuning stages (``epochs``, ``batch_size``...)."""
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.data_dir = Path(self.data_dir) if self.data_dir is not None else None
+        reserved = {"task", "model", "out", "data_dir", "learning_rate", "distill", "monarch", "seed", "force", "resume"}
+        if reserved & set(self.finetune):
+            raise ConfigError(f"finetune settings may not set {', '.join(sorted(reserved & set(self.finetune)))}")
+        # Build each part once so that a bad setting fails here, before any stage runs.
+        self.recipe  # noqa: B018 - building the recipe checks the budget
+        DistillConfig(str(self.model), **self.distill)
+        for lr in (self.teacher_lr, self.student_lr):
+            self.finetune_options(self.model, self.out, lr)
+
+    @property
+    def stages(self) -> Path:
+        """Where the intermediate folders are kept, beside the output."""
+        return self.out.with_name(self.out.name + ".stages")
+
+    @property
+    def recipe(self) -> MonarchConfig:
+        return MonarchConfig(budget=self.budget, calibration=CalibrationConfig(samples=self.calibration_samples))
+
+    def finetune_options(self, model: str, out: Path, lr: float, **extra: Any) -> FinetuneOptions:
+        """One fine-tuning stage's options: the shared settings plus the stage's own."""
+        return FinetuneOptions(task=self.task, model=model, out=out, data_dir=self.data_dir, learning_rate=lr,
+                               seed=self.seed, **self.finetune, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(out=str(self.out), data_dir=str(self.data_dir) if self.data_dir else None)
+        return data
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    results: dict[str, Any]
+    stages: dict[str, str]
+
+
+def is_finetuned_for(model: str, task: GlueTask) -> bool:
+    """Whether a local model folder is a sequence classifier with the task's number of outputs."""
+    config_file = Path(model).expanduser() / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # loading it later says what is wrong
+    classifier = any(str(name).endswith("ForSequenceClassification") for name in config.get("architectures") or [])
+    outputs = 1 if task.is_regression else task.num_labels
+    labels = config.get("num_labels", len(config.get("id2label") or {}) or None)
+    return classifier and labels == outputs
+
+
+def _finished(folder: Path, marker: str) -> bool:
+    return (folder / marker).is_file()
+
+
+def _continued(options: FinetuneOptions) -> FinetuneOptions:
+    """A fine-tuning stage that stopped after a saved epoch continues from it."""
+    if options.checkpoints.is_dir() and any(options.checkpoints.glob("checkpoint-*")):
+        return replace(options, resume=True)
+    return options
+
+
+def _results(folder: Path) -> dict[str, Any] | None:
+    path = folder / RESULTS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _calibration_text(task: GlueTask, data_dir: Path | None, samples: int) -> Any:
+    """The task's own training text (pairs stay pairs), read through the GLUE loader so every
+    task's layout works, split into fitting and held-out samples."""
+    from monarchify.glue.data import load_glue
+    from monarchify.samples import split_samples
+
+    data = load_glue(task, data_dir)
+    fields = list(task.text_fields)
+    wanted = samples + max(1, samples // 4)
+    rows = data.train.select(range(min(wanted, len(data.train))))
+    texts = [row[fields[0]] if len(fields) == 1 else (row[fields[0]], row[fields[1]]) for row in rows]
+    return split_samples(texts, samples, source=f"{task.name} train ({data.source})", kind="glue", columns=fields)
+
+
+def compress(
+    options: CompressOptions,
+    *,
+    events: FinetuneEvents | None = None,
+    callbacks: Sequence[Any] = (),
+    argv: Sequence[str] | None = None,
+) -> CompressResult:
+    """Run (or resume) the three stages and leave the compressed, fine-tuned model in ``out``."""
+    from monarchify.glue.train import finetune
+    from monarchify.hf.convert import convert_pretrained
+
+    events = events or FinetuneEvents()
+    task = get_task(options.task)
+    inputs = tuple(x for x in (options.model, options.data_dir) if x is not None)
+    check_output_dir(options.out, options.force, inputs=inputs)
+    check_output_dir(options.stages, force=True, inputs=inputs)
+    calibration = _calibration_text(task, options.data_dir, options.calibration_samples)  # also checks the data
+    run = {"callbacks": callbacks, "events": events, "argv": argv}
+
+    finetuned = is_finetuned_for(options.model, task) if options.finetuned is None else options.finetuned
+    teacher = Path(options.model) if finetuned else options.stages / TEACHER
+    if not finetuned and not _finished(teacher, RESULTS_FILE):
+        events.stage(f"stage 1/3: fine-tuning the dense model on {task.name} -> {teacher}")
+        stage = options.finetune_options(options.model, teacher, options.teacher_lr, force=True)  # our own folder
+        finetune(_continued(stage), **run)
+    elif not finetuned:
+        events.done(f"stage 1/3: done already ({teacher})")
+    else:
+        events.done(f"stage 1/3: '{options.model}' is fine-tuned on {task.name} already: it is the teacher")
+
+    converted = options.stages / CONVERTED
+    if not _finished(converted, "config.json"):
+        events.stage(f"stage 2/3: converting the fine-tuned model at budget {options.budget:g} -> {converted}")
+        convert_pretrained(teacher, converted, options.recipe, calibration_data=calibration, force=True)
+    else:
+        events.done(f"stage 2/3: done already ({converted})")
+
+    events.stage(f"stage 3/3: fine-tuning the compressed model with distillation -> {options.out}")
+    dense = _results(teacher)
+    summary = {
+        "compress": {
+            "options": options.to_dict(),
+            "stages": {"teacher": str(teacher), "converted": str(converted)},
+            "teacher_trained_here": not finetuned,
+            "dense": {"main_metric": dense["main_metric"], "metrics": dense["metrics"], "params": dense["params"]} if dense else None,
+        }
+    }
+    distill = DistillConfig(str(teacher), **options.distill)
+    student = options.finetune_options(str(converted), options.out, options.student_lr, distill=distill, force=options.force)
+    result = finetune(_continued(student), extra_results=summary, **run)
+    return CompressResult(options.out, result.results, summary["compress"]["stages"])

@@ -1,0 +1,143 @@
+"""``monarchify compress``: the three stages on a tiny model and a learnable task, resuming, a
+model fine-tuned already, and bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import monarchify
+from monarchify.cli.app import main
+from monarchify.glue.compress import CONVERTED, TEACHER, CompressOptions, compress, is_finetuned_for
+from monarchify.glue.tasks import get_task
+from monarchify.glue.train import RESULTS_FILE
+
+from test_finetune import write_sst2
+
+FAST = {"epochs": 6, "batch_size": 16, "warmup": 0.0, "logging_steps": 1, "save_checkpoints": False}
+
+
+def options(tmp_path, model, data, **overrides):
+    settings = dict(task="sst2", model=str(model), out=tmp_path / "small", budget=0.6, data_dir=data, teacher_lr=2e-3,
+                    student_lr=2e-3, calibration_samples=16, seed=0, finetune=dict(FAST))
+    settings.update(overrides)
+    return CompressOptions(**settings)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_sst2(tmp_path / "glue")
+
+
+@pytest.mark.slow
+def test_three_stages_from_a_pretrained_model(tmp_path, bert_folder, data):
+    opts = options(tmp_path, bert_folder, data)
+    result = compress(opts)
+    teacher, converted = opts.stages / TEACHER, opts.stages / CONVERTED
+
+    results = json.loads((opts.out / RESULTS_FILE).read_text())
+    dense = json.loads((teacher / RESULTS_FILE).read_text())
+    assert results["compress"]["teacher_trained_here"] is True
+    assert results["compress"]["dense"]["main_metric"] == dense["main_metric"]
+    assert results["distill"]["teacher"] == str(teacher)
+    assert results["main_metric"]["validation"] > 0.7  # the task is learnable: this one learned it
+    assert results["params"]["monarch"] < dense["params"]["monarch"]
+    assert result.results["compress"] == results["compress"]
+
+    # Stage 2 converted the fine-tuned teacher, calibrated on the task's training text, head dense.
+    report = monarchify.read_report(converted)
+    calibration = report.meta["calibration"]
+    assert calibration["source"].startswith("sst2 train") and calibration["samples"] == 16
+    assert report.meta["budget"]["params_used"] <= 0.6 * report.meta["budget"]["params_dense"]
+    assert not any("classifier" in layer.name for layer in report.layers)
+
+    # The output is an ordinary converted classifier folder.
+    model = monarchify.load(opts.out)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert any(isinstance(m, monarchify.MonarchLinear) for m in model.modules())
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[2, 10, 11, 3]])).logits.shape == (1, 2)
+
+
+@pytest.mark.slow
+def test_a_model_fine_tuned_on_the_task_is_the_teacher(tmp_path, bert_folder, data):
+    first = options(tmp_path, bert_folder, data)
+    compress(first)
+    teacher = first.stages / TEACHER
+    assert is_finetuned_for(str(teacher), get_task("sst2")) and not is_finetuned_for(str(bert_folder), get_task("sst2"))
+    assert not is_finetuned_for(str(teacher), get_task("mnli"))  # 2 outputs, not 3
+
+    again = options(tmp_path, teacher, data, out=tmp_path / "from-finetuned")
+    results = compress(again).results
+    assert results["compress"]["teacher_trained_here"] is False
+    assert results["compress"]["stages"]["teacher"] == str(teacher)
+    assert not (again.stages / TEACHER).exists()
+    assert results["compress"]["dense"]["main_metric"] == json.loads((teacher / RESULTS_FILE).read_text())["main_metric"]
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_at_the_stage_it_stopped(tmp_path, bert_folder, data, monkeypatch):
+    from monarchify.glue import train
+    from monarchify.hf import convert as hf_convert
+
+    calls = []
+    real_finetune, real_convert = train.finetune, hf_convert.convert_pretrained
+
+    def finetune(options, **kwargs):
+        calls.append(("finetune", options.out.name))
+        if options.out.name == "small" and len(calls) == 3:
+            raise KeyboardInterrupt  # stopped during stage 3
+        return real_finetune(options, **kwargs)
+
+    def convert(*args, **kwargs):
+        calls.append(("convert", str(args[1])))
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(train, "finetune", finetune)
+    monkeypatch.setattr(hf_convert, "convert_pretrained", convert)
+    opts = options(tmp_path, bert_folder, data)
+    with pytest.raises(KeyboardInterrupt):
+        compress(opts)
+    assert not opts.out.exists() and (opts.stages / CONVERTED / "config.json").is_file()
+    assert [c[0] for c in calls] == ["finetune", "convert", "finetune"]
+
+    calls.clear()
+    compress(opts)
+    assert calls == [("finetune", "small")]  # stages 1 and 2 were not redone
+    assert (opts.out / RESULTS_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budget", "1.5"], "budget must be a fraction"),
+        (["--task", "sst3"], "unknown GLUE task"),
+        (["--data-dir", "{tmp}/nowhere"], "does not exist"),
+        (["--distill-alpha", "2"], "between 0 and 1"),
+        (["--calibration-samples", "0"], "positive integer"),
+        (["--epochs", "0"], "epochs must be positive"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, bert_folder, data, capsys, extra, message):
+    args = {"--task": "sst2", "--model": str(bert_folder), "--budget": "0.6", "--data-dir": str(data),
+            "--out": str(tmp_path / "small")}
+    flags = [a.format(tmp=tmp_path) for a in extra]
+    for flag, value in zip(flags[::2], flags[1::2]):
+        args[flag] = value
+    capsys.readouterr()
+    code = main(["compress", *[x for pair in args.items() for x in pair]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("Error: ") and message in err[0], err
+    assert not (tmp_path / "small").exists() and not (tmp_path / "small.stages").exists()
+
+
+def test_a_finished_output_is_not_replaced_without_force(tmp_path, bert_folder, data, capsys):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "keep.txt").write_text("mine")
+    code = main(["compress", "--task", "sst2", "--model", str(bert_folder), "--budget", "0.6", "--data-dir", str(data),
+                 "--out", str(tmp_path / "small")])
+    err = capsys.readouterr().err
+    assert code == 1 and "not empty" in err and "--force" in err
+    assert (tmp_path / "small" / "keep.txt").read_text() == "mine" and not (tmp_path / "small.stages").exists()
