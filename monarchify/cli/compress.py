@@ -32,6 +32,7 @@ def compress(
     distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels in stage 3, 0..1.")] = 0.5,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the logit term.")] = 2.0,
     distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states in stage 3 (0: off).")] = 0.0,
+    gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Stage 3: Monarch layers take over from the teacher's dense layers gradually, over this share of the steps.")] = None,
     finetuned: Annotated[bool | None, typer.Option("--finetuned/--pretrained", help="Whether MODEL is already fine-tuned on the task (default: read from its config.json).")] = None,
     max_train_samples: Annotated[int | None, typer.Option("--max-train-samples", help="Use only the first N training examples in both fine-tuning stages.")] = None,
     max_eval_samples: Annotated[int | None, typer.Option("--max-eval-samples", help="Use only the first N examples of each dev split.")] = None,
@@ -53,7 +54,7 @@ def compress(
               "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
     options = CompressOptions(
         task=task, model=model, out=out, budget=budget, data_dir=data_dir, teacher_lr=teacher_lr, student_lr=student_lr,
-        calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, force=force,
+        calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, force=force,
         distill={"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden},
         finetune=shared,
     )

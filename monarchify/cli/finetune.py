@@ -105,6 +105,8 @@ def finetune(
     keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Do not delete the checkpoints after a successful run.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Resume from the latest checkpoint in the checkpoint folder.")] = False,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder, if the model folder has none.")] = None,
+    gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Gradual replacement: each Monarch layer stands in for its dense original with a probability that rises to 1 over this share of the steps (the originals: the model before --nblocks, or the --distill-from teacher).")] = None,
+    gradual_start: Annotated[float, typer.Option("--gradual-start", help="The probability gradual replacement starts at.")] = 0.5,
     force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
@@ -138,7 +140,7 @@ def finetune(
         weight_decay=weight_decay, grad_accum=grad_accum, precision=precision,
         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, eval_each_epoch=eval_each_epoch,
         save_checkpoints=save_checkpoints, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
-        resume=resume, force=force,
+        resume=resume, force=force, gradual=gradual, gradual_start=gradual_start,
     )
     # Imported here: Trainer and datasets take seconds to import, which no other command should pay.
     import datasets

@@ -57,6 +57,9 @@ class CompressOptions:
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
     distill: dict[str, float] = field(default_factory=lambda: {"alpha": 0.5, "temperature": 2.0, "hidden_weight": 0.0})
     finetuned: bool | None = None
+    gradual: float | None = None
+    """Stage 3 only: the share of its steps over which the Monarch layers take over from the
+    teacher's dense layers (:mod:`monarchify.gradual`)."""
     seed: int = 42
     finetune: dict[str, Any] = field(default_factory=dict)
     """Other :class:`FinetuneOptions` fields for both fine-tuning stages (``epochs``, ``batch_size``...)."""
@@ -65,14 +68,14 @@ class CompressOptions:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.data_dir = Path(self.data_dir) if self.data_dir is not None else None
-        reserved = {"task", "model", "out", "data_dir", "learning_rate", "distill", "monarch", "seed", "force", "resume"}
+        reserved = {"task", "model", "out", "data_dir", "learning_rate", "distill", "monarch", "seed", "force", "resume", "gradual"}
         if reserved & set(self.finetune):
             raise ConfigError(f"finetune settings may not set {', '.join(sorted(reserved & set(self.finetune)))}")
         # Build each part once so that a bad setting fails here, before any stage runs.
         self.recipe  # noqa: B018 - building the recipe checks the budget
         DistillConfig(str(self.model), **self.distill)
-        for lr in (self.teacher_lr, self.student_lr):
-            self.finetune_options(self.model, self.out, lr)
+        self.finetune_options(self.model, self.out, self.teacher_lr)
+        self.finetune_options(self.model, self.out, self.student_lr, gradual=self.gradual)
 
     @property
     def stages(self) -> Path:
@@ -197,6 +200,7 @@ def compress(
         }
     }
     distill = DistillConfig(str(teacher), **options.distill)
-    student = options.finetune_options(str(converted), options.out, options.student_lr, distill=distill, force=options.force)
+    student = options.finetune_options(str(converted), options.out, options.student_lr, distill=distill,
+                                       gradual=options.gradual, force=options.force)
     result = finetune(_continued(student), extra_results=summary, **run)
     return CompressResult(options.out, result.results, summary["compress"]["stages"])

@@ -28,7 +28,10 @@ class FinetuneOptions:
     a teacher already fine-tuned on the task (see :mod:`monarchify.distill_config`). ``warmup``: a fraction
     of the training steps (< 1) or a number of steps. ``checkpoint_dir``: where Trainer keeps
     its resumable checkpoints (default ``<out>.checkpoints``, removed after a successful run
-    unless ``keep_checkpoints``).
+    unless ``keep_checkpoints``). ``gradual``: the share of the training steps over which the
+    Monarch layers take over from their dense originals (:mod:`monarchify.gradual`), starting
+    at probability ``gradual_start``; the originals come from the distillation teacher, or from
+    the model itself when it is converted on the fly.
     """
 
     task: str
@@ -59,6 +62,8 @@ class FinetuneOptions:
     resume: bool = False
     logging_steps: int = 10
     force: bool = False
+    gradual: float | None = None
+    gradual_start: float = 0.5
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -82,6 +87,10 @@ class FinetuneOptions:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.max_steps != -1 and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1 (or -1 for none), got {self.max_steps}")
+        if self.gradual is not None and not 0 < self.gradual <= 1:
+            raise ConfigError(f"gradual must be a fraction of the training steps in (0, 1], got {self.gradual}")
+        if not 0 <= self.gradual_start < 1:
+            raise ConfigError(f"gradual_start must be in [0, 1), got {self.gradual_start}")
 
     @property
     def checkpoints(self) -> Path:

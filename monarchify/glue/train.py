@@ -19,6 +19,7 @@ assembled by :mod:`monarchify.glue.results`.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -393,6 +394,40 @@ def _convert(options: FinetuneOptions, model: nn.Module, events: FinetuneEvents)
     return report, Conversion(on_the_fly=True, recipe=options.monarch.to_dict(), seconds=seconds)
 
 
+class GradualCallback(TrainerCallback):
+    """Raises the chance each Monarch layer is used, step by step (:mod:`monarchify.gradual`)."""
+
+    def __init__(self, fraction: float, start: float) -> None:
+        self.fraction, self.start = fraction, start
+        self.schedule: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        from monarchify.gradual import Schedule
+
+        self.schedule = Schedule(state.max_steps, self.fraction, self.start)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        from monarchify.gradual import set_p
+
+        if model is not None and self.schedule is not None:
+            set_p(model, self.schedule.p(state.global_step))
+
+
+def _gradual(options: FinetuneOptions, models: _Models, originals: nn.Module | None) -> list[TrainerCallback]:
+    """With ``gradual``: wrap every Monarch layer with its frozen dense original, and the
+    callback that hands training over to the Monarch layers. The originals are the model's own
+    layers before an on-the-fly conversion, else the distillation teacher's."""
+    if options.gradual is None:
+        return []
+    from monarchify.gradual import wrap
+
+    originals = originals if originals is not None else models.teacher
+    if originals is None:
+        raise ConfigError("gradual replacement needs the dense originals: convert on the fly (monarch) or distil from the dense model")
+    wrap(models.model, originals, options.gradual_start)
+    return [GradualCallback(options.gradual, options.gradual_start)]
+
+
 def _build_trainer(
     options: FinetuneOptions,
     task: GlueTask,
@@ -400,12 +435,14 @@ def _build_trainer(
     datasets: tuple[Any, dict[str, Any]],
     callbacks: Sequence[TrainerCallback],
     progress_bar: bool,
+    internal: Sequence[TrainerCallback] = (),
 ) -> tuple[MonarchTrainer, StepTimer]:
     """The Trainer, and the timer of its optimisation steps.
 
     Why its own step: this is where the run's options meet Trainer's. Trainer's raw log
     printer is removed (the history goes into the results instead), and a front end's own
-    progress callbacks replace Trainer's tqdm bar.
+    progress callbacks replace Trainer's tqdm bar; ``internal`` callbacks (gradual
+    replacement) change training, not what is shown.
     """
     train_ds, eval_ds = datasets
     timer = StepTimer()
@@ -417,7 +454,7 @@ def _build_trainer(
         processing_class=models.tokenizer,
         data_collator=DataCollatorWithPadding(models.tokenizer),
         compute_metrics=compute_metrics_fn(task),
-        callbacks=[timer, *callbacks],
+        callbacks=[timer, *internal, *callbacks],
         monarch_lr=options.monarch_lr,
         teacher=models.teacher,
         distill=options.distill,
@@ -514,13 +551,20 @@ def finetune(
     models = _load_models(options, task)
     _announce(events, options, task, data, models)
 
+    originals = copy.deepcopy(models.model) if options.gradual is not None and options.monarch is not None else None
     report, conversion = _convert(options, models.model, events)
     params = parameter_counts(models.model)
+    gradual = _gradual(options, models, originals)
+    del originals
     train_ds, eval_ds = tokenize(data, models.tokenizer, options.max_length)
-    trainer, timer = _build_trainer(options, task, models, (train_ds, eval_ds), callbacks, progress_bar)
+    trainer, timer = _build_trainer(options, task, models, (train_ds, eval_ds), callbacks, progress_bar, gradual)
 
     events.stage("training")
     training = _train(trainer, timer, options)
+    if gradual:
+        from monarchify.gradual import unwrap
+
+        unwrap(trainer.model)  # the dense originals are never evaluated as the result, nor saved
     events.stage("evaluating")
     evaluation = _evaluate(trainer, eval_ds)
     results = build_results(
