@@ -46,4 +46,14 @@ jobs_list | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
 # Distillation needs the dense seed-0 run as its teacher, so it goes last.
 run kd4-lr5e-5-s0 --model runs/minilm-budget-cal --lr 5e-5 --seed 0 --distill-from "$RUNS/dense-lr1e-4-s0"
 
+# Issue 10: compress the fine-tuned dense seed-0 model (stage 1 is skipped: it is the teacher).
+compress() {  # NAME SEED, then extra compress arguments
+  local name=$1 seed=$2; shift 2
+  [ -f "$RUNS/$name/eval_results.json" ] && return 0
+  monarchify compress --task mrpc --model "$RUNS/dense-lr1e-4-s0" --budget 0.37622 --data-dir $GLUE \
+    --out "$RUNS/$name" --seed "$seed" "$@" > "$RUNS/logs/$name.log" 2>&1
+}
+for seed in 0 1 2; do compress "compress-kd-s$seed" "$seed"; done
+compress compress-kd-gradual-s0 0 --gradual 0.3
+
 python benchmarks/mrpc_table.py "$RUNS" --only dense-lr1e-4 nb2-lr1e-4 budget2-lr1e-4 nb4-lr5e-5 budget4-lr5e-5

@@ -190,3 +190,11 @@ def test_converting_a_converted_folder_is_refused_at_once(tmp_path, bert_folder,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a Monarch checkpoint already" in err[0]
     assert not (tmp_path / "twice").exists()
+
+
+def test_save_records_the_reports_recipe_by_default(tmp_path):
+    model = tiny_bert(hidden_size=64, intermediate_size=256)
+    report = monarchify.convert(model, MonarchConfig(budget=0.45))
+    monarchify.save(model, tmp_path / "m", report=report)
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["recipe"]
+    assert saved == json.loads(json.dumps(report.meta["recipe"])) and saved["budget"] == 0.45

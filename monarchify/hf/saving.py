@@ -38,12 +38,15 @@ def save_model(
     max_shard_size: str = DEFAULT_SHARD_SIZE,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a loadable folder atomically: ``config.json`` with the Monarch recipe,
+    """Write a loadable folder atomically: ``config.json`` with the Monarch recipe (by default
+    the one ``report`` recorded),
     safetensors weights (sharded past ``max_shard_size``), tokenizer files, the report, and
     ``extra_files`` (name -> text, e.g. fine-tuning results: inside, not added afterwards).
 
     A model without Monarch layers is written as a plain Hugging Face folder (no recipe), which
     loads without monarchify."""
+    if recipe is None and report is not None:  # the recipe the conversion recorded
+        recipe = report.meta.get("recipe")
     quantization = MonarchQuantizationConfig.from_model(model, recipe or {}, _version())
     if quantization.modules:
         model.config.quantization_config = quantization
