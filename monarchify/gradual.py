@@ -23,7 +23,7 @@ from torch import nn
 
 from monarchify.errors import ConfigError
 from monarchify.monarch import MonarchLinear
-from monarchify.pipeline.apply import replace_module
+from monarchify.pipeline.apply import replace_module, resolve_name
 
 
 class GradualLinear(nn.Module):
@@ -47,13 +47,12 @@ def wrap(model: nn.Module, originals: nn.Module, p: float = 0.0) -> list[str]:
     ``originals`` (the dense model it was converted from); returns the names wrapped.
 
     Names may differ by the base-model prefix (a ``BertModel`` teacher for a classifier)."""
-    dense_modules = dict(originals.named_modules())
-    prefix = getattr(model, "base_model_prefix", "")
     wrapped = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, MonarchLinear):
             continue
-        match = next((dense_modules[n] for n in (name, name.removeprefix(f"{prefix}.")) if n in dense_modules), None)
+        original = resolve_name(originals, name)
+        match = originals.get_submodule(original) if original is not None else None
         weight = getattr(match, "weight", None)
         if weight is None or weight.numel() != module.in_features * module.out_features:
             raise ConfigError(f"gradual replacement: the dense model has no layer '{name}' of the same shape")

@@ -142,11 +142,11 @@ def _calibration_text(task: GlueTask, data_dir: Path | None, samples: int) -> An
     """The task's own training text (pairs stay pairs), read through the GLUE loader so every
     task's layout works, split into fitting and held-out samples."""
     from monarchify.glue.data import load_glue
-    from monarchify.samples import split_samples
+    from monarchify.samples import default_heldout, split_samples
 
     data = load_glue(task, data_dir)
     fields = list(task.text_fields)
-    wanted = samples + max(1, samples // 4)
+    wanted = samples + default_heldout(samples)
     rows = data.train.select(range(min(wanted, len(data.train))))
     texts = [row[fields[0]] if len(fields) == 1 else (row[fields[0]], row[fields[1]]) for row in rows]
     return split_samples(texts, samples, source=f"{task.name} train ({data.source})", kind="glue", columns=fields)

@@ -29,7 +29,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from monarchify.errors import ModelLoadError
 from monarchify.monarch import MonarchLinear
-from monarchify.pipeline.apply import replace_module
+from monarchify.pipeline.apply import replace_module, resolve_name
 
 QUANT_METHOD = "monarch"
 FORMAT_VERSION = 1
@@ -103,11 +103,9 @@ def _resolve(model: nn.Module, name: str) -> str:
     """The module's name in ``model``: a checkpoint saved from a base model (``BertModel``)
     loads into a model with a head (``BertForSequenceClassification``), whose names carry the
     base-model prefix, and the other way round."""
-    names = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "")
-    for option in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
-        if option in names:
-            return option
+    resolved = resolve_name(model, name)
+    if resolved is not None:
+        return resolved
     raise ModelLoadError(f"the checkpoint lists Monarch layer '{name}', which this model does not have")
 
 

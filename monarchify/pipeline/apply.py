@@ -9,6 +9,15 @@ from __future__ import annotations
 from torch import nn
 
 
+def resolve_name(model: nn.Module, name: str) -> str | None:
+    """``name`` as ``model`` spells it, or None: a base model (``BertModel``) and the same model
+    with a head (``BertForSequenceClassification``) name their layers with and without the
+    base-model prefix, and either may be asked about the other's names."""
+    names = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    return next((option for option in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if option in names), None)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule ``name`` is."""
     parent_name, _, child = name.rpartition(".")
