@@ -162,6 +162,7 @@ def layer_benchmark(
     warmup: int = 5,
     repeat: int = 20,
     seed: int = 0,
+    output_order: str = "blocked",
 ) -> dict[str, Any]:
     """``nn.Linear`` vs ``MonarchLinear`` at one shape: forward (no autograd) and
     forward+backward (gradients for the input and every parameter, as inside a model).
@@ -176,7 +177,7 @@ def layer_benchmark(
     torch.manual_seed(seed)
     factory = {"device": device, "dtype": dtype}
     dense = nn.Linear(d_in, d_out, bias=bias, **factory)
-    monarch = MonarchLinear(d_in, d_out, nblocks, bias=bias, **factory)
+    monarch = MonarchLinear(d_in, d_out, nblocks, bias=bias, output_order=output_order, **factory)
     x = torch.randn(tokens, d_in, **factory)
     x_grad = x.clone().requires_grad_()
     grad_out = torch.randn(tokens, d_out, **factory)
@@ -205,8 +206,8 @@ def layer_benchmark(
     fwd = {"dense": forward(dense), "monarch": forward(monarch)}
     fwd.update({name: forward(monarch, name) for name in extras})
     result: dict[str, Any] = {
-        "config": {"d_in": d_in, "d_out": d_out, "nblocks": nblocks, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
-                   "bias": bias, "warmup": warmup, "repeat": repeat},
+        "config": {"d_in": d_in, "d_out": d_out, "nblocks": nblocks, "output_order": output_order, "tokens": tokens,
+                   "dtype": str(dtype).removeprefix("torch."), "bias": bias, "warmup": warmup, "repeat": repeat},
         "environment": _environment(device),
         "implementation": kernels.auto_choice(x),
         "params": {"dense": sum(p.numel() for p in dense.parameters()), "monarch": sum(p.numel() for p in monarch.parameters())},

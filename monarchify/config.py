@@ -20,6 +20,8 @@ from typing import Any
 from monarchify.errors import ConfigError
 
 RECIPE_VERSION = 1
+OUTPUT_ORDERS = ("blocked", "interleaved")
+"""How a Monarch layer orders its outputs (:class:`monarchify.monarch.layout.MonarchLayout`)."""
 """Version of the recipe dictionary (``MonarchConfig.to_dict``), not of the weight format."""
 DEFAULT_CALIBRATION_SAMPLES = 256
 DEFAULT_SWEEPS = 2
@@ -132,6 +134,9 @@ class MonarchConfig:
     * ``budget_keep_dense``: whether the budget may keep a layer dense (one of its options).
     * ``calibration``: project on real activations (the text is an argument of ``convert``).
     * ``speed_gate``: time every layer shape and keep dense those Monarch does not speed up.
+    * ``output_order``: ``"blocked"`` (each block's outputs contiguous: no copy in the forward
+      pass) or ``"interleaved"`` (the paper's output permutation). Same parameters, FLOPs and
+      error; blocked is faster (``docs/performance.md``).
 
     Patterns match whole trailing components of a qualified name (see
     :func:`monarchify.pipeline.plan.name_matches`), so ``query`` matches ``...self.query`` and
@@ -147,6 +152,7 @@ class MonarchConfig:
     budget_keep_dense: bool = True
     calibration: CalibrationConfig | None = None
     speed_gate: SpeedGateConfig | None = None
+    output_order: str = "blocked"
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -171,6 +177,8 @@ class MonarchConfig:
             self.calibration = CalibrationConfig.from_dict(self.calibration)
         if isinstance(self.speed_gate, dict):
             self.speed_gate = SpeedGateConfig.from_dict(self.speed_gate)
+        if self.output_order not in OUTPUT_ORDERS:
+            raise ConfigError(f"output_order must be one of {', '.join(OUTPUT_ORDERS)}, got {self.output_order!r}")
         if self.version != RECIPE_VERSION:
             raise ConfigError(f"unsupported recipe version {self.version} (this monarchify reads {RECIPE_VERSION})")
 

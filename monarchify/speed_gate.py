@@ -61,12 +61,12 @@ class SpeedGate:
         self._by_shape: dict[tuple, SpeedVerdict] = {}
 
     def measure(self, layout: MonarchLayout, dtype: torch.dtype, device: torch.device, bias: bool) -> SpeedVerdict:
-        key = (layout.d_in, layout.d_out, layout.nblocks, dtype, str(device), bias)
+        key = (layout.d_in, layout.d_out, layout.nblocks, layout.output_order, dtype, str(device), bias)
         if key not in self._by_shape:
             c = self.config
             result = layer_benchmark(
                 layout.d_in, layout.d_out, layout.nblocks, c.tokens, dtype=dtype, device=device, bias=bias,
-                backward=c.backward, warmup=c.warmup, repeat=c.repeat,
+                backward=c.backward, warmup=c.warmup, repeat=c.repeat, output_order=layout.output_order,
             )
             fb = result.get("forward_backward")
             where = f"{device.type} {str(dtype).removeprefix('torch.')}"

@@ -137,6 +137,17 @@ def test_bad_block_counts(tmp_path, capsys, bert_folder, value):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_output_order_flag_reaches_the_checkpoint_and_a_bad_one_is_refused(tmp_path, capsys, bert_folder):
+    out = tmp_path / "o"
+    assert run(capsys, "convert", bert_folder, "-b", "2", "--output-order", "interleaved", "--out", out, "--no-check")[0] == 0
+    recipe = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert recipe["recipe"]["output_order"] == "interleaved"
+    assert {spec["output_order"] for spec in recipe["modules"].values()} == {"interleaved"}
+    code, _, err = run(capsys, "convert", bert_folder, "--output-order", "sideways", "--out", tmp_path / "bad")
+    assert_one_line_error(code, err, "output_order", "sideways")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_too_many_blocks_names_the_layer(tmp_path, capsys, bert_folder):
     code, _, err = run(capsys, "convert", bert_folder, "--nblocks", "8", "--out", tmp_path / "o")
     assert_one_line_error(code, err, "structural zeros", "encoder.layer.0")
@@ -342,6 +353,7 @@ def _tamper_report(value):
     (_tamper_config(lambda q: q.update(modules={})), "does not declare"),
     (_tamper_config(lambda q: q.update(padding="reflect")), "unknown Monarch padding"),
     (_tamper_config(lambda q: q.update(format_version=99)), "Monarch format 99"),
+    (_tamper_config(lambda q: q["modules"][LAYER].update(output_order="shuffled")), "output_order 'shuffled'"),
     (_tamper_report([1, 2]), "is not a monarchify report"),
     (_tamper_report({"layers": [{"name": LAYER, "rel_error": "big"}]}), "is not a monarchify report"),
     (_tamper_report({"layers": [], "meta": []}), "is not a monarchify report"),

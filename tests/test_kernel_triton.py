@@ -36,7 +36,7 @@ def interpreted():
 @pytest.mark.slow
 def test_interpreter_covers_every_case_and_dtype(interpreted):
     _, results = interpreted
-    assert len(results) == len(check.INTERPRETER_CASES) * 3
+    assert len(results) == len(check.INTERPRETER_CASES) * 3 * 2  # dtypes × output orders
     assert {r["dtype"] for r in results} == {"float32", "float16", "bfloat16"}
     assert all(set(r["errors"]) == {"y", "dx", "dR", "dL", "dbias"} for r in results)
 
@@ -62,10 +62,11 @@ def test_the_check_passes_the_working_cpu_path():
     assert result.ok, result.errors
 
 
+@pytest.mark.parametrize("order", ["blocked", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_the_check_passes_the_working_cpu_path_in_every_dtype(dtype):
+def test_the_check_passes_the_working_cpu_path_in_every_dtype(dtype, order):
     """Regression: the float64 reference once used an upstream gradient the kernel never saw."""
-    result = check.check_case("strided", 3, 8, 12, 7, dtype, "cpu", seed=1)
+    result = check.check_case("strided", 3, 8, 12, 7, dtype, "cpu", seed=1, output_order=order)
     assert result.ok, result.to_dict()
 
 
@@ -75,8 +76,8 @@ def test_the_check_catches_a_wrong_kernel(monkeypatch):
     so the gradients stay right and must still pass)."""
     real = strided._forward
 
-    def swapped(x, R, L, bias):
-        y, h = real(x, R, L, bias)
+    def swapped(*args):
+        y, h = real(*args)
         return y.roll(1, dims=1), h
 
     monkeypatch.setattr(strided, "_forward", swapped)
@@ -88,8 +89,8 @@ def test_the_check_catches_a_wrong_kernel(monkeypatch):
 def test_the_check_catches_an_unwritten_output(monkeypatch):
     real = strided._forward
 
-    def partial(x, R, L, bias):
-        y, h = real(x, R, L, bias)
+    def partial(*args):
+        y, h = real(*args)
         out = strided._empty(y.shape, dtype=y.dtype)
         out[:, :-1] = y[:, :-1]  # last column never written
         return out, h

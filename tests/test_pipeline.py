@@ -198,3 +198,13 @@ def test_save_records_the_reports_recipe_by_default(tmp_path):
     monarchify.save(model, tmp_path / "m", report=report)
     saved = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["recipe"]
     assert saved == json.loads(json.dumps(report.meta["recipe"])) and saved["budget"] == 0.45
+
+
+def test_the_recipe_and_the_layout_know_the_same_output_orders():
+    from monarchify.config import OUTPUT_ORDERS as recipe_orders
+    from monarchify.monarch.layout import OUTPUT_ORDERS as layout_orders
+
+    assert recipe_orders == layout_orders
+    assert MonarchConfig().output_order == "blocked"
+    with pytest.raises(ConfigError, match="output_order"):
+        MonarchConfig(output_order="shuffled")

@@ -26,19 +26,20 @@ def shapes(draw, allow_pad: bool = True):
     return d_in, d_out, nblocks
 
 
-def random_monarch(d_in, d_out, nblocks, seed=0):
+def random_monarch(d_in, d_out, nblocks, seed=0, output_order="blocked"):
     torch.manual_seed(seed)
-    layer = MonarchLinear(d_in, d_out, nblocks, dtype=F64)
+    layer = MonarchLinear(d_in, d_out, nblocks, dtype=F64, output_order=output_order)
     with torch.no_grad():
         layer.L.normal_()
         layer.R.normal_()
     return layer
 
 
-def brute_force_error(weight: np.ndarray, nblocks: int) -> float:
+def brute_force_error(weight: np.ndarray, nblocks: int, order: str = "blocked") -> float:
     """The optimal squared error from the definition, written independently of the library:
     enumerate every middle index, find the (output rows, input columns) pair it joins, and
-    truncate each pair's sub-block to the number of middle indices it owns."""
+    truncate each pair's sub-block to the number of middle indices it owns. Output block ``l``
+    is rows ``l·s + r`` (blocked) or ``r·b + l`` (interleaved)."""
     d_out, d_in = weight.shape
     b = nblocks
     p, s = -(-d_in // b), -(-d_out // b)
@@ -50,7 +51,7 @@ def brute_force_error(weight: np.ndarray, nblocks: int) -> float:
         owned[f % b, f // q] += 1  # L block f mod b, R block f div q
     total = 0.0
     for l in range(b):
-        rows = [r * b + l for r in range(s)]
+        rows = [l * s + r if order == "blocked" else r * b + l for r in range(s)]
         for k in range(b):
             block = w[np.ix_(rows, range(k * p, (k + 1) * p))]
             sigma = np.linalg.svd(block, compute_uv=False)
@@ -87,16 +88,16 @@ def test_monarch_matrix_projects_onto_itself(shape):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shapes(), st.integers(0, 2**31 - 1))
-def test_reported_error_is_the_reconstruction_error_and_optimal(shape, seed):
+@given(shapes(), st.integers(0, 2**31 - 1), st.sampled_from(["blocked", "interleaved"]))
+def test_reported_error_is_the_reconstruction_error_and_optimal(shape, seed, order):
     d_in, d_out, b = shape
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(d_out, d_in, generator=gen, dtype=F64)
-    projection = project(weight, b)
-    rebuilt = load(MonarchLinear(d_in, d_out, b, dtype=F64), projection).to_dense()
+    projection = project(weight, b, output_order=order)
+    rebuilt = load(MonarchLinear(d_in, d_out, b, dtype=F64, output_order=order), projection).to_dense()
     explicit = float((weight - rebuilt).square().sum())
     assert projection.sq_error == pytest.approx(explicit, rel=1e-9, abs=1e-9)
-    assert projection.sq_error == pytest.approx(brute_force_error(weight.numpy(), b), rel=1e-9, abs=1e-9)
+    assert projection.sq_error == pytest.approx(brute_force_error(weight.numpy(), b, order), rel=1e-9, abs=1e-9)
     assert projection.rel_error == pytest.approx((explicit / float(weight.square().sum())) ** 0.5, rel=1e-9)
 
 
@@ -144,10 +145,14 @@ def test_padding_is_stated_and_exact_for_the_real_block():
     assert projection.sq_error == pytest.approx(explicit, rel=1e-9)
     assert projection.sq_error == pytest.approx(brute_force_error(weight.numpy(), 4), rel=1e-9)
     assert projection.rel_error == pytest.approx((explicit / float(weight.square().sum())) ** 0.5, rel=1e-9)
-    # Padded inputs 30, 31 are columns 6, 7 of R block 3; padded outputs 17..19 are row 4 of
-    # L blocks 1..3 (output o = r·b + l).
+    # Padded inputs 30, 31 are columns 6, 7 of R block 3; padded outputs 17..19 are rows 2..4
+    # of L block 3 (output o = l·s + r, s = 5).
     assert float(projection.R[3][:, 6:].abs().max()) < 1e-12
-    assert float(projection.L[1:, 4, :].abs().max()) < 1e-12
+    assert float(projection.L[3, 2:, :].abs().max()) < 1e-12
+    # Interleaved (o = r·b + l), they are row 4 of L blocks 1..3.
+    interleaved = project(weight, 4, output_order="interleaved")
+    assert float(interleaved.L[1:, 4, :].abs().max()) < 1e-12
+    assert interleaved.sq_error == pytest.approx(brute_force_error(weight.numpy(), 4, "interleaved"), rel=1e-9)
     # Projecting the explicitly zero-padded 20×32 weight gives the same real block.
     padded = torch.zeros(20, 32, dtype=F64)
     padded[:17, :30] = weight
@@ -195,8 +200,9 @@ def test_bad_block_counts_are_refused(value):
 
 
 @pytest.mark.slow
-def test_gradients_match_autograd_through_the_dense_matrix():
-    layer = random_monarch(12, 18, 3)
+@pytest.mark.parametrize("order", ["blocked", "interleaved"])
+def test_gradients_match_autograd_through_the_dense_matrix(order):
+    layer = random_monarch(12, 18, 3, output_order=order)
     x = torch.randn(5, 12, dtype=F64, requires_grad=True)
     torch.autograd.gradcheck(lambda x, L, R, bias: torch.nn.functional.linear(x, _dense(layer, L, R), bias),
                              (x, layer.L, layer.R, layer.bias))
@@ -213,10 +219,10 @@ def test_gradients_match_autograd_through_the_dense_matrix():
 def _dense(layer, L, R):
     """Differentiable dense matrix from the layout rules (mirrors ``to_dense`` with autograd)."""
     lay = layer.layout
-    b, p = lay.nblocks, lay.p
+    b, p, s = lay.nblocks, lay.p, lay.s
     rows = []
     for o in range(lay.n_out):
-        l, r = o % b, o // b
+        l, r = divmod(o, s) if lay.blocked else (o % b, o // b)
         row = []
         for k in range(b):
             cols, idx = lay.pair_indices(l, k)

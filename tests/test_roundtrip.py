@@ -148,3 +148,43 @@ def test_report_counts_parameters_not_the_buffers_saved_beside_them(tmp_path):
     totals = monarchify.read_report(tmp_path / "out").totals()
     assert totals["model_params"] == sum(p.numel() for p in model.parameters()) == report.totals()["model_params"]
     assert totals["model_params_before"] == report.totals()["model_params_before"]
+
+
+def _as_format_1(folder) -> None:
+    """Rewrite a checkpoint's recipe the way monarchify wrote it before output orders existed."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    recipe = config["quantization_config"]
+    recipe["format_version"] = 1
+    for spec in recipe["modules"].values():
+        del spec["output_order"]
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("order", ["blocked", "interleaved"])
+def test_each_output_order_round_trips_and_is_recorded(tmp_path, order):
+    model = tiny_bert()
+    report = monarchify.convert(model, MonarchConfig(nblocks=2, output_order=order))
+    batch = inputs(model.config.vocab_size)
+    expected = first_output(model, batch)
+    monarchify.save(model, tmp_path / "out", report=report)
+    recipe = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert recipe["format_version"] == 2
+    assert {spec["output_order"] for spec in recipe["modules"].values()} == {order}
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert {m.output_order for m in loaded.modules() if isinstance(m, MonarchLinear)} == {order}
+    assert torch.equal(first_output(loaded, batch), expected)
+
+
+def test_a_format_1_checkpoint_loads_with_the_interleaved_order(tmp_path):
+    """Checkpoints written before format 2 hold interleaved factors and say nothing of it: they
+    must load as interleaved (loading them as blocked would silently permute every output)."""
+    model = tiny_bert()
+    monarchify.convert(model, MonarchConfig(nblocks=2, output_order="interleaved"))
+    batch = inputs(model.config.vocab_size)
+    expected = first_output(model, batch)
+    monarchify.save(model, tmp_path / "out")
+    _as_format_1(tmp_path / "out")
+    loaded = monarchify.load(tmp_path / "out").eval()
+    assert {m.output_order for m in loaded.modules() if isinstance(m, MonarchLinear)} == {"interleaved"}
+    assert torch.equal(first_output(loaded, batch), expected)

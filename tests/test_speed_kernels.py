@@ -17,13 +17,20 @@ from monarchify.monarch.kernels.strided import StridedMonarch
 F64 = torch.float64
 
 
-def dense_from_factors(R: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+def dense_from_factors(R: torch.Tensor, L: torch.Tensor, blocked: bool = True) -> torch.Tensor:
     """Differentiable ``(b·s, b·p)`` matrix: ``L_full @ blockdiag(R)`` with
-    ``L_full[r·b + l, c·b + l] = L[l, r, c]`` (middle ``f = c·b + l`` feeds L block ``l``)."""
+    ``L_full[o, c·b + l] = L[l, r, c]`` (middle ``f = c·b + l`` feeds L block ``l``), output
+    ``o = l·s + r`` (blocked) or ``r·b + l`` (interleaved), written out entry by entry."""
     b, s, q = L.shape
-    eye = torch.eye(b, dtype=L.dtype, device=L.device)
-    l_full = torch.einsum("lrc,lm->rlcm", L, eye).reshape(b * s, b * q)
+    l_full = torch.zeros(b * s, b * q, dtype=L.dtype, device=L.device)
+    for l in range(b):
+        for r in range(s):
+            o = l * s + r if blocked else r * b + l
+            l_full[o, l::b] = L[l, r]
     return l_full @ torch.block_diag(*R)
+
+
+ORDERS = pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "interleaved"])
 
 
 @pytest.fixture
@@ -48,45 +55,58 @@ def factors(b, p, s, dtype=F64, seed=0, requires_grad=False):
 SHAPES = [(1, 5, 7), (2, 6, 3), (3, 4, 4), (4, 8, 2), (4, 3, 12), (2, 16, 16)]  # (b, p, s)
 
 
-def test_the_test_assembly_agrees_with_to_dense():
-    layer = MonarchLinear(16, 24, 4, dtype=F64)
-    torch.testing.assert_close(dense_from_factors(layer.R, layer.L).detach(), layer.to_dense(), rtol=0, atol=0)
+@ORDERS
+def test_the_test_assembly_agrees_with_to_dense(blocked):
+    layer = MonarchLinear(16, 24, 4, dtype=F64, output_order="blocked" if blocked else "interleaved")
+    torch.testing.assert_close(dense_from_factors(layer.R, layer.L, blocked).detach(), layer.to_dense(), rtol=0, atol=0)
 
 
+def test_the_two_output_orders_are_row_permutations_of_each_other():
+    R, L, _ = factors(4, 6, 5)
+    blocked, interleaved = dense_from_factors(R, L, True), dense_from_factors(R, L, False)
+    assert not torch.equal(blocked, interleaved)
+    rows = [r * 4 + l for l in range(4) for r in range(5)]  # blocked row l·s + r is interleaved row r·b + l
+    torch.testing.assert_close(interleaved[rows], blocked, rtol=0, atol=0)
+
+
+@ORDERS
 @pytest.mark.parametrize("b,p,s", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_strided_forward_matches_float64_dense(poisoned, b, p, s, with_bias):
+def test_strided_forward_matches_float64_dense(poisoned, b, p, s, with_bias, blocked):
     R, L, bias = factors(b, p, s)
     bias = bias if with_bias else None
     x = torch.randn(9, b * p, dtype=F64)
-    expected = x @ dense_from_factors(R, L).T + (0 if bias is None else bias)
-    torch.testing.assert_close(strided.monarch_strided(x, R, L, bias), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(kernels.monarch_reference(x, R, L) + (0 if bias is None else bias), expected)
+    expected = x @ dense_from_factors(R, L, blocked).T + (0 if bias is None else bias)
+    torch.testing.assert_close(strided.monarch_strided(x, R, L, bias, blocked=blocked), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kernels.monarch_reference(x, R, L, blocked=blocked) + (0 if bias is None else bias), expected)
 
 
+@ORDERS
 @pytest.mark.parametrize("b,p,s", [(2, 6, 3), (3, 4, 4), (4, 3, 8)])
-def test_strided_gradcheck_float64(poisoned, b, p, s):
+def test_strided_gradcheck_float64(poisoned, b, p, s, blocked):
     R, L, bias = factors(b, p, s, requires_grad=True)
     x = torch.randn(5, b * p, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(StridedMonarch.apply, (x, R, L, bias))
-    assert torch.autograd.gradcheck(StridedMonarch.apply, (x, R, L, None))
+    assert torch.autograd.gradcheck(StridedMonarch.apply, (x, R, L, bias, blocked))
+    assert torch.autograd.gradcheck(StridedMonarch.apply, (x, R, L, None, blocked))
 
 
-def test_float32_gradients_match_autograd_through_the_dense_matrix(poisoned):
+@ORDERS
+def test_float32_gradients_match_autograd_through_the_dense_matrix(poisoned, blocked):
     b, p, s, n = 4, 12, 24, 33
     R, L, bias = factors(b, p, s, dtype=torch.float32, seed=1, requires_grad=True)
     x = torch.randn(n, b * p, requires_grad=True)
     upstream = torch.randn(n, b * s)
-    got = torch.autograd.grad((strided.monarch_strided(x, R, L, bias) * upstream).sum(), (x, R, L, bias))
+    got = torch.autograd.grad((strided.monarch_strided(x, R, L, bias, blocked=blocked) * upstream).sum(), (x, R, L, bias))
     x64, R64, L64, b64 = (t.detach().double().requires_grad_() for t in (x, R, L, bias))
-    ref = (x64 @ dense_from_factors(R64, L64).T + b64) * upstream.double()
+    ref = (x64 @ dense_from_factors(R64, L64, blocked).T + b64) * upstream.double()
     want = torch.autograd.grad(ref.sum(), (x64, R64, L64, b64))
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
 
 
+@ORDERS
 @pytest.mark.parametrize("wanted", ["x", "params", "weights_only"])
-def test_only_the_gradients_asked_for_are_computed(poisoned, wanted):
+def test_only_the_gradients_asked_for_are_computed(poisoned, wanted, blocked):
     b, p, s = 3, 4, 5
     R, L, bias = factors(b, p, s)
     x = torch.randn(6, b * p, dtype=F64)
@@ -98,22 +118,23 @@ def test_only_the_gradients_asked_for_are_computed(poisoned, wanted):
     else:
         R.requires_grad_()
         L.requires_grad_()
-    y = strided.monarch_strided(x, R, L, bias)
+    y = strided.monarch_strided(x, R, L, bias, blocked=blocked)
     y.square().sum().backward()
     for t in (x, R, L, bias):
         if t.requires_grad:
             x0, R0, L0, b0 = (u.detach().requires_grad_() for u in (x, R, L, bias))
-            (x0 @ dense_from_factors(R0, L0).T + b0).square().sum().backward()
+            (x0 @ dense_from_factors(R0, L0, blocked).T + b0).square().sum().backward()
             ref = {id(x): x0, id(R): R0, id(L): L0, id(bias): b0}[id(t)].grad
             torch.testing.assert_close(t.grad, ref)
         else:
             assert t.grad is None
 
 
+@pytest.mark.parametrize("order", ["blocked", "interleaved"])
 @pytest.mark.parametrize("impl", ["auto", "strided", "reference"])
-def test_layer_agrees_with_to_dense_under_every_cpu_implementation(poisoned, impl):
+def test_layer_agrees_with_to_dense_under_every_cpu_implementation(poisoned, impl, order):
     torch.manual_seed(0)
-    layer = MonarchLinear(30, 17, 4, dtype=F64)  # padded on both sides
+    layer = MonarchLinear(30, 17, 4, dtype=F64, output_order=order)  # padded on both sides
     x = torch.randn(2, 3, 30, dtype=F64, requires_grad=True)
     with kernels.use(impl):
         y = layer(x)

@@ -17,26 +17,28 @@ from monarchify.monarch.projection import solver_dtype_for, truncated_svd
 F64 = torch.float64
 
 
-def optimum(weight: torch.Tensor, nblocks: int) -> float:
+def optimum(weight: torch.Tensor, nblocks: int, order: str = "blocked") -> float:
     """The optimal squared error, from a float64 SVD of every sub-block, with the sub-blocks
     and their ranks taken from the rules in docs/monarch.md here rather than from the library
-    (these shapes need no padding): rows ``o ≡ l (mod b)`` × input block ``k``, truncated to
-    the number of middle indices ``f`` with ``f mod b = l`` and ``f div q = k``."""
+    (these shapes need no padding): the rows of output block ``l`` (``l·s ... l·s + s - 1``
+    blocked, ``o ≡ l (mod b)`` interleaved) × input block ``k``, truncated to the number of
+    middle indices ``f`` with ``f mod b = l`` and ``f div q = k``."""
     d_out, d_in = weight.shape
     b = nblocks
     assert d_in % b == 0 and d_out % b == 0, "this reference has no padding"
-    p, q = d_in // b, min(d_in, d_out) // b
+    p, q, s = d_in // b, min(d_in, d_out) // b, d_out // b
     total = 0.0
     for l in range(b):
         for k in range(b):
             rank = sum(1 for f in range(b * q) if f % b == l and f // q == k)
-            sigma = torch.linalg.svdvals(weight.double()[l::b, k * p : (k + 1) * p])
+            rows = slice(l * s, (l + 1) * s) if order == "blocked" else slice(l, None, b)
+            sigma = torch.linalg.svdvals(weight.double()[rows, k * p : (k + 1) * p])
             total += float(sigma[rank:].square().sum())
     return total
 
 
 def rebuilt(weight: torch.Tensor, nblocks: int, projection) -> torch.Tensor:
-    layer = MonarchLinear(weight.shape[1], weight.shape[0], nblocks, dtype=F64)
+    layer = MonarchLinear(weight.shape[1], weight.shape[0], nblocks, dtype=F64, output_order=projection.layout.output_order)
     with torch.no_grad():
         layer.L.copy_(projection.L)
         layer.R.copy_(projection.R)
@@ -53,13 +55,14 @@ def test_these_shapes_really_take_the_gram_route():
         assert min(layout.p, layout.s) >= proj.SVD_BELOW
 
 
+@pytest.mark.parametrize("order", ["blocked", "interleaved"])
 @pytest.mark.parametrize("d_out,d_in,b", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_gram_route_is_optimal_and_reports_the_exact_error(d_out, d_in, b, dtype):
+def test_gram_route_is_optimal_and_reports_the_exact_error(d_out, d_in, b, dtype, order):
     gen = torch.Generator().manual_seed(d_out + d_in + b)
     weight = (torch.randn(d_out, d_in, generator=gen, dtype=F64) / d_in**0.5).to(dtype)
-    result = project(weight, b)
-    best = optimum(weight, b)
+    result = project(weight, b, output_order=order)
+    best = optimum(weight, b, order)
     explicit = float((weight.double() - rebuilt(weight, b, result)).square().sum())
     # The reported error is the reconstruction error of the factors returned...
     assert result.sq_error == pytest.approx(explicit, rel=1e-9)

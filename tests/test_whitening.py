@@ -213,3 +213,34 @@ def test_bad_inputs_fail_cleanly():
         project_whitened(w, cov, 2, damping=-1.0)
     with pytest.raises(ConfigError, match="structural zeros"):
         project_whitened(w, cov, 4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_the_interleaved_order_is_the_blocked_one_on_row_permuted_weights(b, seed):
+    """Output blocks are independent in both objectives, so projecting ``W`` with interleaved
+    outputs must give exactly the row-permuted result of projecting the row-permuted ``W``
+    with blocked ones (plain, whitened and refined), whatever the covariance."""
+    s, p = b + 3, b + 2
+    d_out, d_in = b * s, b * p
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(d_out, d_in, generator=g, dtype=F64)
+    x = correlated_inputs(64, d_in, seed)
+    cov = x.T @ x / 64
+    # Blocked row l·s + r holds interleaved row r·b + l.
+    rows = torch.tensor([r * b + l for l in range(b) for r in range(s)])
+    permuted = weight[rows]
+
+    def dense(result):
+        proj = result.projection if hasattr(result, "projection") else result
+        return assemble(proj.L, proj.R, proj.layout)
+
+    inter = project(weight, b, output_order="interleaved")
+    block = project(permuted, b, output_order="blocked")
+    torch.testing.assert_close(dense(inter)[rows], dense(block))
+    inter = project_whitened(weight, cov, b, output_order="interleaved")
+    block = project_whitened(permuted, cov, b, output_order="blocked")
+    torch.testing.assert_close(dense(inter)[rows], dense(block))
+    assert inter.objective == pytest.approx(block.objective, rel=1e-9, abs=1e-12)
+    inter, block = refine_full(weight, cov, inter, sweeps=2), refine_full(permuted, cov, block, sweeps=2)
+    torch.testing.assert_close(dense(inter)[rows], dense(block))

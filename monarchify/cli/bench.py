@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from monarchify.cli.options import JsonFlag, NBlocks
+from monarchify.cli.options import JsonFlag, NBlocks, OutputOrder
 from monarchify.cli.render import console, err_console, print_json
 from monarchify.errors import ConfigError
 
@@ -75,6 +75,7 @@ def layer(
     bias: Annotated[bool, typer.Option(help="Give both layers a bias.")] = True,
     backward: Annotated[bool, typer.Option(help="Also time forward+backward.")] = True,
     reference: Annotated[bool, typer.Option("--reference", help="Also time the plain two-bmm Monarch path.")] = False,
+    output_order: OutputOrder = "blocked",
     warmup: Warmup = 5,
     repeat: Repeat = 20,
     threads: Threads = None,
@@ -94,12 +95,12 @@ def layer(
     _set_threads(threads)
     result = lib.layer_benchmark(
         d_in, d_out, nblocks, tokens, dtype=lib.parse_dtype(dtype), device=lib.resolve_device(device),
-        bias=bias, backward=backward, reference=reference, warmup=warmup, repeat=repeat,
+        bias=bias, backward=backward, reference=reference, warmup=warmup, repeat=repeat, output_order=output_order,
     )
     if json_out:
         print_json(result)
         return
-    title = (f"{d_in}→{d_out}, {nblocks} blocks, {tokens} tokens, {dtype} "
+    title = (f"{d_in}→{d_out}, {nblocks} blocks ({output_order}), {tokens} tokens, {dtype} "
              f"({result['implementation']} path; FLOPs ÷{result['flops_ratio']:.1f})")
     rows = {k: result[k] for k in ("forward", "forward_backward") if k in result}
     console.print(_table(title, rows, "reference" if reference else None))

@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, Override, build_config
+from monarchify.cli.options import (
+    AllowZeros, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, build_config,
+)
 from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report
 from monarchify.config import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_SPEED_TOKENS, DEFAULT_SWEEPS, CalibrationConfig, SpeedGateConfig
 from monarchify.errors import ConfigError
@@ -50,6 +52,7 @@ def convert(
     exclude: Exclude = None,
     override: Override = None,
     allow_structural_zeros: AllowZeros = False,
+    output_order: OutputOrder = "blocked",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (layers, shapes, parameters) and write nothing.")] = False,
     check: Annotated[bool, typer.Option(help="Compare dense and converted outputs on sample sentences.")] = True,
     force: ForceFlag = False,
@@ -86,7 +89,7 @@ def convert(
         raise ConfigError("--tokens sets the timing of --only-if-faster; add that flag or drop --tokens")
     config = build_config(
         nblocks, include, exclude, override, allow_structural_zeros,
-        budget=budget, budget_keep_dense=budget_dense,
+        budget=budget, budget_keep_dense=budget_dense, output_order=output_order,
         calibration=CalibrationConfig(
             samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             sweeps=DEFAULT_SWEEPS if refine_sweeps is None else refine_sweeps,

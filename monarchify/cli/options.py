@@ -35,6 +35,14 @@ AllowZeros = Annotated[
         help="Accept nblocks² > min(d_in, d_out), where some blocks of the matrix are forced to zero.",
     ),
 ]
+OutputOrder = Annotated[
+    str,
+    typer.Option(
+        "--output-order",
+        help="How each Monarch layer orders its outputs: blocked (contiguous blocks, no copy: faster) or "
+        "interleaved (the paper's permutation). Same parameters and, on real weights, the same error.",
+    ),
+]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
 
 

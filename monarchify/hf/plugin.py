@@ -29,10 +29,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from monarchify.errors import ModelLoadError
 from monarchify.monarch import MonarchLinear
+from monarchify.monarch.layout import INTERLEAVED, OUTPUT_ORDERS
 from monarchify.pipeline.apply import replace_module, resolve_name
 
 QUANT_METHOD = "monarch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: layers record their ``output_order`` (format 1 had only the interleaved one)."""
+READS_FORMATS = (1, 2)
 
 
 def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: Any = "zero") -> None:
@@ -41,8 +44,11 @@ def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: An
     The recipe decides the shape of every layer before any weight is read, so a damaged one
     must fail here, as one line, rather than deep inside model construction.
     """
-    if format_version != FORMAT_VERSION:
-        raise ModelLoadError(f"this checkpoint uses Monarch format {format_version}; this monarchify reads {FORMAT_VERSION}")
+    if format_version not in READS_FORMATS:
+        raise ModelLoadError(
+            f"this checkpoint uses Monarch format {format_version}; this monarchify reads formats "
+            f"{', '.join(map(str, READS_FORMATS))}"
+        )
     if padding != "zero":
         raise ModelLoadError(f"config.json: unknown Monarch padding {padding!r} (this monarchify pads with zeros)")
     if modules is not None and not isinstance(modules, dict):
@@ -54,6 +60,11 @@ def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: An
         ) or not isinstance(spec.get("bias", True), bool):
             raise ModelLoadError(
                 f"config.json: Monarch layer '{name}' needs positive integer in_features, out_features and nblocks, got {spec!r}"
+            )
+        if spec.get("output_order", INTERLEAVED) not in OUTPUT_ORDERS:
+            raise ModelLoadError(
+                f"config.json: Monarch layer '{name}' has output_order {spec['output_order']!r}; "
+                f"this monarchify knows {', '.join(OUTPUT_ORDERS)}"
             )
 
 
@@ -92,6 +103,7 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
                 "out_features": m.out_features,
                 "nblocks": m.nblocks,
                 "bias": m.bias is not None,
+                "output_order": m.output_order,
             }
             for name, m in model.named_modules()
             if isinstance(m, MonarchLinear)
@@ -124,6 +136,7 @@ class MonarchHfQuantizer(HfQuantizer):
                     spec["nblocks"],
                     bias=spec.get("bias", True),
                     allow_structural_zeros=True,
+                    output_order=spec.get("output_order", INTERLEAVED),  # format 1 knew only this one
                     dtype=dtype,
                 )
             replace_module(model, target, layer)

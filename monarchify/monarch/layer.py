@@ -9,14 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from monarchify.monarch.kernels import monarch_matmul
-from monarchify.monarch.layout import MonarchLayout
+from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.projection import assemble
 
 
 class MonarchLinear(nn.Module):
     """``y = M x + bias`` with ``M = P_out · blockdiag(L) · P_mid · blockdiag(R)``.
 
-    Parameters ``R`` (``b, q, p``) and ``L`` (``b, s, q``) follow :class:`MonarchLayout`.
+    Parameters ``R`` (``b, q, p``) and ``L`` (``b, s, q``) follow :class:`MonarchLayout`;
+    ``output_order`` says whether ``P_out`` is the identity (``"blocked"``, the default: the
+    fast one) or the paper's interleaving (``"interleaved"``, how older checkpoints are stored).
     Inputs whose width ``nblocks`` does not divide are zero-padded and padded outputs are
     dropped, so any ``in_features``/``out_features`` work.
     """
@@ -29,15 +31,17 @@ class MonarchLinear(nn.Module):
         bias: bool = True,
         *,
         allow_structural_zeros: bool = False,
+        output_order: str = BLOCKED,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.layout = MonarchLayout(in_features, out_features, nblocks)
+        self.layout = MonarchLayout(in_features, out_features, nblocks, output_order)
         self.layout.check_structure(allow_structural_zeros)
         self.in_features = in_features
         self.out_features = out_features
         self.nblocks = nblocks
+        self.output_order = output_order
         factory = {"device": device, "dtype": dtype}
         self.R = nn.Parameter(torch.empty(self.layout.r_shape, **factory))
         self.L = nn.Parameter(torch.empty(self.layout.l_shape, **factory))
@@ -73,7 +77,7 @@ class MonarchLinear(nn.Module):
         bias = self.bias
         if bias is not None and lay.n_out != self.out_features:
             bias = F.pad(bias, (0, lay.n_out - self.out_features))
-        y = monarch_matmul(x, self.R, self.L, bias)
+        y = monarch_matmul(x, self.R, self.L, bias, blocked=lay.blocked)
         if lay.n_out != self.out_features:
             y = y[:, : self.out_features].contiguous()
         return y.reshape(*lead, self.out_features)
@@ -107,5 +111,5 @@ class MonarchLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"nblocks={self.nblocks}, bias={self.bias is not None}"
+            f"nblocks={self.nblocks}, bias={self.bias is not None}, output_order={self.output_order}"
         )

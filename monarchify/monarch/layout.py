@@ -7,7 +7,13 @@ For a map ``d_in -> d_out`` with ``b`` blocks (see ``docs/monarch.md``):
   ``j`` of ``R`` block ``k``;
 * the middle is permuted by reshape-transpose: index ``f`` feeds ``L`` block ``f mod b`` as
   its column ``f div b``;
-* ``L`` has shape ``(b, s, q)``; row ``r`` of ``L`` block ``l`` is output ``o = r·b + l``.
+* ``L`` has shape ``(b, s, q)``; row ``r`` of ``L`` block ``l`` is output ``o = l·s + r``
+  (``output_order="blocked"``, the default) or ``o = r·b + l`` (``"interleaved"``, the
+  paper's output permutation, which checkpoints written before format 2 use).
+
+The two output orders are row permutations of each other, with the same parameters, FLOPs
+and (on real weights) the same projection error (``docs/performance.md``); blocked outputs
+are contiguous slices that BLAS writes in place, interleaved ones cost a strided copy.
 
 Keeping these rules in one place is what lets the projection and the forward pass agree.
 """
@@ -17,8 +23,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from monarchify.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+OUTPUT_ORDERS = ("blocked", "interleaved")
+BLOCKED, INTERLEAVED = OUTPUT_ORDERS
 
 
 @dataclass(frozen=True)
@@ -26,12 +39,15 @@ class MonarchLayout:
     d_in: int
     d_out: int
     nblocks: int
+    output_order: str = BLOCKED
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_out", "nblocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.output_order not in OUTPUT_ORDERS:
+            raise ConfigError(f"output_order must be one of {', '.join(OUTPUT_ORDERS)}, got {self.output_order!r}")
 
     # --- sizes -------------------------------------------------------------------------
     @property
@@ -87,8 +103,8 @@ class MonarchLayout:
     def pair_ranks(self) -> list[list[int]]:
         """``t[l][k]``: how many middle indices join L block ``l`` and R block ``k``.
 
-        That is the rank the Monarch matrix can give the sub-block (rows ``o ≡ l mod b``,
-        columns of input block ``k``).
+        That is the rank the Monarch matrix can give the sub-block (the rows of output block
+        ``l``, the columns of input block ``k``).
         """
         b, q = self.nblocks, self.q
         ranks = [[0] * b for _ in range(b)]
@@ -102,6 +118,29 @@ class MonarchLayout:
         b, q = self.nblocks, self.q
         middle = [f for f in range(k * q, (k + 1) * q) if f % b == l]
         return [f // b for f in middle], [f - k * q for f in middle]
+
+    # --- output order ------------------------------------------------------------------
+    @property
+    def blocked(self) -> bool:
+        return self.output_order == BLOCKED
+
+    def output_rows(self, l: int) -> slice:
+        """The (padded) outputs of ``L`` block ``l``, in row order ``r``."""
+        return slice(l * self.s, (l + 1) * self.s) if self.blocked else slice(l, None, self.nblocks)
+
+    def rows_by_block(self, padded: torch.Tensor) -> torch.Tensor:
+        """``(n_out, ...)`` → ``(b, s, ...)`` indexed ``[l, r]``: row ``r`` of output block ``l``
+        (a view whenever torch can make one)."""
+        b, s = self.nblocks, self.s
+        if self.blocked:
+            return padded.reshape(b, s, *padded.shape[1:])
+        return padded.reshape(s, b, *padded.shape[1:]).transpose(0, 1)
+
+    def rows_from_blocks(self, grouped: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`rows_by_block`: ``(b, s, ...)`` → ``(n_out, ...)``."""
+        if self.blocked:
+            return grouped.reshape(self.n_out, *grouped.shape[2:])
+        return grouped.transpose(0, 1).reshape(self.n_out, *grouped.shape[2:])
 
     def describe(self) -> str:
         text = f"{self.d_in}->{self.d_out}, {self.nblocks} blocks"

@@ -1,6 +1,6 @@
 """The Frobenius-optimal Monarch approximation of a dense weight, in closed form.
 
-Each of the ``b²`` sub-blocks ``W[l::b, k·p:(k+1)·p]`` is independently the product of the
+Each of the ``b²`` sub-blocks ``W[rows of output block l, k·p:(k+1)·p]`` is independently the product of the
 ``L``-columns and ``R``-rows its pair owns (see :class:`MonarchLayout`), so the best Monarch
 matrix is a rank-``t(l,k)`` truncated SVD of every sub-block (Eckart–Young): a global optimum
 of a non-convex problem, and its squared error is exactly the sum of the discarded squared
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from monarchify.errors import NonFiniteWeightError
-from monarchify.monarch.layout import MonarchLayout
+from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.threads import torch_threads
 
 
@@ -43,15 +43,20 @@ class Projection:
 
 def sub_blocks(weight: torch.Tensor, layout: MonarchLayout) -> torch.Tensor:
     """Zero-pad ``weight`` (``d_out × d_in``) and cut it into the ``(b, b, s, p)`` stack of
-    sub-blocks indexed ``[l, k]``: rows ``o ≡ l (mod b)``, columns of input block ``k``.
+    sub-blocks indexed ``[l, k]``: the rows of output block ``l`` (in the layout's output
+    order), the columns of input block ``k``.
 
     Zero padding keeps the projection optimal for the real part: padded rows and columns of a
     block carry no energy, so the truncated SVD of the padded block restricted to the real
     rows/columns is still the best the structure allows.
     """
-    b, p, s = layout.nblocks, layout.p, layout.s
     padded = F.pad(weight, (0, layout.n_in - layout.d_in, 0, layout.n_out - layout.d_out))
-    return padded.reshape(s, b, b, p).permute(1, 2, 0, 3)
+    return _grouped(padded, layout)
+
+
+def _grouped(padded: torch.Tensor, layout: MonarchLayout) -> torch.Tensor:
+    b, p, s = layout.nblocks, layout.p, layout.s
+    return layout.rows_by_block(padded).reshape(b, s, b, p).permute(0, 2, 1, 3)
 
 
 def project(
@@ -60,6 +65,7 @@ def project(
     *,
     compute_dtype: torch.dtype = torch.float64,
     allow_structural_zeros: bool = False,
+    output_order: str = BLOCKED,
 ) -> Projection:
     """Project a dense ``(d_out, d_in)`` weight onto Monarch matrices with ``nblocks`` blocks.
 
@@ -70,7 +76,7 @@ def project(
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     d_out, d_in = weight.shape
-    layout = MonarchLayout(d_in, d_out, nblocks)
+    layout = MonarchLayout(d_in, d_out, nblocks, output_order)
     layout.check_structure(allow_structural_zeros)
     w = weight.detach()
     if w.dtype not in (torch.float32, torch.float64):  # 16-bit weights are exact in float32
@@ -122,23 +128,21 @@ def write_pair(
 def assemble(L: torch.Tensor, R: torch.Tensor, layout: MonarchLayout) -> torch.Tensor:
     """The dense ``(d_out, d_in)`` matrix of factors ``L``, ``R``.
 
-    Written as ``L_full @ blockdiag(R)`` with ``L_full[r·b + l, c·b + l] = L[l, r, c]`` (the
-    middle permutation folded into where ``L`` lands): independent of the layer's forward
-    pass (strided or fused kernels), so each checks the other. Differentiable.
+    Written as ``L_full @ blockdiag(R)`` with ``L_full[o(l, r), c·b + l] = L[l, r, c]`` (the
+    middle permutation folded into where ``L`` lands, ``o(l, r)`` the layout's output
+    order): independent of the layer's forward pass (strided or fused kernels), so each
+    checks the other. Differentiable.
     """
     b = layout.nblocks
     eye = torch.eye(b, dtype=L.dtype, device=L.device)
-    l_full = torch.einsum("lrc,lm->rlcm", L, eye).reshape(layout.n_out, b * layout.q)
-    dense = l_full @ torch.block_diag(*R)
+    grouped = torch.einsum("lrc,lm->lrcm", L, eye).reshape(b, layout.s, b * layout.q)
+    dense = layout.rows_from_blocks(grouped) @ torch.block_diag(*R)
     return dense[: layout.d_out, : layout.d_in]
 
 
 def _blocks(weight: torch.Tensor, layout: MonarchLayout) -> torch.Tensor:
     """:func:`sub_blocks` as a view when nothing needs padding (no copy of the weight)."""
-    if layout.padded:
-        return sub_blocks(weight, layout)
-    b, p, s = layout.nblocks, layout.p, layout.s
-    return weight.reshape(s, b, b, p).permute(1, 2, 0, 3)
+    return sub_blocks(weight, layout) if layout.padded else _grouped(weight, layout)
 
 
 # --- the top singular triplets of many blocks at once -----------------------------------

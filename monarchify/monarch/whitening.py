@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from monarchify.errors import ConfigError, NonFiniteWeightError
-from monarchify.monarch.layout import MonarchLayout
+from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.projection import Projection, assemble, sub_blocks, write_pair
 from monarchify.monarch.threads import torch_threads
 
@@ -162,11 +162,13 @@ def _fill_pair_factors(L, R, u, sigma, vh, layout: MonarchLayout) -> float:
     return discarded
 
 
-def _prepare(weight: torch.Tensor, nblocks: int, allow_structural_zeros: bool) -> tuple[torch.Tensor, MonarchLayout]:
+def _prepare(
+    weight: torch.Tensor, nblocks: int, allow_structural_zeros: bool, output_order: str
+) -> tuple[torch.Tensor, MonarchLayout]:
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     d_out, d_in = weight.shape
-    layout = MonarchLayout(d_in, d_out, nblocks)
+    layout = MonarchLayout(d_in, d_out, nblocks, output_order)
     layout.check_structure(allow_structural_zeros)
     w = weight.detach().to(F64)
     if not torch.isfinite(w).all():
@@ -188,13 +190,14 @@ def project_whitened(
     *,
     damping: float = DEFAULT_DAMPING,
     allow_structural_zeros: bool = False,
+    output_order: str = BLOCKED,
 ) -> WhitenedProjection:
     """The Monarch matrix minimising ``tr((W - M) C_bd (W - M)ᵀ)`` exactly, where ``C_bd`` is
     the damped block-diagonal part of the input covariance ``cov`` (``d_in × d_in``).
 
     Computed in float64; factors come back in float64 for the caller to cast.
     """
-    w, layout = _prepare(weight, nblocks, allow_structural_zeros)
+    w, layout = _prepare(weight, nblocks, allow_structural_zeros, output_order)
     whitened, factors = whitened_sub_blocks(w, cov, layout, damping)
     u, sigma, vh = batched_svd(whitened)
     # Unwhiten the right singular vectors: rows v S_k⁻¹ (solve X S_k = v).
@@ -226,8 +229,8 @@ def refine_full(
     """
     base = start.projection if isinstance(start, WhitenedProjection) else start
     layout = base.layout
-    w, _ = _prepare(weight, layout.nblocks, allow_structural_zeros=True)
-    b, p, s = layout.nblocks, layout.p, layout.s
+    w, _ = _prepare(weight, layout.nblocks, True, layout.output_order)
+    b, p = layout.nblocks, layout.p
     c = padded_covariance(cov, layout, damping)
     factors = cholesky_blocks(diagonal_blocks(c, layout))
     wp = _pad(w, layout)
@@ -245,14 +248,14 @@ def refine_full(
             rest = wp - approx
             rest[:, cols] += approx[:, cols]
             target = torch.cholesky_solve((rest @ c[:, cols]).T, factors[k]).T  # G C_kk⁻¹
-            blocks = target.reshape(s, b, p).permute(1, 0, 2) @ factors[k]  # (b, s, p), class l
+            blocks = layout.rows_by_block(target) @ factors[k]  # (b, s, p): output block l
             u, sigma, vh = batched_svd(blocks)
             vh = torch.linalg.solve_triangular(factors[k], vh, upper=False, left=False)
             root = sigma.sqrt()
             for l in range(b):
                 write_pair(L, R, layout, l, k, u[l], root[l], vh[l])
                 lcols, rows = layout.pair_indices(l, k)
-                approx[l::b, cols] = L[l][:, lcols] @ R[k][rows, :] if lcols else 0.0
+                approx[layout.output_rows(l), cols] = L[l][:, lcols] @ R[k][rows, :] if lcols else 0.0
         history.append(objective(approx))
     _balance(L, R, layout)  # M unchanged
     approx = assemble(L, R, layout)

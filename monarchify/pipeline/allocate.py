@@ -45,6 +45,7 @@ import torch
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.monarch.layout import MonarchLayout
+from monarchify.monarch.layout import BLOCKED
 from monarchify.monarch.projection import sub_blocks
 from monarchify.monarch.whitening import DEFAULT_DAMPING, batched_svd, whitened_sub_blocks
 from monarchify.pipeline.plan import PlannedLayer
@@ -171,6 +172,7 @@ def candidate_errors(
     cov: torch.Tensor | None = None,
     *,
     damping: float = DEFAULT_DAMPING,
+    output_order: str = BLOCKED,
 ) -> dict[int, float]:
     """Relative squared error of the optimal projection for every ``nblocks``, from singular
     values only: Frobenius without ``cov``, the whitened surrogate with it (relative to
@@ -178,7 +180,7 @@ def candidate_errors(
     w = weight.detach().to(torch.float64)
     errors = {}
     for b in nblocks:
-        layout = MonarchLayout(w.shape[1], w.shape[0], b)
+        layout = MonarchLayout(w.shape[1], w.shape[0], b, output_order)
         blocks = sub_blocks(w, layout) if cov is None else whitened_sub_blocks(w, cov, layout, damping)[0]
         sigma2 = batched_svd(blocks, values_only=True).square()
         keep = torch.tensor(layout.pair_ranks, device=sigma2.device)
@@ -199,12 +201,13 @@ def layer_choices(
     allow_structural_zeros: bool = False,
     candidates: Sequence[int] = CANDIDATES,
     damping: float = DEFAULT_DAMPING,
+    output_order: str = BLOCKED,
 ) -> LayerChoices:
     """Every option of one layer with its price and error (``pinned``: only that ``nblocks``)."""
     d_out, d_in = weight.shape
     bias = d_out if has_bias else 0
     blocks = [pinned] if pinned is not None else candidate_nblocks(d_in, d_out, candidates, allow_structural_zeros)
-    errors = candidate_errors(weight, blocks, cov, damping=damping)
+    errors = candidate_errors(weight, blocks, cov, damping=damping, output_order=output_order)
     options = [Option(b, MonarchLayout(d_in, d_out, b).weight_params + bias, errors[b]) for b in blocks]
     if allow_dense and pinned is None:
         options.append(Option(DENSE, d_in * d_out + bias, 0.0))
@@ -237,6 +240,7 @@ def plan_budget(
             layer.name, layer.weight, layer.has_bias,
             cov=covariance(layer.name) if covariance else None, pinned=layer.nblocks if layer.pinned else None,
             allow_dense=config.budget_keep_dense, allow_structural_zeros=config.allow_structural_zeros, damping=damping,
+            output_order=config.output_order,
         )
         for layer in layers
     ]
@@ -302,9 +306,10 @@ class Allocation:
     budget: BudgetPlan | None = None
     speed: dict[str, Any] = field(default_factory=dict)
     """Layer name -> the speed gate's :class:`~monarchify.speed_gate.SpeedVerdict`."""
+    output_order: str = BLOCKED
 
     def layout(self, layer: PlannedLayer) -> MonarchLayout:
-        return MonarchLayout(layer.d_in, layer.d_out, self.nblocks[layer.name])
+        return MonarchLayout(layer.d_in, layer.d_out, self.nblocks[layer.name], self.output_order)
 
     def recipe(self, config: MonarchConfig) -> MonarchConfig:
         """The recipe to record: with a budget, every layer's block count written out."""
@@ -319,7 +324,7 @@ def allocate(
     Layouts are checked here (a block count that leaves structural zeros is refused unless the
     recipe allows it), naming the layer, before any projection starts.
     """
-    allocation = Allocation()
+    allocation = Allocation(output_order=config.output_order)
     if config.budget is not None:
         damping = config.calibration.damping if config.calibration is not None else DEFAULT_DAMPING
         allocation.budget = plan_budget(layers, config, covariance=covariance, damping=damping)

@@ -50,7 +50,9 @@ def monarch_module(projection: Projection, like: nn.Module) -> MonarchLinear:
     lay = projection.layout
     bias = getattr(like, "bias", None)
     with torch.device("meta"):
-        layer = MonarchLinear(lay.d_in, lay.d_out, lay.nblocks, bias=bias is not None, allow_structural_zeros=True)
+        layer = MonarchLinear(
+            lay.d_in, lay.d_out, lay.nblocks, bias=bias is not None, allow_structural_zeros=True, output_order=lay.output_order
+        )
     layer = layer.to_empty(device=weight.device).to(weight.dtype)
     with torch.no_grad():
         layer.L.copy_(projection.L)
@@ -68,7 +70,9 @@ class PlainProjector:
         self.allow_structural_zeros = allow_structural_zeros
 
     def __call__(self, layer: PlannedLayer, layout: MonarchLayout) -> Projected:
-        projection = project(layer.weight, layout.nblocks, allow_structural_zeros=self.allow_structural_zeros)
+        projection = project(
+            layer.weight, layout.nblocks, allow_structural_zeros=self.allow_structural_zeros, output_order=layout.output_order
+        )
         return Projected(monarch_module(projection, layer.module), projection.rel_error)
 
 
@@ -88,13 +92,14 @@ class WhitenedProjector:
         settings = self.observation.config
         weight = layer.weight
         cov = self.observation.fit.covariance(layer.name)
+        zeros, order = self.allow_structural_zeros, layout.output_order
         result = project_whitened(
-            weight, cov, layout.nblocks, damping=settings.damping, allow_structural_zeros=self.allow_structural_zeros
+            weight, cov, layout.nblocks, damping=settings.damping, allow_structural_zeros=zeros, output_order=order
         )
         if settings.sweeps:
             result = refine_full(weight, cov, result, sweeps=settings.sweeps, damping=settings.damping)
         held = self.observation.heldout.covariance(layer.name)
-        plain = project(weight, layout.nblocks, allow_structural_zeros=self.allow_structural_zeros)
+        plain = project(weight, layout.nblocks, allow_structural_zeros=zeros, output_order=order)
         w = weight.detach().to(torch.float64)
         extra = {
             "output_rel_error": output_rel_error(w, assemble(result.projection.L, result.projection.R, layout), held),

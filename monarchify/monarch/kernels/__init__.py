@@ -58,9 +58,10 @@ def auto_choice(x: torch.Tensor) -> str:
 
 
 def monarch_matmul(
-    x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True
 ) -> torch.Tensor:
-    """``M x + bias`` for a 2-D ``x`` of width ``b·p``; returns ``(N, b·s)``.
+    """``M x + bias`` for a 2-D ``x`` of width ``b·p``; returns ``(N, b·s)`` with outputs in
+    the blocked (``o = l·s + r``) or interleaved (``o = r·b + l``) order.
 
     Under autocast the inputs are cast to the autocast dtype first (as ``nn.Linear`` is) and
     the product runs with autocast off, so forward and backward see one dtype.
@@ -71,7 +72,7 @@ def monarch_matmul(
         x, R, L = x.to(dtype), R.to(dtype), L.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return monarch_matmul(x, R, L, bias)
+            return monarch_matmul(x, R, L, bias, blocked=blocked)
     if torch.compiler.is_compiling():
         # Under torch.compile the compiler fuses the plain path's copies itself; the
         # hand-written paths (out= views, Triton launches) are for eager mode.
@@ -83,11 +84,11 @@ def monarch_matmul(
     if name == "triton":
         from monarchify.monarch.kernels import triton_monarch
 
-        return triton_monarch.monarch_triton(x, R, L, bias)
+        return triton_monarch.monarch_triton(x, R, L, bias, blocked=blocked)
     if name == "reference":
-        y = monarch_reference(x, R, L)
+        y = monarch_reference(x, R, L, blocked=blocked)
         return y if bias is None else y + bias
-    return monarch_strided(x, R, L, bias)
+    return monarch_strided(x, R, L, bias, blocked=blocked)
 
 
 __all__ = ["IMPLEMENTATIONS", "auto_choice", "monarch_matmul", "monarch_reference", "monarch_strided", "triton_available", "use"]

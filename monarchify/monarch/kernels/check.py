@@ -66,8 +66,11 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm()) / norm if norm else float((a - ref).norm())
 
 
-def check_case(impl: str, b: int, p: int, s: int, n: int, dtype: torch.dtype, device: str | torch.device, seed: int) -> CaseResult:
-    """Forward and backward of ``impl`` on one shape, against float64."""
+def check_case(
+    impl: str, b: int, p: int, s: int, n: int, dtype: torch.dtype, device: str | torch.device, seed: int,
+    output_order: str = "blocked",
+) -> CaseResult:
+    """Forward and backward of ``impl`` on one shape and output order, against float64."""
     from monarchify.monarch import kernels
     from monarchify.monarch.kernels import strided
     from monarchify.monarch.layout import MonarchLayout
@@ -88,20 +91,21 @@ def check_case(impl: str, b: int, p: int, s: int, n: int, dtype: torch.dtype, de
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (x64, R64, L64, bias64)]
     x, R, L, bias = leaves
     with poisoned(*modules), kernels.use(impl):
-        y = kernels.monarch_matmul(x, R, L, bias)
+        y = kernels.monarch_matmul(x, R, L, bias, blocked=output_order == "blocked")
         (y.float() * upstream.to(device=device, dtype=torch.float32)).sum().backward()
 
     # The reference runs in float64 on the same device (fast on a GPU), from the same
     # (rounded) inputs the kernel saw.
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     xr, Rr, Lr, br = ref_leaves
-    ref = xr @ assemble(Lr, Rr, MonarchLayout(b * p, b * s, b)).T + br
+    ref = xr @ assemble(Lr, Rr, MonarchLayout(b * p, b * s, b, output_order)).T + br
     # The same (rounded) upstream gradient the kernel was given, so a float64 case is exact.
     (ref * upstream.to(device=device, dtype=torch.float32).double()).sum().backward()
     errors = {"y": _rel(y, ref)}
     for name, got, want in zip(("dx", "dR", "dL", "dbias"), leaves, ref_leaves):
         errors[name] = _rel(got.grad, want.grad)
-    return CaseResult(impl, str(dtype).removeprefix("torch."), f"{b}x{p} -> {b}x{s}, N={n}", errors, TOLERANCE[dtype])
+    shape = f"{b}x{p} -> {b}x{s}, N={n}, {output_order}"
+    return CaseResult(impl, str(dtype).removeprefix("torch."), shape, errors, TOLERANCE[dtype])
 
 
 # Tiny shapes the interpreter gets through in seconds, chosen to hit every edge: a pair
@@ -113,10 +117,13 @@ GPU_CASES = [(4, 192, 768, 4096), (4, 768, 192, 4096), (4, 192, 192, 256), (4, 1
 
 
 def run(cases, dtypes, device, impl: str = "triton") -> list[CaseResult]:
+    from monarchify.monarch.layout import OUTPUT_ORDERS
+
     return [
-        check_case(impl, b, p, s, n, dtype, device, seed=i)
+        check_case(impl, b, p, s, n, dtype, device, seed=i, output_order=order)
         for i, (b, p, s, n) in enumerate(cases)
         for dtype in dtypes
+        for order in OUTPUT_ORDERS
     ]
 
 

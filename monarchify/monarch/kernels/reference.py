@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 
-def monarch_reference(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+def monarch_reference(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, *, blocked: bool = True) -> torch.Tensor:
     """``y = P_out · blockdiag(L) · P_mid · blockdiag(R) · x`` for ``x`` of shape ``(N, b·p)``.
 
     ``R`` is ``(b, q, p)`` and ``L`` is ``(b, s, q)``; the result is ``(N, b·s)`` (padding,
-    if any, is the caller's business).
+    if any, is the caller's business). ``P_out`` is the identity for the blocked output
+    order and the paper's interleaving otherwise.
     """
     b, q, p = R.shape
     s = L.shape[1]
@@ -23,6 +24,6 @@ def monarch_reference(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor) -> torc
     h = torch.bmm(x.reshape(n, b, p).transpose(0, 1), R.transpose(1, 2))
     # Middle index f = k*q + j goes to L block f mod b as column f div b.
     h = h.transpose(0, 1).reshape(n, q, b).permute(2, 0, 1)
-    # (b, N, q) @ (b, q, s) -> (b, N, s); output o = r*b + l.
+    # (b, N, q) @ (b, q, s) -> (b, N, s); output o = l*s + r (blocked) or r*b + l.
     y = torch.bmm(h, L.transpose(1, 2))
-    return y.permute(1, 2, 0).reshape(n, b * s)
+    return (y.transpose(0, 1) if blocked else y.permute(1, 2, 0)).reshape(n, b * s)

@@ -5,12 +5,15 @@ forward pass. Both permutations disappear if the middle is kept *feature-major*:
 ``H = blockdiag(R) · xᵀ`` as a ``(b·q, N)`` row-major matrix (one ``bmm``, reading ``x``
 through a transposed view). The rows ``L`` block ``l`` needs, middle indices
 ``f ≡ l (mod b)``, are then every ``b``-th row: a matrix with leading dimension ``b·N``,
-which BLAS reads in place. What remains is interleaving the output (``o = r·b + l``), done
-in the same pass that adds the bias (``nn.Linear`` makes a bias pass too).
+which BLAS reads in place. The output order decides the rest (see :class:`MonarchLayout`):
+blocked outputs (``o = l·s + r``) are column slices of ``y`` that the ``L`` product writes in
+place, followed by one bias pass (``nn.Linear`` makes a bias pass too); interleaved ones
+(``o = r·b + l``, the paper's) take a strided copy, done in the pass that adds the bias.
 
-The backward pass has the same shape: one copy de-interleaves the incoming gradient, and
-every product reads or writes strided views (``bmm(..., out=view)`` writes a view whose
-rows are ``b·N`` apart directly). The saved tensors are ``x`` and ``H``.
+The backward pass has the same shape: every product reads or writes strided views
+(``bmm(..., out=view)`` writes a view whose rows are ``b·N`` apart directly); only the
+interleaved order needs one copy, to de-interleave the incoming gradient. The saved tensors
+are ``x`` and ``H``.
 
 Everything here is device-agnostic torch; it is the CPU path and the fallback elsewhere.
 """
@@ -25,14 +28,19 @@ _empty = torch.empty
 each element is written."""
 
 
-def _forward(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None):
+def _forward(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None, blocked: bool):
     b, q, p = R.shape
     s = L.shape[1]
     n = x.shape[0]
     # H[k·q + j, n] = Σ_i R[k, j, i] x[n, k·p + i]: (b, q, p) @ (b, p, N), x read transposed.
     h = torch.bmm(R, x.view(n, b, p).permute(1, 2, 0))
     # L block l reads rows f = c·b + l of H: (b, N, q) views with leading dimension b·N.
-    y_blocks = torch.bmm(h.view(q, b, n).permute(1, 2, 0), L.transpose(1, 2))  # (b, N, s)
+    h_blocks = h.view(q, b, n).permute(1, 2, 0)
+    if blocked:  # output block l is columns l·s ... l·s + s - 1: written in place
+        y = _empty((n, b * s), dtype=h.dtype, device=h.device)
+        torch.bmm(h_blocks, L.transpose(1, 2), out=y.view(n, b, s).transpose(0, 1))
+        return (y if bias is None else y.add_(bias)), h
+    y_blocks = torch.bmm(h_blocks, L.transpose(1, 2))  # (b, N, s)
     y = _empty((n, s, b), dtype=y_blocks.dtype, device=y_blocks.device)
     # Interleave o = r·b + l (adding the bias in the same pass), one output block at a time:
     # the inner loop then runs along r (contiguous reads), about twice as fast as one
@@ -60,11 +68,12 @@ class StridedMonarch(torch.autograd.Function):
     """``y = M x + bias`` for a 2-D ``x`` whose width is ``b·p`` (already padded)."""
 
     @staticmethod
-    def forward(ctx, x, R, L, bias):  # noqa: D401 - autograd signature
+    def forward(ctx, x, R, L, bias, blocked):  # noqa: D401 - autograd signature
         R, L = _aligned(R), _aligned(L)
-        y, h = _forward(x, R, L, bias)
+        y, h = _forward(x, R, L, bias, blocked)
         ctx.save_for_backward(x, R, L, h)
         ctx.has_bias = bias is not None
+        ctx.blocked = blocked
         return y
 
     @staticmethod
@@ -74,12 +83,8 @@ class StridedMonarch(torch.autograd.Function):
         b, q, p = R.shape
         s = L.shape[1]
         n = x.shape[0]
-        need_x, need_r, need_l, need_bias = ctx.needs_input_grad
-        # De-interleave the gradient once: g[l, n, r] = grad_y[n, r·b + l] (per block, as above).
-        g = _empty((b, n, s), dtype=grad_y.dtype, device=grad_y.device)
-        interleaved = grad_y.reshape(n, s, b)
-        for l in range(b):
-            g[l].copy_(interleaved[:, :, l])
+        need_x, need_r, need_l, need_bias, _ = ctx.needs_input_grad
+        g = _output_blocks(grad_y.contiguous(), b, s, ctx.blocked)  # g[l, n, r]
         grad_x = grad_r = grad_l = grad_bias = None
         if need_l:
             # dL[l] = g[l]ᵀ · H_lᵀ, H_l = rows l::b of H.
@@ -96,9 +101,28 @@ class StridedMonarch(torch.autograd.Function):
                 torch.bmm(grad_h.transpose(1, 2), R, out=grad_x.view(n, b, p).transpose(0, 1))
         if need_bias and ctx.has_bias:
             grad_bias = grad_y.sum(0)
-        return grad_x, grad_r, grad_l, grad_bias
+        return grad_x, grad_r, grad_l, grad_bias, None
 
 
-def monarch_strided(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``M x + bias`` for ``x`` of shape ``(N, b·p)``; ``bias`` has ``b·s`` entries or is None."""
-    return StridedMonarch.apply(x.contiguous(), R, L, bias)
+def _output_blocks(grad_y: torch.Tensor, b: int, s: int, blocked: bool) -> torch.Tensor:
+    """``g[l, n, r]``: the gradient of output ``r`` of block ``l``, ``(b, N, s)``.
+
+    Blocked: a view whose rows are ``b·s`` apart, which BLAS reads in place. Interleaved:
+    one copy, block by block (as in the forward pass).
+    """
+    n = grad_y.shape[0]
+    if blocked:
+        return grad_y.view(n, b, s).transpose(0, 1)
+    g = _empty((b, n, s), dtype=grad_y.dtype, device=grad_y.device)
+    interleaved = grad_y.view(n, s, b)
+    for l in range(b):
+        g[l].copy_(interleaved[:, :, l])
+    return g
+
+
+def monarch_strided(
+    x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True
+) -> torch.Tensor:
+    """``M x + bias`` for ``x`` of shape ``(N, b·p)``; ``bias`` has ``b·s`` entries or is None.
+    ``blocked``: the output order (see :class:`~monarchify.monarch.layout.MonarchLayout`)."""
+    return StridedMonarch.apply(x.contiguous(), R, L, bias, blocked)

@@ -12,7 +12,7 @@ is ``Σ_k (x_k · R_klᵀ) · L_lkᵀ``: a program that owns a tile of tokens an
 block ``l`` loops over the input blocks ``k``, computes the small middle tile
 ``x_k · R_klᵀ`` (``BLOCK_M × t``) and immediately multiplies it into its accumulator. The
 permutations become address arithmetic in the loads and the store (outputs of block ``l``
-are the columns ``r·b + l``).
+are the columns ``l·s + r`` in the blocked output order, ``r·b + l`` in the interleaved one).
 
 One kernel, two uses. The gradient with respect to the input is the same structure with
 the roles swapped (``dx_k = Σ_l (dy_l · L_lk) · R_kl``), so the kernel takes every stride
@@ -183,26 +183,28 @@ def layout_supported(R: torch.Tensor, L: torch.Tensor) -> bool:
     return q >= b and q % b == 0
 
 
-def _forward(x, R, L, bias, keep_middle: bool):
+def _forward(x, R, L, bias, keep_middle: bool, blocked: bool):
     b, q, p = R.shape
     s = L.shape[1]
     t = q // b
     n = x.shape[0]
     y = _empty((n, b * s), dtype=x.dtype, device=x.device)
     middle = _empty((n, b, q), dtype=x.dtype, device=x.device) if keep_middle else None
+    # output j of block l: column l·s + j (blocked) or j·b + l (interleaved)
+    block_strides = (s, 1) if blocked else (1, b)
     # w1[k, l, c, i] = R[k, c·b + l, i];  w2[l, k, j, c] = L[l, j, k·t + c]
     _launch(
         (x.stride(0), p, 1), x, R, (q * p, p, b * p, 1), L, (s * q, t, q, 1),
-        y, (y.stride(0), 1, b), n, nb=b, in_block=p, out_block=s, t=t,
-        bias=bias, bias_strides=(1, b),
+        y, (y.stride(0), *block_strides), n, nb=b, in_block=p, out_block=s, t=t,
+        bias=bias, bias_strides=block_strides,
         mid=middle, mid_strides=(b * q, t, q, 1),  # middle[n, l, k·t + c]
     )
     return y, middle
 
 
 def _grad_input(g, R, L, want_dx: bool):
-    """``dx`` (when wanted) and the middle gradient ``dH[n, k, c·b + l]`` from the
-    de-interleaved output gradient ``g`` (``b, N, s``)."""
+    """``dx`` (when wanted) and the middle gradient ``dH[n, k, c·b + l]`` from the output
+    gradient by block, ``g[l, n, r]`` (``b, N, s``, any strides with a unit last one)."""
     b, q, p = R.shape
     s = L.shape[1]
     t = q // b
@@ -211,7 +213,7 @@ def _grad_input(g, R, L, want_dx: bool):
     dmid = _empty((n, b, q), dtype=g.dtype, device=g.device)
     # inputs are the blocks of g; w1[l, k, c, r] = L[l, r, k·t + c];  w2[k, l, i, c] = R[k, c·b + l, i]
     _launch(
-        (s, n * s, 1), g, L, (s * q, t, 1, q), R, (q * p, p, 1, b * p),
+        (g.stride(1), g.stride(0), g.stride(2)), g, L, (s * q, t, 1, q), R, (q * p, p, 1, b * p),
         dx, (dx.stride(0), p, 1), n, nb=b, in_block=s, out_block=p, t=t,
         mid=dmid, mid_strides=(b * q, 1, q, b),
     )
@@ -220,10 +222,11 @@ def _grad_input(g, R, L, want_dx: bool):
 
 class TritonMonarch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, R, L, bias, keep_middle):
-        y, middle = _forward(x, R, L, bias, keep_middle)
+    def forward(ctx, x, R, L, bias, keep_middle, blocked):
+        y, middle = _forward(x, R, L, bias, keep_middle, blocked)
         ctx.save_for_backward(x, R, L, middle)
         ctx.has_bias = bias is not None
+        ctx.blocked = blocked
         return y
 
     @staticmethod
@@ -233,8 +236,11 @@ class TritonMonarch(torch.autograd.Function):
         b, q, p = R.shape
         s = L.shape[1]
         n = x.shape[0]
-        need_x, need_r, need_l, need_bias, _ = ctx.needs_input_grad
-        g = grad_y.reshape(n, s, b).permute(2, 0, 1).contiguous()  # g[l, n, r] = dy[n, r·b + l]
+        need_x, need_r, need_l, need_bias, _, _ = ctx.needs_input_grad
+        if ctx.blocked:  # g[l, n, r] = dy[n, l·s + r]: a view
+            g = grad_y.contiguous().view(n, b, s).transpose(0, 1)
+        else:  # g[l, n, r] = dy[n, r·b + l]: one copy
+            g = grad_y.reshape(n, s, b).permute(2, 0, 1).contiguous()
         grad_x = grad_r = grad_l = grad_bias = None
         if need_l:
             grad_l = torch.bmm(g.transpose(1, 2), middle.permute(1, 0, 2))  # (b, s, N) @ (b, N, q)
@@ -244,18 +250,20 @@ class TritonMonarch(torch.autograd.Function):
                 grad_r = torch.bmm(dmid.permute(1, 2, 0), x.view(n, b, p).transpose(0, 1))
         if need_bias and ctx.has_bias:
             grad_bias = grad_y.sum(0)
-        return grad_x, grad_r, grad_l, grad_bias, None
+        return grad_x, grad_r, grad_l, grad_bias, None, None
 
 
-def monarch_triton(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def monarch_triton(
+    x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True
+) -> torch.Tensor:
     """``M x + bias`` with the fused kernels; ``x`` is ``(N, b·p)``. Layouts the kernel does
     not cover (``q`` not a multiple of ``b``) go to the strided path."""
     if not layout_supported(R, L):
         from monarchify.monarch.kernels.strided import monarch_strided
 
-        return monarch_strided(x, R, L, bias)
+        return monarch_strided(x, R, L, bias, blocked=blocked)
     R, L = R.contiguous(), L.contiguous()
     # The weight gradients need the middle: keep it only when a backward pass can follow
     # (decided out here: inside Function.forward grad mode is always off).
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, R, L, bias))
-    return TritonMonarch.apply(x.contiguous(), R, L, None if bias is None else bias.contiguous(), training)
+    return TritonMonarch.apply(x.contiguous(), R, L, None if bias is None else bias.contiguous(), training, blocked)
