@@ -62,10 +62,27 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def plural(count: int | None, word: str) -> str:
+    """``1 thread``, ``4 threads``."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{_cpu_name()}, {plural(os.cpu_count(), 'core')}, {plural(torch.get_num_threads(), 'thread')}"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes, this one included), where the OS has one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def is_busy(load: float | None, threads: int) -> bool:
+    """Whether other work is running besides a benchmark on ``threads`` threads: the 1-minute
+    load average is above what those threads alone account for (above 1.0 for one thread,
+    above ``threads`` for more). No reading (``None``) counts as not busy."""
+    return load is not None and load > max(threads, 1)
 
 
 @dataclass
@@ -140,7 +157,8 @@ def _environment(device: torch.device) -> dict[str, Any]:
     env = {"device": str(device), "device_name": describe_device(device), "torch": torch.__version__}
     if device.type == "cpu":
         env["threads"] = torch.get_num_threads()
-        env["load_avg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        env["load_avg_1min"] = load_average()
+        env["busy"] = is_busy(env["load_avg_1min"], env["threads"])
     return env
 
 

@@ -74,7 +74,7 @@ def test_layer_json_has_the_documented_fields_and_the_clock_s_times(capsys, fake
     result = json.loads(out)
     for key in ("forward", "forward_backward"):
         assert result[key] == pytest.approx({"dense_ms": 3.0, "monarch_ms": 1.0, "ratio": 3.0})
-    assert result["config"] == {"d_in": 64, "d_out": 96, "nblocks": 4, "tokens": 16, "dtype": "float32", "bias": True,
+    assert result["config"] == {"d_in": 64, "d_out": 96, "nblocks": 4, "output_order": "blocked", "tokens": 16, "dtype": "float32", "bias": True,
                                 "warmup": 1, "repeat": 2}
     # docs/monarch.md: b·q·(p + s) weights, with p = 16, s = 24, q = 16 at b = 4.
     assert result["params"] == {"dense": 64 * 96 + 96, "monarch": 4 * 16 * (16 + 24) + 96}
@@ -115,7 +115,7 @@ def test_layer_table_for_people(capsys):
     code, out, err = run(capsys, "bench", "layer", "--d-in", "48", "--d-out", "96", "--nblocks", "2", "--tokens", "8",
                          "--dtype", "bfloat16", *QUICK)
     assert code == 0, err
-    assert "48→96, 2 blocks, 8 tokens, bfloat16" in out and "dense / monarch" in out and "forward backward" in out
+    assert "48→96, 2 blocks (blocked), 8 tokens, bfloat16" in out and "dense / monarch" in out and "forward backward" in out
     assert "medians of 2 interleaved runs" in out
 
 

@@ -65,6 +65,19 @@ def _environment_line(result: dict[str, Any]) -> str:
     return text
 
 
+def _warn_if_busy(result: dict[str, Any]) -> None:
+    """One line on stderr when other work was running: the timings compete with it."""
+    from monarchify.bench import plural
+
+    env = result["environment"]
+    if env.get("busy"):
+        err_console.print(
+            f"warning: load average {env['load_avg_1min']:.2f} with {plural(env['threads'], 'thread')}: other work "
+            "is running on this machine, so these timings may not be trustworthy",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+
+
 def layer(
     d_in: Annotated[int, typer.Option("--d-in", help="Input width.")] = 768,
     d_out: Annotated[int, typer.Option("--d-out", help="Output width.")] = 3072,
@@ -97,6 +110,7 @@ def layer(
         d_in, d_out, nblocks, tokens, dtype=lib.parse_dtype(dtype), device=lib.resolve_device(device),
         bias=bias, backward=backward, reference=reference, warmup=warmup, repeat=repeat, output_order=output_order,
     )
+    _warn_if_busy(result)
     if json_out:
         print_json(result)
         return
@@ -138,6 +152,7 @@ def model(
         folder, nblocks=nblocks, batch=batch, seq_len=seq_len, dtype=lib.parse_dtype(dtype),
         device=lib.resolve_device(device), train=train, warmup=warmup, repeat=repeat,
     )
+    _warn_if_busy(result)
     if json_out:
         print_json(result)
         return

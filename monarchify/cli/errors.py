@@ -55,6 +55,11 @@ def run(app: typer.Typer, args: list[str] | None = None) -> int:
     except typer.Abort:
         return _fail("aborted", EXIT_INTERRUPTED)
     except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, not an error line
+            help_text = exc.format_message()  # Rich help has printed itself already, plain help is here
+            if help_text.strip():
+                sys.stdout.write(help_text.rstrip("\n") + "\n")
+            return EXIT_USAGE
         return _fail(f"{exc.format_message()} (see --help)", exc.exit_code or EXIT_USAGE)
     except MonarchifyError as exc:
         if debug:
