@@ -17,6 +17,22 @@ def natural_key(name: str) -> list[tuple[int, Any]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
+NEARLY_UNCHANGED = 0.99
+"""Functional-check cosine from which a converted model's outputs count as nearly unchanged."""
+CHANGED_A_LITTLE = 0.9
+"""Cosine from which they changed a little; below it, a lot (the model needs fine-tuning)."""
+
+
+def output_change(cosine: float) -> str:
+    """The functional check's cosine (dense vs converted outputs) in words: ``nearly unchanged``,
+    ``changed a little`` or ``changed a lot`` (also for a cosine that is not a number)."""
+    if cosine >= NEARLY_UNCHANGED:
+        return "nearly unchanged"
+    if cosine >= CHANGED_A_LITTLE:
+        return "changed a little"
+    return "changed a lot"
+
+
 @dataclass
 class LayerReport:
     name: str

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from torch import nn
 
 import monarchify
 from monarchify import bench
 from monarchify.cli.app import RICH_HELP_MIN_COLUMNS, help_markup_mode, main
-from tests.test_bench_cli import QUICK, FakeClock
+from tests.test_bench_cli import QUICK, fake_clock  # noqa: F401 - the fixture, shared
 
 
 def run(capsys, *args):
@@ -21,15 +20,6 @@ def run(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture
-def fake_clock(monkeypatch):
-    clock = FakeClock()
-    monkeypatch.setattr(bench, "time", clock)
-    handle = nn.modules.module.register_module_forward_hook(clock.tick)
-    yield clock
-    handle.remove()
 
 
 @pytest.mark.parametrize("columns", ["80", "160"])

@@ -118,6 +118,7 @@ def test_a_stopped_run_resumes_at_the_stage_it_stopped(tmp_path, bert_folder, da
         (["--distill-alpha", "2"], "between 0 and 1"),
         (["--calibration-samples", "0"], "positive integer"),
         (["--epochs", "0"], "epochs must be positive"),
+        (["--output-order", "sideways"], "output_order"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, bert_folder, data, capsys, extra, message):
@@ -141,3 +142,8 @@ def test_a_finished_output_is_not_replaced_without_force(tmp_path, bert_folder, 
     err = capsys.readouterr().err
     assert code == 1 and "not empty" in err and "--force" in err
     assert (tmp_path / "small" / "keep.txt").read_text() == "mine" and not (tmp_path / "small.stages").exists()
+
+
+def test_the_recipe_carries_the_output_order(tmp_path, bert_folder, data):
+    assert options(tmp_path, bert_folder, data).recipe.output_order == "interleaved"
+    assert options(tmp_path, bert_folder, data, output_order="blocked").recipe.output_order == "blocked"

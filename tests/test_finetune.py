@@ -78,7 +78,7 @@ def check_run(result, out: Path) -> dict:
 
 
 RESULT_KEYS = {
-    "task", "model", "monarch", "distill", "metrics", "main_metric", "train", "eval", "params", "data",
+    "task", "model", "monarch", "distill", "metrics", "main_metric", "trivial_baseline", "train", "eval", "params", "data",
     "history", "notes", "arguments", "command", "environment",
 }
 SECTION_KEYS = {

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the fused kernel needs triton (pip install triton)")
+pytest.importorskip("triton", reason='the fused kernel needs triton: pip install -e ".[gpu]"')
 
 from monarchify.monarch.kernels import check, strided  # noqa: E402
 from monarchify.monarch.kernels import triton_monarch  # noqa: E402

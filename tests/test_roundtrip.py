@@ -188,3 +188,16 @@ def test_a_format_1_checkpoint_loads_with_the_interleaved_order(tmp_path):
     loaded = monarchify.load(tmp_path / "out").eval()
     assert {m.output_order for m in loaded.modules() if isinstance(m, MonarchLinear)} == {"interleaved"}
     assert torch.equal(first_output(loaded, batch), expected)
+
+
+def test_save_with_tokenizer_writes_a_folder_that_needs_no_tokenizer_argument(tmp_path, bert_tokenizer):
+    """The README's Python snippet: ``save(..., tokenizer=...)`` ships the tokenizer, so the folder
+    loads with ``AutoTokenizer`` (and ``finetune`` on it needs no ``--tokenizer``)."""
+    model = tiny_bert(vocab_size=len(bert_tokenizer))
+    report = monarchify.convert(model, MonarchConfig(nblocks=4))
+    out = monarchify.save(model, tmp_path / "bert-monarch", tokenizer=bert_tokenizer, report=report)
+    assert (out / "tokenizer_config.json").is_file()
+    loaded = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "the quick brown fox"
+    assert loaded(text)["input_ids"] == bert_tokenizer(text)["input_ids"]
+    assert isinstance(transformers.AutoModel.from_pretrained(str(out)).encoder.layer[0].intermediate.dense, MonarchLinear)

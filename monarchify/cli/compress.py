@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from monarchify.cli.finetune import RichEvents, print_results
+from monarchify.cli.finetune import RichEvents, print_results, warn_if_trivial
 from monarchify.cli.options import ForceFlag, JsonFlag
 from monarchify.cli.render import console, print_json
 from monarchify.config import DEFAULT_CALIBRATION_SAMPLES
@@ -32,6 +32,7 @@ def compress(
     distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels in stage 3, 0..1.")] = 0.5,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the logit term.")] = 2.0,
     distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states in stage 3 (0: off).")] = 0.0,
+    output_order: Annotated[str, typer.Option("--output-order", help="Monarch output order: interleaved (the paper's; the more accurate students on MRPC) or blocked (faster layers: 1.26× inference / 1.17× training step measured, but lower accuracy).")] = "interleaved",
     gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Stage 3: Monarch layers take over from the teacher's dense layers gradually, over this share of the steps.")] = None,
     finetuned: Annotated[bool | None, typer.Option("--finetuned/--pretrained", help="Whether MODEL is already fine-tuned on the task (default: read from its config.json).")] = None,
     max_train_samples: Annotated[int | None, typer.Option("--max-train-samples", help="Use only the first N training examples in both fine-tuning stages.")] = None,
@@ -54,7 +55,7 @@ def compress(
               "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
     options = CompressOptions(
         task=task, model=model, out=out, budget=budget, data_dir=data_dir, teacher_lr=teacher_lr, student_lr=student_lr,
-        calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, force=force,
+        calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, force=force, output_order=output_order,
         distill={"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden},
         finetune=shared,
     )
@@ -65,10 +66,12 @@ def compress(
 
     datasets.disable_progress_bars()
     result = run_compress(options, events=RichEvents(), callbacks=[RichProgress()], argv=["monarchify", *sys.argv[1:]])
+    hint = "try a higher or lower --student-lr, more --epochs, or check the data (labels, --max-train-samples)"
     if json_out:
         print_json(result.results)
+        warn_if_trivial(result.results, hint)  # stderr: the JSON on stdout stays clean
         return
-    print_results(result.results, out)
+    print_results(result.results, out, hint)
     dense = result.results["compress"]["dense"]
     if dense:
         split = next(iter(result.results["main_metric"]))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, JsonFlag, Override, build_config
@@ -43,7 +44,21 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def print_results(results: dict[str, Any], out: Path) -> None:
+FINETUNE_HINT = "try a higher or lower --lr, more --epochs, or check the data (labels, --max-train-samples)"
+
+
+def warn_if_trivial(results: dict[str, Any], hint: str = FINETUNE_HINT) -> None:
+    """One warning line on stderr for each split where the model scores what a constant answer
+    scores (``trivial_baseline`` in the results), with what to try."""
+    from monarchify.glue.baseline import baseline_message
+
+    for split, baseline in (results.get("trivial_baseline") or {}).items():
+        message = baseline_message(split, baseline)
+        if message:
+            err_console.print(f"[yellow]warning:[/] {escape(message)}; {escape(hint)}", highlight=False, soft_wrap=True)
+
+
+def print_results(results: dict[str, Any], out: Path, hint: str = FINETUNE_HINT) -> None:
     console.print(results_table(results))
     train, params = results["train"], results["params"]
     console.print(
@@ -55,6 +70,7 @@ def print_results(results: dict[str, Any], out: Path) -> None:
         f"parameters: {_count(params['monarch'])} {kind}; {_count(params['dense'])} if dense ({params['ratio']:.0%})"
     )
     console.print(f"saved [bold]{out}[/] ({RESULTS_FILE} inside)")
+    warn_if_trivial(results, hint)
 
 
 def finetune(
@@ -116,7 +132,7 @@ def finetune(
 
     \b
     Examples:
-      monarchify finetune --task mrpc --model minilm-monarch --data-dir ../shared/data/glue --out runs/mrpc
+      monarchify finetune --task mrpc --model minilm-monarch --data-dir glue --out runs/mrpc
       monarchify finetune --task mrpc --model ./bert --nblocks 4 --data-dir glue --out runs/mrpc-nb4
       monarchify finetune --task mrpc --model ./bert --data-dir glue --out runs/mrpc-dense
       monarchify finetune --task mrpc --model minilm-monarch --distill-from runs/mrpc-dense --out runs/mrpc-kd
@@ -152,5 +168,6 @@ def finetune(
     result = run_finetune(options, events=RichEvents(), callbacks=[RichProgress()], argv=["monarchify", *sys.argv[1:]])
     if json_out:
         print_json(result.results)
+        warn_if_trivial(result.results)  # stderr: the JSON on stdout stays clean
     else:
         print_results(result.results, out)

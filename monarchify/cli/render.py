@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from monarchify.report import ConversionReport, LayerReport, natural_key
+from monarchify.report import CHANGED_A_LITTLE, NEARLY_UNCHANGED, ConversionReport, LayerReport, natural_key, output_change
 
 console = Console()
 if not console.is_terminal:  # piped or captured: wide enough that layer names are not folded
@@ -106,6 +106,17 @@ def print_report(report: ConversionReport, sort: str = "model", title: str | Non
             f"functional check on {check['sentences']} {inputs}: output relative difference "
             f"{check['rel_diff']:.3f}, cosine {check['cosine']:.3f}, max abs {check['max_abs_diff']:.3g}"
         )
+        console.print(output_verdict(check["cosine"]))
+
+
+OUTPUT_CHANGE_ADVICE = "fine-tune it (monarchify finetune / compress), or use fewer blocks, --calibrate or a larger --budget"
+
+
+def output_verdict(cosine: float) -> str:
+    """The functional check in words, with what to do when the outputs changed a lot."""
+    verdict = output_change(cosine)
+    line = f"the model's outputs are {verdict} (cosine {cosine:.3f}; >= {NEARLY_UNCHANGED} nearly unchanged, >= {CHANGED_A_LITTLE} a little)"
+    return f"{line}: {OUTPUT_CHANGE_ADVICE}" if verdict == "changed a lot" else line
 
 
 def print_accuracy_levers(report: ConversionReport) -> None:

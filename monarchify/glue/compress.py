@@ -60,6 +60,10 @@ class CompressOptions:
     gradual: float | None = None
     """Stage 3 only: the share of its steps over which the Monarch layers take over from the
     teacher's dense layers (:mod:`monarchify.gradual`)."""
+    output_order: str = "interleaved"
+    """The Monarch layers' output order (``MonarchConfig.output_order``). Interleaved here, unlike
+    ``convert``'s blocked default: over three seeds on MRPC the blocked order's students ended
+    below the interleaved ones (``docs/results.md``), though blocked layers run faster."""
     seed: int = 42
     finetune: dict[str, Any] = field(default_factory=dict)
     """Other :class:`FinetuneOptions` fields for both fine-tuning stages (``epochs``, ``batch_size``...)."""
@@ -84,7 +88,9 @@ class CompressOptions:
 
     @property
     def recipe(self) -> MonarchConfig:
-        return MonarchConfig(budget=self.budget, calibration=CalibrationConfig(samples=self.calibration_samples))
+        return MonarchConfig(
+            budget=self.budget, calibration=CalibrationConfig(samples=self.calibration_samples), output_order=self.output_order
+        )
 
     def finetune_options(self, model: str, out: Path, lr: float, **extra: Any) -> FinetuneOptions:
         """One fine-tuning stage's options: the shared settings plus the stage's own."""

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,8 @@ class Evaluation:
     """Split -> metric name (without the ``eval_`` prefix) -> value."""
     seconds: float
     examples: dict[str, int]
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Split -> the trivial baseline (:func:`monarchify.glue.baseline.trivial_baseline`)."""
 
 
 def load_average() -> list[float] | None:
@@ -165,6 +167,7 @@ def build_results(
         "distill": options.distill.to_dict() if options.distill is not None else None,
         "metrics": metrics,
         "main_metric": {split: values.get(task.main_metric) for split, values in metrics.items()},
+        "trivial_baseline": evaluation.baselines,
         "train": _train_section(training),
         "eval": _eval_section(evaluation),
         "params": params,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -44,7 +45,8 @@ from monarchify.atomic import check_output_dir
 from monarchify.distill import DistillConfig, hidden_state_loss, logit_loss
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.glue.data import GlueData, load_glue
-from monarchify.glue.metrics import compute_metrics_fn
+from monarchify.glue.baseline import trivial_baseline
+from monarchify.glue.metrics import compute_metrics_fn, predictions_from_logits
 from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
 from monarchify.glue.results import Conversion, Evaluation, Training, build_results, load_average, run_environment
 from monarchify.glue.tasks import GlueTask, get_task
@@ -491,19 +493,27 @@ def _train(trainer: MonarchTrainer, timer: StepTimer, options: FinetuneOptions) 
     )
 
 
-def _evaluate(trainer: MonarchTrainer, eval_ds: dict[str, Any]) -> Evaluation:
-    """Evaluate every dev split once more with the final model.
+def _evaluate(trainer: MonarchTrainer, eval_ds: dict[str, Any], task: GlueTask) -> Evaluation:
+    """Evaluate every dev split once more with the final model, next to the trivial baseline.
 
     Why always, even after per-epoch evaluation: the saved model is the final one, and the
-    results must describe exactly that model on every split (MNLI has two).
+    results must describe exactly that model on every split (MNLI has two). ``predict`` rather
+    than ``evaluate``: the same metrics, plus the predictions, which say whether the model
+    learned anything at all (:mod:`monarchify.glue.baseline`).
     """
     metrics: dict[str, dict[str, float]] = {}
+    baselines: dict[str, dict[str, Any]] = {}
     seconds = 0.0
     for split, ds in eval_ds.items():
-        result = trainer.evaluate(eval_dataset=ds, metric_key_prefix="eval")
+        output = trainer.predict(ds, metric_key_prefix="eval")
+        result = output.metrics
         seconds += result.get("eval_runtime", 0.0)
         metrics[split] = {k.removeprefix("eval_"): v for k, v in result.items() if k not in ("epoch",)}
-    return Evaluation(metrics, seconds, {split: len(ds) for split, ds in eval_ds.items()})
+        if output.label_ids is not None:
+            predictions = predictions_from_logits(task, output.predictions).tolist()
+            references = np.asarray(output.label_ids).reshape(-1).tolist()
+            baselines[split] = trivial_baseline(task, references, predictions)
+    return Evaluation(metrics, seconds, {split: len(ds) for split, ds in eval_ds.items()}, baselines)
 
 
 def _save(
@@ -566,7 +576,7 @@ def finetune(
 
         unwrap(trainer.model)  # the dense originals are never evaluated as the result, nor saved
     events.stage("evaluating")
-    evaluation = _evaluate(trainer, eval_ds)
+    evaluation = _evaluate(trainer, eval_ds, task)
     results = build_results(
         options, task, data, conversion=conversion, params=params, training=training, evaluation=evaluation,
         notes=models.notes, environment=environment, argv=argv,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from monarchify.model_inputs import position_limit, random_inputs
+from monarchify.report import output_change
 
 SAMPLE_SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -75,16 +76,19 @@ def sample_outputs(model: nn.Module, inputs: list[dict[str, torch.Tensor]]) -> l
 
 
 def compare_outputs(dense: list[torch.Tensor], monarch: list[torch.Tensor], source: str) -> dict[str, Any]:
-    """How far the converted model's outputs moved: max abs and relative Frobenius difference."""
+    """How far the converted model's outputs moved: max abs and relative Frobenius difference,
+    cosine, and the cosine in words (:func:`monarchify.report.output_change`)."""
     a = torch.cat([t.flatten() for t in dense])
     b = torch.cat([t.flatten() for t in monarch])
     norm = float(a.norm())
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     return {
         "sentences": len(dense),
         "inputs": source,
         "max_abs_diff": float((a - b).abs().max()),
         "rel_diff": float((a - b).norm()) / norm if norm else 0.0,
-        "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+        "cosine": cosine,
+        "verdict": output_change(cosine),
     }
 
 
