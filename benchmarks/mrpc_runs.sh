@@ -55,5 +55,7 @@ compress() {  # NAME SEED, then extra compress arguments
 }
 for seed in 0 1 2; do compress "compress-kd-s$seed" "$seed"; done
 compress compress-kd-gradual-s0 0 --gradual 0.3
+compress compress-kd-hidden-s0 0 --distill-hidden 1.0
+for seed in 0 1 2; do compress "compress-blocked-s$seed" "$seed" --output-order blocked; done
 
-python benchmarks/mrpc_table.py "$RUNS" --only dense-lr1e-4 nb2-lr1e-4 budget2-lr1e-4 nb4-lr5e-5 budget4-lr5e-5
+python benchmarks/mrpc_table.py "$RUNS" --only dense-lr1e-4 nb2-lr1e-4 budget2-lr1e-4 nb4-lr5e-5 budget4-lr5e-5 compress-kd compress-blocked
