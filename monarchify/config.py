@@ -20,9 +20,9 @@ from typing import Any
 from monarchify.errors import ConfigError
 
 RECIPE_VERSION = 1
+"""Version of the recipe dictionary (``MonarchConfig.to_dict``), not of the weight format."""
 OUTPUT_ORDERS = ("blocked", "interleaved")
 """How a Monarch layer orders its outputs (:class:`monarchify.monarch.layout.MonarchLayout`)."""
-"""Version of the recipe dictionary (``MonarchConfig.to_dict``), not of the weight format."""
 DEFAULT_CALIBRATION_SAMPLES = 256
 DEFAULT_SWEEPS = 2
 """Full-covariance refinement sweeps. On MiniLM at 4 blocks, 2 sweeps take the mean held-out

@@ -12,7 +12,10 @@ import pytest
 import monarchify
 from monarchify import bench
 from monarchify.cli.app import RICH_HELP_MIN_COLUMNS, help_markup_mode, main
-from tests.test_bench_cli import QUICK, fake_clock  # noqa: F401 - the fixture, shared
+from tests import test_bench_cli
+from tests.test_bench_cli import QUICK
+
+fake_clock = test_bench_cli.fake_clock  # the fixture, shared
 
 
 def run(capsys, *args):

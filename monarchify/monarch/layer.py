@@ -41,7 +41,6 @@ class MonarchLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.nblocks = nblocks
-        self.output_order = output_order
         factory = {"device": device, "dtype": dtype}
         self.R = nn.Parameter(torch.empty(self.layout.r_shape, **factory))
         self.L = nn.Parameter(torch.empty(self.layout.l_shape, **factory))
@@ -81,6 +80,11 @@ class MonarchLinear(nn.Module):
         if lay.n_out != self.out_features:
             y = y[:, : self.out_features].contiguous()
         return y.reshape(*lead, self.out_features)
+
+    @property
+    def output_order(self) -> str:
+        """``"blocked"`` or ``"interleaved"``: the layout's, never stored twice."""
+        return self.layout.output_order
 
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:

@@ -44,8 +44,7 @@ import torch
 
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
-from monarchify.monarch.layout import MonarchLayout
-from monarchify.monarch.layout import BLOCKED
+from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.projection import sub_blocks
 from monarchify.monarch.whitening import DEFAULT_DAMPING, batched_svd, whitened_sub_blocks
 from monarchify.pipeline.plan import PlannedLayer
