@@ -12,6 +12,14 @@
    16,384 tokens (the issue's targets) and 256 tokens (small batches, launch-bound).
 3. BERT-base classifier (random weights, batch 32×128, bf16): inference and a training
    step (forward, backward, AdamW), dense vs converted at nblocks 4.
+4. Training from scratch (``monarchify train``'s code path), GPT-2 small (12 layers, 768
+   wide), bf16, on the SST-2 and MRPC sentences: dense vs Monarch nblocks 4 vs Monarch then
+   dense at 80 % of the steps, same data and steps; step-time ratio, held-out perplexity at
+   equal steps and at equal training time (``--train-steps 0`` skips it).
+5. Streaming conversion of a Llama-2-7B-shaped random bf16 checkpoint (13.5 GB, written by
+   ``synthetic_llama7b.py``) at nblocks 4, projecting on the GPU: wall time, peak resident
+   memory, output size, reload-and-run; within ``--llama7b-budget-s`` (``--llama7b-layers 0``
+   skips it; the scratch folder is deleted after).
 
 Exit status 1 if a correctness check fails. Ratios are dense time / Monarch time measured
 in the same run (medians of interleaved runs, device synchronised around each call).
@@ -24,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -101,10 +110,114 @@ def bert_base(device: torch.device, warmup: int, repeat: int) -> tuple[dict, dic
     return result, agreement
 
 
+def gpt2_small_training(glue: Path, steps: int, out: Path) -> list[dict]:
+    """The three variants of docs/training.md at GPT-2-small size, one after another."""
+    import train_compare
+
+    from monarchify import MonarchConfig
+    from monarchify.lm.options import TrainOptions
+    from monarchify.lm.train import train
+
+    text = [glue / "SST-2" / "train.tsv", glue / "MRPC" / "train.tsv"]
+    if not all(path.is_file() for path in text):
+        print(f"\n(no GLUE text under {glue}: GPT-2-small training skipped)")
+        return []
+    common = dict(arch="gpt2", text=text, block_size=256, vocab_size=8192, batch_size=32, max_steps=steps,
+                  learning_rate=6e-4, precision="bf16", eval_fraction=0.02, eval_steps=0.2, save_steps=float(steps),
+                  logging_steps=5, seed=0, force=True)
+    variants = {"dense": {}, "nb4": {"monarch": MonarchConfig(nblocks=4)},
+                "nb4-dense": {"monarch": MonarchConfig(nblocks=4), "densify_at": 0.8}}
+    runs = []
+    for name, extra in variants.items():
+        start = time.perf_counter()
+        result = train(TrainOptions(**common, **extra, out=out / name), progress_bar=False)
+        print(f"  ({name}: {time.perf_counter() - start:.0f} s)")
+        runs.append(result.results)
+    rows = train_compare.summarise(runs)
+    print(f"== GPT-2 small from scratch, {steps} steps of 32×256 tokens, bf16 ==")
+    train_compare.print_table(rows)
+    return rows
+
+
+def llama7b_streaming(layers: int, budget_s: float, work: Path, device: str = "cuda") -> dict:
+    """Streaming conversion of a Llama-2-7B-shaped random checkpoint (benchmarks/synthetic_llama7b.py),
+    projecting on the GPU: wall time, peak resident memory, output size and a reload-and-run
+    check, each step in its own process under what is left of ``budget_s``. Outputs are deleted."""
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    source, out = work / f"llama7b-l{layers}", work / f"llama7b-l{layers}-monarch"
+    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
+    steps = {
+        "write": [sys.executable, str(here / "synthetic_llama7b.py"), "write", str(source), "--layers", str(layers)],
+        "convert": [*timer, sys.executable, "-m", "monarchify.cli.app", "convert", str(source), "--stream", "-b", "4",
+                    "--device", device, "-o", str(out), "--force", "--json"],
+        "check": [sys.executable, str(here / "synthetic_llama7b.py"), "check", str(out), "--source", str(source)],
+    }
+    result: dict = {"layers": layers, "device": device, "budget_s": budget_s}
+    deadline = time.perf_counter() + budget_s
+    print(f"\n== streaming conversion, Llama-2-7B shapes, {layers} layers, nblocks 4, projecting on {device} ==")
+    try:
+        for name, command in steps.items():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                result[name] = {"skipped": "time budget spent"}
+                print(f"  {name}: skipped (time budget spent)")
+                continue
+            start = time.perf_counter()
+            # its own process group: /usr/bin/time's child must stop with it when the budget runs out
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       start_new_session=True)
+            try:
+                stdout, stderr = process.communicate(timeout=left)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                result[name] = {"skipped": f"over the time budget ({budget_s:.0f} s)"}
+                print(f"  {name}: stopped, over the time budget")
+                break
+            run = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+            entry = {"seconds": round(time.perf_counter() - start, 1), "exit": run.returncode}
+            rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)
+            if rss:
+                entry["peak_rss_gb"] = round(int(rss.group(1)) / 1e6, 2)
+            if name == "convert" and out.is_dir():
+                entry["output_gb"] = round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9, 2)
+            if name == "write" and source.is_dir():
+                entry["source_gb"] = round(sum(f.stat().st_size for f in source.glob("*.safetensors")) / 1e9, 2)
+            if name == "check":
+                entry["output"] = run.stdout.strip().splitlines()[-4:]
+            result[name] = entry
+            print(f"  {name}: {entry}")
+            if run.returncode != 0:
+                print(run.stderr[-2000:])
+                break
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        if work.is_dir() and not any(work.iterdir()):
+            work.rmdir()
+    result["ok"] = all(isinstance(result.get(n), dict) and result[n].get("exit") == 0 for n in steps)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer timed runs")
     parser.add_argument("--out", default="gpu_check.json", help="where to write every number as JSON")
+    parser.add_argument("--train-steps", type=int, default=300, help="steps of each GPT-2-small training run (0: skip them)")
+    parser.add_argument("--glue", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "glue",
+                        help="GLUE TSV folder (SST-2/train.tsv, MRPC/train.tsv)")
+    parser.add_argument("--train-out", type=Path, default=Path("runs/gpu_check_train"), help="output folders of those runs")
+    parser.add_argument("--llama7b-layers", type=int, default=32,
+                        help="depth of the Llama-2-7B-shaped streaming conversion (0: skip it; 32 is the real model)")
+    parser.add_argument("--llama7b-budget-s", type=float, default=300,
+                        help="time budget of that step in seconds (writing ~13.5 GB, converting, reloading)")
+    parser.add_argument("--llama7b-work", type=Path, default=Path("runs/gpu_check_llama7b"), help="scratch folder (deleted after)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU here: this script is for a GPU session (the CI machine checks the kernel with "
@@ -119,9 +232,12 @@ def main() -> int:
     layer_rows = layers(device, warmup, repeat)
     model, agreement = bert_base(device, warmup=max(3, warmup // 2), repeat=max(5, repeat // 3))
     ok = ok and agreement["ok"]
+    training = gpt2_small_training(args.glue, args.train_steps, args.train_out) if args.train_steps > 0 else []
+    llama7b = llama7b_streaming(args.llama7b_layers, args.llama7b_budget_s, args.llama7b_work) if args.llama7b_layers > 0 else {}
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-                   "correctness": correct, "model_agreement": agreement, "layers": layer_rows, "bert_base": model},
+                   "correctness": correct, "model_agreement": agreement, "layers": layer_rows, "bert_base": model,
+                   "gpt2_small_training": training, "llama7b_streaming": llama7b},
                   handle, indent=2)
     print(f"\nall numbers written to {args.out}; correctness {'passed' if ok else 'FAILED'}")
     return 0 if ok else 1

@@ -30,6 +30,7 @@ _EXPORTS = {
     "SpeedGateConfig": ("monarchify.config", "SpeedGateConfig"),
     "convert": ("monarchify.pipeline", "convert"),
     "dry_run": ("monarchify.pipeline", "dry_run"),
+    "from_config": ("monarchify.hf.fresh", "from_config"),
     "load": ("monarchify.hf.loading", "load_model"),
     "project": ("monarchify.monarch", "project"),
     "read_report": ("monarchify.hf.stored_report", "read_report"),

@@ -181,8 +181,10 @@ def layer_benchmark(
     repeat: int = 20,
     seed: int = 0,
     output_order: str = "blocked",
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """``nn.Linear`` vs ``MonarchLinear`` at one shape: forward (no autograd) and
+    """``nn.Linear`` vs ``MonarchLinear`` at one shape (with a rank-``rank`` low-rank term when
+    ``rank > 0``): forward (no autograd) and
     forward+backward (gradients for the input and every parameter, as inside a model).
 
     ``monarch`` is what the layer picks by itself (see :mod:`monarchify.monarch.kernels`).
@@ -195,7 +197,7 @@ def layer_benchmark(
     torch.manual_seed(seed)
     factory = {"device": device, "dtype": dtype}
     dense = nn.Linear(d_in, d_out, bias=bias, **factory)
-    monarch = MonarchLinear(d_in, d_out, nblocks, bias=bias, output_order=output_order, **factory)
+    monarch = MonarchLinear(d_in, d_out, nblocks, bias=bias, output_order=output_order, rank=rank, **factory)
     x = torch.randn(tokens, d_in, **factory)
     x_grad = x.clone().requires_grad_()
     grad_out = torch.randn(tokens, d_out, **factory)
@@ -225,11 +227,12 @@ def layer_benchmark(
     fwd.update({name: forward(monarch, name) for name in extras})
     result: dict[str, Any] = {
         "config": {"d_in": d_in, "d_out": d_out, "nblocks": nblocks, "output_order": output_order, "tokens": tokens,
-                   "dtype": str(dtype).removeprefix("torch."), "bias": bias, "warmup": warmup, "repeat": repeat},
+                   "dtype": str(dtype).removeprefix("torch."), "bias": bias, "warmup": warmup, "repeat": repeat,
+                   **({"rank": rank} if rank else {})},
         "environment": _environment(device),
         "implementation": kernels.auto_choice(x),
         "params": {"dense": sum(p.numel() for p in dense.parameters()), "monarch": sum(p.numel() for p in monarch.parameters())},
-        "flops_ratio": (d_in * d_out) / monarch.layout.weight_params,
+        "flops_ratio": (d_in * d_out) / (monarch.layout.weight_params + rank * (d_in + d_out)),
     }
     stats = compare(fwd, device, warmup=warmup, repeat=repeat)
     result["forward"] = _pair(stats["dense"], stats["monarch"], {k: stats[k] for k in extras})

@@ -132,6 +132,11 @@ class MonarchConfig:
       selected layer's block count (or keeping it dense) is chosen to minimise the total
       error under it (:mod:`monarchify.pipeline.allocate`); ``overrides`` then pin layers.
     * ``budget_keep_dense``: whether the budget may keep a layer dense (one of its options).
+    * ``budget_ranks``: ranks of a low-rank term the budget may add to a layer next to its
+      Monarch blocks (Monarch plus low rank, :mod:`monarchify.monarch.lowrank`), priced at
+      ``rank·(d_in + d_out)``; empty: plain Monarch only.
+    * ``ranks``: ``{regex: rank}``, a low-rank term for matching layers (last wins; 0 removes
+      it). A budgeted checkpoint records its choices here, as exact names.
     * ``calibration``: project on real activations (the text is an argument of ``convert``).
     * ``speed_gate``: time every layer shape and keep dense those Monarch does not speed up.
     * ``output_order``: ``"blocked"`` (each block's outputs contiguous: no copy in the forward
@@ -150,6 +155,8 @@ class MonarchConfig:
     allow_structural_zeros: bool = False
     budget: float | None = None
     budget_keep_dense: bool = True
+    budget_ranks: list[int] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)
     calibration: CalibrationConfig | None = None
     speed_gate: SpeedGateConfig | None = None
     output_order: str = "blocked"
@@ -173,6 +180,14 @@ class MonarchConfig:
             raise ConfigError(f"budget must be a fraction between 0 and 1 (exclusive), got {self.budget!r}")
         if not self.budget_keep_dense and self.budget is None:
             raise ConfigError("budget_keep_dense=False only means something with a budget")
+        self.budget_ranks = sorted({_positive_int(rank, "budget rank") for rank in self.budget_ranks})
+        if self.budget_ranks and self.budget is None:
+            raise ConfigError("budget_ranks only means something with a budget")
+        self.ranks = dict(self.ranks)
+        for pattern, rank in self.ranks.items():
+            _check_pattern(pattern, "rank pattern")
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+                raise ConfigError(f"rank of {pattern!r} must be a non-negative integer, got {rank!r}")
         if isinstance(self.calibration, dict):
             self.calibration = CalibrationConfig.from_dict(self.calibration)
         if isinstance(self.speed_gate, dict):
@@ -183,11 +198,12 @@ class MonarchConfig:
             raise ConfigError(f"unsupported recipe version {self.version} (this monarchify reads {RECIPE_VERSION})")
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data; ``speed_gate`` appears only when set (recipes written
-        before it existed stay byte-identical)."""
+        """The recipe as plain data; ``speed_gate``, ``budget_ranks`` and ``ranks`` appear only
+        when set (recipes written before they existed stay byte-identical)."""
         data = asdict(self)
-        if self.speed_gate is None:
-            del data["speed_gate"]
+        for name in ("speed_gate", "budget_ranks", "ranks"):
+            if not data[name]:
+                del data[name]
         return data
 
     @classmethod
@@ -205,3 +221,14 @@ def parse_override(text: str) -> tuple[str, int]:
     except ValueError:
         raise ConfigError(f"override {text!r}: {value!r} is not an integer") from None
     return pattern, _positive_int(nblocks, f"nblocks of override {pattern!r}")
+
+
+def parse_ranks(text: str) -> list[int]:
+    """Parse a comma-separated list of ranks, e.g. ``8,16,32``."""
+    ranks = []
+    for part in text.split(","):
+        try:
+            ranks.append(int(part.strip()))
+        except ValueError:
+            raise ConfigError(f"ranks {text!r} must be positive integers separated by commas, e.g. '8,16,32'") from None
+    return [_positive_int(rank, "budget rank") for rank in ranks]

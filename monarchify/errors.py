@@ -21,6 +21,10 @@ class NoMatchError(ConfigError):
     """A selection pattern matched no layer."""
 
 
+class NothingToResumeError(ConfigError):
+    """Resuming was asked for, but no checkpoint was saved (a run stopped before its first one)."""
+
+
 class ModelLoadError(MonarchifyError):
     """A model, checkpoint or weight file that cannot be read."""
 

@@ -54,6 +54,9 @@ class LayerReport:
     reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Further per-layer measurements (output error on calibration data, timings...)."""
+    rank: int = 0
+    """Rank of the low-rank term added to the Monarch matrix (0: plain Monarch); its
+    ``rank·(d_in + d_out)`` parameters are in ``params_monarch`` and so in the FLOPs."""
 
     @property
     def flops_dense(self) -> int:
@@ -69,6 +72,8 @@ class LayerReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if not self.rank:  # reports of plain Monarch layers stay as they were before ranks existed
+            del data["rank"]
         data["flops_dense"] = self.flops_dense
         data["flops_monarch"] = self.flops_monarch
         return data
@@ -89,9 +94,16 @@ class ConversionReport:
         return [layer for layer in self.layers if not layer.kept_dense]
 
     def totals(self) -> dict[str, Any]:
+        """Sums over the converted layers (``params_*``, ``flops_*``) and over every selected
+        layer, kept-dense ones included (``selected_*``).
+
+        Why both: a budget that keeps layers dense spends its share on them, so the converted
+        layers alone (12 % of their weights, say) understate what the budget kept (37.6 %)."""
         conv = self.converted
         dense = sum(layer.params_dense for layer in conv)
         monarch = sum(layer.params_monarch for layer in conv)
+        selected_dense = sum(layer.params_dense for layer in self.layers)
+        selected_after = sum(layer.params_dense if layer.kept_dense else layer.params_monarch for layer in self.layers)
         sq_err = [layer for layer in conv if layer.rel_error is not None]
         return {
             "layers": len(conv),
@@ -99,6 +111,14 @@ class ConversionReport:
             "params_dense": dense,
             "params_monarch": monarch,
             "params_ratio": monarch / dense if dense else None,
+            "flops_dense": sum(layer.flops_dense for layer in conv),
+            "flops_monarch": sum(layer.flops_monarch for layer in conv),
+            "selected_layers": len(self.layers),
+            "selected_params_dense": selected_dense,
+            "selected_params_after": selected_after,
+            "selected_params_ratio": selected_after / selected_dense if selected_dense else None,
+            "selected_flops_dense": sum(layer.flops_dense for layer in self.layers),
+            "selected_flops_after": sum(layer.flops_monarch for layer in self.layers),
             "model_params": self.model_params_after,
             "model_params_before": self.model_params_before,
             "mean_rel_error": (sum(layer.rel_error for layer in sq_err) / len(sq_err)) if sq_err else None,

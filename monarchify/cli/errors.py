@@ -13,13 +13,27 @@ import traceback
 
 import typer
 
-from monarchify.errors import MonarchifyError, OutputNotEmptyError
+from monarchify.errors import MonarchifyError, NothingToResumeError, OutputNotEmptyError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-INTERRUPTED = "interrupted; the output folder was not written (a fine-tuning run keeps its checkpoints for --resume)"
-FLAG_HINTS = {OutputNotEmptyError: "pass --force to replace it"}
+INTERRUPTED = "interrupted; nothing was written (the output folder is as it was)"
+_on_interrupt = [INTERRUPTED]
+"""What Ctrl-C means for the command running now: a command that leaves something behind
+(fine-tuning checkpoints, finished stages) says what through :func:`when_interrupted`."""
+
+
+def when_interrupted(message: str) -> None:
+    """Set the line printed if the running command is interrupted from now on.
+
+    Why commands set it themselves: only the command knows what an interruption leaves
+    (nothing for ``convert``; for ``finetune`` nothing before its first checkpoint, a
+    resumable checkpoint after it), and a message promising what is not there misleads."""
+    _on_interrupt[0] = message
+
+
+FLAG_HINTS = {OutputNotEmptyError: "pass --force to replace it", NothingToResumeError: "run without --resume to start afresh"}
 """What a library error means on the command line, for errors whose remedy is a flag: the
 library names recipe fields, only the CLI knows its flags."""
 
@@ -43,14 +57,15 @@ def run(app: typer.Typer, args: list[str] | None = None) -> int:
     between releases.
     """
     debug = os.environ.get("MONARCHIFY_DEBUG", "") not in ("", "0")
+    when_interrupted(INTERRUPTED)
     try:
         result = app(args=args, standalone_mode=False, prog_name="monarchify")
         if result == EXIT_INTERRUPTED:  # Typer turns Ctrl-C into this return value, silently
-            return _fail(INTERRUPTED, EXIT_INTERRUPTED)
+            return _fail(_on_interrupt[0], EXIT_INTERRUPTED)
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:
         if exc.exit_code == EXIT_INTERRUPTED:  # Typer's own translation of Ctrl-C
-            return _fail(INTERRUPTED, EXIT_INTERRUPTED)
+            return _fail(_on_interrupt[0], EXIT_INTERRUPTED)
         return exc.exit_code
     except typer.Abort:
         return _fail("aborted", EXIT_INTERRUPTED)
@@ -66,7 +81,7 @@ def run(app: typer.Typer, args: list[str] | None = None) -> int:
             traceback.print_exc()
         return _fail(_with_hint(exc), EXIT_ERROR)
     except KeyboardInterrupt:
-        return _fail(INTERRUPTED, EXIT_INTERRUPTED)
+        return _fail(_on_interrupt[0], EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: say so briefly, keep the traceback one variable away
         if debug:
             traceback.print_exc()

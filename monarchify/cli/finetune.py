@@ -14,7 +14,7 @@ from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, Json
 from monarchify.cli.render import console, err_console, print_json
 from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
-from monarchify.glue.options import PRECISIONS, RESULTS_FILE, FinetuneEvents, FinetuneOptions
+from monarchify.glue.options import CURVES_FILE, PRECISIONS, RESULTS_FILE, FinetuneEvents, FinetuneOptions
 from monarchify.glue.tasks import TASK_NAMES
 
 
@@ -44,6 +44,11 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
+INTERRUPTED_EARLY = "interrupted before the first checkpoint: nothing was saved (run the same command to start again)"
+INTERRUPTED_AFTER_CHECKPOINT = (
+    "interrupted; the output folder was not written, the last checkpoint is kept in {folder}: "
+    "add --resume to the same command to continue from it"
+)
 FINETUNE_HINT = "try a higher or lower --lr, more --epochs, or check the data (labels, --max-train-samples)"
 
 
@@ -69,7 +74,8 @@ def print_results(results: dict[str, Any], out: Path, hint: str = FINETUNE_HINT)
     console.print(
         f"parameters: {_count(params['monarch'])} {kind}; {_count(params['dense'])} if dense ({params['ratio']:.0%})"
     )
-    console.print(f"saved [bold]{out}[/] ({RESULTS_FILE} inside)")
+    inside = RESULTS_FILE + (f" and {CURVES_FILE}" if (out / CURVES_FILE).is_file() else "")
+    console.print(f"saved [bold]{out}[/] ({inside} inside)")
     warn_if_trivial(results, hint)
 
 
@@ -161,11 +167,14 @@ def finetune(
     # Imported here: Trainer and datasets take seconds to import, which no other command should pay.
     import datasets
 
+    from monarchify.cli.errors import when_interrupted
     from monarchify.cli.training_progress import RichProgress
     from monarchify.glue.train import finetune as run_finetune
 
     datasets.disable_progress_bars()  # the tokenizing step is quick; our own bar shows training
-    result = run_finetune(options, events=RichEvents(), callbacks=[RichProgress()], argv=["monarchify", *sys.argv[1:]])
+    when_interrupted(INTERRUPTED_AFTER_CHECKPOINT.format(folder=options.checkpoints) if resume else INTERRUPTED_EARLY)
+    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT)
+    result = run_finetune(options, events=RichEvents(), callbacks=[progress], argv=["monarchify", *sys.argv[1:]])
     if json_out:
         print_json(result.results)
         warn_if_trivial(result.results)  # stderr: the JSON on stdout stays clean

@@ -40,7 +40,8 @@ OutputOrder = Annotated[
     typer.Option(
         "--output-order",
         help="How each Monarch layer orders its outputs: blocked (contiguous blocks, no copy: faster) or "
-        "interleaved (the paper's permutation). Same parameters and, on real weights, the same error.",
+        "interleaved (the paper's permutation). Same parameters, the same error on real weights, and a budget "
+        "picks the same block counts for both.",
     ),
 ]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]

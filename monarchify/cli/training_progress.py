@@ -14,7 +14,10 @@ from monarchify.cli.render import err_console
 class RichProgress(TrainerCallback):
     """A progress bar over optimisation steps, with the running loss and each evaluation."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_checkpoint: str | None = None) -> None:
+        """``after_checkpoint``: what Ctrl-C means once a checkpoint is saved (``{folder}`` is
+        the checkpoint folder); until then the command's own message stands."""
+        self.after_checkpoint = after_checkpoint
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
@@ -45,6 +48,12 @@ class RichProgress(TrainerCallback):
                     f"step {state.global_step}/{state.max_steps}  {self._describe(state)}  "
                     f"lr {logs.get('learning_rate', 0.0):.3g}  {elapsed:.0f} s"
                 )
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.after_checkpoint is not None:
+            from monarchify.cli.errors import when_interrupted
+
+            when_interrupted(self.after_checkpoint.format(folder=args.output_dir))
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
         if self.task is None or not metrics:

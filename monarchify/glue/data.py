@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -224,18 +225,68 @@ def _quiet_hub() -> Iterator[None]:
             logger.setLevel(level)
 
 
+HUB_PROBE_SECONDS = 3.0
+"""How long :func:`hub_reachable` waits for a connection to the Hub."""
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the Hub's endpoint opens within ``timeout`` seconds.
+
+    Why a probe of its own: without a network, ``load_dataset`` retries for about half a
+    minute before failing; a refused or silent connection answers in at most ``timeout``. The
+    probe runs in a thread because the name lookup before it has no timeout of its own."""
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    opened: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+                opened.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened)
+
+
+def hub_cached(task: GlueTask) -> bool:
+    """Whether the local ``datasets`` cache holds the hub copy of the task (usable offline)."""
+    root = Path(datasets.config.HF_DATASETS_CACHE) / HUB_DATASET.replace("/", "___") / task.name
+    return root.is_dir() and any(path.is_dir() for path in root.glob("*/*"))
+
+
+def _hub_error(task: GlueTask, why: str) -> DataError:
+    return DataError(
+        f"could not get GLUE '{task.name}' from the Hugging Face Hub ({why}): "
+        f"pass a data folder (data_dir) holding the GLUE TSV files {task.describe_layout()}"
+    )
+
+
 def load_hub(task: GlueTask) -> GlueData:
-    """The ``datasets`` hub copy of the task (needs network or a local ``datasets`` cache)."""
+    """The ``datasets`` hub copy of the task (needs network or a local ``datasets`` cache).
+
+    Without the cache, offline mode or an unreachable Hub fails at once, before
+    ``load_dataset`` spends half a minute retrying."""
+    if not hub_cached(task):
+        if _offline():
+            raise _hub_error(task, "offline mode is on and it is not in the local datasets cache")
+        if not hub_reachable():
+            raise _hub_error(task, "the Hub cannot be reached; is the network down?")
     try:
         with _quiet_hub():
             dataset = datasets.load_dataset(HUB_DATASET, task.name)
     except Exception as exc:  # ConnectionError, OfflineModeIsEnabled, DatasetNotFoundError, ...
         why = "offline mode is on" if _offline() else "is the network down?"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
-        raise DataError(
-            f"could not get GLUE '{task.name}' from the Hugging Face Hub ({first}; {why}): "
-            f"pass a data folder (data_dir) holding the GLUE TSV files {task.describe_layout()}"
-        ) from None
+        raise _hub_error(task, f"{first}; {why}") from None
     missing = [s for s in ["train", *task.eval_files] if s not in dataset]
     if missing:
         raise DataError(f"the hub copy of GLUE '{task.name}' has no split(s) {', '.join(missing)}")

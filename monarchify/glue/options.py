@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 RESULTS_FILE = "eval_results.json"
+CURVES_FILE = "training_curves.png"
+"""Loss and evaluation curves, drawn from the results' history (when matplotlib is installed)."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

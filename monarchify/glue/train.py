@@ -43,11 +43,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from monarchify.atomic import check_output_dir
 from monarchify.distill import DistillConfig, hidden_state_loss, logit_loss
-from monarchify.errors import ConfigError, ModelLoadError
+from monarchify.errors import ConfigError, ModelLoadError, NothingToResumeError
 from monarchify.glue.data import GlueData, load_glue
 from monarchify.glue.baseline import trivial_baseline
 from monarchify.glue.metrics import compute_metrics_fn, predictions_from_logits
-from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
+from monarchify.glue.options import CURVES_FILE, RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
 from monarchify.glue.results import Conversion, Evaluation, Training, build_results, load_average, run_environment
 from monarchify.glue.tasks import GlueTask, get_task
 from monarchify.hf.loading import load_model, load_tokenizer, mismatched_keys
@@ -167,6 +167,19 @@ class StepTimer(TrainerCallback):
             self._start = None
 
 
+class NoEvaluationAtTheEnd(TrainerCallback):
+    """Skips the per-epoch evaluation when the epoch that ends is the last one.
+
+    Why: after training, :func:`_evaluate` evaluates the final model on every split anyway
+    (and needs the predictions, which an evaluation does not keep); the epoch-end evaluation
+    of the same model would only repeat it. A run cut by ``max_steps`` ends its epoch early,
+    so this covers it too."""
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = False
+
+
 # ---------------------------------------------------------------------------------- pieces
 
 
@@ -186,7 +199,7 @@ def parameter_counts(model: nn.Module) -> dict[str, Any]:
     """Parameters as they are, and as they would be with every Monarch layer dense."""
     total = sum(p.numel() for p in model.parameters())
     layers = [m for m in model.modules() if isinstance(m, MonarchLinear)]
-    saved = sum(m.in_features * m.out_features - m.L.numel() - m.R.numel() for m in layers)
+    saved = sum(m.in_features * m.out_features - sum(p.numel() for n, p in m.named_parameters() if n != "bias") for m in layers)
     return {"monarch": total, "dense": total + saved, "ratio": total / (total + saved), "monarch_layers": len(layers)}
 
 
@@ -276,8 +289,25 @@ def _check_request(options: FinetuneOptions) -> tuple[GlueTask, bool]:
         check_output_dir(options.out, options.force, inputs=_inputs(options))
     checkpoints_existed = options.checkpoints.exists()
     if options.resume and not checkpoints_existed:
-        raise ConfigError(f"resume: checkpoint folder '{options.checkpoints}' does not exist")
+        raise NothingToResumeError(f"resume: checkpoint folder '{options.checkpoints}' does not exist")
+    if options.resume and not _has_checkpoint(options.checkpoints):
+        raise NothingToResumeError(
+            f"resume: checkpoint folder '{options.checkpoints}' holds no checkpoint (the run stopped before its first one)"
+        )
     return task, checkpoints_existed
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and any(child.is_dir() and child.name.startswith("checkpoint-") for child in folder.iterdir())
+
+
+def _drop_if_empty(folder: Path) -> None:
+    """Remove a checkpoint folder this run created but saved no checkpoint into.
+
+    Why: Trainer creates the folder when it starts; a run stopped before its first save would
+    leave it empty, and an empty folder reads as something to resume from."""
+    if folder.is_dir() and not _has_checkpoint(folder):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _load_data(options: FinetuneOptions, task: GlueTask) -> GlueData:
@@ -456,7 +486,7 @@ def _build_trainer(
         processing_class=models.tokenizer,
         data_collator=DataCollatorWithPadding(models.tokenizer),
         compute_metrics=compute_metrics_fn(task),
-        callbacks=[timer, *internal, *callbacks],
+        callbacks=[timer, NoEvaluationAtTheEnd(), *internal, *callbacks],
         monarch_lr=options.monarch_lr,
         teacher=models.teacher,
         distill=options.distill,
@@ -479,7 +509,7 @@ def _train(trainer: MonarchTrainer, timer: StepTimer, options: FinetuneOptions) 
         output = trainer.train(resume_from_checkpoint=True if options.resume else None)
     except ValueError as exc:
         if options.resume and "checkpoint" in str(exc).lower():
-            raise ConfigError(f"resume: no checkpoint to resume from in '{options.checkpoints}'") from None
+            raise NothingToResumeError(f"resume: no checkpoint to resume from in '{options.checkpoints}'") from None
         raise
     return Training(
         metrics=output.metrics,
@@ -516,6 +546,36 @@ def _evaluate(trainer: MonarchTrainer, eval_ds: dict[str, Any], task: GlueTask) 
     return Evaluation(metrics, seconds, {split: len(ds) for split, ds in eval_ds.items()}, baselines)
 
 
+def _curves(results: dict[str, Any], events: FinetuneEvents) -> dict[str, bytes]:
+    """The run's loss and evaluation curves as a picture for the output folder, or nothing
+    (with a note) where matplotlib is missing: a picture is never worth failing a run for."""
+    from monarchify.plots import figure_bytes, pyplot, training_figure
+
+    try:
+        pyplot()
+    except ConfigError as exc:
+        events.note(f"no {CURVES_FILE}: {exc}")
+        return {}
+    split = next(iter(results["metrics"]), None)
+    score = results["main_metric"].get(split) if split else None
+    model = "/".join(Path(str(results["model"])).parts[-2:])  # a folder's name, not its whole path
+    title = f"{results['task']}: {model}" + (f" ({split} {score:.4f})" if isinstance(score, float) else "")
+    try:
+        return {CURVES_FILE: figure_bytes(training_figure(results["history"], title=title))}
+    except Exception as exc:  # noqa: BLE001 - after a whole training run, the model and results come first
+        events.note(f"no {CURVES_FILE}: drawing it failed ({type(exc).__name__}: {exc})")
+        return {}
+
+
+def _history_entry(trainer: MonarchTrainer, evaluation: Evaluation) -> dict[str, Any]:
+    """The final evaluation as Trainer would have logged it (``eval_<split>_<metric>``), so
+    the history ends with the model that was saved, as it did when the last epoch evaluated."""
+    entry: dict[str, Any] = {"epoch": trainer.state.epoch, "step": trainer.state.global_step}
+    for split, values in evaluation.metrics.items():
+        entry.update({f"eval_{split}_{name}": value for name, value in values.items()})
+    return entry
+
+
 def _save(
     options: FinetuneOptions,
     trainer: MonarchTrainer,
@@ -524,13 +584,15 @@ def _save(
     conversion: Conversion,
     results: dict[str, Any],
     checkpoints_existed: bool,
+    events: FinetuneEvents,
 ) -> None:
     """Write the output folder (model, tokenizer, report and results, atomically), then drop
     the checkpoints this run made: a finished run needs them no more. A checkpoint folder
     that was there before is kept, unless this run resumed from it."""
+    files: dict[str, str | bytes] = {RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"}
+    files.update(_curves(results, events))
     save_model(trainer.model, options.out, tokenizer=models.tokenizer, report=report, recipe=conversion.recipe,
-               force=options.force or options.resume,
-               extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
+               force=options.force or options.resume, extra_files=files)
     if not options.keep_checkpoints and (not checkpoints_existed or options.resume) and options.checkpoints.is_dir():
         shutil.rmtree(options.checkpoints, ignore_errors=True)
 
@@ -570,13 +632,19 @@ def finetune(
     trainer, timer = _build_trainer(options, task, models, (train_ds, eval_ds), callbacks, progress_bar, gradual)
 
     events.stage("training")
-    training = _train(trainer, timer, options)
+    try:
+        training = _train(trainer, timer, options)
+    except BaseException:  # Ctrl-C too: an interrupted run leaves no empty checkpoint folder
+        if not checkpoints_existed:
+            _drop_if_empty(options.checkpoints)
+        raise
     if gradual:
         from monarchify.gradual import unwrap
 
         unwrap(trainer.model)  # the dense originals are never evaluated as the result, nor saved
     events.stage("evaluating")
     evaluation = _evaluate(trainer, eval_ds, task)
+    training.log_history.append(_history_entry(trainer, evaluation))
     results = build_results(
         options, task, data, conversion=conversion, params=params, training=training, evaluation=evaluation,
         notes=models.notes, environment=environment, argv=argv,
@@ -585,5 +653,5 @@ def finetune(
 
     if trainer.is_world_process_zero():
         events.stage(f"saving to {options.out}")
-        _save(options, trainer, models, report, conversion, results, checkpoints_existed)
+        _save(options, trainer, models, report, conversion, results, checkpoints_existed, events)
     return FinetuneResult(options.out, results, trainer.model)

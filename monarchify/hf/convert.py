@@ -3,6 +3,10 @@
 Everything a person can get wrong is checked before the model loads: the calibration text
 is read first and the output folder must be writable. The folder is written atomically at
 the end.
+
+Two paths: in memory (load the model, run the pipeline, save) and streaming
+(:mod:`monarchify.hf.streaming`, tensor by tensor, for checkpoints that do not fit or should
+not be loaded whole). :func:`choose_streaming` decides between them.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from monarchify.hf.functional_check import FunctionalCheck
 from monarchify.errors import ConfigError
 from monarchify.hf.loading import load_model, load_tokenizer, read_config
 from monarchify.hf.plugin import QUANT_METHOD
+from monarchify.hf.densify import DENSIFIED
 from monarchify.hf.saving import save_model
+from monarchify.hf.streaming import STREAM_ABOVE, StreamEvents, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes
 from monarchify.pipeline import Events, convert, dry_run
 from monarchify.report import ConversionReport
 from monarchify.samples import TextSamples, read_samples
 
 
-class ConvertEvents(Events):
-    """The pipeline's progress hooks, plus loading and saving; every method is optional."""
+class ConvertEvents(Events, StreamEvents):
+    """The pipeline's progress hooks, plus loading, saving and streaming; every method is optional."""
 
     def loading(self, source: str) -> None:
         """The checkpoint starts loading."""
@@ -43,14 +49,56 @@ class ConvertResult:
     tokenizer: Any = None
 
 
-def _refuse_monarch_checkpoint(source: str | os.PathLike[str]) -> None:
-    """A folder converted already is refused at once, before seconds of loading."""
+def _check_source(source: str | os.PathLike[str], events: ConvertEvents) -> None:
+    """A folder converted already is refused at once, before seconds of loading; a densified
+    one is converted, and said to be what it is."""
     folder = Path(os.fspath(source)).expanduser()
     if not (folder / "config.json").is_file():
         return  # a Hub id, or a folder that loading will refuse with its own message
-    quantization = read_config(folder).get("quantization_config")
+    config = read_config(folder)
+    quantization = config.get("quantization_config")
     if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
         raise ConfigError(f"'{source}' is a Monarch checkpoint already: convert the dense model it came from")
+    if isinstance(config.get(DENSIFIED), dict):
+        events.note(densified_note(source, config[DENSIFIED]))
+
+
+def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> str:
+    """One line saying that a folder is a Monarch model multiplied back out."""
+    count = record.get("layers")
+    layers = f"{count} Monarch layers" if isinstance(count, int) else "Monarch layers"
+    return f"'{source}' is a densified Monarch model: its {layers} were multiplied back into dense ones (monarchify densify)"
+
+
+def choose_streaming(
+    source: str | os.PathLike[str], config: MonarchConfig, *, stream: bool | None, dry: bool, out: Any
+) -> tuple[bool, Any]:
+    """``(stream?, opened checkpoint or None)``.
+
+    ``stream=None`` (automatic) streams a local safetensors folder of more than
+    :data:`~monarchify.hf.streaming.STREAM_ABOVE` bytes of weights when the recipe allows it
+    and the tensors are the model's own; ``True`` streams or says why it cannot; ``False``
+    never streams.
+    """
+    if stream is False:
+        return False, None
+    folder = Path(os.fspath(source)).expanduser()
+    reason = None
+    if dry or out is None:
+        reason = "a dry run plans on the loaded model"
+    elif not (folder / "config.json").is_file():
+        reason = "streaming reads local folders only (not Hub ids)"
+    else:
+        reason = streaming_blocker(config)
+    if reason is None and stream is None and weights_bytes(folder) <= STREAM_ABOVE:
+        return False, None
+    checkpoint = open_checkpoint(folder) if reason is None else None
+    reason = reason or checkpoint.problem
+    if reason is not None:
+        if stream:
+            raise ConfigError(f"cannot stream this conversion: {reason}")
+        return False, None
+    return True, checkpoint
 
 
 def convert_pretrained(
@@ -63,16 +111,34 @@ def convert_pretrained(
     dry: bool = False,
     check: bool = True,
     events: ConvertEvents | None = None,
+    stream: bool | None = None,
+    resume: bool = False,
+    device: str = "cpu",
 ) -> ConvertResult:
     """Load ``source``, convert it with ``config`` and (unless ``dry``) save it to ``out``.
 
     ``calibration_data`` (a text or TSV file, a saved dataset or ``hf:NAME``, see
     :mod:`monarchify.samples`, or samples already read) is the text a calibrating recipe runs
     through the dense model.
-    ``check`` compares the dense and converted model's outputs on sample sentences.
+    ``check`` compares the dense and converted model's outputs on sample sentences (in memory
+    only). ``stream``: see :func:`choose_streaming`; ``resume`` continues an interrupted
+    streaming run; ``device`` is where a streaming run projects (``"cuda"``).
     """
     events = events or ConvertEvents()
-    _refuse_monarch_checkpoint(source)
+    _check_source(source, events)
+    if (device != "cpu" or resume) and stream is None:  # only the streaming path projects elsewhere, or resumes
+        stream = True
+    streaming, checkpoint = choose_streaming(source, config, stream=stream, dry=dry, out=out)
+    if resume and not streaming:
+        raise ConfigError("resuming needs a streaming conversion (a local safetensors folder, a recipe without "
+                          "calibration, budget or speed gate)")
+    if device != "cpu" and not streaming:
+        raise ConfigError(f"projecting on '{device}' needs a streaming conversion (the in-memory path projects where the model is)")
+    if streaming:
+        events.loading(os.fspath(source))
+        report = convert_streaming(source, out, config, force=force, resume=resume, device=device,
+                                   events=events, checkpoint=checkpoint)
+        return ConvertResult(report)
     samples = calibration_data if isinstance(calibration_data, TextSamples) else None
     if config.calibration is not None and calibration_data is not None and samples is None:
         samples = read_samples(calibration_data, config.calibration.samples, config.calibration.heldout)

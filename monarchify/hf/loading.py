@@ -165,7 +165,7 @@ def _check_loading(model: nn.Module, info: dict[str, Any], source: str, *, new_h
 
     missing = [k for k in info.get("missing_keys") or [] if not in_head(k)]
     mismatched = [k for k in mismatched_keys(info) if not in_head(k)]
-    stray = [k for k in info.get("unexpected_keys") or [] if k.endswith((".L", ".R"))]
+    stray = [k for k in info.get("unexpected_keys") or [] if k.endswith((".L", ".R", ".U", ".V"))]  # .U/.V: low rank
     for problem, keys in (("has no weights for", missing), ("has weights of the wrong shape for", mismatched),
                           ("has Monarch factors its config.json does not declare:", stray)):
         if keys:

@@ -28,14 +28,27 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from monarchify.errors import ModelLoadError
+from monarchify.hf.guard import ignore_patterns
 from monarchify.monarch import MonarchLinear
 from monarchify.monarch.layout import INTERLEAVED, OUTPUT_ORDERS
 from monarchify.pipeline.apply import replace_module, resolve_name
 
 QUANT_METHOD = "monarch"
-FORMAT_VERSION = 2
-"""2: layers record their ``output_order`` (format 1 had only the interleaved one)."""
-READS_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+"""2: layers record their ``output_order`` (format 1 had only the interleaved one). 3: a layer
+may carry a low-rank term (``"rank"``, Monarch plus low rank). A checkpoint is written in the
+lowest format that describes it: 3 only when some layer has a rank, so that a format-2 reader
+refuses it instead of loading ``M`` and dropping ``U V`` as unexpected tensors, and every
+rank-free checkpoint stays format 2, readable by earlier monarchify versions."""
+READS_FORMATS = (1, 2, 3)
+LOWRANK_FORMAT = 3
+PLAIN_FORMAT = 2
+
+
+def lowest_format(modules: Any) -> int:
+    """The format a checkpoint with these layers is written in (see :data:`FORMAT_VERSION`)."""
+    specs = modules.values() if isinstance(modules, dict) else ()
+    return LOWRANK_FORMAT if any(isinstance(spec, dict) and spec.get("rank") for spec in specs) else PLAIN_FORMAT
 
 
 def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: Any = "zero") -> None:
@@ -61,6 +74,17 @@ def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: An
             raise ModelLoadError(
                 f"config.json: Monarch layer '{name}' needs positive integer in_features, out_features and nblocks, got {spec!r}"
             )
+        rank = spec.get("rank", 0)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(spec["in_features"], spec["out_features"]):
+            raise ModelLoadError(
+                f"config.json: Monarch layer '{name}' has rank {rank!r}; it must be an integer from 0 to "
+                "min(in_features, out_features)"
+            )
+        if rank and format_version < LOWRANK_FORMAT:
+            raise ModelLoadError(
+                f"config.json: Monarch layer '{name}' has a low-rank term (rank {rank}), which format {format_version} "
+                f"cannot hold (format {LOWRANK_FORMAT} can): the checkpoint is damaged"
+            )
         if spec.get("output_order", INTERLEAVED) not in OUTPUT_ORDERS:
             raise ModelLoadError(
                 f"config.json: Monarch layer '{name}' has output_order {spec['output_order']!r}; "
@@ -72,7 +96,8 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
     """The self-description a converted checkpoint carries in its ``config.json``.
 
     ``modules`` maps each replaced module's qualified name to
-    ``{"in_features", "out_features", "nblocks", "bias"}``; ``recipe`` is the
+    ``{"in_features", "out_features", "nblocks", "bias", "output_order"}``, plus ``"rank"`` for a
+    layer with a low-rank term (format 3; absent means 0); ``recipe`` is the
     :class:`~monarchify.config.MonarchConfig` that chose them; ``padding`` states the rule for
     widths the block count does not divide.
     """
@@ -82,11 +107,13 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
         modules: dict[str, dict[str, Any]] | None = None,
         recipe: dict[str, Any] | None = None,
         monarchify_version: str | None = None,
-        format_version: int = FORMAT_VERSION,
+        format_version: int | None = None,
         padding: str = "zero",
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ) -> None:
+        if format_version is None:  # a new recipe: the lowest format that holds it
+            format_version = lowest_format(modules)
         check_recipe(modules, format_version, padding)
         self.quant_method = QUANT_METHOD
         self.modules = dict(modules or {})
@@ -104,6 +131,7 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
                 "nblocks": m.nblocks,
                 "bias": m.bias is not None,
                 "output_order": m.output_order,
+                **({"rank": m.rank} if m.rank else {}),
             }
             for name, m in model.named_modules()
             if isinstance(m, MonarchLinear)
@@ -125,8 +153,10 @@ class MonarchHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        targets = []
         for name, spec in self.quantization_config.modules.items():
             target = _resolve(model, name)
+            targets.append(target)
             old = model.get_submodule(target)
             dtype = getattr(old, "weight", torch.empty(0)).dtype
             with torch.device("meta"):
@@ -137,9 +167,14 @@ class MonarchHfQuantizer(HfQuantizer):
                     bias=spec.get("bias", True),
                     allow_structural_zeros=True,
                     output_order=spec.get("output_order", INTERLEAVED),  # format 1 knew only this one
+                    rank=spec.get("rank", 0),
                     dtype=dtype,
                 )
             replace_module(model, target, layer)
+        # The guard tensors that make stock transformers refuse the folder mean nothing here.
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        names = [t[len(prefix) + 1:] if prefix and t.startswith(prefix + ".") else t for t in targets]
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignore_patterns(names)
         return model
 
     def is_serializable(self) -> bool:

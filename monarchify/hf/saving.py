@@ -14,6 +14,7 @@ from typing import Any
 import transformers
 
 from monarchify.atomic import atomic_output_dir
+from monarchify.hf.guard import add_load_guard
 from monarchify.hf.plugin import MonarchQuantizationConfig
 from monarchify.report import ConversionReport
 
@@ -36,15 +37,17 @@ def save_model(
     recipe: dict[str, Any] | None = None,
     force: bool = False,
     max_shard_size: str = DEFAULT_SHARD_SIZE,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
 ) -> Path:
     """Write a loadable folder atomically: ``config.json`` with the Monarch recipe (by default
     the one ``report`` recorded),
     safetensors weights (sharded past ``max_shard_size``), tokenizer files, the report, and
-    ``extra_files`` (name -> text, e.g. fine-tuning results: inside, not added afterwards).
+    ``extra_files`` (name -> text or bytes, e.g. fine-tuning results and their curves: inside,
+    not added afterwards).
 
     A model without Monarch layers is written as a plain Hugging Face folder (no recipe), which
-    loads without monarchify."""
+    loads without monarchify; one with Monarch layers carries the guard of :mod:`.guard`, so
+    transformers without monarchify refuses it instead of running random layers."""
     if recipe is None and report is not None:  # the recipe the conversion recorded
         recipe = report.meta.get("recipe")
     quantization = MonarchQuantizationConfig.from_model(model, recipe or {}, _version())
@@ -54,12 +57,17 @@ def save_model(
         del model.config.quantization_config
     with atomic_output_dir(out, force) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
+        if quantization.modules:  # stock transformers without monarchify must refuse it
+            add_load_guard(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if report is not None:
             (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text, encoding="utf-8")
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):  # a picture
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(content, encoding="utf-8")
     return Path(out)
 
 

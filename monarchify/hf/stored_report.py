@@ -36,14 +36,21 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
     config = read_config(path)
     recipe = config.get("quantization_config") or {}
     if not isinstance(recipe, dict) or recipe.get("quant_method") != QUANT_METHOD:
+        densified = config.get("monarchify_densified")
+        if isinstance(densified, dict):  # see monarchify.hf.densify
+            raise ModelLoadError(
+                f"'{folder}' is a densified Monarch model: its {densified.get('layers', 'Monarch')} Monarch layers were "
+                "multiplied back into dense ones (monarchify densify), so it has no Monarch layers to report"
+            )
         raise ModelLoadError(f"'{folder}' is not a Monarch checkpoint (its config.json has no Monarch recipe)")
     check_recipe(recipe.get("modules"), recipe.get("format_version", FORMAT_VERSION), recipe.get("padding", "zero"))
     shapes = tensor_shapes(path)
     saved = _saved_report(path / REPORT_FILE)
     saved_layers = {layer["name"]: layer for layer in saved.get("layers", [])}
 
-    # Model order when the saved report knows it, else natural name order (layer.2 < layer.10).
-    order = {name: i for i, name in enumerate(saved_layers)}
+    # Model order: the saved report's, else the model's own module order (config.json sorts
+    # its keys, so the recipe alone would list attention.output before attention.self.query).
+    order = {name: i for i, name in enumerate(saved_layers)} or _module_order(path)
     modules = sorted((recipe.get("modules") or {}).items(), key=lambda item: (order.get(item[0], len(order)), natural_key(item[0])))
     if any(_find_key(shapes, name, "L") is None for name, _ in modules):
         shapes = _as_loaded(path, shapes)
@@ -51,8 +58,9 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
     declared: set[str] = set()
     for name, spec in modules:
         layout = MonarchLayout(spec["in_features"], spec["out_features"], spec["nblocks"])
-        keys = {suffix: _find_key(shapes, name, suffix) for suffix in ("L", "R", "bias")}
-        declared.update(key for key in (keys["L"], keys["R"]) if key)
+        rank = spec.get("rank", 0)
+        keys = {suffix: _find_key(shapes, name, suffix) for suffix in ("L", "R", "bias", *(("U", "V") if rank else ()))}
+        declared.update(key for key in (keys["L"], keys["R"], keys.get("U"), keys.get("V")) if key)
         if keys["L"] is None or keys["R"] is None:
             raise ModelLoadError(f"'{folder}': the weights of Monarch layer '{name}' are missing")
         if shapes[keys["L"]] != list(layout.l_shape) or shapes[keys["R"]] != list(layout.r_shape):
@@ -60,6 +68,11 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
                 f"'{folder}': config.json says Monarch layer '{name}' is {layout.describe()}, but its factors have "
                 f"shapes L {shapes[keys['L']]} and R {shapes[keys['R']]}"
             )
+        if not rank and (_find_key(shapes, name, "U") or _find_key(shapes, name, "V")):
+            raise ModelLoadError(f"'{folder}': Monarch layer '{name}' has low-rank factors U, V its config.json does not declare")
+        if rank and (keys["U"] is None or keys["V"] is None or shapes[keys["U"]] != [layout.d_out, rank]
+                     or shapes[keys["V"]] != [rank, layout.d_in]):
+            raise ModelLoadError(f"'{folder}': the low-rank factors U, V of Monarch layer '{name}' (rank {rank}) are missing or misshapen")
         numel = {s: _numel(shapes[k]) if k else 0 for s, k in keys.items()}
         previous = saved_layers.get(name, {})
         layers.append(
@@ -71,11 +84,13 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
                 padded=layout.padded,
                 bias=numel["bias"] > 0,
                 params_dense=layout.d_out * layout.d_in + numel["bias"],
-                params_monarch=numel["L"] + numel["R"] + numel["bias"],
+                params_monarch=sum(numel.values()),
                 rel_error=previous.get("rel_error"),
                 extra=previous.get("extra", {}),
+                rank=rank,
             )
         )
+    layers = _with_kept_dense(layers, saved.get("layers", []), order)
     stray = sorted(key for key in shapes if key.endswith((".L", ".R")) and key not in declared)
     if stray:
         raise ModelLoadError(f"'{folder}' has Monarch factors its config.json does not declare: {', '.join(stray[:3])}")
@@ -90,6 +105,50 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
     meta.setdefault("recipe", recipe.get("recipe"))
     meta.setdefault("monarchify_version", recipe.get("monarchify_version"))
     return ConversionReport(layers, after + saved_dense, after, saved.get("functional_check"), meta)
+
+
+def _with_kept_dense(layers: list[LayerReport], saved: list[dict[str, Any]], order: dict[str, int]) -> list[LayerReport]:
+    """The Monarch layers plus the selected layers the conversion kept dense, in model order.
+
+    Why from the saved report: a kept-dense layer is a plain ``nn.Linear`` on disk, so only the
+    report knows it was selected; without it, the totals would leave out what a budget spent
+    on dense layers. Rows that do not read as a layer are skipped, never guessed."""
+    known = {layer.name for layer in layers}
+    fields = ("shape", "params_dense")
+    for row in saved:
+        if not row.get("kept_dense") or row["name"] in known or not all(isinstance(row.get(f), (int, list)) for f in fields):
+            continue
+        shape = row["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) for d in shape)):
+            continue
+        layers.append(LayerReport(
+            name=row["name"], kind=str(row.get("kind", "Linear")), shape=list(shape), nblocks=1, padded=False,
+            bias=bool(row.get("bias", False)), params_dense=int(row["params_dense"]), params_monarch=int(row["params_dense"]),
+            kept_dense=True, reason=row.get("reason") if isinstance(row.get("reason"), str) else None,
+            extra=row.get("extra", {}),
+        ))
+    return sorted(layers, key=lambda layer: (order.get(layer.name, len(order)), natural_key(layer.name)))
+
+
+def _module_order(folder: Path) -> dict[str, int]:
+    """Module name -> position in the model, from an empty (meta-device) model of the folder's
+    class; {} when it cannot be built (the caller then sorts names naturally)."""
+    model = _meta_model(folder)
+    return {} if model is None else {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+
+def _meta_model(folder: Path) -> Any:
+    """An empty model of the folder's architecture on the meta device (no weights, no memory),
+    or ``None`` where transformers cannot build one."""
+    try:
+        import torch
+
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        model_class = next((getattr(transformers, name, None) for name in (config.architectures or [])), None)
+        with torch.device("meta"):
+            return model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
+    except Exception:  # noqa: BLE001 - an unknown architecture, a config it cannot read: no order
+        return None
 
 
 def _saved_report(file: Path) -> dict[str, Any]:
@@ -125,16 +184,14 @@ def _as_loaded(folder: Path, shapes: dict[str, list[int]]) -> dict[str, list[int
     belong to the model class, so an empty (meta-device) model of it is built to read them.
     Without rules, or where that fails, the names stay as saved.
     """
+    model = _meta_model(folder)
+    if model is None:
+        return shapes
     try:
-        import torch
         from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
 
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-        model_class = next((getattr(transformers, name, None) for name in (config.architectures or [])), None)
-        with torch.device("meta"):
-            model = model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
         renamings = [rule for rule in get_model_conversion_mapping(model) if isinstance(rule, WeightRenaming)]
-    except Exception:  # noqa: BLE001 - an older transformers, an unknown architecture: keep the names
+    except Exception:  # noqa: BLE001 - an older transformers: keep the names
         return shapes
     renamed = {}
     for key, shape in shapes.items():

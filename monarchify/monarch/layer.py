@@ -10,17 +10,23 @@ from torch import nn
 
 from monarchify.monarch.kernels import monarch_matmul
 from monarchify.monarch.layout import BLOCKED, MonarchLayout
+from monarchify.monarch.lowrank import check_rank
 from monarchify.monarch.projection import assemble
 
 
 class MonarchLinear(nn.Module):
-    """``y = M x + bias`` with ``M = P_out · blockdiag(L) · P_mid · blockdiag(R)``.
+    """``y = (M + U V) x + bias`` with ``M = P_out · blockdiag(L) · P_mid · blockdiag(R)``.
 
     Parameters ``R`` (``b, q, p``) and ``L`` (``b, s, q``) follow :class:`MonarchLayout`;
     ``output_order`` says whether ``P_out`` is the identity (``"blocked"``, the default: the
     fast one) or the paper's interleaving (``"interleaved"``, how older checkpoints are stored).
     Inputs whose width ``nblocks`` does not divide are zero-padded and padded outputs are
     dropped, so any ``in_features``/``out_features`` work.
+
+    ``rank > 0`` adds a low-rank term ``U`` (``out × rank``) ``V`` (``rank × in``) for the
+    directions Monarch cannot reach (:mod:`monarchify.monarch.lowrank`); with the default 0 the
+    layer has no ``U``/``V`` at all, so its parameters and ``state_dict`` are exactly those of
+    a plain Monarch layer.
     """
 
     def __init__(
@@ -32,6 +38,7 @@ class MonarchLinear(nn.Module):
         *,
         allow_structural_zeros: bool = False,
         output_order: str = BLOCKED,
+        rank: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -41,9 +48,13 @@ class MonarchLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.nblocks = nblocks
+        self.rank = check_rank(rank, in_features, out_features)
         factory = {"device": device, "dtype": dtype}
         self.R = nn.Parameter(torch.empty(self.layout.r_shape, **factory))
         self.L = nn.Parameter(torch.empty(self.layout.l_shape, **factory))
+        if rank:  # registered only when used: a rank-0 layer's state_dict is the plain one
+            self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
+            self.V = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         if self.R.device.type != "meta":
             self.reset_parameters()
@@ -58,6 +69,9 @@ class MonarchLinear(nn.Module):
         lay = self.layout
         nn.init.uniform_(self.R, -math.sqrt(3.0 / lay.p), math.sqrt(3.0 / lay.p))
         nn.init.uniform_(self.L, -1.0 / math.sqrt(lay.q), 1.0 / math.sqrt(lay.q))
+        if self.rank:  # LoRA's start: U = 0, so a fresh layer computes what its Monarch part does
+            nn.init.uniform_(self.V, -1.0 / math.sqrt(self.in_features), 1.0 / math.sqrt(self.in_features))
+            nn.init.zeros_(self.U)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -66,11 +80,13 @@ class MonarchLinear(nn.Module):
         """``x @ to_dense().T + bias`` over the last dimension of ``x``.
 
         The product itself is :func:`monarch_matmul`: a fused Triton kernel for CUDA tensors,
-        strided BLAS calls with a hand-written backward elsewhere (see ``kernels/``).
+        strided BLAS calls with a hand-written backward elsewhere (see ``kernels/``). The
+        low-rank term is two thin GEMMs added onto it.
         """
         lay = self.layout
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
+        unpadded = x
         if lay.n_in != self.in_features:
             x = F.pad(x, (0, lay.n_in - self.in_features))
         bias = self.bias
@@ -79,6 +95,11 @@ class MonarchLinear(nn.Module):
         y = monarch_matmul(x, self.R, self.L, bias, blocked=lay.blocked)
         if lay.n_out != self.out_features:
             y = y[:, : self.out_features].contiguous()
+        if self.rank:
+            # In place: an out-of-place addmm's fresh (N, out) buffer cost more than both GEMMs
+            # (CPU, 512 tokens, 384->1536, rank 16). In-place ops skip autocast: cast by hand.
+            low = F.linear(unpadded, self.V)
+            y = y.addmm_(low.to(y.dtype), self.U.t().to(y.dtype))
         return y.reshape(*lead, self.out_features)
 
     @property
@@ -93,7 +114,8 @@ class MonarchLinear(nn.Module):
         Built from the factors by :func:`~monarchify.monarch.projection.assemble`, not by
         pushing an identity through ``forward``, so it is an independent check of the kernels.
         """
-        return assemble(self.L, self.R, self.layout)
+        dense = assemble(self.L, self.R, self.layout)
+        return dense + self.U @ self.V if self.rank else dense
 
     @property
     def weight(self) -> torch.Tensor:
@@ -101,11 +123,13 @@ class MonarchLinear(nn.Module):
         initialisers run by ``from_pretrained``). Training goes through ``L`` and ``R``.
 
         Some models read it on every forward pass (T5 checks ``wo.weight.dtype`` up to three
-        times per layer), so the product is kept until ``L`` or ``R`` change (their version
+        times per layer), so the product is kept until ``L``, ``R`` (or ``U``, ``V``) change (their version
         counters, storage, dtype or device), and each read gets its own copy, so that writing
         into it cannot corrupt the next.
         """
         key = (self.L._version, self.R._version, self.L.data_ptr(), self.R.data_ptr(), self.L.dtype, self.L.device)
+        if self.rank:
+            key += (self.U._version, self.V._version, self.U.data_ptr(), self.V.data_ptr())
         cached = self.__dict__.get("_dense_cache")
         if cached is None or cached[0] != key:
             cached = (key, self.to_dense())
@@ -116,4 +140,5 @@ class MonarchLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"nblocks={self.nblocks}, bias={self.bias is not None}, output_order={self.output_order}"
+            + (f", rank={self.rank}" if self.rank else "")
         )

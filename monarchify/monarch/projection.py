@@ -128,7 +128,7 @@ def write_pair(
 def assemble(L: torch.Tensor, R: torch.Tensor, layout: MonarchLayout) -> torch.Tensor:
     """The dense ``(d_out, d_in)`` matrix of factors ``L``, ``R``.
 
-    Written as ``L_full @ blockdiag(R)`` with ``L_full[o(l, r), c·b + l] = L[l, r, c]`` (the
+    Written as ``L_full @ blockdiag(R)`` (one block column at a time) with ``L_full[o(l, r), c·b + l] = L[l, r, c]`` (the
     middle permutation folded into where ``L`` lands, ``o(l, r)`` the layout's output
     order): independent of the layer's forward pass (strided or fused kernels), so each
     checks the other. Differentiable.
@@ -136,7 +136,10 @@ def assemble(L: torch.Tensor, R: torch.Tensor, layout: MonarchLayout) -> torch.T
     b = layout.nblocks
     eye = torch.eye(b, dtype=L.dtype, device=L.device)
     grouped = torch.einsum("lrc,lm->lrcm", L, eye).reshape(b, layout.s, b * layout.q)
-    dense = layout.rows_from_blocks(grouped) @ torch.block_diag(*R)
+    # L_full's column block k meets only R[k]: b products of (n_out, q) by (q, p), not one
+    # product with the mostly-zero blockdiag(R), which would cost b times the work.
+    full = layout.rows_from_blocks(grouped).reshape(-1, b, layout.q)
+    dense = torch.einsum("okc,kci->oki", full, R).reshape(full.shape[0], b * layout.p)
     return dense[: layout.d_out, : layout.d_in]
 
 

@@ -25,7 +25,10 @@ def dense_linear(layer: MonarchLinear) -> nn.Linear:
     )
     # Multiplied out in at least float32: a bf16 product of bf16 factors would add its own rounding.
     work = torch.promote_types(layer.L.dtype, torch.float32)
-    weight = assemble(layer.L.to(work), layer.R.to(work), layer.layout).to(layer.L.dtype)
+    weight = assemble(layer.L.to(work), layer.R.to(work), layer.layout)
+    if layer.rank:  # Monarch plus low rank: the low-rank term is part of the product
+        weight = weight + layer.U.to(work) @ layer.V.to(work)
+    weight = weight.to(layer.L.dtype)
     dense.weight = nn.Parameter(weight.contiguous(), requires_grad=layer.L.requires_grad)
     if layer.bias is not None:
         dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)

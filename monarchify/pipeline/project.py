@@ -8,9 +8,11 @@ A *projector* is the extension point: ``projector(layer, layout) -> Projected``.
   whitening plus full-covariance refinement, :mod:`monarchify.monarch.whitening`), which also
   measures every layer's output error on held-out samples, next to the plain projection's.
 
-Another structure (Monarch plus low rank, say) is a projector that returns its own module;
-the apply stage swaps in whatever module it gets. Every layer is projected before any is
-swapped, so a failure leaves the model untouched.
+Monarch plus low rank is built in: when the allocation gives a layer a rank, both projectors
+are called with ``rank=`` and fit ``M + U V`` (:func:`monarchify.monarch.lowrank.project_lowrank`);
+a custom projector only sees ``rank`` when the recipe asks for one. Another structure is a
+projector that returns its own module; the apply stage swaps in whatever module it gets. Every
+layer is projected before any is swapped, so a failure leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from monarchify.errors import NonFiniteWeightError
 from monarchify.monarch import MonarchLayout, MonarchLinear, Projection, project
+from monarchify.monarch.lowrank import LowRank, MonarchLowRank, project_lowrank
 from monarchify.monarch.whitening import assemble, output_rel_error, project_whitened, refine_full
 from monarchify.pipeline.allocate import Allocation
 from monarchify.pipeline.observe import Observation
@@ -43,20 +46,24 @@ class Projected:
 Projector = Callable[[PlannedLayer, MonarchLayout], Projected]
 
 
-def monarch_module(projection: Projection, like: nn.Module) -> MonarchLinear:
-    """A ``MonarchLinear`` holding ``projection``'s factors, on ``like``'s device and dtype, with
-    ``like``'s bias and trainability."""
+def monarch_module(projection: Projection, like: nn.Module, lowrank: LowRank | None = None) -> MonarchLinear:
+    """A ``MonarchLinear`` holding ``projection``'s factors (and ``lowrank``'s, when given), on
+    ``like``'s device and dtype, with ``like``'s bias and trainability."""
     weight = like.weight
     lay = projection.layout
     bias = getattr(like, "bias", None)
     with torch.device("meta"):
         layer = MonarchLinear(
-            lay.d_in, lay.d_out, lay.nblocks, bias=bias is not None, allow_structural_zeros=True, output_order=lay.output_order
+            lay.d_in, lay.d_out, lay.nblocks, bias=bias is not None, allow_structural_zeros=True, output_order=lay.output_order,
+            rank=lowrank.rank if lowrank is not None else 0,
         )
     layer = layer.to_empty(device=weight.device).to(weight.dtype)
     with torch.no_grad():
         layer.L.copy_(projection.L)
         layer.R.copy_(projection.R)
+        if lowrank is not None and lowrank.rank:
+            layer.U.copy_(lowrank.U)
+            layer.V.copy_(lowrank.V)
         if bias is not None:
             layer.bias.copy_(bias)
     layer.requires_grad_(weight.requires_grad)
@@ -69,7 +76,13 @@ class PlainProjector:
     def __init__(self, allow_structural_zeros: bool = False) -> None:
         self.allow_structural_zeros = allow_structural_zeros
 
-    def __call__(self, layer: PlannedLayer, layout: MonarchLayout) -> Projected:
+    def __call__(self, layer: PlannedLayer, layout: MonarchLayout, *, rank: int = 0) -> Projected:
+        if rank:
+            result = project_lowrank(
+                layer.weight, layout.nblocks, rank, allow_structural_zeros=self.allow_structural_zeros,
+                output_order=layout.output_order,
+            )
+            return Projected(monarch_module(result.projection, layer.module, result.lowrank), result.rel_error)
         projection = project(
             layer.weight, layout.nblocks, allow_structural_zeros=self.allow_structural_zeros, output_order=layout.output_order
         )
@@ -88,7 +101,9 @@ class WhitenedProjector:
         self.observation = observation
         self.allow_structural_zeros = allow_structural_zeros
 
-    def __call__(self, layer: PlannedLayer, layout: MonarchLayout) -> Projected:
+    def __call__(self, layer: PlannedLayer, layout: MonarchLayout, *, rank: int = 0) -> Projected:
+        if rank:
+            return self._lowrank(layer, layout, rank)
         settings = self.observation.config
         weight = layer.weight
         cov = self.observation.fit.covariance(layer.name)
@@ -106,6 +121,24 @@ class WhitenedProjector:
             "output_rel_error_plain": output_rel_error(w, assemble(plain.L.to(w.dtype), plain.R.to(w.dtype), layout), held),
         }
         return Projected(monarch_module(result.projection, layer.module), result.projection.rel_error, extra)
+
+    def _lowrank(self, layer: PlannedLayer, layout: MonarchLayout, rank: int) -> Projected:
+        """Monarch plus low rank, fitted on the calibration activations; the comparison is the
+        same structure fitted to the weight alone."""
+        settings = self.observation.config
+        options = {"allow_structural_zeros": self.allow_structural_zeros, "output_order": layout.output_order}
+        cov = self.observation.fit.covariance(layer.name)
+        result = project_lowrank(
+            layer.weight, layout.nblocks, rank, cov, damping=settings.damping, sweeps=settings.sweeps, **options
+        )
+        plain: MonarchLowRank = project_lowrank(layer.weight, layout.nblocks, rank, **options)
+        held = self.observation.heldout.covariance(layer.name)
+        w = layer.weight.detach().to(torch.float64)
+        extra = {
+            "output_rel_error": output_rel_error(w, result.dense(), held),
+            "output_rel_error_plain": output_rel_error(w, plain.dense(), held),
+        }
+        return Projected(monarch_module(result.projection, layer.module, result.lowrank), result.rel_error, extra)
 
 
 def default_projector(observation: Observation | None, allow_structural_zeros: bool) -> Projector:
@@ -126,8 +159,10 @@ def project_layers(
     projected = {}
     for layer in layers:
         if layer.name in allocation.nblocks:
+            rank = allocation.ranks.get(layer.name, 0)
             try:
-                projected[layer.name] = projector(layer, allocation.layout(layer))
+                layout = allocation.layout(layer)
+                projected[layer.name] = projector(layer, layout, rank=rank) if rank else projector(layer, layout)
             except NonFiniteWeightError as exc:
                 raise NonFiniteWeightError(f"layer '{layer.name}': {exc}") from None
         if on_layer is not None:

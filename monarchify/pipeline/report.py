@@ -13,6 +13,7 @@ from typing import Any
 
 from monarchify.config import MonarchConfig
 from monarchify.monarch import MonarchLayout
+from monarchify.monarch.lowrank import lowrank_params
 from monarchify.pipeline.allocate import Allocation
 from monarchify.pipeline.observe import Observation
 from monarchify.pipeline.plan import PlannedLayer
@@ -33,6 +34,7 @@ def _row(layer: PlannedLayer, allocation: Allocation, projected: Projected | Non
     nblocks = allocation.nblocks.get(layer.name) or (kept.nblocks if kept is not None else None)
     layout = MonarchLayout(layer.d_in, layer.d_out, nblocks) if nblocks else None
     bias = layer.d_out if layer.has_bias else 0
+    rank = allocation.ranks.get(layer.name, 0) if kept is None else 0
     row = LayerReport(
         name=layer.name,
         kind=layer.kind,
@@ -41,10 +43,11 @@ def _row(layer: PlannedLayer, allocation: Allocation, projected: Projected | Non
         padded=layout.padded if layout is not None else False,
         bias=layer.has_bias,
         params_dense=layer.params_dense,
-        params_monarch=layer.params_dense if kept is not None else layout.weight_params + bias,
+        params_monarch=layer.params_dense if kept is not None else layout.weight_params + bias + lowrank_params(rank, layer.d_in, layer.d_out),
         rel_error=projected.rel_error if projected is not None else None,
         kept_dense=kept is not None,
         reason=kept.reason if kept is not None else None,
+        rank=rank,
     )
     if projected is not None:
         row.extra.update(projected.extra)

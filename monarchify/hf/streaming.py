@@ -1,0 +1,438 @@
+"""Converting a safetensors folder tensor by tensor: the model is never in memory.
+
+The plan needs only module names and shapes, so the model is built on the ``meta`` device
+from ``config.json`` (no weights) and the ordinary plan and allocate stages run on it. Then
+every tensor of the checkpoint is read on its own (:mod:`.tensorfiles`), a selected weight is
+projected by the same projector the in-memory path uses (so the factors are the same, bit for
+bit) and every other tensor is copied, and output shards are written as they fill. Memory is
+bounded by a couple of the largest tensors and their projection's work buffers, whatever the
+depth of the model.
+
+Output shards are laid out before any work starts (every output shape follows from the plan),
+and written into a staging folder beside the output that survives an interruption: a shard
+exists under its final name only once it is complete, and ``resume`` reuses the finished ones
+when the source files and the recipe are those of the interrupted run. The staging folder is
+renamed to the output at the very end, so a half-written folder never stands where a finished
+one should.
+
+What needs the whole model stays on the in-memory path (:func:`streaming_blocker` says why):
+calibration (the dense model runs text), a budget (it compares all layers' errors before
+choosing), the speed gate, Hub ids, and checkpoints whose tensor names are not the model's own.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from monarchify.atomic import check_output_dir, move_into_place
+from monarchify.config import MonarchConfig
+from monarchify.errors import ConfigError, ModelLoadError
+from monarchify.hf.guard import HINT_KEY, guard_tensors
+from monarchify.hf.loading import _model_class, load_tokenizer, read_config, short_error
+from monarchify.hf.plugin import MonarchQuantizationConfig
+from monarchify.hf.saving import REPORT_FILE
+from monarchify.hf.tensorfiles import (
+    Planned, ShardWriter, StoredTensor, checkpoint_tensors, parse_size, read_tensor, shard_names, write_index,
+)
+from monarchify.pipeline import count_params
+from monarchify.pipeline.allocate import Allocation, allocate
+from monarchify.pipeline.plan import PlannedLayer, plan
+from monarchify.pipeline.project import Projected, Projector, default_projector
+from monarchify.pipeline.report import build_report
+from monarchify.report import ConversionReport
+
+STATE_FILE = ".monarchify-stream.json"
+"""Inside the staging folder: what the run is converting, and which shards are finished."""
+STATE_VERSION = 1
+DEFAULT_SHARD_SIZE = "2GB"
+STREAM_ABOVE = 2 * 10**9
+"""Bytes of weights above which ``convert`` streams on its own (below, the in-memory path is
+fast and adds the functional check)."""
+SIDE_FILES = ("generation_config.json",)
+
+
+class StreamEvents:
+    """Progress of a streaming run; every method is optional."""
+
+    def streaming(self, total_bytes: int, done_bytes: int) -> None:
+        """Work starts: ``total_bytes`` of source tensors, ``done_bytes`` of them in shards a
+        resumed run keeps."""
+
+    def streamed(self, name: str, nbytes: int) -> None:
+        """One source tensor is converted or copied."""
+
+    def note(self, text: str) -> None:
+        """Something the user should read (one line)."""
+
+
+@dataclass
+class Unit:
+    """One source tensor and what it becomes in the output."""
+
+    source: str
+    outputs: list[Planned]
+    layer: PlannedLayer | None = None
+    nbytes: int = 0
+    """Bytes of source data read for it (progress)."""
+
+
+@dataclass
+class Checkpoint:
+    """A local safetensors folder, opened for streaming: its config and the meta-device model."""
+
+    folder: Path
+    config: transformers.PretrainedConfig
+    model: nn.Module
+    dtype: torch.dtype
+    tensors: dict[str, StoredTensor]
+    problem: str | None = None
+    """Why streaming cannot convert it (tensor names that are not the model's), or None."""
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    """The dtype each tensor has once loaded, as ``from_pretrained`` would cast it."""
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _model_dtype(config: transformers.PretrainedConfig, tensors: dict[str, StoredTensor]) -> torch.dtype:
+    """The dtype ``from_pretrained`` loads in (its default ``dtype="auto"``): the config's, else
+    the first floating tensor's."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), torch.float32)
+
+
+def open_checkpoint(folder: Path) -> Checkpoint:
+    """Read the config and the tensor headers, build the model on the meta device, and check
+    that the tensors are the model's own."""
+    read_config(folder)
+    tensors = checkpoint_tensors(folder)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        dtype = _model_dtype(config, tensors)
+        cls = _model_class(config, None)
+        with torch.device("meta"):
+            model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"could not build the model of '{folder}' from its config.json: {short_error(exc)}") from None
+    model.eval()
+    checkpoint = Checkpoint(folder, model.config, model, dtype, tensors)
+    checkpoint.problem = _match(checkpoint)
+    return checkpoint
+
+
+def _match(checkpoint: Checkpoint) -> str | None:
+    """Whether every stored tensor is a tensor of the model under the same name, and every
+    parameter is stored (under one of its tied names); records their loaded dtypes."""
+    model, tensors = checkpoint.model, checkpoint.tensors
+    state = model.state_dict()
+    foreign = [name for name in tensors if name not in state]
+    if foreign:
+        return f"its tensor names are not the model's own (e.g. '{foreign[0]}')"
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    missing = sorted(names[0] for names in names_of.values() if not any(n in tensors for n in names))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(f"'{checkpoint.folder}' has no weights for {', '.join(missing[:3])}{more}")
+    for name, stored in tensors.items():
+        wanted = state[name].dtype
+        checkpoint.dtypes[name] = wanted if stored.dtype.is_floating_point and wanted.is_floating_point else stored.dtype
+        if tuple(state[name].shape) != stored.shape:
+            raise ModelLoadError(
+                f"could not load '{checkpoint.folder}': tensor '{name}' has shape {list(stored.shape)} "
+                f"but its config.json describes {list(state[name].shape)}"
+            )
+    return None
+
+
+def streaming_blocker(config: MonarchConfig) -> str | None:
+    """Why this recipe needs the whole model in memory, or None."""
+    if config.calibration is not None:
+        return "calibration runs text through the whole dense model"
+    if config.budget is not None:
+        return "a budget compares every layer's errors before choosing"
+    if config.speed_gate is not None:
+        return "the speed gate is not available when streaming"
+    if config.ranks:  # the stream writes L and R only (Monarch plus low rank is not streamed yet)
+        return "low-rank terms (ranks) are not available when streaming"
+    return None
+
+
+def _units(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Allocation) -> list[Unit]:
+    """Every source tensor in file order, with the tensors it becomes."""
+    converted = {f"{layer.name}.weight": layer for layer in layers if layer.name in allocation.nblocks}
+    missing = [key for key in converted if key not in checkpoint.tensors]
+    if missing:  # a tied weight stored under another name: not worth a special case
+        raise ConfigError(f"cannot stream: the weight of '{missing[0]}' is not stored under its own name")
+    units = []
+    for name, stored in checkpoint.tensors.items():
+        layer = converted.get(name)
+        if layer is None:
+            units.append(Unit(name, [Planned(name, checkpoint.dtypes[name], stored.shape)], nbytes=stored.nbytes))
+            continue
+        layout = allocation.layout(layer)
+        dtype = checkpoint.dtypes[name]
+        outputs = [Planned(f"{layer.name}.L", dtype, layout.l_shape), Planned(f"{layer.name}.R", dtype, layout.r_shape),
+                   Planned(f"{layer.name}.weight", dtype, (0,))]
+        units.append(Unit(name, outputs, layer, stored.nbytes))
+    first_layer = next((i for i, unit in enumerate(units) if unit.layer is not None), None)
+    if first_layer is not None:
+        units[first_layer].outputs.append(Planned(HINT_KEY, units[first_layer].outputs[0].dtype, (0,)))
+    return units
+
+
+def _shards(units: list[Unit], max_bytes: int) -> list[list[Unit]]:
+    shards: list[list[Unit]] = [[]]
+    size = 0
+    for unit in units:
+        nbytes = sum(t.nbytes for t in unit.outputs)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(unit)
+        size += nbytes
+    return shards
+
+
+def _fingerprint(checkpoint: Checkpoint, config: MonarchConfig, shards: list[list[Unit]], version: str) -> str:
+    """What a resumed run must share with the interrupted one: the same source files (names,
+    sizes, modification times), recipe, monarchify version and shard layout."""
+    files = sorted({t.file for t in checkpoint.tensors.values()})
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    layout = [[(t.name, str(t.dtype), t.shape) for unit in shard for t in unit.outputs] for shard in shards]
+    text = json.dumps([stats, config.to_dict(), version, layout], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _staging(out: Path) -> Path:
+    dest = out.resolve()
+    return dest.parent / f".{dest.name}.partial-stream"
+
+
+def _read_state(staging: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((staging / STATE_FILE).read_text(encoding="utf-8"))
+        return state if isinstance(state, dict) and state.get("version") == STATE_VERSION else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(staging: Path, state: dict[str, Any]) -> None:
+    tmp = staging / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state), encoding="utf-8")
+    tmp.replace(staging / STATE_FILE)
+
+
+def _shard_bytes(shard: list[Unit]) -> int:
+    return sum(t.nbytes for unit in shard for t in unit.outputs)
+
+
+class _Projector:
+    """Runs the pipeline's projector on a real copy of one meta-device layer, on ``device``."""
+
+    def __init__(self, projector: Projector, allocation: Allocation, device: str) -> None:
+        self.projector, self.allocation, self.device = projector, allocation, torch.device(device)
+
+    def __call__(self, layer: PlannedLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        module = copy.deepcopy(layer.module)  # meta tensors: nothing is copied but the structure
+        module.weight = nn.Parameter(weight.to(self.device), requires_grad=False)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.to(self.device), requires_grad=False)
+        real = PlannedLayer(layer.name, module, layer.nblocks, layer.pinned)
+        result: Projected = self.projector(real, self.allocation.layout(layer))
+        return result.module.L.detach().cpu(), result.module.R.detach().cpu(), result.rel_error
+
+
+def _read_unit(checkpoint: Checkpoint, unit: Unit) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tensor = read_tensor(checkpoint.tensors[unit.source]).to(checkpoint.dtypes[unit.source])
+    bias = None
+    if unit.layer is not None and unit.layer.has_bias:
+        key = f"{unit.layer.name}.bias"
+        bias = read_tensor(checkpoint.tensors[key]).to(checkpoint.dtypes[key])
+    return tensor, bias
+
+
+def convert_streaming(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: MonarchConfig,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    device: str = "cpu",
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    events: StreamEvents | None = None,
+    checkpoint: Checkpoint | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> ConversionReport:
+    """Convert the safetensors folder ``source`` into the Monarch folder ``out``, tensor by
+    tensor (see the module's docstring). ``device`` is where projections run (``"cuda"`` if
+    there is one; the factors come back to the CPU). ``resume`` continues an interrupted run
+    into ``out`` from its finished shards."""
+    events = events or StreamEvents()
+    folder = Path(os.fspath(source)).expanduser()
+    blocker = streaming_blocker(config)
+    if blocker is not None:
+        raise ConfigError(f"cannot stream this conversion: {blocker}")
+    check_output_dir(out, force, inputs=(source,))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' was asked for, but torch sees no CUDA device here")
+    checkpoint = checkpoint or open_checkpoint(folder)
+    if checkpoint.problem is not None:
+        raise ConfigError(f"cannot stream '{source}': {checkpoint.problem}")
+    tokenizer = load_tokenizer(folder)  # read now: a broken one fails before the long part
+    layers = plan(checkpoint.model, config)
+    allocation = allocate(layers, config)
+    units = _units(checkpoint, layers, allocation)
+    shards = _shards(units, parse_size(max_shard_size))
+    names = shard_names(len(shards))
+    version = _version()
+    fingerprint = _fingerprint(checkpoint, config, shards, version)
+
+    staging = _staging(Path(out))
+    state = _read_state(staging) if staging.is_dir() else None
+    if staging.exists() and not (resume and state is not None and state.get("fingerprint") == fingerprint):
+        if resume and state is not None:
+            raise ConfigError(
+                f"the unfinished conversion in '{staging}' was started from other files or with another recipe; "
+                "start over without resuming (its finished shards are then discarded)"
+            )
+        if resume:
+            events.note(f"nothing to resume in '{staging}': starting over")
+        shutil.rmtree(staging)
+        state = None
+    elif resume and state is None:
+        events.note("nothing to resume: starting from the first shard")
+    staging.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "source": str(folder), "done": {}}
+        _write_state(staging, state)
+    done: dict[str, dict[str, float]] = {
+        name: errors for name, errors in state["done"].items()
+        if (staging / name).is_file() and name in names
+    }
+    if done:
+        events.note(f"resuming: {len(done)} of {len(shards)} shards are finished")
+
+    projector = _Projector(default_projector(None, config.allow_structural_zeros), allocation, device)
+    total = sum(unit.nbytes for unit in units)
+    kept = sum(unit.nbytes for shard, name in zip(shards, names) if name in done for unit in shard)
+    events.streaming(total, kept)
+    errors: dict[str, float] = {k: v for shard_errors in done.values() for k, v in shard_errors.items()}
+    weight_map: dict[str, str] = {}
+    completed = False
+    try:
+        with ThreadPoolExecutor(1) as reader:  # reads the next tensor while this one projects
+            todo = [(shard, name) for shard, name in zip(shards, names) if name not in done]
+            queue = [unit for shard, _ in todo for unit in shard]
+            pending = reader.submit(_read_unit, checkpoint, queue[0]) if queue else None
+            position = 0
+            for shard, name in todo:
+                writer = ShardWriter(staging / name, [t for unit in shard for t in unit.outputs])
+                shard_errors: dict[str, float] = {}
+                try:
+                    for unit in shard:
+                        tensor, bias = pending.result()
+                        position += 1
+                        pending = reader.submit(_read_unit, checkpoint, queue[position]) if position < len(queue) else None
+                        _write_unit(writer, unit, tensor, bias, projector, shard_errors)
+                        del tensor, bias
+                        events.streamed(unit.source, unit.nbytes)
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                errors.update(shard_errors)
+                state["done"][name] = shard_errors
+                _write_state(staging, state)
+        for shard, name in zip(shards, names):
+            weight_map.update(dict.fromkeys((t.name for unit in shard for t in unit.outputs), name))
+        report = _report(checkpoint, layers, allocation, config, errors, folder)
+        _finish(staging, checkpoint, allocation, layers, report, tokenizer, names, weight_map,
+                sum(_shard_bytes(shard) for shard in shards))
+        move_into_place(staging, out)
+        completed = True
+    finally:
+        if not completed:
+            if any((staging / name).is_file() for name in names):
+                events.note(f"finished shards are kept in '{staging}'; run again with resume to continue")
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _write_unit(writer: ShardWriter, unit: Unit, tensor: torch.Tensor, bias: torch.Tensor | None,
+                projector: _Projector, errors: dict[str, float]) -> None:
+    if unit.layer is None:
+        writer.write(unit.source, tensor)
+        return
+    L, R, rel_error = projector(unit.layer, tensor, bias)
+    errors[unit.layer.name] = rel_error
+    for planned, value in zip(unit.outputs, (L, R)):
+        writer.write(planned.name, value)
+    for planned in unit.outputs[2:]:  # the guard (and the hint) that stock transformers trips on
+        writer.write(planned.name, guard_tensors([f"{unit.layer.name}.L"], planned.dtype)[planned.name])
+
+
+def _report(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Allocation, config: MonarchConfig,
+            errors: dict[str, float], folder: Path) -> ConversionReport:
+    projected = {name: Projected(nn.Identity(), error) for name, error in errors.items()}
+    before = count_params(checkpoint.model)
+    saved = sum(layer.params_dense - (allocation.layout(layer).weight_params + (layer.d_out if layer.has_bias else 0))
+                for layer in layers if layer.name in allocation.nblocks)
+    report = build_report(layers, allocation, config, params_before=before, params_after=before - saved, projected=projected)
+    report.meta.update({"source": str(folder), "architecture": type(checkpoint.model).__name__, "conversion": "streaming"})
+    return report
+
+
+def _finish(staging: Path, checkpoint: Checkpoint, allocation: Allocation, layers: list[PlannedLayer],
+            report: ConversionReport, tokenizer: Any, names: list[str], weight_map: dict[str, str], total: int) -> None:
+    """Everything but the weights: config with the Monarch recipe, index, side files, tokenizer, report."""
+    modules = {
+        layer.name: {
+            "in_features": layer.d_in, "out_features": layer.d_out, "nblocks": allocation.nblocks[layer.name],
+            "bias": layer.has_bias, "output_order": allocation.output_order,
+        }
+        for layer in layers if layer.name in allocation.nblocks
+    }
+    config = copy.deepcopy(checkpoint.config)
+    config.quantization_config = MonarchQuantizationConfig(modules=modules, recipe=report.meta["recipe"], monarchify_version=_version())
+    config.architectures = [type(checkpoint.model).__name__]
+    config.dtype = checkpoint.dtype
+    config.save_pretrained(str(staging))
+    if len(names) > 1:
+        write_index(staging, weight_map, total)
+    for name in SIDE_FILES:
+        if (checkpoint.folder / name).is_file():
+            shutil.copy2(checkpoint.folder / name, staging / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+    (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (staging / STATE_FILE).unlink(missing_ok=True)
+
+
+def _version() -> str:
+    from monarchify import __version__
+
+    return __version__
+

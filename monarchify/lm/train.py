@@ -1,0 +1,364 @@
+"""Train a language model from scratch on text, dense, Monarch, or Monarch then dense.
+
+``train(options)`` is what the CLI calls. It reads the text and holds out a part, gets a
+tokenizer (given, or learned on the training text), builds the model from its config with fresh
+Monarch layers where the recipe selects them (:mod:`monarchify.hf.fresh`), trains with stock
+``Trainer`` (so ``torchrun``/``accelerate launch`` spread it over GPUs and machines), switches to
+dense at ``densify_at`` (:mod:`monarchify.lm.switch`), and saves the model, its tokenizer and
+``train_results.json`` (perplexity on the held-out part, step times, the loss against time).
+
+Checkpoints resume, across the switch too: the checkpoint folder keeps the run's options and
+tokenizer, each checkpoint keeps the step times and the switch record, and a checkpoint without
+Monarch factors is loaded into a densified model (the switch happened before it was written).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from monarchify.atomic import check_output_dir
+from monarchify.errors import ConfigError, ModelLoadError, OutputExistsError
+from monarchify.glue.options import FinetuneEvents
+from monarchify.glue.results import load_average, run_environment
+from monarchify.hf.fresh import build_model, default_objective, model_class_for
+from monarchify.hf.loading import load_tokenizer, tensor_shapes
+from monarchify.hf.saving import save_model
+from monarchify.lm.build import arch_config, sized_config
+from monarchify.lm.options import RESULTS_FILE, TrainOptions, resume_mismatch
+from monarchify.lm.switch import DensifyCallback, monarch_layers
+from monarchify.lm.text import Blocks, Collator, fixed_masking, pack, read_lines, train_tokenizer
+from monarchify.pipeline.densify import densify_
+from monarchify.report import ConversionReport
+
+RUN_FILE = "monarchify_run.json"
+"""In the checkpoint folder: the options of the run that writes it (a resume must match them)."""
+LOG_FILE = "monarchify_log.json"
+"""In each checkpoint: step times, the loss against time and the switch record up to it."""
+TOKENIZER_DIR = "tokenizer"
+WARMUP_STEPS_IGNORED = 3
+"""Step-time medians skip the first steps of each phase (allocator and cache warm-up)."""
+
+
+# ---------------------------------------------------------------------------------- callbacks
+
+
+class RunLog(TrainerCallback):
+    """Wall time of every optimisation step, the loss against that time, and the switch.
+
+    Only time inside steps counts (evaluation and checkpointing are left out), so a curve of
+    loss against this time compares how fast each variant trains, not how often it evaluated.
+    """
+
+    def __init__(self, densify: DensifyCallback | None = None) -> None:
+        self.step_seconds: list[float] = []
+        self.curve: list[dict[str, float]] = []
+        self.densify = densify
+        self._start: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._start is not None:
+            self.step_seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.curve.append({"step": state.global_step, "seconds": self.seconds, "loss": float(logs["loss"])})
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
+        evaluated = [e for e in self.curve if "eval_loss" in e]
+        if evaluated and evaluated[-1]["step"] == state.global_step:
+            return  # the closing evaluation of a run that has just evaluated: the same point
+        if metrics and "eval_loss" in metrics:
+            self.curve.append({"step": state.global_step, "seconds": self.seconds, "eval_loss": float(metrics["eval_loss"])})
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / LOG_FILE).write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+
+    def to_dict(self) -> dict[str, Any]:
+        switch = self.densify.record if self.densify is not None else None
+        return {"step_seconds": self.step_seconds, "curve": self.curve, "switch": switch}
+
+    def restore(self, checkpoint: Path) -> None:
+        """Carry on the record of the run a resume continues (nothing if it wrote none)."""
+        path = checkpoint / LOG_FILE
+        if not path.is_file():
+            return
+        data = json.loads(path.read_text(encoding="utf-8"))
+        self.step_seconds = list(data.get("step_seconds", []))
+        self.curve = list(data.get("curve", []))
+        if self.densify is not None and data.get("switch"):
+            self.densify.record = data["switch"]
+
+
+# ---------------------------------------------------------------------------------- pieces
+
+
+def _check_precision(precision: str) -> None:
+    if precision == "fp32":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"precision {precision} needs a CUDA GPU; this machine has none (use fp32)")
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_request(options: TrainOptions) -> None:
+    """Everything the options alone show to be impossible, before any text is read."""
+    _check_precision(options.precision)
+    if options.densify_at is not None and _world_size() > 1:
+        raise ConfigError("the switch to dense runs in a single process for now (several processes would keep syncing the old Monarch parameters)")
+    inputs = (*options.text, *((options.tokenizer,) if options.tokenizer else ()), options.arch)
+    if options.resume:
+        if not (options.checkpoints / RUN_FILE).is_file():
+            raise ConfigError(f"resume: '{options.checkpoints}' holds no checkpoints of a training run")
+        saved = json.loads((options.checkpoints / RUN_FILE).read_text(encoding="utf-8"))
+        problem = resume_mismatch(saved, options)
+        if problem:
+            raise ConfigError(f"resume: {problem}")
+        return
+    check_output_dir(options.out, options.force, inputs=inputs)
+    folder = check_output_dir(options.checkpoints, options.force, inputs=inputs)
+    if folder.is_dir() and any(folder.iterdir()):  # only with force (check_output_dir refused it otherwise)
+        if not (folder / RUN_FILE).is_file():
+            raise OutputExistsError(f"'{folder}' is not the checkpoint folder of a training run; it is not replaced")
+        shutil.rmtree(folder)
+
+
+def _tokenizer(options: TrainOptions, train_lines: Sequence[str], objective: str) -> tuple[Any, str]:
+    """The run's tokenizer and where it came from: the checkpoint folder's on a resume (the
+    exact one the checkpoints were trained with), the one given, or one learned here."""
+    if options.resume:
+        source = options.checkpoints / TOKENIZER_DIR
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(source)), f"{options.tokenizer or 'learned'} (from the checkpoints)"
+    if options.tokenizer is not None:
+        tokenizer = load_tokenizer(options.tokenizer)
+        if tokenizer is None:
+            raise ModelLoadError(f"'{options.tokenizer}' has no tokenizer files")
+        return tokenizer, options.tokenizer
+    return train_tokenizer(train_lines, options.vocab_size, objective), f"byte-level BPE learned on the training text ({options.vocab_size} tokens)"
+
+
+@dataclass
+class _Data:
+    train: Blocks
+    heldout: Blocks
+    collator: Collator
+    lines: tuple[int, int]
+
+
+def _data(options: TrainOptions, lines: Any, tokenizer: Any, objective: str) -> _Data:
+    collator = Collator(tokenizer, objective, options.mlm_probability)
+    if objective == "masked" and tokenizer.mask_token is None:
+        raise ConfigError("a masked language model needs a tokenizer with a mask token")
+    train_ids = pack(lines.train, tokenizer, options.block_size)
+    held_ids = pack(lines.heldout, tokenizer, options.block_size)
+    heldout = Blocks(*fixed_masking(held_ids, collator, options.seed)) if objective == "masked" else Blocks(held_ids)
+    return _Data(Blocks(train_ids), heldout, collator, (len(lines.train), len(lines.heldout)))
+
+
+def _max_steps(options: TrainOptions, n_train: int) -> int:
+    if options.max_steps > 0:
+        return options.max_steps
+    per_step = options.batch_size * options.grad_accum * _world_size()
+    return max(1, math.ceil(options.epochs * math.ceil(n_train / per_step)))
+
+
+def _training_arguments(options: TrainOptions, max_steps: int, progress_bar: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(options.checkpoints),
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.eval_batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        max_steps=max_steps,
+        lr_scheduler_type="linear",
+        warmup_steps=options.warmup,
+        eval_strategy="steps",
+        eval_steps=options.every(options.eval_steps, max_steps),
+        save_strategy="steps",
+        save_steps=options.every(options.save_steps, max_steps),
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        seed=options.seed,
+        data_seed=options.seed,
+        bf16=options.precision == "bf16",
+        fp16=options.precision == "fp16",
+        report_to="none",
+        disable_tqdm=not progress_bar,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+
+
+def _median_ms(values: Sequence[float]) -> float | None:
+    kept = list(values[WARMUP_STEPS_IGNORED:]) or list(values)
+    return 1000 * statistics.median(kept) if kept else None
+
+
+def _phases(step_seconds: list[float], switch: dict[str, Any] | None) -> dict[str, Any]:
+    """Median step time of the whole run and, with a switch, of each side of it."""
+    timing: dict[str, Any] = {"median_step_ms": _median_ms(step_seconds)}
+    if switch is not None:
+        cut = switch["step"]
+        timing["median_step_ms_monarch"] = _median_ms(step_seconds[:cut])
+        timing["median_step_ms_dense"] = _median_ms(step_seconds[cut:])
+    return timing
+
+
+def _count(model: nn.Module) -> dict[str, Any]:
+    layers = monarch_layers(model).values()
+    total = sum(p.numel() for p in model.parameters())
+    saved = sum(m.in_features * m.out_features - m.L.numel() - m.R.numel() for m in layers)
+    return {"total": total, "if_dense": total + saved, "monarch_layers": len(layers)}
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    results: dict[str, Any]
+    model: nn.Module
+
+
+def train(
+    options: TrainOptions,
+    *,
+    events: FinetuneEvents | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+    progress_bar: bool = True,
+    argv: Sequence[str] | None = None,
+) -> TrainResult:
+    """Train ``options.arch`` from scratch on ``options.text`` and save it with its results.
+
+    ``callbacks`` replace Trainer's tqdm bar (a front end passes its own); they are also how a
+    caller stops a run early (``control.should_training_stop``), e.g. to test resuming.
+    """
+    events = events or FinetuneEvents()
+    environment = run_environment()
+    _check_request(options)
+    lines = read_lines(options.text, options.text_columns, max_lines=options.max_lines, eval_fraction=options.eval_fraction)
+    objective = options.objective or default_objective(arch_config(options.arch))
+    tokenizer, tokenizer_source = _tokenizer(options, lines.train, objective)
+    hf_config = sized_config(options.arch, layers=options.layers, width=options.width, heads=options.heads,
+                             positions=options.block_size, tokenizer=tokenizer)
+    model_class = model_class_for(hf_config, objective)
+    data = _data(options, lines, tokenizer, objective)
+    max_steps = _max_steps(options, len(data.train))
+    switch_step = options.densify_step(max_steps)
+    if switch_step is not None and switch_step >= max_steps:
+        raise ConfigError(f"densify_at is step {switch_step}, but the run has only {max_steps} steps")
+    model, report = build_model(hf_config, options.monarch, model_class=model_class, seed=options.seed)
+    events.done(
+        f"data: {data.lines[0]} lines for training, {data.lines[1]} held out; {len(data.train)} blocks of "
+        f"{options.block_size} tokens ({len(data.heldout)} held out); tokenizer: {tokenizer_source}"
+    )
+    counts = _count(model)
+    kind = f"Monarch ({counts['monarch_layers']} layers, {options.monarch.nblocks} blocks)" if options.monarch else "dense"
+    events.done(f"model: {type(model).__name__}, {counts['total'] / 1e6:.2f}M parameters, {kind}, {objective} LM")
+
+    densify = DensifyCallback(switch_step, data.collator([data.heldout[i] for i in range(min(4, len(data.heldout)))])) if switch_step else None
+    log = RunLog(densify)
+
+    checkpoint = None
+    if options.resume:
+        found = get_last_checkpoint(str(options.checkpoints))
+        if found is None:
+            raise ConfigError(f"resume: no checkpoint to resume from in '{options.checkpoints}'")
+        checkpoint = Path(found)
+        if monarch_layers(model) and not any(k.endswith((".L", ".R")) for k in tensor_shapes(checkpoint)):
+            densify_(model)  # written after the switch: the checkpoint holds the dense layers
+        log.restore(checkpoint)
+        events.note(f"resuming from {checkpoint.name}")
+    elif _is_main():
+        options.checkpoints.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(str(options.checkpoints / TOKENIZER_DIR))
+        (options.checkpoints / RUN_FILE).write_text(json.dumps(options.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(options, max_steps, progress_bar and not callbacks),
+        train_dataset=data.train,
+        eval_dataset=data.heldout,
+        data_collator=data.collator,
+        callbacks=[log, *((densify,) if densify else ()), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    if callbacks:
+        trainer.remove_callback(ProgressCallback)
+
+    events.stage("training" + (f" (switch to dense after step {switch_step})" if switch_step else ""))
+    load_at_start = load_average()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stopped_early = trainer.state.global_step < max_steps
+    events.stage("evaluating")
+    metrics = trainer.evaluate()
+    switch = densify.record if densify is not None else None
+    results = {
+        "command": list(argv) if argv else None,
+        "options": options.to_dict(),
+        "objective": objective,
+        "model": {"type": type(model).__name__, "config": hf_config.to_diff_dict(), "params": _count(trainer.model),
+                  "params_at_start": counts},
+        "data": {"sources": lines.sources, "train_lines": data.lines[0], "heldout_lines": data.lines[1],
+                 "train_blocks": len(data.train), "heldout_blocks": len(data.heldout), "tokenizer": tokenizer_source,
+                 "vocab_size": len(tokenizer)},
+        "train": {"steps": trainer.state.global_step, "max_steps": max_steps, "stopped_early": stopped_early,
+                  "step_seconds_total": log.seconds, **_phases(log.step_seconds, switch),
+                  "load_average_at_start": load_at_start},
+        "switch": switch,
+        "eval": {"loss": metrics["eval_loss"], "perplexity": math.exp(min(metrics["eval_loss"], 50.0))},
+        "curve": log.curve,
+        "step_seconds": log.step_seconds,
+        "environment": environment,
+    }
+    if trainer.is_world_process_zero() and not stopped_early:
+        events.stage(f"saving to {options.out}")
+        _save(options, trainer.model, tokenizer, report if monarch_layers(trainer.model) else None, results)
+    return TrainResult(options.out, results, trainer.model)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _save(options: TrainOptions, model: nn.Module, tokenizer: Any, report: ConversionReport | None, results: dict[str, Any]) -> None:
+    """The model (a Monarch folder, or a plain one once densified), its tokenizer and results,
+    atomically; then the checkpoints go, unless kept."""
+    recipe = options.monarch.to_dict() if options.monarch is not None and monarch_layers(model) else None
+    save_model(model, options.out, tokenizer=tokenizer, report=report, recipe=recipe, force=options.force or options.resume,
+               extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
+    if not options.keep_checkpoints and options.checkpoints.is_dir():
+        shutil.rmtree(options.checkpoints, ignore_errors=True)
