@@ -53,6 +53,7 @@ from monarchify.glue.tasks import GlueTask, get_task
 from monarchify.hf.loading import load_model, load_tokenizer, mismatched_keys
 from monarchify.hf.saving import recipe_of, save_model
 from monarchify.hf.teacher import has_monarch_layers, load_task_teacher
+from monarchify.hf.training_arguments import shared_training_arguments
 from monarchify.monarch import MonarchLinear
 from monarchify.pipeline import convert, dry_run
 from monarchify.report import ConversionReport
@@ -225,32 +226,12 @@ def tokenize(data: GlueData, tokenizer: Any, max_length: int) -> tuple[Any, dict
 
 
 def training_arguments(options: FinetuneOptions, *, progress_bar: bool) -> TrainingArguments:
-    checkpoints = options.checkpoints
     return TrainingArguments(
-        output_dir=str(checkpoints),
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.eval_batch_size,
-        gradient_accumulation_steps=options.grad_accum,
-        learning_rate=options.learning_rate,
-        weight_decay=options.weight_decay,
+        **shared_training_arguments(options, progress_bar=progress_bar),
         num_train_epochs=options.epochs,
         max_steps=options.max_steps,
-        lr_scheduler_type="linear",
-        warmup_steps=options.warmup,
         eval_strategy="epoch" if options.eval_each_epoch else "no",
         save_strategy="epoch" if options.save_checkpoints else "no",
-        save_total_limit=1,
-        logging_strategy="steps",
-        logging_steps=options.logging_steps,
-        logging_first_step=True,
-        seed=options.seed,
-        data_seed=options.seed,
-        bf16=options.precision == "bf16",
-        fp16=options.precision == "fp16",
-        report_to="none",
-        disable_tqdm=not progress_bar,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

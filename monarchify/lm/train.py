@@ -39,6 +39,7 @@ from monarchify.glue.results import load_average, run_environment
 from monarchify.hf.fresh import build_model, default_objective, model_class_for
 from monarchify.hf.loading import load_tokenizer, tensor_shapes
 from monarchify.hf.saving import save_model
+from monarchify.hf.training_arguments import shared_training_arguments
 from monarchify.lm.build import arch_config, sized_config
 from monarchify.lm.options import RESULTS_FILE, TrainOptions, resume_mismatch
 from monarchify.lm.switch import DensifyCallback, monarch_layers
@@ -192,31 +193,12 @@ def _max_steps(options: TrainOptions, n_train: int) -> int:
 
 def _training_arguments(options: TrainOptions, max_steps: int, progress_bar: bool) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(options.checkpoints),
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.eval_batch_size,
-        gradient_accumulation_steps=options.grad_accum,
-        learning_rate=options.learning_rate,
-        weight_decay=options.weight_decay,
+        **shared_training_arguments(options, progress_bar=progress_bar),
         max_steps=max_steps,
-        lr_scheduler_type="linear",
-        warmup_steps=options.warmup,
         eval_strategy="steps",
         eval_steps=options.every(options.eval_steps, max_steps),
         save_strategy="steps",
         save_steps=options.every(options.save_steps, max_steps),
-        save_total_limit=1,
-        logging_strategy="steps",
-        logging_steps=options.logging_steps,
-        logging_first_step=True,
-        seed=options.seed,
-        data_seed=options.seed,
-        bf16=options.precision == "bf16",
-        fp16=options.precision == "fp16",
-        report_to="none",
-        disable_tqdm=not progress_bar,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
     )
 

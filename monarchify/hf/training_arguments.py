@@ -1,0 +1,40 @@
+"""The ``TrainingArguments`` every monarchify training run shares (GLUE fine-tuning and
+training from scratch), so that the two commands behave alike where they should: linear decay
+after warm-up, one checkpoint kept, logging from the first step, one seed for the model and the
+data order, mixed precision through ``Trainer``, and no reporting integrations or tqdm bars of
+transformers' own (the CLI draws its own progress)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def shared_training_arguments(options: Any, *, progress_bar: bool) -> dict[str, Any]:
+    """Keyword arguments for ``TrainingArguments`` from the fields both options classes have
+    (``checkpoints``, ``batch_size``, ``eval_batch_size``, ``grad_accum``, ``learning_rate``,
+    ``weight_decay``, ``warmup``, ``logging_steps``, ``seed``, ``precision``); each command
+    adds its own schedule of steps, evaluation and saving."""
+    return {
+        "output_dir": str(options.checkpoints),
+        "per_device_train_batch_size": options.batch_size,
+        "per_device_eval_batch_size": options.eval_batch_size,
+        "gradient_accumulation_steps": options.grad_accum,
+        "learning_rate": options.learning_rate,
+        "weight_decay": options.weight_decay,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": options.warmup,
+        "save_total_limit": 1,
+        "logging_strategy": "steps",
+        "logging_steps": options.logging_steps,
+        "logging_first_step": True,
+        "seed": options.seed,
+        "data_seed": options.seed,
+        "bf16": options.precision == "bf16",
+        "fp16": options.precision == "fp16",
+        "report_to": "none",
+        "disable_tqdm": not progress_bar,
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
+    }
