@@ -38,6 +38,9 @@ class HealResult:
     """Training loss of every step (hidden-state relative error, mean over layers)."""
     heldout_before: float | None = None
     heldout_after: float | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """``(step, held-out error)`` from step 0 to the last, every ``config.eval_every`` steps
+    (only the two ends without it); empty without held-out batches."""
     seconds: float = 0.0
 
 
@@ -87,7 +90,8 @@ def heal_(
 
     Dropout stays off (both models in eval mode): the target is the teacher's function itself.
     Every student parameter that requires a gradient trains; the teacher never does.
-    ``heldout`` batches measure the error before and after. ``progress(step, loss)`` is called
+    ``heldout`` batches measure the error before and after (and every ``config.eval_every``
+    steps, into ``curve``; that time is not in ``seconds``). ``progress(step, loss)`` is called
     after every step.
     """
     if not batches:
@@ -102,6 +106,8 @@ def heal_(
     result = HealResult()
     if heldout:
         result.heldout_before = hidden_error(student, teacher, heldout)
+        result.curve.append((0, result.heldout_before))
+    measuring = 0.0
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     epochs = (torch.randperm(len(batches), generator=generator).tolist() for _ in itertools.count())
@@ -118,7 +124,13 @@ def heal_(
         result.losses.append(loss.item())
         if progress is not None:
             progress(step + 1, result.losses[-1])
-    result.seconds = time.perf_counter() - start
+        done = step + 1
+        if heldout and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            began = time.perf_counter()
+            result.curve.append((done, hidden_error(student, teacher, heldout)))
+            measuring += time.perf_counter() - began
+    result.seconds = time.perf_counter() - start - measuring
     if heldout:
         result.heldout_after = hidden_error(student, teacher, heldout)
+        result.curve.append((config.steps, result.heldout_after))
     return result

@@ -20,17 +20,22 @@ DEFAULT_HEAL_BATCH = 16
 @dataclass
 class HealConfig:
     """``steps`` optimiser steps of AdamW at peak ``lr`` (linear warm-up over ``warmup`` of
-    the steps, then linear decay to zero)."""
+    the steps, then linear decay to zero). ``eval_every``: also measure the held-out error
+    every that many steps (``None``: before and after only), to see whether longer healing
+    still pays."""
 
     steps: int = 200
     lr: float = 1e-4
     warmup: float = 0.1
     weight_decay: float = 0.0
     seed: int = 0
+    eval_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"steps must be at least 1, got {self.steps}")
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1):
+            raise ConfigError(f"eval_every must be a positive number of steps, got {self.eval_every!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.warmup < 1:

@@ -57,7 +57,25 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert _schedule(HealConfig(steps=4, warmup=0.0))(0) == 1.0
 
 
-@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"lr": 0.0}, {"warmup": 1.0}, {"weight_decay": -0.1}])
+def test_the_held_out_curve_is_measured_without_changing_the_training():
+    teacher = tiny_bert(initializer_range=0.2)
+    students = [copy.deepcopy(teacher) for _ in range(2)]
+    for student in students:
+        convert(student, MonarchConfig(nblocks=4))
+    batches, heldout = random_batches(4, 200, seed=0), random_batches(2, 200, seed=1)
+    plain = heal_(students[0], teacher, batches, HealConfig(steps=7, lr=1e-3), heldout=heldout)
+    traced = heal_(students[1], teacher, batches, HealConfig(steps=7, lr=1e-3, eval_every=3), heldout=heldout)
+    assert traced.losses == plain.losses  # measuring on the way changes nothing
+    assert [step for step, _ in traced.curve] == [0, 3, 6, 7]
+    assert traced.curve[0][1] == traced.heldout_before and traced.curve[-1][1] == traced.heldout_after
+    assert plain.curve == [(0, plain.heldout_before), (7, plain.heldout_after)]
+    assert traced.heldout_after == pytest.approx(plain.heldout_after, rel=1e-6)
+    assert heal_(students[0], teacher, batches, HealConfig(steps=2, eval_every=1)).curve == []  # no held-out text
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"steps": 0}, {"lr": 0.0}, {"warmup": 1.0}, {"weight_decay": -0.1}, {"eval_every": 0}, {"eval_every": True}]
+)
 def test_heal_config_is_checked(kwargs):
     with pytest.raises(ConfigError):
         HealConfig(**kwargs)

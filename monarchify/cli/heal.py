@@ -25,6 +25,9 @@ def heal(
     samples: Annotated[int, typer.Option("--samples", help="Samples read from DATA for training; a quarter more are held out to measure the error.")] = DEFAULT_HEAL_SAMPLES,
     max_length: Annotated[int, typer.Option("--max-length", help="Truncate samples to this many tokens.")] = DEFAULT_MAX_LENGTH,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the order of the batches.")] = HealConfig.seed,
+    eval_every: Annotated[
+        int | None, typer.Option("--eval-every", metavar="N", help="Also measure the held-out error every N steps (the report keeps the curve).")
+    ] = None,
     force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
@@ -39,7 +42,7 @@ def heal(
       monarchify heal minilm-monarch --teacher ./minilm --data sentences.txt -o minilm-healed
       monarchify heal minilm-monarch --teacher ./minilm --data glue/MRPC/train.tsv --steps 300 -o healed
     """
-    config = HealConfig(steps=steps, lr=lr, seed=seed)
+    config = HealConfig(steps=steps, lr=lr, seed=seed, eval_every=eval_every)
     # Imported here: torch and transformers take seconds to import, which --help should not pay.
     from monarchify.hf.heal import describe, heal_pretrained
 
@@ -62,4 +65,6 @@ def heal(
         f"healed {model} towards {teacher}: {steps} steps on {info['data']['samples']} samples in {info['seconds']:.0f} s; "
         f"held-out hidden-state error {info['heldout_hidden_error_before']:.4f} → {info['heldout_hidden_error_after']:.4f}"
     )
+    if eval_every:
+        console.print("  by step: " + ", ".join(f"{step} {error:.4f}" for step, error in info["heldout_hidden_error_curve"]))
     err_console.print(f"saved [bold]{Path(out)}[/]")

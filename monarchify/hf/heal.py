@@ -70,6 +70,7 @@ def heal_pretrained(
         **config.to_dict(),
         "heldout_hidden_error_before": result.heldout_before,
         "heldout_hidden_error_after": result.heldout_after,
+        "heldout_hidden_error_curve": [[step, error] for step, error in result.curve],
         "seconds": round(result.seconds, 2),
     }
     save_model(student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force)
