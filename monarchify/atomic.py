@@ -85,7 +85,6 @@ def _move_into_place(staging: Path, dest: Path, old: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-
 def move_into_place(staging: Path, out: str | os.PathLike[str]) -> None:
     """Rename a complete staging folder that a caller managed itself (one kept across runs so
     that an interrupted conversion can resume) to ``out``, with the same guarantees as

@@ -29,9 +29,10 @@ from monarchify.errors import ModelLoadError
 from monarchify.hf.guard import is_guard
 from monarchify.hf.loading import read_config, short_error
 from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHOD, check_recipe
-from monarchify.hf.saving import REPORT_FILE
+from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, monarchify_version
 from monarchify.hf.tensorfiles import (
-    INDEX_FILE, Planned, ShardWriter, StoredTensor, checkpoint_tensors, parse_size, read_tensor, shard_names, write_index,
+    INDEX_FILE, Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names,
+    write_index,
 )
 from monarchify.monarch import MonarchLinear
 from monarchify.monarch.layout import INTERLEAVED
@@ -42,7 +43,6 @@ from monarchify.pipeline.plan import is_conv1d
 DENSIFIED = "monarchify_densified"
 """The ``config.json`` key recording that a folder was densified, and from what."""
 FACTORS = ("L", "R", "U", "V")
-DEFAULT_SHARD_SIZE = "2GB"
 
 
 @dataclass
@@ -170,15 +170,7 @@ def densify_folder(
             plan.append((key, Planned(f"{layer.prefix}.weight", stored.dtype, shape), layer))
         elif key not in by_factor:
             plan.append((key, Planned(key, stored.dtype, stored.shape), None))
-    limit = parse_size(max_shard_size)
-    shards: list[list[tuple[str, Planned, DenseLayer | None]]] = [[]]
-    size = 0
-    for item in plan:
-        if shards[-1] and size + item[1].nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item[1].nbytes
+    shards = pack_shards(plan, lambda item: item[1].nbytes, parse_size(max_shard_size))
     names = shard_names(len(shards))
     total = sum(stored.nbytes for stored in tensors.values())
     done = 0
@@ -209,7 +201,7 @@ def densify_folder(
             "layers": len(layers),
             "format_version": quantization.get("format_version", FORMAT_VERSION),
             "converted_by": quantization.get("monarchify_version"),
-            "densified_by": _version(),
+            "densified_by": monarchify_version(),
             "recipe": quantization.get("recipe"),
         }
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -217,9 +209,3 @@ def densify_folder(
             if item.is_file() and item.name not in ("config.json", REPORT_FILE, INDEX_FILE) and item.suffix != ".safetensors":
                 shutil.copy2(item, staging / item.name)
     return DensifyResult(Path(out), [layer.name for layer in layers], sum(planned.nbytes for _, planned, _ in plan))
-
-
-def _version() -> str:
-    from monarchify import __version__
-
-    return __version__

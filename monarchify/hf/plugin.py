@@ -27,10 +27,11 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from monarchify.errors import ModelLoadError
+from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.hf.guard import ignore_patterns
 from monarchify.monarch import MonarchLinear
 from monarchify.monarch.layout import INTERLEAVED, OUTPUT_ORDERS
+from monarchify.monarch.lowrank import check_rank
 from monarchify.pipeline.apply import replace_module, resolve_name
 
 QUANT_METHOD = "monarch"
@@ -75,11 +76,13 @@ def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: An
                 f"config.json: Monarch layer '{name}' needs positive integer in_features, out_features and nblocks, got {spec!r}"
             )
         rank = spec.get("rank", 0)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(spec["in_features"], spec["out_features"]):
+        try:
+            check_rank(rank, spec["in_features"], spec["out_features"])
+        except ConfigError:
             raise ModelLoadError(
                 f"config.json: Monarch layer '{name}' has rank {rank!r}; it must be an integer from 0 to "
                 "min(in_features, out_features)"
-            )
+            ) from None
         if rank and format_version < LOWRANK_FORMAT:
             raise ModelLoadError(
                 f"config.json: Monarch layer '{name}' has a low-rank term (rank {rank}), which format {format_version} "
@@ -90,6 +93,19 @@ def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: An
                 f"config.json: Monarch layer '{name}' has output_order {spec['output_order']!r}; "
                 f"this monarchify knows {', '.join(OUTPUT_ORDERS)}"
             )
+
+
+def layer_spec(in_features: int, out_features: int, nblocks: int, bias: bool, output_order: str, rank: int = 0) -> dict[str, Any]:
+    """One layer's entry in ``modules``: written in one place for every path that saves (a
+    model in memory, the streaming converter), so they cannot drift apart. ``rank`` appears
+    only when non-zero (format 3)."""
+    spec: dict[str, Any] = {
+        "in_features": in_features, "out_features": out_features, "nblocks": nblocks, "bias": bias,
+        "output_order": output_order,
+    }
+    if rank:
+        spec["rank"] = rank
+    return spec
 
 
 class MonarchQuantizationConfig(QuantizationConfigMixin):
@@ -125,14 +141,7 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
     @classmethod
     def from_model(cls, model: nn.Module, recipe: dict[str, Any], version: str) -> MonarchQuantizationConfig:
         modules = {
-            name: {
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "nblocks": m.nblocks,
-                "bias": m.bias is not None,
-                "output_order": m.output_order,
-                **({"rank": m.rank} if m.rank else {}),
-            }
+            name: layer_spec(m.in_features, m.out_features, m.nblocks, m.bias is not None, m.output_order, m.rank)
             for name, m in model.named_modules()
             if isinstance(m, MonarchLinear)
         }

@@ -22,7 +22,8 @@ REPORT_FILE = "monarchify_report.json"
 DEFAULT_SHARD_SIZE = "2GB"
 
 
-def _version() -> str:
+def monarchify_version() -> str:
+    """The version a saved folder records (imported late: this module loads while the package does)."""
     from monarchify import __version__
 
     return __version__
@@ -50,7 +51,7 @@ def save_model(
     transformers without monarchify refuses it instead of running random layers."""
     if recipe is None and report is not None:  # the recipe the conversion recorded
         recipe = report.meta.get("recipe")
-    quantization = MonarchQuantizationConfig.from_model(model, recipe or {}, _version())
+    quantization = MonarchQuantizationConfig.from_model(model, recipe or {}, monarchify_version())
     if quantization.modules:
         model.config.quantization_config = quantization
     elif hasattr(model.config, "quantization_config"):

@@ -43,10 +43,10 @@ from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.hf.guard import HINT_KEY, guard_tensors
 from monarchify.hf.loading import _model_class, load_tokenizer, read_config, short_error
-from monarchify.hf.plugin import MonarchQuantizationConfig
-from monarchify.hf.saving import REPORT_FILE
+from monarchify.hf.plugin import MonarchQuantizationConfig, layer_spec
+from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, monarchify_version
 from monarchify.hf.tensorfiles import (
-    Planned, ShardWriter, StoredTensor, checkpoint_tensors, parse_size, read_tensor, shard_names, write_index,
+    Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names, write_index,
 )
 from monarchify.pipeline import count_params
 from monarchify.pipeline.allocate import Allocation, allocate
@@ -58,7 +58,6 @@ from monarchify.report import ConversionReport
 STATE_FILE = ".monarchify-stream.json"
 """Inside the staging folder: what the run is converting, and which shards are finished."""
 STATE_VERSION = 1
-DEFAULT_SHARD_SIZE = "2GB"
 STREAM_ABOVE = 2 * 10**9
 """Bytes of weights above which ``convert`` streams on its own (below, the in-memory path is
 fast and adds the functional check)."""
@@ -201,19 +200,6 @@ def _units(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Alloc
     return units
 
 
-def _shards(units: list[Unit], max_bytes: int) -> list[list[Unit]]:
-    shards: list[list[Unit]] = [[]]
-    size = 0
-    for unit in units:
-        nbytes = sum(t.nbytes for t in unit.outputs)
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(unit)
-        size += nbytes
-    return shards
-
-
 def _fingerprint(checkpoint: Checkpoint, config: MonarchConfig, shards: list[list[Unit]], version: str) -> str:
     """What a resumed run must share with the interrupted one: the same source files (names,
     sizes, modification times), recipe, monarchify version and shard layout."""
@@ -304,9 +290,9 @@ def convert_streaming(
     layers = plan(checkpoint.model, config)
     allocation = allocate(layers, config)
     units = _units(checkpoint, layers, allocation)
-    shards = _shards(units, parse_size(max_shard_size))
+    shards = pack_shards(units, lambda unit: sum(t.nbytes for t in unit.outputs), parse_size(max_shard_size))
     names = shard_names(len(shards))
-    version = _version()
+    version = monarchify_version()
     fingerprint = _fingerprint(checkpoint, config, shards, version)
 
     staging = _staging(Path(out))
@@ -409,14 +395,11 @@ def _finish(staging: Path, checkpoint: Checkpoint, allocation: Allocation, layer
             report: ConversionReport, tokenizer: Any, names: list[str], weight_map: dict[str, str], total: int) -> None:
     """Everything but the weights: config with the Monarch recipe, index, side files, tokenizer, report."""
     modules = {
-        layer.name: {
-            "in_features": layer.d_in, "out_features": layer.d_out, "nblocks": allocation.nblocks[layer.name],
-            "bias": layer.has_bias, "output_order": allocation.output_order,
-        }
+        layer.name: layer_spec(layer.d_in, layer.d_out, allocation.nblocks[layer.name], layer.has_bias, allocation.output_order)
         for layer in layers if layer.name in allocation.nblocks
     }
     config = copy.deepcopy(checkpoint.config)
-    config.quantization_config = MonarchQuantizationConfig(modules=modules, recipe=report.meta["recipe"], monarchify_version=_version())
+    config.quantization_config = MonarchQuantizationConfig(modules=modules, recipe=report.meta["recipe"], monarchify_version=monarchify_version())
     config.architectures = [type(checkpoint.model).__name__]
     config.dtype = checkpoint.dtype
     config.save_pretrained(str(staging))
@@ -429,10 +412,4 @@ def _finish(staging: Path, checkpoint: Checkpoint, allocation: Allocation, layer
         tokenizer.save_pretrained(str(staging))
     (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     (staging / STATE_FILE).unlink(missing_ok=True)
-
-
-def _version() -> str:
-    from monarchify import __version__
-
-    return __version__
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -35,6 +36,7 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 """The safetensors library's own limit on the JSON header."""
 INDEX_FILE = "model.safetensors.index.json"
+T = TypeVar("T")
 SINGLE_FILE = "model.safetensors"
 
 
@@ -162,6 +164,21 @@ class ShardWriter:
     def abort(self) -> None:
         self.handle.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def pack_shards(items: Iterable[T], nbytes: Callable[[T], int], max_bytes: int) -> list[list[T]]:
+    """``items`` in order, cut into shards of at most ``max_bytes`` (an item larger than that
+    fills a shard alone): how both the streaming conversion and densify lay out their output."""
+    shards: list[list[T]] = [[]]
+    size = 0
+    for item in items:
+        n = nbytes(item)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    return shards
 
 
 def shard_names(count: int) -> list[str]:

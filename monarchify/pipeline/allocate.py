@@ -240,6 +240,11 @@ def candidate_lowrank_errors(
     for b in nblocks:
         layout = MonarchLayout(w.shape[1], w.shape[0], b, output_order)
         blocks = sub_blocks(w, layout) if cov is None else whitened_sub_blocks(w, cov, layout, damping)[0]
+        if alternations:  # the closed-form first fit below would only be overwritten
+            total = float(batched_svd(blocks)[1].square().sum())  # the same normaliser as below, bit for bit
+            for rank in ranks:
+                errors[(b, rank)] = _alternated(w, layout, rank, cov, damping, alternations) / total if total > 0 else 0.0
+            continue
         u, sigma, vh = batched_svd(blocks)
         keep = torch.tensor(layout.pair_ranks, device=sigma.device)
         discarded = torch.where(torch.arange(sigma.shape[-1], device=sigma.device) >= keep[..., None], sigma, 0.0)
@@ -249,9 +254,6 @@ def candidate_lowrank_errors(
         total = float(sigma.square().sum())
         for rank in ranks:
             errors[(b, rank)] = float(left[rank:].sum()) / total if total > 0 else 0.0
-        if alternations and total > 0:
-            for rank in ranks:
-                errors[(b, rank)] = _alternated(w, layout, rank, cov, damping, alternations) / total
     return errors
 
 
