@@ -27,7 +27,7 @@ from torch import nn
 from monarchify.atomic import atomic_output_dir, check_output_dir
 from monarchify.errors import ModelLoadError
 from monarchify.hf.guard import is_guard
-from monarchify.hf.loading import read_config, short_error
+from monarchify.hf.loading import empty_model, read_config, short_error
 from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHOD, check_recipe
 from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, monarchify_version
 from monarchify.hf.tensorfiles import (
@@ -83,9 +83,7 @@ def _conv1d_names(folder: Path, names: list[str]) -> set[str]:
         config = transformers.AutoConfig.from_pretrained(str(folder))
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        cls = next((getattr(transformers, n, None) for n in (config.architectures or [])), None) or transformers.AutoModel
-        with torch.device("meta"):
-            model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        model = empty_model(config)
     except Exception as exc:  # noqa: BLE001 - any failure to build means we cannot know the layout
         raise ModelLoadError(f"could not build the model of '{folder}' from its config.json: {short_error(exc)}") from None
     found = set()

@@ -73,6 +73,17 @@ def _model_class(config: transformers.PretrainedConfig, model_class: Any) -> Any
     return transformers.AutoModel
 
 
+def empty_model(config: transformers.PretrainedConfig, dtype: Any = None) -> nn.Module:
+    """The model ``config`` describes, on the meta device: its module names and shapes at no
+    memory cost, for the paths that plan, order or lay out a folder without loading it."""
+    import torch
+
+    cls = _model_class(config, None)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    with torch.device("meta"):
+        return cls._from_config(config, **kwargs) if hasattr(cls, "_from_config") else cls.from_config(config, **kwargs)
+
+
 def load_model(
     source: str | os.PathLike[str],
     model_class: Any = None,

@@ -16,7 +16,7 @@ from typing import Any
 import transformers
 
 from monarchify.errors import ModelLoadError
-from monarchify.hf.loading import read_config, short_error, tensor_shapes
+from monarchify.hf.loading import empty_model, read_config, short_error, tensor_shapes
 from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHOD, check_recipe
 from monarchify.hf.saving import REPORT_FILE
 from monarchify.monarch import MonarchLayout
@@ -141,12 +141,7 @@ def _meta_model(folder: Path) -> Any:
     """An empty model of the folder's architecture on the meta device (no weights, no memory),
     or ``None`` where transformers cannot build one."""
     try:
-        import torch
-
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-        model_class = next((getattr(transformers, name, None) for name in (config.architectures or [])), None)
-        with torch.device("meta"):
-            return model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
+        return empty_model(transformers.AutoConfig.from_pretrained(str(folder)))
     except Exception:  # noqa: BLE001 - an unknown architecture, a config it cannot read: no order
         return None
 

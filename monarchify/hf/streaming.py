@@ -42,7 +42,7 @@ from monarchify.atomic import check_output_dir, move_into_place
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.hf.guard import HINT_KEY, guard_tensors
-from monarchify.hf.loading import _model_class, load_tokenizer, read_config, short_error
+from monarchify.hf.loading import empty_model, load_tokenizer, read_config, short_error
 from monarchify.hf.plugin import MonarchQuantizationConfig, layer_spec
 from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, monarchify_version
 from monarchify.hf.tensorfiles import (
@@ -127,9 +127,7 @@ def open_checkpoint(folder: Path) -> Checkpoint:
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder))
         dtype = _model_dtype(config, tensors)
-        cls = _model_class(config, None)
-        with torch.device("meta"):
-            model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(config, dtype=dtype)
+        model = empty_model(config, dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"could not build the model of '{folder}' from its config.json: {short_error(exc)}") from None
     model.eval()
