@@ -49,6 +49,18 @@ def test_a_model_clearly_better_than_the_baseline_is_not_flagged():
     assert baseline_message("validation", baseline) is None
 
 
+def test_a_model_near_the_constant_on_the_main_metric_but_above_it_on_another_is_not_flagged():
+    # 56 of 68 paraphrases found, 18 of 32 non-paraphrases rejected: F1 0.812, within the
+    # tolerance of the constant's 0.810, but accuracy 0.74 against its 0.68. It learned something.
+    predictions = [1] * 56 + [0] * 12 + [0] * 18 + [1] * 14
+    baseline = trivial_baseline(MRPC, MRPC_LABELS, predictions)
+    assert baseline["model_score"] <= baseline["scores"]["f1"] + TOLERANCE
+    assert not baseline["at_baseline"] and baseline_message("validation", baseline) is None
+    # Near the constant on every metric: flagged.
+    near = [1] * 67 + [0] + [0] + [1] * 31
+    assert trivial_baseline(MRPC, MRPC_LABELS, near)["at_baseline"]
+
+
 def test_accuracy_within_the_tolerance_of_the_majority_share_is_flagged():
     labels = [0] * 75 + [1] * 25
     mixed = [0] * 74 + [1] + [0] * 25  # two answers, but only 74% right

@@ -5,7 +5,10 @@ like any other result in a table. :func:`trivial_baseline` scores, with the task
 metric, every constant answer on the evaluation split's labels (always the same class; for
 STS-B a constant score, whose correlation is undefined and counted as 0), takes the best of
 them on the task's main metric, and says whether the model is no better: it gave a single
-answer to everything, or its main metric is within ``tolerance`` of that constant's (or below).
+answer to everything, or on *every* metric the constant is scored on it is within ``tolerance``
+of that constant (or below). Every metric, not the main one alone: on MRPC a model that
+answers "equivalent" to nearly everything has F1 close to the constant's 0.812, yet one that
+beats the constant's accuracy by a few points has learned something.
 
 Pure and torch-free: lists of labels and predictions in, a dictionary out (what
 ``eval_results.json`` records under ``trivial_baseline``).
@@ -79,11 +82,15 @@ def trivial_baseline(
             only = classes.pop()
             single_answer = task.label_names[only] if 0 <= only < len(task.label_names) else str(only)
     if task.is_regression and single_answer is not None:
-        model_score = None  # a constant has no correlation (the metric would warn and give nan)
+        model_scores: dict[str, Any] = {}  # a constant has no correlation (the metric would warn and give nan)
     else:
-        model_score = _finite(score(predictions, references).get(main)) if predictions else None
-    baseline_main = scores.get(main, 0.0)
-    at_baseline = single_answer is not None or model_score is None or model_score <= baseline_main + tolerance
+        model_scores = dict(score(predictions, references)) if predictions else {}
+    model_score = _finite(model_scores.get(main))
+    no_better = all(
+        _finite(model_scores.get(name)) is None or _finite(model_scores.get(name)) <= value + tolerance
+        for name, value in scores.items()
+    )
+    at_baseline = single_answer is not None or model_score is None or no_better
     return {
         "answer": answer,
         "scores": scores,
