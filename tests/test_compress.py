@@ -147,3 +147,25 @@ def test_a_finished_output_is_not_replaced_without_force(tmp_path, bert_folder, 
 def test_the_recipe_carries_the_output_order(tmp_path, bert_folder, data):
     assert options(tmp_path, bert_folder, data).recipe.output_order == "blocked"
     assert options(tmp_path, bert_folder, data, output_order="interleaved").recipe.output_order == "interleaved"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_name", ["stsb", "mnli", "cola", "qnli"])
+def test_the_same_command_runs_on_other_glue_tasks(tmp_path, bert_folder, task_name):
+    """Pairs, single sentences, three classes, regression: every stage, and the results say so."""
+    from test_glue_data import write_task
+
+    write_task(tmp_path / "glue", task_name, n=12)
+    task = get_task(task_name)
+    finetune = {**FAST, "max_steps": 2, "batch_size": 4}
+    opts = options(tmp_path, bert_folder, tmp_path / "glue", task=task_name, calibration_samples=4, finetune=finetune)
+    results = compress(opts).results
+
+    assert set(results["metrics"]) == set(task.eval_files)
+    assert results["compress"]["dense"]["metrics"].keys() == results["metrics"].keys()
+    report = monarchify.read_report(opts.stages / CONVERTED)
+    assert report.meta["calibration"]["columns"] == list(task.text_fields)  # pairs stay pairs
+    assert is_finetuned_for(str(opts.out), task) and results["params"]["monarch"] < results["compress"]["dense"]["params"]["monarch"]
+    if task.is_regression:
+        assert results["distill"]["teacher"] == str(opts.stages / TEACHER)
+        assert {"pearson", "spearmanr"} <= set(results["metrics"]["validation"])
