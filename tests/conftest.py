@@ -62,20 +62,20 @@ def tiny_bert(vocab_size: int = 200, with_head: bool = False, **overrides):
     return model.eval()
 
 
-def tiny_gpt2():
+def tiny_gpt2(vocab_size: int = 120):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
 
 
-def tiny_llama():
+def tiny_llama(vocab_size: int = 120):
     """Llama-style: rectangular gated MLP and grouped-query attention (k/v narrower than hidden)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=120, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32,
     )
     return LlamaForCausalLM(config).eval()

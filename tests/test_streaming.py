@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from monarchify.cli.app import main
-from monarchify.config import CalibrationConfig, MonarchConfig
+from monarchify.config import MonarchConfig, SpeedGateConfig
 from monarchify.errors import ConfigError, ModelLoadError, OutputNotEmptyError
 from monarchify.hf.convert import ConvertEvents, convert_pretrained
 from monarchify.hf.loading import load_model
@@ -150,9 +150,8 @@ def test_the_path_is_chosen_by_size_recipe_and_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_convert, "STREAM_ABOVE", 0)
     convert_pretrained(src, tmp_path / "b", MonarchConfig(), check=False)  # big: streams on its own
     assert paths == ["stream"]
-    calibrating = MonarchConfig(calibration=CalibrationConfig(samples=4))
-    with pytest.raises(ConfigError, match="cannot stream this conversion: calibration"):
-        convert_pretrained(src, tmp_path / "c", calibrating, calibration_data=["a b"] * 6, stream=True)
+    with pytest.raises(ConfigError, match="cannot stream this conversion: the speed gate"):
+        convert_pretrained(src, tmp_path / "c", MonarchConfig(speed_gate=SpeedGateConfig()), stream=True)
     with pytest.raises(ConfigError, match="budget"):
         convert_pretrained(src, tmp_path / "c", MonarchConfig(budget=0.5), stream=True)
     with pytest.raises(ConfigError, match="dry run"):

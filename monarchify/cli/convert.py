@@ -75,9 +75,9 @@ def convert(
     budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Choose every layer's block count (or keep it dense) to minimise the total error within this fraction of the selected layers' dense parameters; --override pins layers, --nblocks is ignored.")] = None,
     budget_dense: Annotated[bool, typer.Option("--budget-dense/--no-budget-dense", help="Whether --budget may keep a layer dense (error 0, full price).")] = True,
     budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term (K·(d_in+d_out) parameters, fitted to what Monarch misses) next to its blocks, e.g. 8,16,32.")] = None,
-    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Convert tensor by tensor without loading the model (local safetensors folders; no calibration, budget or speed gate; no functional check). Default: stream folders over 2 GB of weights when the recipe allows.")] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Convert tensor by tensor without loading the model (local safetensors folders; --calibrate runs one block at a time; no budget or speed gate; no functional check). Default: stream folders over 2 GB of weights when the recipe allows.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted streaming conversion into the same --out, keeping its finished shards (implies --stream).")] = False,
-    device: Annotated[str, typer.Option("--device", help="Where a streaming conversion projects: cpu or cuda (cuda implies --stream).")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="Where a streaming conversion projects (and runs --calibrate's blocks): cpu or cuda (cuda implies --stream).")] = "cpu",
     sort: Annotated[str, typer.Option(help=f"Table order: {', '.join(SORT_KEYS)}.")] = "model",
     json_out: JsonFlag = False,
 ) -> None:

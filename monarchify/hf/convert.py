@@ -26,7 +26,9 @@ from monarchify.hf.loading import load_model, load_tokenizer, read_config
 from monarchify.hf.plugin import QUANT_METHOD
 from monarchify.hf.densify import DENSIFIED
 from monarchify.hf.saving import save_model
-from monarchify.hf.streaming import STREAM_ABOVE, StreamEvents, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes
+from monarchify.hf.streaming import (
+    STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes,
+)
 from monarchify.pipeline import Events, convert, dry_run
 from monarchify.report import ConversionReport
 from monarchify.samples import TextSamples, read_samples
@@ -77,8 +79,9 @@ def choose_streaming(
 
     ``stream=None`` (automatic) streams a local safetensors folder of more than
     :data:`~monarchify.hf.streaming.STREAM_ABOVE` bytes of weights when the recipe allows it
-    and the tensors are the model's own; ``True`` streams or says why it cannot; ``False``
-    never streams.
+    and the tensors are the model's own (and, when it calibrates, its selected layers lie in
+    one list of repeated blocks); ``True`` streams or says why it cannot; ``False`` never
+    streams.
     """
     if stream is False:
         return False, None
@@ -93,7 +96,7 @@ def choose_streaming(
     if reason is None and stream is None and weights_bytes(folder) <= STREAM_ABOVE:
         return False, None
     checkpoint = open_checkpoint(folder) if reason is None else None
-    reason = reason or checkpoint.problem
+    reason = reason or checkpoint.problem or calibration_problem(checkpoint, config)
     if reason is not None:
         if stream:
             raise ConfigError(f"cannot stream this conversion: {reason}")
@@ -126,22 +129,22 @@ def convert_pretrained(
     """
     events = events or ConvertEvents()
     _check_source(source, events)
+    samples = calibration_data if isinstance(calibration_data, TextSamples) else None
+    if config.calibration is not None and calibration_data is not None and samples is None:
+        samples = read_samples(calibration_data, config.calibration.samples, config.calibration.heldout)
     if (device != "cpu" or resume) and stream is None:  # only the streaming path projects elsewhere, or resumes
         stream = True
     streaming, checkpoint = choose_streaming(source, config, stream=stream, dry=dry, out=out)
     if resume and not streaming:
         raise ConfigError("resuming needs a streaming conversion (a local safetensors folder, a recipe without "
-                          "calibration, budget or speed gate)")
+                          "budget or speed gate)")
     if device != "cpu" and not streaming:
         raise ConfigError(f"projecting on '{device}' needs a streaming conversion (the in-memory path projects where the model is)")
     if streaming:
         events.loading(os.fspath(source))
         report = convert_streaming(source, out, config, force=force, resume=resume, device=device,
-                                   events=events, checkpoint=checkpoint)
+                                   events=events, checkpoint=checkpoint, samples=samples)
         return ConvertResult(report)
-    samples = calibration_data if isinstance(calibration_data, TextSamples) else None
-    if config.calibration is not None and calibration_data is not None and samples is None:
-        samples = read_samples(calibration_data, config.calibration.samples, config.calibration.heldout)
     if out is not None and not dry:
         check_output_dir(out, force, inputs=(source,))
     events.loading(os.fspath(source))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -73,15 +75,38 @@ def _model_class(config: transformers.PretrainedConfig, model_class: Any) -> Any
     return transformers.AutoModel
 
 
-def empty_model(config: transformers.PretrainedConfig, dtype: Any = None) -> nn.Module:
+def empty_model(config: transformers.PretrainedConfig, dtype: Any = None, *, buffers: bool = False) -> nn.Module:
     """The model ``config`` describes, on the meta device: its module names and shapes at no
-    memory cost, for the paths that plan, order or lay out a folder without loading it."""
+    memory cost, for the paths that plan, order or lay out a folder without loading it.
+
+    ``buffers=True`` computes the buffers for real (parameters stay on meta): rotary
+    frequencies and position ids are not stored in a checkpoint, and a model that runs text
+    one block at a time needs them as its constructor computes them.
+    """
     import torch
 
     cls = _model_class(config, None)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    with torch.device("meta"):
+    with _parameters_on_meta() if buffers else torch.device("meta"):
         return cls._from_config(config, **kwargs) if hasattr(cls, "_from_config") else cls.from_config(config, **kwargs)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter created inside goes to the meta device as it is registered; only an
+    uninitialised allocation (pages never touched) precedes it, so nothing is resident."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def load_model(

@@ -15,9 +15,13 @@ when the source files and the recipe are those of the interrupted run. The stagi
 renamed to the output at the very end, so a half-written folder never stands where a finished
 one should.
 
-What needs the whole model stays on the in-memory path (:func:`streaming_blocker` says why):
-calibration (the dense model runs text), a budget (it compares all layers' errors before
-choosing), the speed gate, Hub ids, and checkpoints whose tensor names are not the model's own.
+A calibrating recipe streams too: the text runs through one block at a time
+(:mod:`.blockwise`), output tensors are laid out block by block, and each block's layers are
+projected when the writer reaches them. What needs the whole model stays on the in-memory path
+(:func:`streaming_blocker` and :func:`calibration_problem` say why): a budget (it
+compares all layers' errors before choosing), the speed gate, Monarch plus low rank, Hub ids,
+checkpoints whose tensor names are not the model's own, and calibration of a model whose
+selected layers are not all in one list of repeated blocks.
 """
 
 from __future__ import annotations
@@ -48,16 +52,19 @@ from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, monarchify_ver
 from monarchify.hf.tensorfiles import (
     Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names, write_index,
 )
-from monarchify.pipeline import count_params
+from monarchify.hf.blockwise import BlockwiseCalibration, blocks_problem
+from monarchify.pipeline import calibration_text, count_params
 from monarchify.pipeline.allocate import Allocation, allocate
+from monarchify.pipeline.observe import Observation
 from monarchify.pipeline.plan import PlannedLayer, plan
 from monarchify.pipeline.project import Projected, Projector, default_projector
 from monarchify.pipeline.report import build_report
 from monarchify.report import ConversionReport
+from monarchify.samples import TextSamples
 
 STATE_FILE = ".monarchify-stream.json"
 """Inside the staging folder: what the run is converting, and which shards are finished."""
-STATE_VERSION = 1
+STATE_VERSION = 2
 STREAM_ABOVE = 2 * 10**9
 """Bytes of weights above which ``convert`` streams on its own (below, the in-memory path is
 fast and adds the functional check)."""
@@ -164,8 +171,6 @@ def _match(checkpoint: Checkpoint) -> str | None:
 
 def streaming_blocker(config: MonarchConfig) -> str | None:
     """Why this recipe needs the whole model in memory, or None."""
-    if config.calibration is not None:
-        return "calibration runs text through the whole dense model"
     if config.budget is not None:
         return "a budget compares every layer's errors before choosing"
     if config.speed_gate is not None:
@@ -175,14 +180,30 @@ def streaming_blocker(config: MonarchConfig) -> str | None:
     return None
 
 
-def _units(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Allocation) -> list[Unit]:
-    """Every source tensor in file order, with the tensors it becomes."""
+def calibration_problem(checkpoint: Checkpoint, config: MonarchConfig) -> str | None:
+    """Why this checkpoint's calibrating recipe cannot stream, or None."""
+    if config.calibration is None:
+        return None
+    problem = blocks_problem(checkpoint.model, plan(checkpoint.model, config))
+    if problem is None:
+        return None
+    return f"{problem}, and streaming calibrates one block at a time; calibrating this model needs the in-memory path"
+
+
+def _units(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Allocation,
+           block_of: Callable[[str], int | None] | None = None) -> list[Unit]:
+    """Every source tensor in file order, with the tensors it becomes; with ``block_of``,
+    block by block (what lies outside the blocks first), the order calibration produces them."""
     converted = {f"{layer.name}.weight": layer for layer in layers if layer.name in allocation.nblocks}
     missing = [key for key in converted if key not in checkpoint.tensors]
     if missing:  # a tied weight stored under another name: not worth a special case
         raise ConfigError(f"cannot stream: the weight of '{missing[0]}' is not stored under its own name")
     units = []
-    for name, stored in checkpoint.tensors.items():
+    names = list(checkpoint.tensors)
+    if block_of is not None:
+        names.sort(key=lambda name: -1 if block_of(name) is None else block_of(name))
+    for name in names:
+        stored = checkpoint.tensors[name]
         layer = converted.get(name)
         if layer is None:
             units.append(Unit(name, [Planned(name, checkpoint.dtypes[name], stored.shape)], nbytes=stored.nbytes))
@@ -198,13 +219,15 @@ def _units(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Alloc
     return units
 
 
-def _fingerprint(checkpoint: Checkpoint, config: MonarchConfig, shards: list[list[Unit]], version: str) -> str:
+def _fingerprint(checkpoint: Checkpoint, config: MonarchConfig, shards: list[list[Unit]], version: str,
+                 samples: TextSamples | None) -> str:
     """What a resumed run must share with the interrupted one: the same source files (names,
-    sizes, modification times), recipe, monarchify version and shard layout."""
+    sizes, modification times), recipe, calibration text, monarchify version and shard layout."""
     files = sorted({t.file for t in checkpoint.tensors.values()})
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     layout = [[(t.name, str(t.dtype), t.shape) for unit in shard for t in unit.outputs] for shard in shards]
-    text = json.dumps([stats, config.to_dict(), version, layout], default=str)
+    text_used = [samples.fit, samples.heldout] if samples is not None else None
+    text = json.dumps([stats, config.to_dict(), version, layout, text_used], default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -234,20 +257,36 @@ def _shard_bytes(shard: list[Unit]) -> int:
 class _Projector:
     """Runs the pipeline's projector on a real copy of one meta-device layer, on ``device``."""
 
+    reads_weights = True
+
     def __init__(self, projector: Projector, allocation: Allocation, device: str) -> None:
         self.projector, self.allocation, self.device = projector, allocation, torch.device(device)
 
-    def __call__(self, layer: PlannedLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def __call__(self, layer: PlannedLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> Projected:
         module = copy.deepcopy(layer.module)  # meta tensors: nothing is copied but the structure
         module.weight = nn.Parameter(weight.to(self.device), requires_grad=False)
         if bias is not None:
             module.bias = nn.Parameter(bias.to(self.device), requires_grad=False)
         real = PlannedLayer(layer.name, module, layer.nblocks, layer.pinned)
-        result: Projected = self.projector(real, self.allocation.layout(layer))
-        return result.module.L.detach().cpu(), result.module.R.detach().cpu(), result.rel_error
+        return self.projector(real, self.allocation.layout(layer))
 
 
-def _read_unit(checkpoint: Checkpoint, unit: Unit) -> tuple[torch.Tensor, torch.Tensor | None]:
+class _CalibratedProjector:
+    """The factors calibration computed for a layer with the rest of its block (it reads the
+    block's weights itself)."""
+
+    reads_weights = False
+
+    def __init__(self, calibration: BlockwiseCalibration) -> None:
+        self.calibration = calibration
+
+    def __call__(self, layer: PlannedLayer, weight: Any, bias: Any) -> Projected:
+        return self.calibration.projected(layer)
+
+
+def _read_unit(checkpoint: Checkpoint, unit: Unit, weights: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if unit.layer is not None and not weights:
+        return None, None
     tensor = read_tensor(checkpoint.tensors[unit.source]).to(checkpoint.dtypes[unit.source])
     bias = None
     if unit.layer is not None and unit.layer.has_bias:
@@ -267,12 +306,14 @@ def convert_streaming(
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
     events: StreamEvents | None = None,
     checkpoint: Checkpoint | None = None,
+    samples: TextSamples | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> ConversionReport:
     """Convert the safetensors folder ``source`` into the Monarch folder ``out``, tensor by
-    tensor (see the module's docstring). ``device`` is where projections run (``"cuda"`` if
-    there is one; the factors come back to the CPU). ``resume`` continues an interrupted run
-    into ``out`` from its finished shards."""
+    tensor (see the module's docstring). ``device`` is where projections (and calibration's
+    blocks) run (``"cuda"`` if there is one; the factors come back to the CPU). ``resume``
+    continues an interrupted run into ``out`` from its finished shards. ``samples``: the
+    calibration text, when the recipe calibrates."""
     events = events or StreamEvents()
     folder = Path(os.fspath(source)).expanduser()
     blocker = streaming_blocker(config)
@@ -281,17 +322,24 @@ def convert_streaming(
     check_output_dir(out, force, inputs=(source,))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{device}' was asked for, but torch sees no CUDA device here")
+    samples = calibration_text(samples, config)
     checkpoint = checkpoint or open_checkpoint(folder)
     if checkpoint.problem is not None:
         raise ConfigError(f"cannot stream '{source}': {checkpoint.problem}")
     tokenizer = load_tokenizer(folder)  # read now: a broken one fails before the long part
     layers = plan(checkpoint.model, config)
     allocation = allocate(layers, config)
-    units = _units(checkpoint, layers, allocation)
+    calibration = None
+    if samples is not None:
+        problem = calibration_problem(checkpoint, config)
+        if problem is not None:
+            raise ConfigError(f"cannot stream this conversion: {problem}")
+        calibration = BlockwiseCalibration(checkpoint, layers, allocation, config, samples, tokenizer, device)
+    units = _units(checkpoint, layers, allocation, calibration.block_of if calibration is not None else None)
     shards = pack_shards(units, lambda unit: sum(t.nbytes for t in unit.outputs), parse_size(max_shard_size))
     names = shard_names(len(shards))
     version = monarchify_version()
-    fingerprint = _fingerprint(checkpoint, config, shards, version)
+    fingerprint = _fingerprint(checkpoint, config, shards, version, samples)
 
     staging = _staging(Path(out))
     state = _read_state(staging) if staging.is_dir() else None
@@ -311,34 +359,38 @@ def convert_streaming(
     if state is None:
         state = {"version": STATE_VERSION, "fingerprint": fingerprint, "source": str(folder), "done": {}}
         _write_state(staging, state)
-    done: dict[str, dict[str, float]] = {
+    done: dict[str, dict[str, Any]] = {
         name: errors for name, errors in state["done"].items()
         if (staging / name).is_file() and name in names
     }
     if done:
         events.note(f"resuming: {len(done)} of {len(shards)} shards are finished")
 
-    projector = _Projector(default_projector(None, config.allow_structural_zeros), allocation, device)
+    projector: _Projector | _CalibratedProjector = (
+        _CalibratedProjector(calibration) if calibration is not None
+        else _Projector(default_projector(None, config.allow_structural_zeros), allocation, device)
+    )
     total = sum(unit.nbytes for unit in units)
     kept = sum(unit.nbytes for shard, name in zip(shards, names) if name in done for unit in shard)
     events.streaming(total, kept)
-    errors: dict[str, float] = {k: v for shard_errors in done.values() for k, v in shard_errors.items()}
+    errors: dict[str, Any] = {k: v for shard_errors in done.values() for k, v in shard_errors.items()}
     weight_map: dict[str, str] = {}
     completed = False
     try:
         with ThreadPoolExecutor(1) as reader:  # reads the next tensor while this one projects
             todo = [(shard, name) for shard, name in zip(shards, names) if name not in done]
             queue = [unit for shard, _ in todo for unit in shard]
-            pending = reader.submit(_read_unit, checkpoint, queue[0]) if queue else None
+            read = lambda unit: _read_unit(checkpoint, unit, projector.reads_weights)  # noqa: E731
+            pending = reader.submit(read, queue[0]) if queue else None
             position = 0
             for shard, name in todo:
                 writer = ShardWriter(staging / name, [t for unit in shard for t in unit.outputs])
-                shard_errors: dict[str, float] = {}
+                shard_errors: dict[str, Any] = {}
                 try:
                     for unit in shard:
                         tensor, bias = pending.result()
                         position += 1
-                        pending = reader.submit(_read_unit, checkpoint, queue[position]) if position < len(queue) else None
+                        pending = reader.submit(read, queue[position]) if position < len(queue) else None
                         _write_unit(writer, unit, tensor, bias, projector, shard_errors)
                         del tensor, bias
                         events.streamed(unit.source, unit.nbytes)
@@ -351,7 +403,8 @@ def convert_streaming(
                 _write_state(staging, state)
         for shard, name in zip(shards, names):
             weight_map.update(dict.fromkeys((t.name for unit in shard for t in unit.outputs), name))
-        report = _report(checkpoint, layers, allocation, config, errors, folder)
+        observation = calibration.observation() if calibration is not None else None
+        report = _report(checkpoint, layers, allocation, config, errors, folder, observation)
         _finish(staging, checkpoint, allocation, layers, report, tokenizer, names, weight_map,
                 sum(_shard_bytes(shard) for shard in shards))
         move_into_place(staging, out)
@@ -365,26 +418,27 @@ def convert_streaming(
     return report
 
 
-def _write_unit(writer: ShardWriter, unit: Unit, tensor: torch.Tensor, bias: torch.Tensor | None,
-                projector: _Projector, errors: dict[str, float]) -> None:
+def _write_unit(writer: ShardWriter, unit: Unit, tensor: torch.Tensor | None, bias: torch.Tensor | None,
+                projector: _Projector | _CalibratedProjector, errors: dict[str, Any]) -> None:
     if unit.layer is None:
         writer.write(unit.source, tensor)
         return
-    L, R, rel_error = projector(unit.layer, tensor, bias)
-    errors[unit.layer.name] = rel_error
-    for planned, value in zip(unit.outputs, (L, R)):
-        writer.write(planned.name, value)
+    result = projector(unit.layer, tensor, bias)
+    errors[unit.layer.name] = [result.rel_error, result.extra]
+    for planned, value in zip(unit.outputs, (result.module.L, result.module.R)):
+        writer.write(planned.name, value.detach().cpu())
     for planned in unit.outputs[2:]:  # the guard (and the hint) that stock transformers trips on
         writer.write(planned.name, guard_tensors([f"{unit.layer.name}.L"], planned.dtype)[planned.name])
 
 
 def _report(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Allocation, config: MonarchConfig,
-            errors: dict[str, float], folder: Path) -> ConversionReport:
-    projected = {name: Projected(nn.Identity(), error) for name, error in errors.items()}
+            errors: dict[str, Any], folder: Path, observation: Observation | None) -> ConversionReport:
+    projected = {name: Projected(nn.Identity(), error, extra) for name, (error, extra) in errors.items()}
     before = count_params(checkpoint.model)
     saved = sum(layer.params_dense - (allocation.layout(layer).weight_params + (layer.d_out if layer.has_bias else 0))
                 for layer in layers if layer.name in allocation.nblocks)
-    report = build_report(layers, allocation, config, params_before=before, params_after=before - saved, projected=projected)
+    report = build_report(layers, allocation, config, params_before=before, params_after=before - saved,
+                          observation=observation, projected=projected)
     report.meta.update({"source": str(folder), "architecture": type(checkpoint.model).__name__, "conversion": "streaming"})
     return report
 

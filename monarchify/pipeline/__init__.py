@@ -55,7 +55,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _text(samples: TextSamples | Sequence[Sample] | None, config: MonarchConfig) -> TextSamples | None:
+def calibration_text(samples: TextSamples | Sequence[Sample] | None, config: MonarchConfig) -> TextSamples | None:
+    """The samples a recipe calibrates on (split into fitting and held-out ones), checked
+    against whether it calibrates at all."""
     if config.calibration is None:
         if samples is not None:
             raise ConfigError("calibration samples were given, but the recipe does not calibrate (set its calibration)")
@@ -70,7 +72,7 @@ def _text(samples: TextSamples | Sequence[Sample] | None, config: MonarchConfig)
 def _observe(
     model: nn.Module, layers: list[PlannedLayer], config: MonarchConfig, samples: Any, tokenizer: Any, events: Events
 ) -> Observation | None:
-    text = _text(samples, config)
+    text = calibration_text(samples, config)
     if text is None:
         return None
     events.observing(len(text.fit) + len(text.heldout))

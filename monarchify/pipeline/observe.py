@@ -11,7 +11,8 @@ of their own: the project stage measures each layer's output error on them.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,13 +48,18 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-class _Collector:
-    """Forward pre-hooks accumulating ``XᵀX`` per distinct input tensor."""
+class Collector:
+    """Forward pre-hooks on ``modules`` accumulating ``XᵀX`` per distinct input tensor; the
+    caller runs the forward passes, one :meth:`batch` each. The whole dense model runs them in
+    memory (:func:`collect`); a streaming conversion runs one block at a time
+    (:mod:`monarchify.hf.blockwise`), and both must count the same rows in the same order."""
 
-    def __init__(self, stats: InputStatistics) -> None:
-        self.stats = stats
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.stats = InputStatistics()
+        self.names = list(modules)
         self.mask: torch.Tensor | None = None
         self.seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self.handles = [module.register_forward_pre_hook(self.hook(name)) for name, module in modules.items()]
 
     def hook(self, name: str):
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -76,6 +82,30 @@ class _Collector:
 
         return pre_hook
 
+    @contextmanager
+    def batch(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
+        """One forward pass: padded positions of ``attention_mask`` are left out, and only
+        tensors of this pass count as shared."""
+        self.mask = attention_mask.bool() if attention_mask is not None else None
+        self.seen.clear()
+        try:
+            yield
+        finally:
+            self.seen.clear()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def finish(self) -> InputStatistics:
+        """The statistics, once every module was reached (else a one-line error)."""
+        self.close()
+        missing = [name for name in self.names if name not in self.stats.owner]
+        if missing:
+            raise SampleError(f"the calibration forward pass never reached layer(s) {', '.join(missing[:4])}")
+        return self.stats
+
 
 @torch.no_grad()
 def collect(
@@ -84,27 +114,19 @@ def collect(
     batches: Iterable[dict[str, torch.Tensor]],
 ) -> InputStatistics:
     """Run ``batches`` through ``model`` and accumulate the input statistics of ``modules``."""
-    stats = InputStatistics()
-    collector = _Collector(stats)
-    handles = [module.register_forward_pre_hook(collector.hook(name)) for name, module in modules.items()]
+    collector = Collector(modules)
     was_training = model.training
     model.eval()
     device = model_device(model)
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            collector.mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
-            collector.seen.clear()
-            model(**batch)
+            with collector.batch(batch.get("attention_mask")):
+                model(**batch)
     finally:
-        collector.seen.clear()
-        for handle in handles:
-            handle.remove()
+        collector.close()
         model.train(was_training)
-    missing = [name for name in modules if name not in stats.owner]
-    if missing:
-        raise SampleError(f"the calibration forward pass never reached layer(s) {', '.join(missing[:4])}")
-    return stats
+    return collector.finish()
 
 
 @dataclass
@@ -124,18 +146,27 @@ class Observation:
         return {**self.samples.describe(), "method": c.method, "damping": c.damping, "sweeps": c.sweeps, "max_length": c.max_length}
 
 
+def calibration_batches(
+    model: nn.Module, samples: TextSamples, tokenizer: Any, config: CalibrationConfig
+) -> tuple[dict[str, list[dict[str, torch.Tensor]]], dict[str, int]]:
+    """The fitting and the held-out samples as model inputs (``{"fit": ..., "heldout": ...}``),
+    and their token counts (padding excluded)."""
+    max_length = min(config.max_length, _position_limit(model, tokenizer))
+    batches, tokens = {}, {}
+    for part, texts in (("fit", samples.fit), ("heldout", samples.heldout)):
+        batches[part] = tokenize(texts, tokenizer, batch_size=config.batch_size, max_length=max_length)
+        tokens[part] = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches[part])
+    return batches, tokens
+
+
 def observe(
     model: nn.Module, modules: dict[str, nn.Module], samples: TextSamples, tokenizer: Any, config: CalibrationConfig
 ) -> Observation:
     """Run the dense model on the fitting and the held-out samples, collecting the inputs of
     ``modules``."""
     start = time.perf_counter()
-    stats, tokens = {}, {}
-    max_length = min(config.max_length, _position_limit(model, tokenizer))
-    for part, texts in (("fit", samples.fit), ("heldout", samples.heldout)):
-        batches = tokenize(texts, tokenizer, batch_size=config.batch_size, max_length=max_length)
-        tokens[part] = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
-        stats[part] = collect(model, modules, batches)
+    batches, tokens = calibration_batches(model, samples, tokenizer, config)
+    stats = {part: collect(model, modules, part_batches) for part, part_batches in batches.items()}
     return Observation(samples, config, stats["fit"], stats["heldout"], tokens, time.perf_counter() - start)
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from monarchify.config import MonarchConfig
-from monarchify.errors import NoMatchError
+from monarchify.errors import ConfigError, NoMatchError
 
 FilterFn = Callable[[nn.Module, str], bool]
 """``filter_fn(module, qualified_name) -> bool``, as torchao's ``quantize_`` takes it."""
@@ -196,3 +196,30 @@ def _blocks_for(name: str, config: MonarchConfig) -> tuple[int, bool]:
         if name_matches(pattern, name):
             nblocks, pinned = value, True
     return nblocks, pinned
+
+
+def block_list(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]:
+    """The one list of repeated blocks (the outermost ``nn.ModuleList`` above a layer, as the
+    default selection reads "repeated blocks") that holds every layer in ``names``: what a
+    conversion calibrated one block at a time walks through."""
+    lists = sorted(((n, m) for n, m in model.named_modules() if n and isinstance(m, nn.ModuleList)),
+                   key=lambda item: item[0].count("."))
+    if not lists:
+        raise ConfigError(f"{type(model).__name__} has no list of repeated blocks (nn.ModuleList)")
+    owners: dict[str, nn.ModuleList] = {}
+    for name in names:
+        owner = next(((n, m) for n, m in lists if name.startswith(n + ".")), None)
+        if owner is None:
+            raise ConfigError(f"layer '{name}' is outside the repeated blocks")
+        owners.setdefault(*owner)
+    if len(owners) > 1:
+        raise ConfigError(f"the selected layers lie in {len(owners)} lists of blocks ({', '.join(owners)})")
+    return next(iter(owners.items()))
+
+
+def block_index(list_name: str, name: str) -> int | None:
+    """Which block of the list ``list_name`` the module ``name`` belongs to, or None."""
+    if not name.startswith(list_name + "."):
+        return None
+    head = name[len(list_name) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
