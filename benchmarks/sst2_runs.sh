@@ -34,6 +34,7 @@ export RUNS GLUE BUDGET
   echo "compress-cal1024-s0 --calibration-samples 1024"
   echo "compress-cal2048-s0 --calibration-samples 2048"
   echo "compress-cal1024-lr1e-4-s0 --calibration-samples 1024 --student-lr 1e-4"
+  echo "compress-hidden-s0 --distill-hidden 1.0"
 } | xargs -P "$JOBS" -L 1 bash -c 'student "$@"' _
 
-python benchmarks/mrpc_table.py "$RUNS" --only dense compress-cal256 compress-cal1024 compress-cal2048 compress-cal1024-lr1e-4
+python benchmarks/mrpc_table.py "$RUNS" --only dense compress-cal256 compress-cal1024 compress-cal2048 compress-cal1024-lr1e-4 compress-hidden
