@@ -15,11 +15,11 @@ JOBS=${JOBS:-1}
 mkdir -p "$RUNS/logs"
 export TOKENIZERS_PARALLELISM=false
 [ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
-BUDGET="--epochs 1 --max-train-samples 20000 --seed 0"
+BUDGET="--epochs 1 --max-train-samples 20000"
 
 # The dense teacher: what `compress` trains as its stage 1 from the pretrained model.
 [ -f "$RUNS/dense-s0/eval_results.json" ] || monarchify finetune --task sst2 --model "$MINILM" --data-dir "$GLUE" \
-  --out "$RUNS/dense-s0" --lr 1e-4 $BUDGET > "$RUNS/logs/dense-s0.log" 2>&1
+  --out "$RUNS/dense-s0" --lr 1e-4 --seed 0 $BUDGET > "$RUNS/logs/dense-s0.log" 2>&1
 
 student() {  # NAME, then extra compress arguments
   local name=$1; shift
@@ -30,11 +30,12 @@ student() {  # NAME, then extra compress arguments
 export -f student
 export RUNS GLUE BUDGET
 {
-  echo "compress-cal256-s0 --calibration-samples 256"
-  echo "compress-cal1024-s0 --calibration-samples 1024"
-  echo "compress-cal2048-s0 --calibration-samples 2048"
-  echo "compress-cal1024-lr1e-4-s0 --calibration-samples 1024 --student-lr 1e-4"
-  echo "compress-hidden-s0 --distill-hidden 1.0"
+  echo "compress-cal256-s0 --seed 0 --calibration-samples 256"
+  echo "compress-cal1024-s0 --seed 0 --calibration-samples 1024"
+  echo "compress-cal1024-s1 --calibration-samples 1024 --seed 1"
+  echo "compress-cal2048-s0 --seed 0 --calibration-samples 2048"
+  echo "compress-cal1024-lr1e-4-s0 --seed 0 --calibration-samples 1024 --student-lr 1e-4"
+  echo "compress-hidden-s0 --seed 0 --distill-hidden 1.0"
 } | xargs -P "$JOBS" -L 1 bash -c 'student "$@"' _
 
 python benchmarks/mrpc_table.py "$RUNS" --only dense compress-cal256 compress-cal1024 compress-cal2048 compress-cal1024-lr1e-4 compress-hidden
