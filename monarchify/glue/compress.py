@@ -194,10 +194,8 @@ def calibration_size(task: GlueTask, train: Any, model: str, recipe: MonarchConf
     start = min(DEFAULT_CALIBRATION_SAMPLES, max(1, len(train) * 4 // 5))
     if widest is None or tokenizer is None:
         return start
-    pool = _examples(task, train.select(range(min(AUTO_MAX_SAMPLES, len(train) * 4 // 5))))
-    firsts, seconds = zip(*pool) if pool and isinstance(pool[0], tuple) else (pool, None)
-    encoded = tokenizer(list(firsts), list(seconds) if seconds else None, truncation=True,
-                        max_length=recipe.calibration.max_length)
+    columns = train[: min(AUTO_MAX_SAMPLES, len(train) * 4 // 5)]  # pairs are tokenised as pairs, as in fine-tuning
+    encoded = tokenizer(*(columns[f] for f in task.text_fields), truncation=True, max_length=recipe.calibration.max_length)
     lengths = [len(ids) for ids in encoded["input_ids"]]
     return max(1, samples_for_tokens(lengths, start, TOKENS_PER_INPUT * widest))
 
