@@ -191,3 +191,35 @@ def test_bad_calibration_text_is_one_line_before_any_work(tmp_path, tokenizers, 
     assert code == 1 and err.startswith("Error:") and len(err.splitlines()) == 1
     assert ("does not exist" if problem == "missing" else "no samples") in err
     assert not (tmp_path / "out").exists() and not _staging(tmp_path / "out").exists()
+
+
+def test_each_block_announces_itself_before_it_calibrates(tmp_path, tokenizers):
+    """The bar would otherwise stand still for the minutes a large block takes."""
+    src = source(tmp_path, tokenizers, "llama")
+    seen = []
+
+    class Events(Interrupt):
+        def calibrating(self, block, blocks):
+            seen.append((block, blocks, len(streamed)))
+
+        def streamed(self, name, nbytes):
+            streamed.append(name)
+
+    streamed = []
+    samples = read_samples(text_file(tmp_path), 9, 4)
+    convert_streaming(src, tmp_path / "out", MonarchConfig(calibration=CALIBRATION), samples=samples, events=Events(10**9))
+    assert [(block, blocks) for block, blocks, _ in seen] == [(0, 2), (1, 2)]
+    block0 = [i for i, name in enumerate(streamed) if name.startswith("model.layers.0.")]
+    first_linear = streamed.index("model.layers.0.self_attn.q_proj.weight")
+    assert seen[0][2] <= first_linear  # announced before its first projection is written
+    assert max(block0) < seen[1][2] <= streamed.index("model.layers.1.self_attn.q_proj.weight")
+
+
+def test_the_command_line_streams_a_calibrated_conversion(tmp_path, tokenizers, capsys):
+    src = source(tmp_path, tokenizers, "llama")
+    code = main(["convert", str(src), "--stream", "--calibrate", str(text_file(tmp_path, lines=40)), "--json",
+                 "-o", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["meta"]["conversion"] == "streaming" and report["meta"]["calibration"]["samples"] > 0
+    assert (tmp_path / "out" / "monarchify_report.json").is_file()

@@ -49,6 +49,9 @@ def _events(progress: Progress):
         def streamed(self, name: str, nbytes: int) -> None:
             progress.update(self.task, advance=nbytes / 1e6, description=f"streaming (MB) {name}")
 
+        def calibrating(self, block: int, blocks: int) -> None:
+            progress.update(self.task, description=f"calibrating block {block + 1}/{blocks}")
+
         def note(self, text: str) -> None:
             progress.console.print(f"[yellow]note:[/] {text}")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -192,7 +192,8 @@ class BlockwiseCalibration:
     streaming writer asks for a layer's factors (:meth:`projected`) in block order."""
 
     def __init__(self, checkpoint: Any, layers: list[PlannedLayer], allocation: Allocation, config: MonarchConfig,
-                 samples: TextSamples, tokenizer: Any, device: str = "cpu") -> None:
+                 samples: TextSamples, tokenizer: Any, device: str = "cpu",
+                 on_block: Callable[[int, int], None] | None = None) -> None:
         try:
             model = empty_model(checkpoint.config, checkpoint.dtype, buffers=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -215,6 +216,7 @@ class BlockwiseCalibration:
         self.next_block = 0
         self.seconds = 0.0
         self.done: dict[str, Projected] = {}
+        self.on_block = on_block
 
     def block_of(self, name: str) -> int | None:
         return block_index(self.list_name, name)
@@ -273,6 +275,8 @@ class BlockwiseCalibration:
     def _run_block(self, index: int, project: bool) -> None:
         """Block ``index`` on every recorded batch; with ``project``, its layers' statistics
         and projections too."""
+        if self.on_block is not None:
+            self.on_block(index, len(self.blocks))
         start = time.perf_counter()
         if self.inputs is None:
             self.inputs = self._capture()

@@ -81,6 +81,10 @@ class StreamEvents:
     def streamed(self, name: str, nbytes: int) -> None:
         """One source tensor is converted or copied."""
 
+    def calibrating(self, block: int, blocks: int) -> None:
+        """Calibration starts running block ``block`` (0-based) of ``blocks``: minutes pass
+        before that block's tensors stream."""
+
     def note(self, text: str) -> None:
         """Something the user should read (one line)."""
 
@@ -334,7 +338,8 @@ def convert_streaming(
         problem = calibration_problem(checkpoint, config)
         if problem is not None:
             raise ConfigError(f"cannot stream this conversion: {problem}")
-        calibration = BlockwiseCalibration(checkpoint, layers, allocation, config, samples, tokenizer, device)
+        calibration = BlockwiseCalibration(checkpoint, layers, allocation, config, samples, tokenizer, device,
+                                           on_block=events.calibrating)
     units = _units(checkpoint, layers, allocation, calibration.block_of if calibration is not None else None)
     shards = pack_shards(units, lambda unit: sum(t.nbytes for t in unit.outputs), parse_size(max_shard_size))
     names = shard_names(len(shards))
