@@ -207,3 +207,44 @@ def test_the_calibration_size_follows_the_tokens_the_widest_layer_needs(tmp_path
     text = recipe._calibration_text(task, data, None, str(bert_folder), opts.recipe)
     assert len(text.fit) == 1600 and len(text.heldout) == 400
     assert len(recipe._calibration_text(task, data, 64, str(bert_folder), opts.recipe).fit) == 64  # asked for: as asked
+
+
+ENCODERS = {  # the layout each family's config wants, at tiny sizes
+    "roberta": {}, "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64), "deberta-v2": {},
+    "albert": dict(embedding_size=16),
+    "bart": dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=64, decoder_ffn_dim=64),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(ENCODERS))
+def test_other_classifier_families_compress_with_their_heads_dense(tmp_path, bert_tokenizer, arch):
+    """Other module names (q_lin, query_proj, ffn_output, a separate pre-classifier, a
+    classification head with its own dense layer), no token type ids, an encoder-decoder."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
+
+    from test_glue_data import write_task
+
+    tokenizer = BertTokenizerFast.from_pretrained(bert_tokenizer.name_or_path, model_input_names=["input_ids", "attention_mask"])
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 vocab_size=len(tokenizer), max_position_embeddings=160, pad_token_id=tokenizer.pad_token_id,
+                 eos_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id)
+    config = AutoConfig.for_model(arch, num_labels=2, **{**sizes, **ENCODERS[arch]})
+    torch.manual_seed(0)
+    dense = AutoModelForSequenceClassification.from_config(config)
+    folder = tmp_path / arch
+    dense.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_task(tmp_path / "glue", "mrpc", n=12)
+    finetune = {**FAST, "max_steps": 2, "batch_size": 4}
+    opts = options(tmp_path, folder, tmp_path / "glue", task="mrpc", calibration_samples=4, finetune=finetune)
+    results = compress(opts).results
+
+    linears = {name for name, module in dense.named_modules() if isinstance(module, torch.nn.Linear)}
+    head = {name for name in linears if not name.startswith(dense.base_model_prefix + ".")}
+    converted = {layer.name for layer in monarchify.read_report(opts.stages / CONVERTED).layers if not layer.kept_dense}
+    assert head and converted and converted <= linears - head  # the task head stays dense
+    loaded = AutoModelForSequenceClassification.from_pretrained(opts.out)  # stock loading
+    assert {name for name, m in loaded.named_modules() if isinstance(m, monarchify.MonarchLinear)} == converted
+    assert set(results["metrics"]["validation"]) >= {"accuracy", "f1"}
