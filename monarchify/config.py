@@ -23,6 +23,8 @@ RECIPE_VERSION = 1
 """Version of the recipe dictionary (``MonarchConfig.to_dict``), not of the weight format."""
 OUTPUT_ORDERS = ("blocked", "interleaved")
 """How a Monarch layer orders its outputs (:class:`monarchify.monarch.layout.MonarchLayout`)."""
+BUDGET_OBJECTIVES = ("layers", "output")
+"""What a budget minimises (``MonarchConfig.budget_objective``)."""
 DEFAULT_CALIBRATION_SAMPLES = 256
 DEFAULT_SWEEPS = 2
 """Full-covariance refinement sweeps. On MiniLM at 4 blocks, 2 sweeps take the mean held-out
@@ -135,6 +137,11 @@ class MonarchConfig:
     * ``budget_ranks``: ranks of a low-rank term the budget may add to a layer next to its
       Monarch blocks (Monarch plus low rank, :mod:`monarchify.monarch.lowrank`), priced at
       ``rank·(d_in + d_out)``; empty: plain Monarch only.
+    * ``budget_objective``: what the budget minimises: ``"layers"``, the sum of the layers'
+      relative errors, or ``"output"``, each layer's error weighted by how far the model's
+      output moves per unit of it (measured on the calibration text, so it needs
+      ``calibration``). Two plans whose layer sums are near-equal can train very differently;
+      the output weighting tells apart the layers whose errors the rest of the model amplifies.
     * ``ranks``: ``{regex: rank}``, a low-rank term for matching layers (last wins; 0 removes
       it). A budgeted checkpoint records its choices here, as exact names.
     * ``calibration``: project on real activations (the text is an argument of ``convert``).
@@ -156,6 +163,7 @@ class MonarchConfig:
     budget: float | None = None
     budget_keep_dense: bool = True
     budget_ranks: list[int] = field(default_factory=list)
+    budget_objective: str = "layers"
     ranks: dict[str, int] = field(default_factory=dict)
     calibration: CalibrationConfig | None = None
     speed_gate: SpeedGateConfig | None = None
@@ -183,6 +191,10 @@ class MonarchConfig:
         self.budget_ranks = sorted({_positive_int(rank, "budget rank") for rank in self.budget_ranks})
         if self.budget_ranks and self.budget is None:
             raise ConfigError("budget_ranks only means something with a budget")
+        if self.budget_objective not in BUDGET_OBJECTIVES:
+            raise ConfigError(f"budget_objective must be one of {', '.join(BUDGET_OBJECTIVES)}, got {self.budget_objective!r}")
+        if self.budget_objective == "output" and self.budget is None:
+            raise ConfigError("budget_objective 'output' weighs a budget's layers: it needs a budget (and calibration)")
         self.ranks = dict(self.ranks)
         for pattern, rank in self.ranks.items():
             _check_pattern(pattern, "rank pattern")
@@ -198,12 +210,14 @@ class MonarchConfig:
             raise ConfigError(f"unsupported recipe version {self.version} (this monarchify reads {RECIPE_VERSION})")
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data; ``speed_gate``, ``budget_ranks`` and ``ranks`` appear only
-        when set (recipes written before they existed stay byte-identical)."""
+        """The recipe as plain data; ``speed_gate``, ``budget_ranks``, ``budget_objective`` and
+        ``ranks`` appear only when set (recipes written before they existed stay byte-identical)."""
         data = asdict(self)
         for name in ("speed_gate", "budget_ranks", "ranks"):
             if not data[name]:
                 del data[name]
+        if data["budget_objective"] == "layers":
+            del data["budget_objective"]
         return data
 
     @classmethod

@@ -119,6 +119,7 @@ def test_a_stopped_run_resumes_at_the_stage_it_stopped(tmp_path, bert_folder, da
         (["--calibration-samples", "0"], "positive integer"),
         (["--epochs", "0"], "epochs must be positive"),
         (["--output-order", "sideways"], "output_order"),
+        (["--budget-objective", "logits"], "budget_objective"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, bert_folder, data, capsys, extra, message):
@@ -147,6 +148,9 @@ def test_a_finished_output_is_not_replaced_without_force(tmp_path, bert_folder, 
 def test_the_recipe_carries_the_output_order(tmp_path, bert_folder, data):
     assert options(tmp_path, bert_folder, data).recipe.output_order == "blocked"
     assert options(tmp_path, bert_folder, data, output_order="interleaved").recipe.output_order == "interleaved"
+    assert options(tmp_path, bert_folder, data).recipe.budget_objective == "layers"
+    recipe = options(tmp_path, bert_folder, data, budget_objective="output").recipe
+    assert recipe.budget_objective == "output" and recipe.calibration is not None
 
 
 @pytest.mark.slow

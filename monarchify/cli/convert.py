@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from monarchify.cli.options import (
-    AllowZeros, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, build_config,
+    AllowZeros, BudgetObjective, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, build_config,
 )
 from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report
 from monarchify.config import (
@@ -78,6 +78,7 @@ def convert(
     budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Choose every layer's block count (or keep it dense) to minimise the total error within this fraction of the selected layers' dense parameters; --override pins layers, --nblocks is ignored.")] = None,
     budget_dense: Annotated[bool, typer.Option("--budget-dense/--no-budget-dense", help="Whether --budget may keep a layer dense (error 0, full price).")] = True,
     budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term (K·(d_in+d_out) parameters, fitted to what Monarch misses) next to its blocks, e.g. 8,16,32.")] = None,
+    budget_objective: BudgetObjective = "layers",
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Convert tensor by tensor without loading the model (local safetensors folders; --calibrate runs one block at a time; no budget or speed gate; no functional check). Default: stream folders over 2 GB of weights when the recipe allows.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted streaming conversion into the same --out, keeping its finished shards (implies --stream).")] = False,
     device: Annotated[str, typer.Option("--device", help="Where a streaming conversion projects (and runs --calibrate's blocks): cpu or cuda (cuda implies --stream).")] = "cpu",
@@ -104,6 +105,8 @@ def convert(
         raise ConfigError("--no-budget-dense needs --budget FRACTION")
     if budget is None and budget_ranks is not None:
         raise ConfigError("--budget-ranks needs --budget FRACTION")
+    if budget_objective != "layers" and (budget is None or calibrate is None):
+        raise ConfigError(f"--budget-objective {budget_objective} needs --budget FRACTION and --calibrate DATA")
     if calibrate is None and (calibration_samples is not None or refine_sweeps is not None):
         raise ConfigError("--calibration-samples and --refine-sweeps need --calibrate DATA")
     if tokens is not None and not only_if_faster:
@@ -111,7 +114,7 @@ def convert(
     config = build_config(
         nblocks, include, exclude, override, allow_structural_zeros,
         budget=budget, budget_keep_dense=budget_dense, output_order=output_order,
-        budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
+        budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [], budget_objective=budget_objective,
         calibration=CalibrationConfig(
             samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             sweeps=DEFAULT_SWEEPS if refine_sweeps is None else refine_sweeps,

@@ -44,6 +44,15 @@ OutputOrder = Annotated[
         "picks the same block counts for both.",
     ),
 ]
+BudgetObjective = Annotated[
+    str,
+    typer.Option(
+        "--budget-objective",
+        help="What --budget minimises: layers (the sum of the layers' relative output errors) or output (each "
+        "layer's error weighted by how far it moves the model's output, measured on the calibration text: one "
+        "forward pass per layer on 128 samples).",
+    ),
+]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
 
 

@@ -69,6 +69,8 @@ class CompressOptions:
     interleaved ones on MRPC (``docs/results.md``)."""
     budget_ranks: list[int] = field(default_factory=list)
     """Ranks of a low-rank term the budget may add to a layer (``MonarchConfig.budget_ranks``)."""
+    budget_objective: str = "layers"
+    """What the budget minimises (``MonarchConfig.budget_objective``)."""
     seed: int = 42
     finetune: dict[str, Any] = field(default_factory=dict)
     """Other :class:`FinetuneOptions` fields for both fine-tuning stages (``epochs``, ``batch_size``...)."""
@@ -96,7 +98,7 @@ class CompressOptions:
         return MonarchConfig(
             budget=self.budget, calibration=CalibrationConfig(samples=self.calibration_samples or DEFAULT_CALIBRATION_SAMPLES),
             output_order=self.output_order,
-            budget_ranks=list(self.budget_ranks),
+            budget_ranks=list(self.budget_ranks), budget_objective=self.budget_objective,
         )
 
     def finetune_options(self, model: str, out: Path, lr: float, **extra: Any) -> FinetuneOptions:

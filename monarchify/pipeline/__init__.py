@@ -76,7 +76,8 @@ def _observe(
     if text is None:
         return None
     events.observing(len(text.fit) + len(text.heldout))
-    return observe(model, {layer.name: layer.module for layer in layers}, text, tokenizer, config.calibration)
+    return observe(model, {layer.name: layer.module for layer in layers}, text, tokenizer, config.calibration,
+                   sensitivity=config.budget_objective == "output")
 
 
 def _decide(
@@ -86,7 +87,8 @@ def _decide(
     layers = plan(model, config, filter_fn)
     observation = _observe(model, layers, config, samples, tokenizer, events)
     covariance = observation.fit.covariance if observation is not None else None
-    return layers, observation, allocate(layers, config, covariance=covariance)
+    weights = observation.sensitivity if observation is not None else None
+    return layers, observation, allocate(layers, config, covariance=covariance, weights=weights)
 
 
 def dry_run(

@@ -24,7 +24,9 @@ candidate's sub-blocks. A low-rank option's error is that of the same Monarch ma
 best rank-``k`` correction of its residual in the same metric: the residual, whitened, is what
 the sub-block SVDs discarded, and its own singular values give every ``k`` at once. (The
 projector then does a little better: it alternates and uses the full covariance.) Relative errors make layers comparable (their output scales differ
-by orders of magnitude); the objective is their sum.
+by orders of magnitude); the objective is their sum, or with ``budget_objective="output"`` their
+sum weighted by each layer's output sensitivity (measured by the observe stage,
+:func:`monarchify.pipeline.observe.output_sensitivity`).
 
 The solver keeps, layer after layer, the Pareto frontier of (parameters, error) over all
 choices so far. A prefix that costs more and errs more than another can be swapped for it in
@@ -41,7 +43,7 @@ Torch only: nothing here knows about transformers.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -106,6 +108,9 @@ class BudgetPlan:
     weighted: bool = False
     ranks: list[int] = field(default_factory=list)
     """The low-rank terms the solver could add (``budget_ranks``)."""
+    sensitivity: dict[str, float] | None = None
+    """Per-layer weights of the errors (``budget_objective="output"``); ``choices`` hold the
+    weighted errors."""
 
     @property
     def params_used(self) -> int:
@@ -125,10 +130,12 @@ class BudgetPlan:
             "params_used": self.params_used,
             "params_dense": self.params_dense,
             "total_error": self.error,
-            "error_kind": "activation-weighted relative squared" if self.weighted else "relative squared (Frobenius)",
+            "error_kind": ("output-sensitivity-weighted " if self.sensitivity else "")
+            + ("activation-weighted relative squared" if self.weighted else "relative squared (Frobenius)"),
             "kept_dense": self.dense_layers(),
             "uniform": {str(b): v for b, v in self.uniform.items()},
             **({"ranks": self.ranks, "lowrank": {n: o.rank for n, o in self.choices.items() if o.rank}} if self.ranks else {}),
+            **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
         }
 
 
@@ -338,12 +345,14 @@ def plan_budget(
     *,
     covariance: CovarianceOf | None = None,
     damping: float = DEFAULT_DAMPING,
+    weights: Mapping[str, float] | None = None,
 ) -> BudgetPlan:
     """Choose every planned layer's block count under ``config.budget``.
 
     A layer an override pinned keeps its block count; every other layer is free to take any
     candidate, or to stay dense when ``config.budget_keep_dense``. ``covariance(name)``, when
-    given, weighs errors by the layer's calibration activations.
+    given, weighs errors by the layer's calibration activations; ``weights[name]`` multiplies
+    a layer's errors (its output sensitivity, ``budget_objective="output"``).
     """
     if config.budget is None:
         raise ConfigError("the recipe has no budget")
@@ -357,6 +366,9 @@ def plan_budget(
         )
         for layer in layers
     ]
+    if weights is not None:
+        for layer in choices:
+            layer.options = [replace(o, error=o.error * weights[layer.name]) for o in layer.options]
     params_dense = sum(layer.params_dense for layer in choices)
     budget = int(config.budget * params_dense)
     try:
@@ -370,7 +382,7 @@ def plan_budget(
     plan = BudgetPlan(
         config.budget, budget, params_dense,
         {layer.name: layer.options[k] for layer, k in zip(choices, picks)}, weighted=covariance is not None,
-        ranks=list(config.budget_ranks),
+        ranks=list(config.budget_ranks), sensitivity=dict(weights) if weights is not None else None,
     )
     for b in CANDIDATES:
         chosen = [next((o for o in layer.options if o.nblocks == b and not o.rank), None) for layer in choices]
@@ -445,9 +457,11 @@ class Allocation:
 
 
 def allocate(
-    layers: Sequence[PlannedLayer], config: MonarchConfig, *, covariance: CovarianceOf | None = None
+    layers: Sequence[PlannedLayer], config: MonarchConfig, *, covariance: CovarianceOf | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> Allocation:
     """Decide every planned layer: the budget first, then the speed gate on what it converts.
+    ``weights``: the budget's per-layer error weights (``budget_objective="output"``).
 
     Layouts are checked here (a block count that leaves structural zeros is refused unless the
     recipe allows it), naming the layer, before any projection starts.
@@ -455,7 +469,12 @@ def allocate(
     allocation = Allocation(output_order=config.output_order)
     if config.budget is not None:
         damping = config.calibration.damping if config.calibration is not None else DEFAULT_DAMPING
-        allocation.budget = plan_budget(layers, config, covariance=covariance, damping=damping)
+        if config.budget_objective == "output" and weights is None and not all(layer.pinned for layer in layers):
+            # (A recorded recipe pins every layer: re-applying it chooses nothing and needs no weights.)
+            raise ConfigError("budget_objective 'output' weighs each layer by its effect on the model's output, "
+                              "measured on calibration text: calibrate the conversion")
+        allocation.budget = plan_budget(layers, config, covariance=covariance, damping=damping,
+                                        weights=weights if config.budget_objective == "output" else None)
         reason = f"kept dense by the budget ({config.budget:g})"
         for name, option in allocation.budget.choices.items():
             if option.nblocks is DENSE:

@@ -129,6 +129,87 @@ def collect(
     return collector.finish()
 
 
+SENSITIVITY_NOISE = 0.05
+"""Relative size of the noise :func:`output_sensitivity` adds: small enough that the model
+answers linearly, large enough to stand far above float32 rounding."""
+SENSITIVITY_SAMPLES = 128
+"""Fitting samples :func:`output_sensitivity` runs (one forward pass per layer each)."""
+
+
+def _first_output(output: Any) -> torch.Tensor:
+    """The model's main output (logits of a head, else the last hidden states)."""
+    return (output[0] if not isinstance(output, torch.Tensor) else output).float()
+
+
+def _real(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return z[mask] if mask is not None and tuple(z.shape[:2]) == tuple(mask.shape) else z
+
+
+@torch.no_grad()
+def output_sensitivity(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    noise: float = SENSITIVITY_NOISE,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How far the model's output moves per unit of relative squared error at each layer's
+    output: ``||Δz||² / ||z||²`` divided by ``noise²`` when that layer's output gets Gaussian
+    noise of relative energy ``noise²`` (``z``: logits, or the last hidden states; padded
+    positions left out).
+
+    To first order a layer whose relative output error is ``r`` then moves the model's output
+    by ``weight · r``, so the budget can minimise the sum of those instead of the sum of ``r``.
+    One forward pass per layer and batch, on the dense model; noise directions are random,
+    while a projection's error has a direction of its own: a first-order guide, not a promise.
+    """
+    batches = list(batches)
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    try:
+        reference = [_real(_first_output(model(**batch)), _mask(batch)) for batch in batches]
+        energy = sum(float(z.pow(2).sum()) for z in reference) or 1.0
+        weights = {}
+        for index, (name, module) in enumerate(modules.items()):
+            generator = torch.Generator(device=device).manual_seed(seed * 100_003 + index)
+
+            def perturb(_module: nn.Module, _args: Any, out: Any) -> Any:
+                if not isinstance(out, torch.Tensor):
+                    return out
+                scale = noise * out.detach().float().pow(2).mean().sqrt()
+                draw = torch.randn(out.shape, generator=generator, device=out.device, dtype=torch.float32)
+                return out + (scale * draw).to(out.dtype)
+
+            handle = module.register_forward_hook(perturb)
+            try:
+                moved = sum(float((_real(_first_output(model(**batch)), _mask(batch)) - z).pow(2).sum())
+                            for batch, z in zip(batches, reference))
+            finally:
+                handle.remove()
+            weights[name] = moved / energy / noise**2
+    finally:
+        model.train(was_training)
+    return weights
+
+
+def _mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    mask = batch.get("attention_mask")
+    return mask.bool() if mask is not None else None
+
+
+def _first_samples(batches: list[dict[str, torch.Tensor]], samples: int) -> list[dict[str, torch.Tensor]]:
+    """Leading batches holding at least ``samples`` samples (all when there are fewer)."""
+    taken, count = [], 0
+    for batch in batches:
+        if count >= samples:
+            break
+        taken.append(batch)
+        count += len(next(iter(batch.values())))
+    return taken
+
+
 @dataclass
 class Observation:
     """Input statistics of the selected layers on the fitting and on the held-out samples."""
@@ -139,6 +220,8 @@ class Observation:
     heldout: InputStatistics
     tokens: dict[str, int]
     seconds: float
+    sensitivity: dict[str, float] | None = None
+    """Per-layer output sensitivity (:func:`output_sensitivity`), when the budget weighs by it."""
 
     def record(self) -> dict[str, Any]:
         """What the saved recipe says about how the factors were obtained (enough to repeat it)."""
@@ -160,14 +243,17 @@ def calibration_batches(
 
 
 def observe(
-    model: nn.Module, modules: dict[str, nn.Module], samples: TextSamples, tokenizer: Any, config: CalibrationConfig
+    model: nn.Module, modules: dict[str, nn.Module], samples: TextSamples, tokenizer: Any, config: CalibrationConfig,
+    *, sensitivity: bool = False,
 ) -> Observation:
     """Run the dense model on the fitting and the held-out samples, collecting the inputs of
-    ``modules``."""
+    ``modules`` (and with ``sensitivity``, how far each one's output errors move the model's)."""
     start = time.perf_counter()
     batches, tokens = calibration_batches(model, samples, tokenizer, config)
     stats = {part: collect(model, modules, part_batches) for part, part_batches in batches.items()}
-    return Observation(samples, config, stats["fit"], stats["heldout"], tokens, time.perf_counter() - start)
+    weights = (output_sensitivity(model, modules, _first_samples(batches["fit"], SENSITIVITY_SAMPLES))
+               if sensitivity else None)
+    return Observation(samples, config, stats["fit"], stats["heldout"], tokens, time.perf_counter() - start, weights)
 
 
 def _position_limit(model: nn.Module, tokenizer: Any) -> int:

@@ -1,0 +1,119 @@
+"""``budget_objective="output"``: each layer's error weighted by how far it moves the model's
+output. The measurement against its closed form on a linear model, the weighted plan, and the
+recipe end to end and through the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import monarchify
+from monarchify.cli.app import main
+from monarchify.config import CalibrationConfig, MonarchConfig
+from monarchify.errors import ConfigError
+from monarchify.hf.convert import convert_pretrained
+from monarchify.pipeline import convert
+from monarchify.pipeline.allocate import DENSE, plan_budget
+from monarchify.pipeline.observe import output_sensitivity
+from monarchify.pipeline.plan import plan
+
+from conftest import tiny_bert
+from test_calibration import SENTENCES, write
+
+
+class TwoBranches(nn.Module):
+    """``z = U_a a(x) + U_b b(x)``: linear, so the sensitivity has a closed form."""
+
+    def __init__(self, width: int = 16, gain_a: float = 1.0, gain_b: float = 1.0) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+        self.ua, self.ub = nn.Linear(width, 4, bias=False), nn.Linear(width, 4, bias=False)
+        with torch.no_grad():
+            self.ua.weight.mul_(gain_a)
+            self.ub.weight.mul_(gain_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ua(self.a(x)) + self.ub(self.b(x))
+
+
+def test_the_sensitivity_of_a_linear_model_is_its_closed_form():
+    """Noise of variance ``ε² mean(y²)`` on every entry of ``y = a(x)`` moves ``z`` by
+    ``ε² mean(y²) ||U_a||²`` per row: the weight is that over ``mean ||z||²`` and ``ε²``."""
+    torch.manual_seed(0)
+    model = TwoBranches(gain_a=3.0, gain_b=0.5)
+    batches = [{"x": torch.randn(512, 16)} for _ in range(8)]
+    weights = output_sensitivity(model, {"a": model.a, "b": model.b}, batches)
+    with torch.no_grad():
+        x = torch.cat([b["x"] for b in batches])
+        z2 = model(x).pow(2).sum(1).mean()
+        for name, up in (("a", model.ua), ("b", model.ub)):
+            y2 = getattr(model, name)(x).pow(2).mean()
+            expected = float(y2 * up.weight.pow(2).sum() / z2)
+            assert weights[name] == pytest.approx(expected, rel=0.05)
+    assert weights["a"] > 10 * weights["b"]
+    assert model.training  # left as it was
+
+
+def test_padded_positions_are_left_out_and_the_model_is_unchanged(bert_tokenizer):
+    from monarchify.samples import tokenize
+
+    model = tiny_bert(vocab_size=len(bert_tokenizer)).eval()
+    modules = {layer.name: layer.module for layer in plan(model, MonarchConfig())}
+    batches = tokenize(SENTENCES[:8], bert_tokenizer, batch_size=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = output_sensitivity(model, modules, batches)
+    assert set(weights) == set(modules) and all(0 < w < float("inf") for w in weights.values())
+    assert weights == output_sensitivity(model, modules, batches)  # seeded noise: repeatable
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_sensitive_layer_gets_more_parameters():
+    model = tiny_bert(hidden_size=64, intermediate_size=256, num_hidden_layers=1)
+    config = MonarchConfig(budget=0.4)
+    layers = plan(model, config)
+    plain = plan_budget(layers, config)
+    # The layer the plain plan compresses hardest, made to matter a thousand times more.
+    target = max((n for n, o in plain.choices.items() if o.nblocks is not DENSE), key=lambda n: plain.choices[n].nblocks)
+    weights = {layer.name: 1000.0 if layer.name == target else 1.0 for layer in layers}
+    weighted = plan_budget(layers, config, weights=weights)
+    assert weighted.choices[target].params > plain.choices[target].params
+    assert weighted.params_used <= weighted.params_budget
+    record = weighted.to_dict()
+    assert record["sensitivity"] == weights and record["error_kind"].startswith("output-sensitivity-weighted")
+    assert "sensitivity" not in plain.to_dict()
+    # Equal weights are the plain objective, scaled: the same plan.
+    scaled = plan_budget(layers, config, weights=dict.fromkeys(weights, 7.0))
+    assert {n: o.nblocks for n, o in scaled.choices.items()} == {n: o.nblocks for n, o in plain.choices.items()}
+
+
+def test_the_output_objective_end_to_end_and_in_the_recipe(bert_folder, tmp_path):
+    calib = write(tmp_path / "calib.txt", "\n".join(SENTENCES * 3))
+    config = MonarchConfig(budget=0.45, budget_objective="output", calibration=CalibrationConfig(samples=20, sweeps=0))
+    result = convert_pretrained(bert_folder, tmp_path / "out", config, calibration_data=calib, check=False)
+    budget = result.report.meta["budget"]
+    assert set(budget["sensitivity"]) == {layer.name for layer in result.report.layers}
+    assert budget["params_used"] <= budget["params_budget"]
+    recipe = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["recipe"]
+    assert recipe["budget_objective"] == "output"
+    assert "budget_objective" not in MonarchConfig(budget=0.5).to_dict()  # old recipes stay byte-identical
+    # The recorded recipe pins every layer: it re-applies without the text, to the same layers.
+    report = convert(monarchify.load(bert_folder), MonarchConfig.from_dict({**recipe, "calibration": None}))
+    assert {(l.name, l.nblocks) for l in report.converted} == {(l.name, l.nblocks) for l in result.report.converted}
+
+
+def test_the_output_objective_needs_a_budget_and_calibration(bert_folder, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="needs a budget"):
+        MonarchConfig(budget_objective="output")
+    with pytest.raises(ConfigError, match="calibrate the conversion"):
+        convert(tiny_bert(), MonarchConfig(budget=0.5, budget_objective="output"))
+    with pytest.raises(ConfigError, match="must be one of"):
+        MonarchConfig(budget=0.5, budget_objective="logits")
+    for extra in (["--budget", "0.5"], ["--budget-objective", "logits", "--budget", "0.5"]):
+        code = main(["convert", str(bert_folder), "-o", str(tmp_path / "out"), "--budget-objective", "output", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and err[0].startswith("Error: "), err
+    assert not (tmp_path / "out").exists()
