@@ -4,7 +4,8 @@
 
 * :mod:`~.plan`: select the layers and their block counts from the recipe;
 * :mod:`~.observe`: only when the recipe calibrates, collect each layer's input statistics on
-  real text through the dense model;
+  real text through the dense model (and for ``budget_objective="output"``, how far each
+  layer's output errors move the model's output);
 * :mod:`~.allocate`: the parameter budget and the speed gate decide each layer's final block
   count, or keep it dense;
 * :mod:`~.project`: compute every replacement (plain or activation-aware projection, or any
