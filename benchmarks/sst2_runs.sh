@@ -36,6 +36,18 @@ export RUNS GLUE BUDGET
   echo "compress-cal2048-s0 --seed 0 --calibration-samples 2048"
   echo "compress-cal1024-lr1e-4-s0 --seed 0 --calibration-samples 1024 --student-lr 1e-4"
   echo "compress-hidden-s0 --seed 0 --distill-hidden 1.0"
+  echo "compress-cal1024-s2 --seed 2"
+  echo "compress-gradual-s0 --seed 0 --gradual 0.3"
+  echo "compress-ranks-s0 --seed 0 --budget-ranks 8,16,32,64"
+  echo "compress-sens-s0 --seed 0 --budget-objective output"
 } | xargs -P "$JOBS" -L 1 bash -c 'student "$@"' _
 
-python benchmarks/mrpc_table.py "$RUNS" --only dense compress-cal256 compress-cal1024 compress-cal2048 compress-cal1024-lr1e-4 compress-hidden
+# Healing before stage 3: heal the seed-0 conversion towards the teacher on 8,000 training
+# sentences (2,000 more held out), then let compress resume at stage 3 from the healed folder.
+HEALED="$RUNS/compress-healed-s0.stages/2-converted"
+[ -f "$HEALED/config.json" ] || monarchify heal "$RUNS/compress-cal1024-s0.stages/2-converted" --teacher "$RUNS/dense-s0" \
+  --data "$GLUE/SST-2/train.tsv" --samples 8000 --steps 600 --eval-every 100 --json -o "$HEALED" > "$RUNS/logs/heal-s0.log" 2>&1
+student compress-healed-s0 --seed 0
+
+python benchmarks/mrpc_table.py "$RUNS" --only dense compress-cal256 compress-cal1024 compress-cal2048 compress-cal1024-lr1e-4 \
+  compress-hidden compress-gradual compress-healed compress-ranks compress-sens
