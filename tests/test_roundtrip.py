@@ -201,3 +201,47 @@ def test_save_with_tokenizer_writes_a_folder_that_needs_no_tokenizer_argument(tm
     text = "the quick brown fox"
     assert loaded(text)["input_ids"] == bert_tokenizer(text)["input_ids"]
     assert isinstance(transformers.AutoModel.from_pretrained(str(out)).encoder.layer[0].intermediate.dense, MonarchLinear)
+
+
+FAMILIES = {  # model type -> (auto class, the config's own names for the tiny sizes)
+    "roberta": ("AutoModelForSequenceClassification", {}),
+    "distilbert": ("AutoModelForSequenceClassification", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64)),
+    "albert": ("AutoModelForSequenceClassification", dict(embedding_size=16)),
+    "deberta-v2": ("AutoModelForSequenceClassification", {}),
+    "electra": ("AutoModelForSequenceClassification", {}),
+    "modernbert": ("AutoModelForSequenceClassification", {}),
+    "mistral": ("AutoModelForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2": ("AutoModelForCausalLM", dict(num_key_value_heads=2)),
+    "gemma": ("AutoModelForCausalLM", dict(head_dim=8, num_key_value_heads=2)),
+    "phi": ("AutoModelForCausalLM", {}),
+    "opt": ("AutoModelForCausalLM", dict(ffn_dim=64, word_embed_proj_dim=32)),
+    "gpt_neox": ("AutoModelForCausalLM", {}),
+    "falcon": ("AutoModelForCausalLM", dict(new_decoder_architecture=False)),
+    "t5": ("AutoModel", dict(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_other_families_round_trip_through_stock_loading(tmp_path, model_type):
+    """Module names, fused projections, tied or grouped attention: whatever the family, the
+    default selection converts its blocks' linears and stock ``from_pretrained`` gives back
+    the same outputs."""
+    auto_name, names = FAMILIES[model_type]
+    auto_cls = getattr(transformers, auto_name)
+    config = transformers.AutoConfig.for_model(
+        model_type, **{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              vocab_size=100, max_position_embeddings=64, pad_token_id=0), **names})
+    torch.manual_seed(0)
+    model = auto_cls.from_config(config).eval()
+    report = monarchify.convert(model, MonarchConfig(nblocks=2))
+    assert len(report.layers) >= 6
+    batch = inputs(100)
+    if model_type == "t5":
+        batch["decoder_input_ids"] = batch["input_ids"][:, :5]
+    expected = first_output(model, batch)
+    monarchify.save(model, tmp_path / "out", report=report)
+    loaded = auto_cls.from_pretrained(tmp_path / "out").eval()
+    assert sum(isinstance(m, MonarchLinear) for m in loaded.modules()) == len(report.layers)
+    assert torch.equal(first_output(loaded, batch), expected)
+    assert [layer.name for layer in monarchify.read_report(tmp_path / "out").layers] == [layer.name for layer in report.layers]
