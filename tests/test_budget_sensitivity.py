@@ -103,6 +103,10 @@ def test_the_output_objective_end_to_end_and_in_the_recipe(bert_folder, tmp_path
     # The recorded recipe pins every layer: it re-applies without the text, to the same layers.
     report = convert(monarchify.load(bert_folder), MonarchConfig.from_dict({**recipe, "calibration": None}))
     assert {(l.name, l.nblocks) for l in report.converted} == {(l.name, l.nblocks) for l in result.report.converted}
+    # With the text again, it still chooses nothing, so no layer is measured.
+    again = convert_pretrained(bert_folder, tmp_path / "again", MonarchConfig.from_dict(recipe), calibration_data=calib, check=False)
+    assert "sensitivity" not in again.report.meta["budget"]
+    assert {(l.name, l.nblocks) for l in again.report.converted} == {(l.name, l.nblocks) for l in result.report.converted}
 
 
 def test_the_output_objective_needs_a_budget_and_calibration(bert_folder, tmp_path, capsys):

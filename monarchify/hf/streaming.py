@@ -205,7 +205,7 @@ def _units(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Alloc
     units = []
     names = list(checkpoint.tensors)
     if block_of is not None:
-        names.sort(key=lambda name: -1 if block_of(name) is None else block_of(name))
+        names.sort(key=lambda name: -1 if (block := block_of(name)) is None else block)
     for name in names:
         stored = checkpoint.tensors[name]
         layer = converted.get(name)

@@ -27,7 +27,7 @@ from torch import nn
 
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
-from monarchify.pipeline.allocate import Allocation, allocate
+from monarchify.pipeline.allocate import Allocation, allocate, needs_sensitivity
 from monarchify.pipeline.apply import apply
 from monarchify.pipeline.observe import Observation, observe
 from monarchify.pipeline.plan import FilterFn, PlannedLayer, plan
@@ -78,7 +78,7 @@ def _observe(
         return None
     events.observing(len(text.fit) + len(text.heldout))
     return observe(model, {layer.name: layer.module for layer in layers}, text, tokenizer, config.calibration,
-                   sensitivity=config.budget_objective == "output")
+                   sensitivity=needs_sensitivity(layers, config))
 
 
 def _decide(

@@ -456,6 +456,13 @@ class Allocation:
         return resolved_config(config, self.budget) if self.budget is not None else config
 
 
+def needs_sensitivity(layers: Sequence[PlannedLayer], config: MonarchConfig) -> bool:
+    """Whether the budget will weigh these layers by their output sensitivity: with
+    ``budget_objective="output"``, unless every layer is pinned (a recorded recipe re-applied
+    chooses nothing, so it needs no weights and the observe stage measures none)."""
+    return config.budget_objective == "output" and not all(layer.pinned for layer in layers)
+
+
 def allocate(
     layers: Sequence[PlannedLayer], config: MonarchConfig, *, covariance: CovarianceOf | None = None,
     weights: Mapping[str, float] | None = None,
@@ -469,8 +476,7 @@ def allocate(
     allocation = Allocation(output_order=config.output_order)
     if config.budget is not None:
         damping = config.calibration.damping if config.calibration is not None else DEFAULT_DAMPING
-        if config.budget_objective == "output" and weights is None and not all(layer.pinned for layer in layers):
-            # (A recorded recipe pins every layer: re-applying it chooses nothing and needs no weights.)
+        if weights is None and needs_sensitivity(layers, config):
             raise ConfigError("budget_objective 'output' weighs each layer by its effect on the model's output, "
                               "measured on calibration text: calibrate the conversion")
         allocation.budget = plan_budget(layers, config, covariance=covariance, damping=damping,

@@ -86,7 +86,7 @@ class Collector:
     def batch(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
         """One forward pass: padded positions of ``attention_mask`` are left out, and only
         tensors of this pass count as shared."""
-        self.mask = attention_mask.bool() if attention_mask is not None else None
+        self.mask = _mask(attention_mask)
         self.seen.clear()
         try:
             yield
@@ -141,10 +141,6 @@ def _first_output(output: Any) -> torch.Tensor:
     return (output[0] if not isinstance(output, torch.Tensor) else output).float()
 
 
-def _real(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return z[mask] if mask is not None and tuple(z.shape[:2]) == tuple(mask.shape) else z
-
-
 @torch.no_grad()
 def output_sensitivity(
     model: nn.Module,
@@ -163,13 +159,12 @@ def output_sensitivity(
     One forward pass per layer and batch, on the dense model; noise directions are random,
     while a projection's error has a direction of its own: a first-order guide, not a promise.
     """
-    batches = list(batches)
     was_training = model.training
     model.eval()
     device = model_device(model)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     try:
-        reference = [_real(_first_output(model(**batch)), _mask(batch)) for batch in batches]
+        reference = [_rows(_first_output(model(**batch)), _mask(batch.get("attention_mask"))) for batch in batches]
         energy = sum(float(z.pow(2).sum()) for z in reference) or 1.0
         weights = {}
         for index, (name, module) in enumerate(modules.items()):
@@ -184,7 +179,7 @@ def output_sensitivity(
 
             handle = module.register_forward_hook(perturb)
             try:
-                moved = sum(float((_real(_first_output(model(**batch)), _mask(batch)) - z).pow(2).sum())
+                moved = sum(float((_rows(_first_output(model(**batch)), _mask(batch.get("attention_mask"))) - z).pow(2).sum())
                             for batch, z in zip(batches, reference))
             finally:
                 handle.remove()
@@ -194,9 +189,9 @@ def output_sensitivity(
     return weights
 
 
-def _mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    mask = batch.get("attention_mask")
-    return mask.bool() if mask is not None else None
+def _mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Which positions are real tokens (``None``: all of them)."""
+    return attention_mask.bool() if attention_mask is not None else None
 
 
 def _first_samples(batches: list[dict[str, torch.Tensor]], samples: int) -> list[dict[str, torch.Tensor]]:
