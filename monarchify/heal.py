@@ -14,20 +14,23 @@ return ``hidden_states`` when asked (every transformers base model does). The se
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from monarchify.distill import hidden_state_loss
+from monarchify.distill import hidden_state_loss, logit_loss
 from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
 from monarchify.samples import model_device
 
-__all__ = ["HealConfig", "HealResult", "heal_", "hidden_error"]
+__all__ = ["HealConfig", "HealResult", "heal_", "healing_loss", "hidden_error"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -35,12 +38,12 @@ Batch = dict[str, torch.Tensor]
 @dataclass
 class HealResult:
     losses: list[float] = field(default_factory=list)
-    """Training loss of every step (hidden-state relative error, mean over layers)."""
+    """Training loss of every step (:func:`healing_loss`)."""
     heldout_before: float | None = None
     heldout_after: float | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
-    """``(step, held-out error)`` from step 0 to the last, every ``config.eval_every`` steps
-    (only the two ends without it); empty without held-out batches."""
+    """``(step, held-out value)`` from step 0 to the last, every ``config.eval_every`` steps
+    (only the two ends without it); empty with nothing to measure."""
     seconds: float = 0.0
 
 
@@ -66,6 +69,32 @@ def hidden_error(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch
     return sum(values) / len(values)
 
 
+def token_logit_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """:func:`logit_loss` over every real token of ``(batch, tokens, vocabulary)`` logits: a
+    language model predicts at every position, and each position is one distribution to match."""
+    if mask is not None:
+        keep = mask.bool()
+        return logit_loss(student[keep], teacher[keep], temperature)
+    return logit_loss(student.flatten(0, -2), teacher.flatten(0, -2), temperature)
+
+
+def healing_loss(student: nn.Module, teacher: nn.Module, batch: Batch, config: HealConfig) -> torch.Tensor:
+    """The loss :func:`heal_` minimises on one batch (see :class:`HealConfig`)."""
+    hidden = config.hidden_weight > 0
+    with torch.no_grad():
+        taught = teacher(**batch, output_hidden_states=hidden)
+    output = student(**batch, output_hidden_states=hidden)
+    mask = batch.get("attention_mask")
+    loss = torch.zeros((), device=model_device(student))
+    if hidden:
+        loss = loss + config.hidden_weight * hidden_state_loss(output.hidden_states[1:], taught.hidden_states[1:], mask)
+    if config.logit_weight > 0:
+        if getattr(output, "logits", None) is None:
+            raise ConfigError(f"{type(student).__name__} returns no logits to match: heal it with logit_weight 0")
+        loss = loss + config.logit_weight * token_logit_loss(output.logits, taught.logits, mask, config.temperature)
+    return loss
+
+
 def _schedule(config: HealConfig) -> Callable[[int], float]:
     warm = max(1, math.ceil(config.warmup * config.steps)) if config.warmup > 0 else 0
 
@@ -84,53 +113,128 @@ def heal_(
     config: HealConfig,
     *,
     heldout: list[Batch] | None = None,
+    measure: Callable[[nn.Module], float] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    state_dir: Path | None = None,
 ) -> HealResult:
-    """Train ``student`` in place to match ``teacher``'s hidden states on ``batches`` (cycled).
+    """Train ``student`` in place to match ``teacher`` on ``batches`` (cycled), as ``config`` says.
 
     Dropout stays off (both models in eval mode): the target is the teacher's function itself.
     Every student parameter that requires a gradient trains; the teacher never does.
-    ``heldout`` batches measure the error before and after (and every ``config.eval_every``
-    steps, into ``curve``; that time is not in ``seconds``). ``progress(step, loss)`` is called
-    after every step.
+    ``measure(student)`` is the held-out number recorded before, after, and every
+    ``config.eval_every`` steps into ``curve`` (that time is not in ``seconds``); by default
+    the hidden-state error on ``heldout`` batches, none without them. ``progress(step,
+    loss)`` is called after every step.
+
+    ``state_dir``: where a resumable state is written every ``config.save_every`` steps (the
+    trainable weights, AdamW's moments and the record so far, in safetensors and JSON); a
+    state found there is continued from, exactly as if the run had not stopped, provided it
+    was written with the same settings.
     """
     if not batches:
         raise ConfigError("healing needs at least one batch of text")
+    if measure is None and heldout:
+        measure = lambda model: hidden_error(model, teacher, heldout)  # noqa: E731
     torch.manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
     student.eval()
     device = model_device(student)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    named = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     result = HealResult()
-    if heldout:
-        result.heldout_before = hidden_error(student, teacher, heldout)
+    state = HealState(state_dir, config) if state_dir is not None else None
+    first = state.restore(named, optimizer, scheduler, result) if state is not None else 0
+    if measure is not None and first == 0:
+        result.heldout_before = measure(student)
         result.curve.append((0, result.heldout_before))
     measuring = 0.0
-    start = time.perf_counter()
+    start = time.perf_counter() - result.seconds
     generator = torch.Generator().manual_seed(config.seed)
     epochs = (torch.randperm(len(batches), generator=generator).tolist() for _ in itertools.count())
     schedule = itertools.chain.from_iterable(epochs)  # every batch once per pass, reshuffled each pass
-    for step in range(config.steps):
+    for _ in range(first):
+        next(schedule)  # a resumed run sees the batches the uninterrupted one would have
+    for step in range(first, config.steps):
         batch = {k: v.to(device) for k, v in batches[next(schedule)].items()}
-        with torch.no_grad():
-            target = _states(teacher, batch)
-        loss = hidden_state_loss(_states(student, batch), target, batch.get("attention_mask"))
+        loss = healing_loss(student, teacher, batch, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         result.losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, result.losses[-1])
         done = step + 1
-        if heldout and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+        if measure is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             began = time.perf_counter()
-            result.curve.append((done, hidden_error(student, teacher, heldout)))
+            result.curve.append((done, measure(student)))
             measuring += time.perf_counter() - began
+        if state is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+            result.seconds = time.perf_counter() - start - measuring
+            state.save(done, named, optimizer, result)
+        if progress is not None:
+            progress(done, result.losses[-1])
     result.seconds = time.perf_counter() - start - measuring
-    if heldout:
-        result.heldout_after = hidden_error(student, teacher, heldout)
+    if measure is not None:
+        result.heldout_after = measure(student)
         result.curve.append((config.steps, result.heldout_after))
     return result
+
+
+STATE_WEIGHTS, STATE_OPTIMIZER, STATE_RECORD = "heal_weights.safetensors", "heal_optimizer.safetensors", "heal_state.json"
+
+
+class HealState:
+    """The resumable state of a healing run in a folder: weights and AdamW moments as
+    safetensors (never pickle), the step and the record so far as JSON written last, so a
+    state is complete exactly when its JSON names its step."""
+
+    def __init__(self, folder: Path, config: HealConfig) -> None:
+        self.folder, self.config = Path(folder), config
+
+    def restore(self, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, result: HealResult) -> int:
+        """Load the state if there is one; the step to continue from (0: none)."""
+        record_file = self.folder / STATE_RECORD
+        if not record_file.is_file():
+            return 0
+        from safetensors.torch import load_file
+
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if record.get("config") != self.config.to_dict():
+            raise ConfigError(f"the healing state in '{self.folder}' was written with other settings; start over")
+        weights = load_file(self.folder / STATE_WEIGHTS)
+        moments = load_file(self.folder / STATE_OPTIMIZER)
+        with torch.no_grad():
+            for name, param in named:
+                param.copy_(weights[name])
+        for name, param in named:
+            keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}::{k}" in moments]
+            if keys:
+                optimizer.state[param] = {k: moments[f"{name}::{k}"].to(param.device) for k in keys}
+        step = int(record["step"])
+        scheduler.last_epoch = step  # where ``step`` calls of scheduler.step() leave it
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * _schedule(self.config)(step)
+        result.losses = list(record["losses"])
+        result.heldout_before = record["heldout_before"]
+        result.curve = [(int(s), float(v)) for s, v in record["curve"]]
+        result.seconds = float(record["seconds"])
+        return step
+
+    def save(self, step: int, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer, result: HealResult) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        weights = {name: p.detach().contiguous().cpu() for name, p in named}
+        moments = {f"{name}::{k}": v.detach().contiguous().cpu() for name, p in named
+                   for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+        record = {"step": step, "config": self.config.to_dict(), "losses": result.losses, "heldout_before": result.heldout_before,
+                  "curve": result.curve, "seconds": result.seconds}
+        (self.folder / STATE_RECORD).unlink(missing_ok=True)  # incomplete until the new record lands
+        for name, tensors in ((STATE_WEIGHTS, weights), (STATE_OPTIMIZER, moments)):
+            tmp = self.folder / f".{name}.tmp"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, self.folder / name)
+        tmp = self.folder / f".{STATE_RECORD}.tmp"
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        os.replace(tmp, self.folder / STATE_RECORD)

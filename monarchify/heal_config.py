@@ -22,7 +22,14 @@ class HealConfig:
     """``steps`` optimiser steps of AdamW at peak ``lr`` (linear warm-up over ``warmup`` of
     the steps, then linear decay to zero). ``eval_every``: also measure the held-out error
     every that many steps (``None``: before and after only), to see whether longer healing
-    still pays."""
+    still pays.
+
+    What the student is pulled towards: ``hidden_weight`` times the teacher's hidden states,
+    layer by layer, plus ``logit_weight`` times its output distribution (KL at
+    ``temperature``, per token). Hidden states suit an encoder that will be fine-tuned on a
+    task anyway; a language model's next-token distribution *is* the task, so healing a
+    causal LM matches its logits. ``save_every``: write a resumable state every that many
+    steps (where the caller gives a folder for it)."""
 
     steps: int = 200
     lr: float = 1e-4
@@ -30,6 +37,10 @@ class HealConfig:
     weight_decay: float = 0.0
     seed: int = 0
     eval_every: int | None = None
+    hidden_weight: float = 1.0
+    logit_weight: float = 0.0
+    temperature: float = 1.0
+    save_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -42,6 +53,13 @@ class HealConfig:
             raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must not be negative, got {self.weight_decay}")
+        if self.hidden_weight < 0 or self.logit_weight < 0 or not self.hidden_weight + self.logit_weight > 0:
+            raise ConfigError(f"hidden_weight and logit_weight must not be negative, and one must be positive "
+                              f"(got {self.hidden_weight} and {self.logit_weight})")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.save_every is not None and (isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 1):
+            raise ConfigError(f"save_every must be a positive number of steps, got {self.save_every!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
