@@ -48,6 +48,18 @@ def _normal(options: dict[str, Any]) -> dict[str, Any]:
     return json.loads(canonical(options))
 
 
+def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested options as dotted names (``recipe.budget``), so a change names the one field
+    that changed rather than the whole recipe."""
+    flat: dict[str, Any] = {}
+    for name, value in options.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
 def describe_change(name: str, before: Any, after: Any) -> str:
     if before is _MISSING:
         return f"{name} (new: {after!r})"
@@ -129,7 +141,7 @@ class RunManifest:
         record = self.stages.get(stage)
         if record is None:
             return []
-        old, new = record.options, _normal(options)
+        old, new = _flat(record.options), _flat(_normal(options))
         return [describe_change(name, old.get(name, _MISSING), new.get(name, _MISSING))
                 for name in sorted(set(old) | set(new)) if old.get(name, _MISSING) != new.get(name, _MISSING)]
 

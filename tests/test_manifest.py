@@ -86,3 +86,10 @@ def test_a_change_upstream_makes_a_stage_stale_whose_own_options_did_not_change(
     assert manifest.check("a", {"lr": 2e-4}) == "stale"
     assert manifest.check("b", {"budget": 0.4}) == "stale"
     assert manifest.changes("b", {"budget": 0.4}) == []
+
+
+def test_a_change_inside_nested_options_is_named_by_its_dotted_path(tmp_path):
+    _run(tmp_path, {"x": 1}, {"recipe": {"budget": 0.4, "calibration": {"samples": 128}}}, {})
+    manifest = RunManifest.load(tmp_path)
+    assert manifest.changes("b", {"recipe": {"budget": 0.4, "calibration": {"samples": 256}}}) == [
+        "recipe.calibration.samples (was 128, now 256)"]

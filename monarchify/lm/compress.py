@@ -1,0 +1,324 @@
+"""Compress a causal language model on plain text: convert under a budget, heal, measure.
+
+The recipe for a model whose task *is* its text. Two stages, each kept under ``<out>.stages/``
+and recorded in the run manifest (:mod:`monarchify.manifest`), so the same command after a
+stop resumes where it stopped, and a changed option redoes exactly the stages it decides:
+
+1. ``convert``: the dense model converted under the parameter budget, calibrated on the
+   training text (the whitened projection fits each layer's output on these activations).
+2. ``heal``: the converted model trained to reproduce the dense model's next-token
+   distributions on the training text (:func:`monarchify.heal.heal_` with the logit term:
+   per token, the KL between the two output distributions), with the held-out perplexity
+   measured along the way and a resumable state every ``save_every`` steps. Zero steps
+   skips it (the training-free result).
+
+The output folder holds the healed model and ``eval_results.json``: the dense and compressed
+perplexity on held-out text (every ``round(1/eval_fraction)``-th line of the text files, never
+trained or calibrated on), before and after healing, parameters, tokens used and times.
+
+The options are plain data (this module imports torch only inside the functions that run).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from monarchify.config import CalibrationConfig, MonarchConfig
+from monarchify.errors import ConfigError
+from monarchify.heal_config import HealConfig
+
+RESULTS_FILE = "eval_results.json"
+CONVERTED, HEALED_STATE = "1-converted", "2-heal-state"
+STAGES = ("convert", "heal")
+
+
+@dataclass
+class TextCompressOptions:
+    """What language-model compression is asked to do.
+
+    ``budget``: the fraction of the selected layers' dense parameters kept
+    (``MonarchConfig.budget``); ``recipe``: anything else of the conversion recipe (its
+    ``budget`` and ``calibration`` are set from the fields here). ``block_size``: tokens per
+    training and evaluation window. ``calibration_samples``: windows of text the conversion is
+    fitted on. ``heal``: the healing settings (steps 0: no healing); ``batch_size``: windows per
+    healing step. ``eval_fraction``: the held-out share of the text lines.
+    """
+
+    model: str
+    text: list[Path]
+    out: Path
+    budget: float | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    block_size: int = 256
+    calibration_samples: int = 128
+    heal: HealConfig = field(default_factory=lambda: HealConfig(steps=200, lr=1e-4, hidden_weight=0.0, logit_weight=1.0,
+                                                                save_every=50))
+    batch_size: int = 8
+    eval_fraction: float = 0.05
+    max_heldout_windows: int = 64
+    seed: int = 0
+    force: bool = False
+    restart_from: str | None = None
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.text = [Path(p) for p in self.text]
+        if not self.text:
+            raise ConfigError("text needs at least one file")
+        for name in ("block_size", "calibration_samples", "batch_size", "max_heldout_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.eval_fraction <= 0.5:
+            raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}")
+        if self.restart_from is not None and self.restart_from not in STAGES:
+            raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}")
+        self.conversion  # noqa: B018 - building the recipe checks it before any stage runs
+
+    @property
+    def stages(self) -> Path:
+        return self.out.with_name(self.out.name + ".stages")
+
+    @property
+    def conversion(self) -> MonarchConfig:
+        recipe = dict(self.recipe)
+        if self.budget is not None:
+            recipe["budget"] = self.budget
+        calibration = dict(recipe.get("calibration") or {})
+        calibration.update(samples=self.calibration_samples, max_length=self.block_size)
+        recipe["calibration"] = CalibrationConfig.from_dict(calibration)
+        return MonarchConfig(**recipe) if "version" not in recipe else MonarchConfig.from_dict({**recipe, "calibration": calibration})
+
+    def stage_options(self) -> dict[str, dict[str, Any]]:
+        """Per stage, the options that decide its output (what the manifest fingerprints)."""
+        text = {"files": [str(p) for p in self.text], "eval_fraction": self.eval_fraction, "block_size": self.block_size}
+        return {
+            "convert": {"model": str(self.model), "recipe": self.conversion.to_dict(), **text},
+            "heal": {**self.heal.to_dict(), "batch_size": self.batch_size, "seed": self.seed, **text},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(out=str(self.out), text=[str(p) for p in self.text])
+        return data
+
+
+@dataclass
+class TextCompressEvents:
+    """Hooks for a front end; every method is optional."""
+
+    stage: Callable[[str], None] = lambda message: None
+    done: Callable[[str], None] = lambda message: None
+    note: Callable[[str], None] = lambda message: None
+    heal_step: Callable[[int, int, float], None] = lambda step, steps, loss: None
+    convert_events: Any = None
+
+
+@dataclass
+class TextCompressResult:
+    out: Path
+    results: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------- text
+
+
+@dataclass
+class TextData:
+    """The training windows, the held-out windows, and the calibration samples, all from the
+    same lines: calibration and healing see the training lines only."""
+
+    train: Any  # (n, block_size) token ids
+    heldout: Any
+    calibration: Any  # TextSamples
+    lines: dict[str, int]
+
+
+def _chunks(lines: list[str], characters: int) -> list[str]:
+    """Consecutive lines joined until each chunk holds ``characters``: calibration samples
+    that fill a window, as the training windows do, rather than one short line each."""
+    chunks, current, size = [], [], 0
+    for line in lines:
+        current.append(line)
+        size += len(line) + 1
+        if size >= characters:
+            chunks.append("\n".join(current))
+            current, size = [], 0
+    if current:
+        chunks.append("\n".join(current))
+    return chunks
+
+
+def load_text(options: TextCompressOptions, tokenizer: Any) -> TextData:
+    from monarchify.lm.text import pack, read_lines
+    from monarchify.samples import split_samples
+
+    lines = read_lines(options.text, eval_fraction=options.eval_fraction)
+    train = pack(lines.train, tokenizer, options.block_size)
+    heldout = pack(lines.heldout, tokenizer, options.block_size)[: options.max_heldout_windows]
+    # about four characters a token in English: a chunk of 4 x block_size characters fills a window
+    chunks = _chunks(lines.train, 4 * options.block_size)
+    calibration = split_samples(chunks, options.calibration_samples, source=", ".join(map(str, options.text)), kind="text")
+    return TextData(train, heldout, calibration, {"train": len(lines.train), "heldout": len(lines.heldout)})
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+def window_perplexity(model: Any, windows: Any, batch_size: int = 8) -> float:
+    """Perplexity of ``model`` on ``(n, block)`` token windows, every predicted token weighted
+    alike (the first token of each window has no context and is not scored)."""
+    import math
+
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            ids = windows[start: start + batch_size]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            total, count = total + float(nll), count + ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def _reset(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+def compress_text(options: TextCompressOptions, events: TextCompressEvents | None = None,
+                  argv: list[str] | None = None) -> TextCompressResult:
+    """Run (or resume) the stages and leave the healed model and its results in ``options.out``."""
+    import torch
+
+    from monarchify.atomic import check_output_dir
+    from monarchify.glue.results import run_environment
+    from monarchify.heal import heal_
+    from monarchify.hf.convert import convert_pretrained
+    from monarchify.hf.loading import load_model, load_tokenizer
+    from monarchify.hf.saving import recipe_of, save_model
+    from monarchify.hf.stored_report import read_report
+    from monarchify.manifest import RunManifest
+
+    events = events or TextCompressEvents()
+    environment = run_environment()
+    inputs = (options.model, *options.text)
+    check_output_dir(options.out, options.force, inputs=inputs)
+    check_output_dir(options.stages, force=True, inputs=inputs)
+    if options.force:
+        _reset([options.stages])
+    tokenizer = load_tokenizer(options.model)
+    if tokenizer is None:
+        raise ConfigError(f"'{options.model}' has no tokenizer files; language-model compression reads text with it")
+    data = load_text(options, tokenizer)
+    events.done(f"text: {data.lines['train']} lines -> {len(data.train)} windows of {options.block_size} tokens for "
+                f"calibration and healing; {len(data.heldout)} held-out windows ({data.lines['heldout']} lines)")
+
+    manifest = RunManifest.load(options.stages)
+    if options.restart_from is not None:
+        manifest.forget(options.restart_from)
+    stage_options = options.stage_options()
+    converted, state_dir = options.stages / CONVERTED, options.stages / HEALED_STATE
+    times: dict[str, float] = {}
+
+    status = manifest.check("convert", stage_options["convert"])
+    if status == "done" and (converted / "config.json").is_file():
+        events.done(f"stage 1/2: converted already ({converted})")
+    else:
+        if status == "stale":
+            changed = manifest.changes("convert", stage_options["convert"])
+            events.note(f"stage 1/2: {', '.join(changed) or 'an earlier stage'} changed: converting again")
+        _reset([converted, state_dir])
+        manifest.start("convert", stage_options["convert"])
+        events.stage(f"stage 1/2: converting at budget {options.budget} with calibration on "
+                     f"{len(data.calibration.fit)} text samples -> {converted}")
+        began = time.perf_counter()
+        convert_pretrained(options.model, converted, options.conversion, calibration_data=data.calibration, force=True,
+                           check=False, events=events.convert_events)
+        times["convert_seconds"] = time.perf_counter() - began
+        manifest.finish("convert")
+
+    status = manifest.check("heal", stage_options["heal"])
+    if status == "stale":
+        changed = manifest.changes("heal", stage_options["heal"])
+        events.note(f"stage 2/2: {', '.join(changed) or 'the conversion'} changed: healing again")
+        _reset([state_dir])
+    elif status == "started" and (state_dir / "heal_state.json").is_file():
+        step = json.loads((state_dir / "heal_state.json").read_text(encoding="utf-8"))["step"]
+        events.note(f"stage 2/2: resuming healing from step {step} of {options.heal.steps}")
+    if status != "started":
+        manifest.start("heal", stage_options["heal"])
+
+    torch.manual_seed(options.seed)
+    student = load_model(str(converted))
+    dense = load_model(options.model)
+    report = read_report(str(converted))
+    dense_ppl = window_perplexity(dense, data.heldout, options.batch_size)
+    events.done(f"dense perplexity on the held-out text: {dense_ppl:.2f}")
+    heal = options.heal
+    result_heal: dict[str, Any] = {"steps": 0}
+    if heal.steps > 0:
+        events.stage(f"stage 2/2: healing {heal.steps} steps of {options.batch_size} x {options.block_size} tokens "
+                     f"towards the dense model -> {options.out}")
+        windows = data.train
+        generator = torch.Generator().manual_seed(options.seed)
+        order = torch.randperm(len(windows), generator=generator)
+        batches = [{"input_ids": windows[order[i: i + options.batch_size]]} for i in range(0, len(windows), options.batch_size)]
+        batches = [b for b in batches if len(b["input_ids"]) == options.batch_size] or batches[:1]
+
+        def measure(model: Any) -> float:
+            return window_perplexity(model, data.heldout, options.batch_size)
+
+        healed = heal_(student, dense, batches, heal, measure=measure, state_dir=state_dir,
+                       progress=lambda step, loss: events.heal_step(step, heal.steps, loss))
+        tokens_per_step = options.batch_size * options.block_size
+        result_heal = {
+            **heal.to_dict(), "batch_size": options.batch_size, "tokens": heal.steps * tokens_per_step,
+            "perplexity_before": healed.heldout_before, "perplexity_after": healed.heldout_after,
+            "curve": [{"step": s, "tokens": s * tokens_per_step, "perplexity": v} for s, v in healed.curve],
+            "seconds": round(healed.seconds, 2), "final_loss": healed.losses[-1] if healed.losses else None,
+        }
+        compressed_ppl = healed.heldout_after
+        before = healed.heldout_before
+    else:
+        compressed_ppl = before = window_perplexity(student, data.heldout, options.batch_size)
+    report.meta["heal"] = {"teacher": str(options.model), **result_heal}
+    results = {
+        "model": str(options.model),
+        "text": [str(p) for p in options.text],
+        "perplexity": {"dense": dense_ppl, "converted": before, "compressed": compressed_ppl,
+                       "ratio": compressed_ppl / dense_ppl},
+        "params": {"dense": parameters(dense), "compressed": parameters(student), "ratio": parameters(student) / parameters(dense)},
+        "heldout": {"windows": len(data.heldout), "tokens_scored": len(data.heldout) * (options.block_size - 1),
+                    "window": options.block_size},
+        "tokens": {"calibration_samples": len(data.calibration.fit), "healing": result_heal.get("tokens", 0)},
+        "heal": result_heal,
+        "times": {k: round(v, 2) for k, v in times.items()},
+        "recipe": recipe_of(student),
+        "options": options.to_dict(),
+        "environment": environment,
+        "command": argv,
+    }
+    results["options"]["heal"] = heal.to_dict()
+    events.stage(f"saving to {options.out}")
+    save_model(student, options.out, tokenizer=tokenizer, report=report, force=options.force,
+               extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
+    manifest.finish("heal")
+    return TextCompressResult(options.out, results)

@@ -1,0 +1,131 @@
+"""Language-model compression: convert under a budget on text, heal towards the dense model,
+measure held-out perplexity; stages resume and redo only what a changed option decides."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from monarchify.errors import ConfigError
+from monarchify.heal_config import HealConfig
+from monarchify.lm.compress import TextCompressOptions, compress_text, window_perplexity
+from monarchify.manifest import MANIFEST_FILE
+
+from conftest import WORDS, tiny_gpt2, tiny_llama
+
+
+def _text(path, lines=240, seed=0):
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choices(WORDS[:40], k=rng.randint(8, 30))) for _ in range(lines)) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory):
+    """A tiny random causal LM with a small byte-level tokenizer, saved as a user would have it."""
+    from monarchify.lm.text import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    text = _text(folder / "corpus.txt")
+    tokenizer = train_tokenizer(text.read_text().splitlines(), 120, "causal")
+    model = tiny_llama(vocab_size=len(tokenizer))
+    with torch.no_grad():  # larger weights: the converted layers matter against the residual stream
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def _options(model, text, out, **overrides):
+    settings = dict(model=str(model), text=[text], out=out, budget=0.5, block_size=16, calibration_samples=24,
+                    batch_size=4, heal=HealConfig(steps=12, lr=2e-3, hidden_weight=0.0, logit_weight=1.0, save_every=5,
+                                                  eval_every=6), eval_fraction=0.1)
+    settings.update(overrides)
+    return TextCompressOptions(**settings)
+
+
+def test_compress_text_heals_and_records_perplexities(tmp_path, lm_folder):
+    text = _text(tmp_path / "train.txt", seed=1)
+    out = tmp_path / "out"
+    result = compress_text(_options(lm_folder, text, out))
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved["perplexity"] == result.results["perplexity"]
+    ppl = saved["perplexity"]
+    assert ppl["dense"] < ppl["converted"], ppl  # the conversion cost something
+    assert ppl["compressed"] < ppl["converted"], ppl  # and healing took some of it back
+    assert [point["step"] for point in saved["heal"]["curve"]] == [0, 6, 12]
+    assert saved["heal"]["tokens"] == 12 * 4 * 16
+    assert saved["params"]["compressed"] < saved["params"]["dense"]
+
+    from monarchify.hf.loading import load_model
+
+    model = load_model(str(out))
+    assert window_perplexity(model, _windows(lm_folder, text), 4) > 0
+    manifest = json.loads((tmp_path / "out.stages" / MANIFEST_FILE).read_text())
+    assert [name for name, stage in manifest["stages"].items() if stage["done"]] == ["convert", "heal"]
+
+
+def _windows(model, text):
+    from monarchify.hf.loading import load_tokenizer
+    from monarchify.lm.text import pack
+
+    return pack(text.read_text().splitlines(), load_tokenizer(str(model)), 16)[:8]
+
+
+def test_window_perplexity_is_the_exponent_of_the_mean_token_nll():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 120, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.double().log_softmax(-1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    assert window_perplexity(model, ids, batch_size=2) == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
+def test_a_stopped_run_resumes_and_a_changed_budget_converts_again(tmp_path, lm_folder):
+    import shutil
+
+    from monarchify.lm.compress import TextCompressEvents
+
+    text = _text(tmp_path / "train.txt", seed=1)
+    out = tmp_path / "out"
+    heal = HealConfig(steps=8, lr=1e-3, logit_weight=1.0, hidden_weight=0.0, save_every=3)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_five(step, steps, loss):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        compress_text(_options(lm_folder, text, out, heal=heal), TextCompressEvents(heal_step=stop_at_five))
+    assert not out.exists()
+    messages = []
+    events = TextCompressEvents(note=messages.append, done=messages.append, stage=messages.append)
+    resumed = compress_text(_options(lm_folder, text, out, heal=heal), events)
+    assert any("converted already" in m for m in messages), messages
+    assert any("resuming healing from step 3 of 8" in m for m in messages), messages
+    straight = compress_text(_options(lm_folder, text, tmp_path / "straight", heal=heal))
+    assert resumed.results["perplexity"]["compressed"] == pytest.approx(straight.results["perplexity"]["compressed"], rel=1e-4)
+
+    shutil.rmtree(out)  # as after a stop before the final save
+    messages.clear()
+    smaller = compress_text(_options(lm_folder, text, out, heal=heal, budget=0.3), events)
+    assert any("recipe.budget (was 0.5, now 0.3)" in m and "converting again" in m for m in messages), messages
+    assert smaller.results["params"]["compressed"] < resumed.results["params"]["compressed"]
+
+
+def test_options_are_checked_before_anything_runs(tmp_path, lm_folder):
+    text = _text(tmp_path / "t.txt")
+    with pytest.raises(ConfigError, match="block_size"):
+        _options(lm_folder, text, tmp_path / "o", block_size=0)
+    with pytest.raises(ConfigError, match="budget"):
+        _options(lm_folder, text, tmp_path / "o", budget=1.5)
+    with pytest.raises(ConfigError, match="restart_from"):
+        _options(lm_folder, text, tmp_path / "o", restart_from="teacher")
