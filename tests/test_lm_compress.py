@@ -129,3 +129,27 @@ def test_options_are_checked_before_anything_runs(tmp_path, lm_folder):
         _options(lm_folder, text, tmp_path / "o", budget=1.5)
     with pytest.raises(ConfigError, match="restart_from"):
         _options(lm_folder, text, tmp_path / "o", restart_from="teacher")
+
+
+def test_cli_compress_text_prints_the_perplexities_and_refuses_task_flags(tmp_path, lm_folder, capsys):
+    from test_finetune import assert_one_line_error, run_cli
+
+    text = _text(tmp_path / "train.txt", seed=2)
+    out = tmp_path / "cli-out"
+    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", text, "--budget", "0.5", "--out", out,
+                        "--heal-steps", "4", "--max-length", "16", "--batch-size", "4", "--calibration-samples", "16",
+                        "--json")
+    assert code == 0, err
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["heal"]["steps"] == 4 and results["heldout"]["window"] == 16
+    assert [p["step"] for p in results["heal"]["curve"]] == [0, 1, 2, 3, 4]  # default: every steps // 4
+
+    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", text, "--budget", "0.5", "--out",
+                        tmp_path / "o2", "--epochs", "2")
+    assert_one_line_error(code, err, "--epochs belong to --task compression")
+    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--budget", "0.5", "--out", tmp_path / "o3")
+    assert_one_line_error(code, err, "give --task", "or --text")
+    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", tmp_path / "missing.txt", "--budget", "0.5",
+                        "--out", tmp_path / "o4")
+    assert_one_line_error(code, err, "missing.txt", "does not exist")
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o4.stages").exists()

@@ -13,22 +13,27 @@ from monarchify.cli.finetune import RichEvents, print_results, warn_if_trivial
 from monarchify.cli.options import BudgetObjective, ForceFlag, JsonFlag, OutputOrder
 from monarchify.cli.render import console, print_json
 from monarchify.config import parse_ranks
+from monarchify.errors import ConfigError
 from monarchify.glue.tasks import TASK_NAMES
 
 
 def compress(
-    task: Annotated[str, typer.Option("--task", "-t", help=f"GLUE task: {', '.join(TASK_NAMES)}.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="A dense model folder (or Hub id), pretrained or already fine-tuned on the task.")],
-    budget: Annotated[float, typer.Option("--budget", metavar="FRACTION", help="Fraction of the encoder linears' dense parameters to keep (0.376 is the count of 4 blocks everywhere).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the compressed fine-tuned model and eval_results.json. Stages go to OUT.stages.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A dense model folder (or Hub id): for --task pretrained or already fine-tuned on it; for --text a causal language model.")],
+    budget: Annotated[float, typer.Option("--budget", metavar="FRACTION", help="Fraction of the converted linears' dense parameters to keep (0.376 is MiniLM's count of 4 blocks everywhere; 0.5 is 4 blocks on square layers).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the compressed model and eval_results.json. Stages go to OUT.stages.")],
+    task: Annotated[str | None, typer.Option("--task", "-t", help=f"GLUE task: {', '.join(TASK_NAMES)}. Give --task or --text.")] = None,
+    text: Annotated[list[Path] | None, typer.Option("--text", metavar="FILE", help="Language-model compression: plain-text files (one document per line; repeatable) to calibrate and heal on; every 20th line is held out to measure perplexity.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="GLUE TSV folder (<DIR>/MRPC/train.tsv...). Default: the datasets hub copy (needs network).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of both fine-tuning stages.")] = 42,
     teacher_lr: Annotated[float, typer.Option("--teacher-lr", help="Peak learning rate of the dense fine-tuning (stage 1).")] = 1e-4,
-    student_lr: Annotated[float, typer.Option("--student-lr", help="Peak learning rate of the compressed fine-tuning (stage 3).")] = 5e-5,
+    student_lr: Annotated[float | None, typer.Option("--student-lr", help="Peak learning rate of the compressed model's training: stage 3 with --task (default 5e-5), healing with --text (default 1e-4).")] = None,
     epochs: Annotated[float, typer.Option("--epochs", help="Epochs of each fine-tuning stage.")] = 3.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 32,
-    max_length: Annotated[int, typer.Option("--max-length", help="Truncate inputs to this many tokens.")] = 128,
-    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help="Training examples of the task the conversion is calibrated on. Default: 256, doubled until they hold 8 tokens per input of the widest converted layer (SST-2 on MiniLM: 1024 sentences; MRPC: 256 pairs).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Training batch size (default 32 with --task; 8 windows with --text).")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Truncate inputs to this many tokens (default 128); with --text, the window of tokens trained and scored (default 256).")] = None,
+    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help="Examples the conversion is calibrated on. --task: default 256, doubled until they hold 8 tokens per input of the widest converted layer (SST-2 on MiniLM: 1024 sentences; MRPC: 256 pairs). --text: windows of text, default 128.")] = None,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", metavar="N", help="--text: healing steps after the conversion (0: none, the training-free result).")] = 200,
+    eval_every: Annotated[int | None, typer.Option("--eval-every", metavar="N", help="--text: also measure held-out perplexity every N healing steps (default: four times in the run).")] = None,
+    save_every: Annotated[int, typer.Option("--save-every", metavar="N", help="--text: keep a resumable healing state every N steps.")] = 50,
     distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels in stage 3, 0..1.")] = 0.5,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the logit term.")] = 2.0,
     distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states in stage 3 (0: off).")] = 0.0,
@@ -42,21 +47,46 @@ def compress(
     force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
-    """Compress a model for a GLUE task: fine-tune dense, convert under a budget, distil.
+    """Compress a model for a GLUE task (fine-tune dense, convert under a budget, distil) or a language model on text (convert under a budget, heal, measure perplexity).
 
-    Stage 1 fine-tunes the dense model on the task (skipped when it is fine-tuned already); stage 2 converts that model under --budget, calibrated on the task's training text (the task head stays dense); stage 3 fine-tunes the compressed model learning from the dense one (distillation). Intermediate folders stay in OUT.stages; the same command again resumes at the stage it stopped.
+    With --task: stage 1 fine-tunes the dense model on the task (skipped when it is fine-tuned already); stage 2 converts that model under --budget, calibrated on the task's training text (the task head stays dense); stage 3 fine-tunes the compressed model learning from the dense one (distillation). Intermediate folders stay in OUT.stages; the same command again resumes at the stage it stopped.
+
+    With --text (a causal language model): stage 1 converts it under --budget, calibrated on windows of the text; stage 2 heals it, training it to reproduce the dense model's next-token distributions on the text, with held-out perplexity measured along the way. OUT/eval_results.json holds the dense and compressed perplexity on the held-out lines. Ctrl-C keeps the last healing state: the same command resumes.
 
     \b
     Examples:
       monarchify compress --task mrpc --model ./minilm --budget 0.376 --data-dir glue --out runs/mrpc-small
       monarchify compress --task sst2 --model runs/sst2-dense --budget 0.5 --data-dir glue --out runs/sst2-small
+      monarchify compress --model ./smollm2 --text wiki.valid.txt --budget 0.75 --heal-steps 400 --out runs/smol-75
     """
+    if (task is None) == (text is None):
+        raise ConfigError("give --task (a GLUE task) or --text (language-model compression), one of the two")
+    recipe = {"output_order": output_order, "budget_objective": budget_objective,
+              "budget_ranks": parse_ranks(budget_ranks) if budget_ranks is not None else []}
+    if text is not None:
+        _refuse_task_flags(teacher_lr=teacher_lr != 1e-4, epochs=epochs != 3.0, data_dir=data_dir is not None,
+                           distill_alpha=distill_alpha != 0.5, distill_temperature=distill_temperature != 2.0,
+                           distill_hidden=distill_hidden != 0.0, gradual=gradual is not None, finetuned=finetuned is not None,
+                           max_train_samples=max_train_samples is not None, max_eval_samples=max_eval_samples is not None)
+        from monarchify.cli.compress_text import run_text_compress
+        from monarchify.heal_config import HealConfig
+        from monarchify.lm.compress import TextCompressOptions
+
+        if heal_steps < 0:
+            raise ConfigError(f"--heal-steps must not be negative, got {heal_steps}")
+        heal = HealConfig(steps=heal_steps, lr=student_lr or 1e-4, seed=seed, hidden_weight=0.0, logit_weight=1.0,
+                          save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4)) if heal_steps else None
+        options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
+                                      block_size=max_length or 256, calibration_samples=calibration_samples or 128,
+                                      batch_size=batch_size or 8, heal=heal, force=force)
+        run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]])
+        return
     from monarchify.glue.compress import CompressOptions
 
-    shared = {"epochs": epochs, "batch_size": batch_size, "max_length": max_length,
+    shared = {"epochs": epochs, "batch_size": batch_size or 32, "max_length": max_length or 128,
               "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
     options = CompressOptions(
-        task=task, model=model, out=out, budget=budget, data_dir=data_dir, teacher_lr=teacher_lr, student_lr=student_lr,
+        task=task, model=model, out=out, budget=budget, data_dir=data_dir, teacher_lr=teacher_lr, student_lr=student_lr or 5e-5,
         calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, force=force, output_order=output_order,
         distill={"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden},
         finetune=shared, budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
@@ -83,3 +113,12 @@ def compress(
         split = next(iter(result.results["main_metric"]))
         console.print(f"dense teacher on {split}: {dense['main_metric'][split]:.4f}; compressed: "
                       f"{result.results['main_metric'][split]:.4f}")
+
+
+def _refuse_task_flags(**given: bool) -> None:
+    """The GLUE recipe's flags mean nothing to language-model compression: say so rather than
+    ignore them."""
+    used = [name for name, value in given.items() if value]
+    if used:
+        flags = ", ".join("--" + name.replace("_", "-") for name in used)
+        raise ConfigError(f"{flags} belong to --task compression; --text compression does not use them")

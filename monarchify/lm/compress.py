@@ -9,8 +9,8 @@ stop resumes where it stopped, and a changed option redoes exactly the stages it
 2. ``heal``: the converted model trained to reproduce the dense model's next-token
    distributions on the training text (:func:`monarchify.heal.heal_` with the logit term:
    per token, the KL between the two output distributions), with the held-out perplexity
-   measured along the way and a resumable state every ``save_every`` steps. Zero steps
-   skips it (the training-free result).
+   measured along the way and a resumable state every ``save_every`` steps. Without healing
+   settings it only measures (the training-free result).
 
 The output folder holds the healed model and ``eval_results.json``: the dense and compressed
 perplexity on held-out text (every ``round(1/eval_fraction)``-th line of the text files, never
@@ -45,7 +45,7 @@ class TextCompressOptions:
     (``MonarchConfig.budget``); ``recipe``: anything else of the conversion recipe (its
     ``budget`` and ``calibration`` are set from the fields here). ``block_size``: tokens per
     training and evaluation window. ``calibration_samples``: windows of text the conversion is
-    fitted on. ``heal``: the healing settings (steps 0: no healing); ``batch_size``: windows per
+    fitted on. ``heal``: the healing settings (``None``: no healing); ``batch_size``: windows per
     healing step. ``eval_fraction``: the held-out share of the text lines.
     """
 
@@ -56,8 +56,8 @@ class TextCompressOptions:
     recipe: dict[str, Any] = field(default_factory=dict)
     block_size: int = 256
     calibration_samples: int = 128
-    heal: HealConfig = field(default_factory=lambda: HealConfig(steps=200, lr=1e-4, hidden_weight=0.0, logit_weight=1.0,
-                                                                save_every=50))
+    heal: HealConfig | None = field(default_factory=lambda: HealConfig(steps=200, lr=1e-4, hidden_weight=0.0, logit_weight=1.0,
+                                                                       save_every=50))
     batch_size: int = 8
     eval_fraction: float = 0.05
     max_heldout_windows: int = 64
@@ -99,7 +99,7 @@ class TextCompressOptions:
         text = {"files": [str(p) for p in self.text], "eval_fraction": self.eval_fraction, "block_size": self.block_size}
         return {
             "convert": {"model": str(self.model), "recipe": self.conversion.to_dict(), **text},
-            "heal": {**self.heal.to_dict(), "batch_size": self.batch_size, "seed": self.seed, **text},
+            "heal": {**(self.heal.to_dict() if self.heal else {"steps": 0}), "batch_size": self.batch_size, "seed": self.seed, **text},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
         _reset([state_dir])
     elif status == "started" and (state_dir / "heal_state.json").is_file():
         step = json.loads((state_dir / "heal_state.json").read_text(encoding="utf-8"))["step"]
-        events.note(f"stage 2/2: resuming healing from step {step} of {options.heal.steps}")
+        events.note(f"stage 2/2: resuming healing from step {step} of {options.heal.steps if options.heal else 0}")
     if status != "started":
         manifest.start("heal", stage_options["heal"])
 
@@ -274,7 +274,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     events.done(f"dense perplexity on the held-out text: {dense_ppl:.2f}")
     heal = options.heal
     result_heal: dict[str, Any] = {"steps": 0}
-    if heal.steps > 0:
+    if heal is not None:
         events.stage(f"stage 2/2: healing {heal.steps} steps of {options.batch_size} x {options.block_size} tokens "
                      f"towards the dense model -> {options.out}")
         windows = data.train
@@ -316,7 +316,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
         "environment": environment,
         "command": argv,
     }
-    results["options"]["heal"] = heal.to_dict()
+    results["options"]["heal"] = heal.to_dict() if heal else None
     events.stage(f"saving to {options.out}")
     save_model(student, options.out, tokenizer=tokenizer, report=report, force=options.force,
                extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})

@@ -1,0 +1,77 @@
+"""``monarchify compress --text``: the language-model recipe's front end (convert on text, heal,
+measure perplexity), :mod:`monarchify.lm.compress` underneath."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from monarchify.cli.render import console, err_console, print_json
+
+
+class HealBar:
+    """The healing progress bar (steps, loss, elapsed, time left), started on the first step so
+    that the lines before it (loading, converting) stay readable."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def __call__(self, step: int, steps: int, loss: float) -> None:
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task("healing", total=steps, completed=step - 1)
+        self.progress.update(self.task, completed=step, description=f"healing  loss {loss:.4f}")
+        if step >= steps:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    ppl, params = results["perplexity"], results["params"]
+    table = Table(title=f"held-out perplexity ({results['heldout']['tokens_scored']:,} tokens, "
+                        f"windows of {results['heldout']['window']})", header_style="bold")
+    for column in ("model", "parameters", "perplexity", "× dense"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    table.add_row("dense", f"{params['dense'] / 1e6:.1f}M", f"{ppl['dense']:.2f}", "1.00")
+    heal = results["heal"]
+    if heal.get("steps"):
+        table.add_row("converted", f"{params['compressed'] / 1e6:.1f}M", f"{ppl['converted']:.2f}", f"{ppl['converted'] / ppl['dense']:.2f}")
+        table.add_row(f"healed ({heal['steps']} steps, {heal['tokens']:,} tokens)", f"{params['compressed'] / 1e6:.1f}M",
+                      f"{ppl['compressed']:.2f}", f"{ppl['ratio']:.2f}")
+    else:
+        table.add_row("compressed (no healing)", f"{params['compressed'] / 1e6:.1f}M", f"{ppl['compressed']:.2f}", f"{ppl['ratio']:.2f}")
+    return table
+
+
+def run_text_compress(options: Any, *, json_out: bool, argv: list[str]) -> None:
+    from monarchify.cli.errors import when_interrupted
+    from monarchify.cli.finetune import RichEvents
+    from monarchify.lm.compress import TextCompressEvents, compress_text
+
+    rich = RichEvents()
+    bar = HealBar()
+    events = TextCompressEvents(stage=rich.stage, done=rich.done, note=rich.note, heal_step=bar)
+    when_interrupted(f"interrupted; {options.stages} keeps the finished stages and the last healing state: "
+                     "the same command again resumes from there")
+    try:
+        result = compress_text(options, events, argv=argv)
+    finally:
+        bar.stop()
+    if json_out:
+        print_json(result.results)
+        return
+    console.print(results_table(result.results))
+    curve = result.results["heal"].get("curve") or []
+    if len(curve) > 2:
+        console.print("  held-out perplexity by healing tokens: " + ", ".join(f"{p['tokens']:,} {p['perplexity']:.2f}" for p in curve))
+    err_console.print(f"saved [bold]{Path(options.out)}[/] (eval_results.json holds every number)")
