@@ -54,13 +54,15 @@ def results_table(results: dict[str, Any]) -> Table:
 
 
 def run_text_compress(options: Any, *, json_out: bool, argv: list[str]) -> None:
+    from monarchify.cli.convert import conversion_progress
     from monarchify.cli.errors import when_interrupted
     from monarchify.cli.finetune import RichEvents
     from monarchify.lm.compress import TextCompressEvents, compress_text
 
     rich = RichEvents()
     bar = HealBar()
-    events = TextCompressEvents(stage=rich.stage, done=rich.done, note=rich.note, heal_step=bar)
+    events = TextCompressEvents(stage=rich.stage, done=rich.done, note=rich.note, heal_step=bar,
+                                converting=conversion_progress)
     when_interrupted(f"interrupted; {options.stages} keeps the finished stages and the last healing state: "
                      "the same command again resumes from there")
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -56,6 +58,18 @@ def _events(progress: Progress):
             progress.console.print(f"[yellow]note:[/] {text}")
 
     return RichEvents()
+
+
+@contextmanager
+def conversion_progress() -> Iterator[Any]:
+    """A conversion's progress line on stderr while the block runs, and its event hooks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err_console, transient=True,
+    ) as progress:
+        yield _events(progress)
 
 
 def convert(
@@ -125,17 +139,11 @@ def convert(
         raise ConfigError("--resume continues a streaming conversion; drop --no-stream")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from monarchify.hf.convert import convert_pretrained
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True,
-    ) as progress:
+    with conversion_progress() as events:
         result = convert_pretrained(model, out, config, calibration_data=calibrate, force=force, dry=dry_run,
-                                    check=check, events=_events(progress), stream=stream, resume=resume,
-                                    device=device)
+                                    check=check, events=events, stream=stream, resume=resume, device=device)
     if json_out:
         print_json(result.report.to_dict())
         return

@@ -26,6 +26,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from typing import Any, Callable
 
 from monarchify.config import CalibrationConfig, MonarchConfig
@@ -116,7 +118,8 @@ class TextCompressEvents:
     done: Callable[[str], None] = lambda message: None
     note: Callable[[str], None] = lambda message: None
     heal_step: Callable[[int, int, float], None] = lambda step, steps, loss: None
-    convert_events: Any = None
+    converting: Callable[[], ContextManager[Any]] = nullcontext
+    """A context for the conversion, yielding its progress hooks (``ConvertEvents``) or ``None``."""
 
 
 @dataclass
@@ -250,8 +253,9 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
         events.stage(f"stage 1/2: converting at budget {options.budget} with calibration on "
                      f"{len(data.calibration.fit)} text samples -> {converted}")
         began = time.perf_counter()
-        convert_pretrained(options.model, converted, options.conversion, calibration_data=data.calibration, force=True,
-                           check=False, events=events.convert_events)
+        with events.converting() as convert_events:
+            convert_pretrained(options.model, converted, options.conversion, calibration_data=data.calibration, force=True,
+                               check=False, events=convert_events)
         times["convert_seconds"] = time.perf_counter() - began
         manifest.finish("convert")
 
