@@ -1,6 +1,7 @@
 """``--threads`` and the busy-machine warning of the training commands (``finetune``, ``train``,
 ``compress``, ``heal``): the count reaches torch inside the run and the results record it, a
-busy machine is said once before training, ``--threads 0`` is one line."""
+busy machine is said once when training starts (and not at all when the command is refused
+before that), ``--threads 0`` is one line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import pytest
 import torch
 import transformers
+from transformers import TrainerControl, TrainerState
 
 import monarchify.glue.compress
 import monarchify.glue.train
@@ -61,11 +63,18 @@ def run_cli(capsys, *args):
 
 @pytest.fixture
 def inside_the_run(monkeypatch):
-    """Replace each command's run by one that records torch's thread count and stops there."""
+    """Replace each command's run by one that records torch's thread count, starts training
+    twice as far as the command's callbacks can tell (compress trains twice), and stops."""
     seen: list[int] = []
 
-    def fake(*args, **kwargs):
+    def fake(*args, callbacks=(), progress=None, **kwargs):
         seen.append(torch.get_num_threads())
+        for _ in range(2):
+            for callback in callbacks:  # Trainer's calls when a training starts and ends
+                callback.on_train_begin(None, TrainerState(max_steps=4), TrainerControl())
+                callback.on_train_end(None, TrainerState(max_steps=4), TrainerControl())
+            if progress is not None:  # heal's call after each step
+                progress(1, 0.5)
         raise ConfigError("stopped by the test")
 
     for module, name in ENTRY_POINTS.values():
@@ -90,7 +99,7 @@ def test_threads_reach_torch_inside_the_run(capsys, tmp_path, monkeypatch, prese
 
 
 @pytest.mark.parametrize("command", ENTRY_POINTS)
-def test_a_busy_machine_is_warned_about_once_before_training(capsys, tmp_path, monkeypatch, preset_threads, inside_the_run, command):
+def test_a_busy_machine_is_warned_about_once_when_training_starts(capsys, tmp_path, monkeypatch, preset_threads, inside_the_run, command):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(bench, "load_average", lambda: 5.25)
     code, _, err = run_cli(capsys, *command_line(command, tmp_path), "--threads", "1")
@@ -103,6 +112,27 @@ def test_a_busy_machine_is_warned_about_once_before_training(capsys, tmp_path, m
     code, _, err = run_cli(capsys, *command_line(command, tmp_path))  # torch's own 2 threads: try fewer
     [line] = warnings(err)
     assert "with 2 threads:" in line and "--threads 1" in line
+
+
+@pytest.mark.parametrize(
+    ("command", "bad", "message"),
+    [
+        ("finetune", ["--task", "sst3"], "unknown GLUE task"),
+        ("compress", ["--task", "sst3"], "unknown GLUE task"),
+        ("train", ["--text", "{tmp}/none.txt"], "does not exist"),
+        ("heal", ["--data", "{tmp}/none.txt"], "does not exist"),
+    ],
+)
+def test_a_refused_command_on_a_busy_machine_prints_its_error_alone(capsys, tmp_path, monkeypatch, preset_threads, command, bad, message):
+    """The library refuses it before training starts: no warning about a run that never happens."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "load_average", lambda: 5.25)
+    args = command_line(command, tmp_path)
+    for flag, value in zip(bad[::2], bad[1::2]):
+        args[args.index(flag) + 1] = value.format(tmp=tmp_path)
+    code, _, err = run_cli(capsys, *args, "--threads", "1")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], err
 
 
 @pytest.mark.parametrize("command", ENTRY_POINTS)

@@ -63,7 +63,7 @@ def compress(
         finetune=shared, budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
         budget_objective=budget_objective,
     )
-    threads_for_training(threads)
+    busy_check = threads_for_training(threads)
     import datasets
 
     from monarchify.cli.errors import when_interrupted
@@ -73,7 +73,7 @@ def compress(
     datasets.disable_progress_bars()
     when_interrupted(f"interrupted; {options.stages} keeps the finished stages and epoch checkpoints: "
                      "the same command again resumes from there")
-    result = run_compress(options, events=RichEvents(), callbacks=[RichProgress()], argv=["monarchify", *sys.argv[1:]])
+    result = run_compress(options, events=RichEvents(), callbacks=[RichProgress(at_start=busy_check)], argv=["monarchify", *sys.argv[1:]])
     hint = "try a higher or lower --student-lr, more --epochs, or check the data (labels, --max-train-samples)"
     if json_out:
         print_json(result.results)

@@ -167,7 +167,7 @@ def finetune(
         save_checkpoints=save_checkpoints, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
         resume=resume, force=force, gradual=gradual, gradual_start=gradual_start,
     )
-    threads_for_training(threads)
+    busy_check = threads_for_training(threads)
     # Imported here: Trainer and datasets take seconds to import, which no other command should pay.
     import datasets
 
@@ -177,7 +177,7 @@ def finetune(
 
     datasets.disable_progress_bars()  # the tokenizing step is quick; our own bar shows training
     when_interrupted(INTERRUPTED_AFTER_CHECKPOINT.format(folder=options.checkpoints) if resume else INTERRUPTED_EARLY)
-    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT)
+    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT, at_start=busy_check)
     result = run_finetune(options, events=RichEvents(), callbacks=[progress], argv=["monarchify", *sys.argv[1:]])
     if json_out:
         print_json(result.results)

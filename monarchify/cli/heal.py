@@ -44,7 +44,7 @@ def heal(
       monarchify heal minilm-monarch --teacher ./minilm --data glue/MRPC/train.tsv --steps 300 -o healed
     """
     config = HealConfig(steps=steps, lr=lr, seed=seed, eval_every=eval_every)
-    threads_for_training(threads, on_gpu=False)  # heal runs where the model loads: on the CPU
+    busy_check = threads_for_training(threads, on_gpu=False)  # heal runs where the model loads: on the CPU
     # Imported here: torch and transformers take seconds to import, which --help should not pay.
     from monarchify.hf.heal import describe, heal_pretrained
 
@@ -55,6 +55,7 @@ def heal(
         task = progress.add_task("loading", total=steps)
 
         def advance(step: int, loss: float) -> None:
+            busy_check()  # after the first step: everything is checked by then, and most steps are to come
             progress.update(task, completed=step, description=f"healing  loss {loss:.4f}")
 
         run = heal_pretrained(model, teacher, data, out, config, samples=samples, batch_size=batch_size,

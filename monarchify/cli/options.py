@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -114,16 +115,26 @@ def warn_if_busy(load: float | None, threads: int, consequence: str) -> None:
         )
 
 
-def threads_for_training(threads: int | None, *, on_gpu: bool | None = None) -> None:
-    """Apply ``--threads`` for a training command and warn before the long part, not after
-    it, when the machine is busy. ``on_gpu`` (default: whether CUDA is there, which is where
-    Trainer runs): a busy CPU does not slow GPU training down that way, so no warning then."""
+def threads_for_training(threads: int | None, *, on_gpu: bool | None = None) -> Callable[[], None]:
+    """Apply ``--threads`` for a training command now, and return the busy check to run once
+    training starts (later calls do nothing): after the command's own checks, so a refused
+    command still prints its one ``Error:`` line alone, and before the long part, not after it.
+    ``on_gpu`` (default: whether CUDA is there, which is where Trainer runs): a busy CPU does
+    not slow GPU training down that way, so no warning then."""
     count = set_threads(threads)
-    import torch
+    checked: list[bool] = []
 
-    from monarchify.bench import load_average
+    def check() -> None:
+        if checked:
+            return
+        checked.append(True)
+        import torch
 
-    if on_gpu if on_gpu is not None else torch.cuda.is_available():
-        return
-    fewer = " (try fewer --threads, e.g. --threads 1)" if count > 1 else ""
-    warn_if_busy(load_average(), count, f"training may run many times slower than on an idle machine{fewer}")
+        from monarchify.bench import load_average
+
+        if on_gpu if on_gpu is not None else torch.cuda.is_available():
+            return
+        fewer = " (try fewer --threads, e.g. --threads 1)" if count > 1 else ""
+        warn_if_busy(load_average(), count, f"training may run many times slower than on an idle machine{fewer}")
+
+    return check

@@ -98,7 +98,7 @@ def train(
         precision=precision, seed=seed, eval_steps=eval_steps, save_steps=save_steps, logging_steps=logging_steps,
         checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints, resume=resume, force=force,
     )
-    threads_for_training(threads)
+    busy_check = threads_for_training(threads)
     # Imported here: Trainer takes seconds to import, which no other command should pay.
     from monarchify.cli.errors import when_interrupted
     from monarchify.cli.finetune import INTERRUPTED_AFTER_CHECKPOINT, INTERRUPTED_EARLY, RichEvents
@@ -106,7 +106,7 @@ def train(
     from monarchify.lm.train import train as run_train
 
     when_interrupted(INTERRUPTED_AFTER_CHECKPOINT.format(folder=options.checkpoints) if resume else INTERRUPTED_EARLY)
-    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT)
+    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT, at_start=busy_check)
     result = run_train(options, events=RichEvents(), callbacks=[progress], argv=["monarchify", *sys.argv[1:]])
     if json_out:
         print_json({k: v for k, v in result.results.items() if k != "step_seconds"})
