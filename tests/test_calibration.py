@@ -245,6 +245,23 @@ def test_calibrate_needs_a_tokenizer(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("read", [False, True], ids=["file", "samples-read"])
+@pytest.mark.parametrize("path", ["memory", "dry-run", "streaming"])
+def test_a_text_for_a_recipe_that_does_not_calibrate_is_refused(bert_folder, tmp_path, read, path):
+    """Ignoring it would hand back a plain projection to a caller who asked for a calibrated one."""
+    calib = write(tmp_path / "calib.txt", "\n".join(SENTENCES))
+    data = read_samples(calib, samples=8) if read else calib
+    out = tmp_path / "out"
+    where = {"memory": {"stream": False}, "dry-run": {"dry": True}, "streaming": {"stream": True}}[path]
+    for source in (bert_folder, tmp_path / "no-such-model"):  # refused before the model is looked at
+        with pytest.raises(ConfigError) as refused:
+            convert_pretrained(source, out, MonarchConfig(nblocks=4), calibration_data=data, check=False, **where)
+        message = str(refused.value)
+        assert "does not calibrate" in message and "set its calibration" in message
+        assert "\n" not in message and "--" not in message  # one line, naming the recipe field, not a flag
+        assert not out.exists()
+
+
 # --- through the CLI ------------------------------------------------------------------------
 
 
@@ -284,3 +301,19 @@ def test_cli_calibrated_budget_conversion(bert_folder, tmp_path, capsys):
     assert report["meta"]["calibration"]["samples"] == 12
     assert all("output_rel_error" in layer["extra"] for layer in report["layers"] if not layer["kept_dense"])
     assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("how", [[], ["--dry-run"], ["--stream"]], ids=["memory", "dry-run", "streaming"])
+def test_cli_calibrate_calibrates(bert_folder, tmp_path, capsys, how):
+    """--calibrate sets the recipe's calibration with its text: the library's refusal of a text
+    without one never reaches a person."""
+    calib = write(tmp_path / "calib.txt", "\n".join(SENTENCES * 2))
+    out = tmp_path / "out"
+    args = ["convert", str(bert_folder), "--calibrate", str(calib), "--calibration-samples", "12",
+            "--refine-sweeps", "0", "--json", *how]
+    capsys.readouterr()
+    assert main(args if how == ["--dry-run"] else [*args, "-o", str(out)]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    calibration = report["meta"]["calibration"]
+    assert calibration["samples"] == 12 and calibration["source"] == str(calib)
+    assert (out / "config.json").is_file() == (how != ["--dry-run"])

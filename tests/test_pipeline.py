@@ -87,8 +87,13 @@ def test_the_python_api_calibrates_like_the_cli(bert_tokenizer):
 def test_calibration_and_samples_go_together(bert_tokenizer):
     with pytest.raises(ConfigError, match="no calibration samples"):
         monarchify.convert(tiny_bert(), MonarchConfig(calibration=CalibrationConfig()))
-    with pytest.raises(ConfigError, match="does not calibrate"):
-        monarchify.convert(tiny_bert(), MonarchConfig(), samples=TEXTS, tokenizer=bert_tokenizer)
+    model = tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for run in (monarchify.convert, monarchify.dry_run):  # a text it would not use: refused, not ignored
+        with pytest.raises(ConfigError, match="does not calibrate.*set its calibration"):
+            run(model, MonarchConfig(), samples=TEXTS, tokenizer=bert_tokenizer)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("kwargs", [{"samples": 0}, {"sweeps": -1}, {"damping": -0.1}, {"max_length": 0}, {"heldout": 0}])

@@ -8,9 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from monarchify.cli.options import JsonFlag, NBlocks, OutputOrder
+from monarchify.cli.options import JsonFlag, NBlocks, OutputOrder, Threads, set_threads, warn_if_busy
 from monarchify.cli.render import console, err_console, print_json
-from monarchify.errors import ConfigError
 
 bench_app = typer.Typer(
     name="bench",
@@ -23,16 +22,6 @@ Dtype = Annotated[str, typer.Option("--dtype", help=f"One of {', '.join(DTYPES)}
 Device = Annotated[str, typer.Option("--device", help="auto (the GPU when there is one), cpu, cuda, cuda:N.")]
 Warmup = Annotated[int, typer.Option("--warmup", help="Untimed calls of each contender first.")]
 Repeat = Annotated[int, typer.Option("--repeat", help="Timed calls of each (interleaved); the median is reported.")]
-Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's own choice).")]
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError("--threads must be >= 1")
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _ratio(value: float) -> str:
@@ -66,16 +55,11 @@ def _environment_line(result: dict[str, Any]) -> str:
 
 
 def _warn_if_busy(result: dict[str, Any]) -> None:
-    """One line on stderr when other work was running: the timings compete with it."""
-    from monarchify.bench import plural
-
+    """The load average read while timing, recorded for CPU timings only: a GPU timing does
+    not compete with other work for the cores."""
     env = result["environment"]
-    if env.get("busy"):
-        err_console.print(
-            f"warning: load average {env['load_avg_1min']:.2f} with {plural(env['threads'], 'thread')}: other work "
-            "is running on this machine, so these timings may not be trustworthy",
-            markup=False, highlight=False, soft_wrap=True,
-        )
+    if "threads" in env:
+        warn_if_busy(env["load_avg_1min"], env["threads"], "these timings may not be trustworthy")
 
 
 def layer(
@@ -106,7 +90,7 @@ def layer(
     """
     from monarchify import bench as lib
 
-    _set_threads(threads)
+    set_threads(threads)
     result = lib.layer_benchmark(
         d_in, d_out, nblocks, tokens, dtype=lib.parse_dtype(dtype), device=lib.resolve_device(device),
         bias=bias, backward=backward, reference=reference, warmup=warmup, repeat=repeat, output_order=output_order,
@@ -158,7 +142,7 @@ def model(
 
         check_picture_path(plot)
         pyplot()
-    _set_threads(threads)
+    set_threads(threads)
     err_console.print(f"loading [bold]{folder}[/]")
     result = lib.model_benchmark(
         folder, nblocks=nblocks, batch=batch, seq_len=seq_len, dtype=lib.parse_dtype(dtype),

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from monarchify.cli.finetune import RichEvents, print_results, warn_if_trivial
-from monarchify.cli.options import BudgetObjective, ForceFlag, JsonFlag, OutputOrder
+from monarchify.cli.options import BudgetObjective, ForceFlag, JsonFlag, OutputOrder, Threads, threads_for_training
 from monarchify.cli.render import console, print_json
 from monarchify.config import parse_ranks
 from monarchify.errors import ConfigError
@@ -44,6 +44,7 @@ def compress(
     finetuned: Annotated[bool | None, typer.Option("--finetuned/--pretrained", help="Whether MODEL is already fine-tuned on the task (default: read from its config.json).")] = None,
     max_train_samples: Annotated[int | None, typer.Option("--max-train-samples", help="Use only the first N training examples in both fine-tuning stages.")] = None,
     max_eval_samples: Annotated[int | None, typer.Option("--max-eval-samples", help="Use only the first N examples of each dev split.")] = None,
+    threads: Threads = None,
     force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
@@ -92,6 +93,7 @@ def compress(
         finetune=shared, budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
         budget_objective=budget_objective,
     )
+    busy_check = threads_for_training(threads)
     import datasets
 
     from monarchify.cli.errors import when_interrupted
@@ -101,7 +103,7 @@ def compress(
     datasets.disable_progress_bars()
     when_interrupted(f"interrupted; {options.stages} keeps the finished stages and epoch checkpoints: "
                      "the same command again resumes from there")
-    result = run_compress(options, events=RichEvents(), callbacks=[RichProgress()], argv=["monarchify", *sys.argv[1:]])
+    result = run_compress(options, events=RichEvents(), callbacks=[RichProgress(at_start=busy_check)], argv=["monarchify", *sys.argv[1:]])
     hint = "try a higher or lower --student-lr, more --epochs, or check the data (labels, --max-train-samples)"
     if json_out:
         print_json(result.results)

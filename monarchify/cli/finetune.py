@@ -10,7 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, JsonFlag, Override, build_config
+from monarchify.cli.options import (
+    AllowZeros, Exclude, ForceFlag, Include, JsonFlag, Override, Threads, build_config, threads_for_training,
+)
 from monarchify.cli.render import console, err_console, print_json
 from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
@@ -129,6 +131,7 @@ def finetune(
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder, if the model folder has none.")] = None,
     gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Gradual replacement: each Monarch layer stands in for its dense original with a probability that rises to 1 over this share of the steps (the originals: the model before --nblocks, or the --distill-from teacher).")] = None,
     gradual_start: Annotated[float, typer.Option("--gradual-start", help="The probability gradual replacement starts at.")] = 0.5,
+    threads: Threads = None,
     force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
@@ -164,6 +167,7 @@ def finetune(
         save_checkpoints=save_checkpoints, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
         resume=resume, force=force, gradual=gradual, gradual_start=gradual_start,
     )
+    busy_check = threads_for_training(threads)
     # Imported here: Trainer and datasets take seconds to import, which no other command should pay.
     import datasets
 
@@ -173,7 +177,7 @@ def finetune(
 
     datasets.disable_progress_bars()  # the tokenizing step is quick; our own bar shows training
     when_interrupted(INTERRUPTED_AFTER_CHECKPOINT.format(folder=options.checkpoints) if resume else INTERRUPTED_EARLY)
-    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT)
+    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT, at_start=busy_check)
     result = run_finetune(options, events=RichEvents(), callbacks=[progress], argv=["monarchify", *sys.argv[1:]])
     if json_out:
         print_json(result.results)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from monarchify.cli.options import ForceFlag, JsonFlag, OutDir
+from monarchify.cli.options import ForceFlag, JsonFlag, OutDir, Threads, threads_for_training
 from monarchify.cli.render import console, err_console, print_json
 from monarchify.heal_config import DEFAULT_HEAL_BATCH, DEFAULT_HEAL_SAMPLES, HealConfig
 from monarchify.samples import DEFAULT_MAX_LENGTH
@@ -28,6 +28,7 @@ def heal(
     eval_every: Annotated[
         int | None, typer.Option("--eval-every", metavar="N", help="Also measure the held-out error every N steps (the report keeps the curve).")
     ] = None,
+    threads: Threads = None,
     force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
@@ -43,6 +44,7 @@ def heal(
       monarchify heal minilm-monarch --teacher ./minilm --data glue/MRPC/train.tsv --steps 300 -o healed
     """
     config = HealConfig(steps=steps, lr=lr, seed=seed, eval_every=eval_every)
+    busy_check = threads_for_training(threads, on_gpu=False)  # heal runs where the model loads: on the CPU
     # Imported here: torch and transformers take seconds to import, which --help should not pay.
     from monarchify.hf.heal import describe, heal_pretrained
 
@@ -53,6 +55,7 @@ def heal(
         task = progress.add_task("loading", total=steps)
 
         def advance(step: int, loss: float) -> None:
+            busy_check()  # after the first step: everything is checked by then, and most steps are to come
             progress.update(task, completed=step, description=f"healing  loss {loss:.4f}")
 
         run = heal_pretrained(model, teacher, data, out, config, samples=samples, batch_size=batch_size,

@@ -1,13 +1,16 @@
-"""Options shared by several commands, defined once."""
+"""Options shared by several commands, defined once, and applying the ones that act on the process
+(``--threads``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from monarchify.config import MonarchConfig, parse_override
+from monarchify.errors import ConfigError
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for programs instead of tables.")]
 ForceFlag = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists and is not empty.")]
@@ -54,6 +57,15 @@ BudgetObjective = Annotated[
     ),
 ]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        metavar="N",
+        help="CPU threads for torch (default: torch's own choice, usually one per core). A warning says when other "
+        "work keeps the machine busy; fewer threads are then often many times faster.",
+    ),
+]
 
 
 def build_config(
@@ -73,3 +85,56 @@ def build_config(
         allow_structural_zeros=allow_structural_zeros,
         **recipe,
     )
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``--threads`` (``None``: leave torch's default) and return the count torch now
+    uses: what the busy check and the results record."""
+    if threads is not None and threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def warn_if_busy(load: float | None, threads: int, consequence: str) -> None:
+    """One line on stderr when other work is running (:func:`monarchify.bench.is_busy`: the
+    load average is above what ``threads`` account for). It matters more than a fair share
+    of the cores: torch's threads wait for each other at every operation, so one of them
+    held up by other work holds up all of them."""
+    from monarchify.bench import is_busy, plural
+    from monarchify.cli.render import err_console
+
+    if is_busy(load, threads):
+        err_console.print(
+            f"warning: load average {load:.2f} with {plural(threads, 'thread')}: other work is running on this "
+            f"machine, so {consequence}",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+
+
+def threads_for_training(threads: int | None, *, on_gpu: bool | None = None) -> Callable[[], None]:
+    """Apply ``--threads`` for a training command now, and return the busy check to run once
+    training starts (later calls do nothing): after the command's own checks, so a refused
+    command still prints its one ``Error:`` line alone, and before the long part, not after it.
+    ``on_gpu`` (default: whether CUDA is there, which is where Trainer runs): a busy CPU does
+    not slow GPU training down that way, so no warning then."""
+    count = set_threads(threads)
+    checked: list[bool] = []
+
+    def check() -> None:
+        if checked:
+            return
+        checked.append(True)
+        import torch
+
+        from monarchify.bench import load_average
+
+        if on_gpu if on_gpu is not None else torch.cuda.is_available():
+            return
+        fewer = " (try fewer --threads, e.g. --threads 1)" if count > 1 else ""
+        warn_if_busy(load_average(), count, f"training may run many times slower than on an idle machine{fewer}")
+
+    return check

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from monarchify.cli.options import AllowZeros, Exclude, ForceFlag, Include, JsonFlag, Override, build_config
+from monarchify.cli.options import (
+    AllowZeros, Exclude, ForceFlag, Include, JsonFlag, Override, Threads, build_config, threads_for_training,
+)
 from monarchify.cli.render import console, err_console, print_json
 from monarchify.errors import ConfigError
 from monarchify.lm.options import OBJECTIVES, PRECISIONS, PRESETS, RESULTS_FILE, TrainOptions
@@ -71,6 +73,7 @@ def train(
     checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Where checkpoints go (default: OUT.checkpoints).")] = None,
     keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Do not delete the checkpoints after a successful run.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Resume from the latest checkpoint (same command; across the switch too).")] = False,
+    threads: Threads = None,
     force: ForceFlag = False,
     json_out: JsonFlag = False,
 ) -> None:
@@ -95,6 +98,7 @@ def train(
         precision=precision, seed=seed, eval_steps=eval_steps, save_steps=save_steps, logging_steps=logging_steps,
         checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints, resume=resume, force=force,
     )
+    busy_check = threads_for_training(threads)
     # Imported here: Trainer takes seconds to import, which no other command should pay.
     from monarchify.cli.errors import when_interrupted
     from monarchify.cli.finetune import INTERRUPTED_AFTER_CHECKPOINT, INTERRUPTED_EARLY, RichEvents
@@ -102,7 +106,7 @@ def train(
     from monarchify.lm.train import train as run_train
 
     when_interrupted(INTERRUPTED_AFTER_CHECKPOINT.format(folder=options.checkpoints) if resume else INTERRUPTED_EARLY)
-    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT)
+    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT, at_start=busy_check)
     result = run_train(options, events=RichEvents(), callbacks=[progress], argv=["monarchify", *sys.argv[1:]])
     if json_out:
         print_json({k: v for k, v in result.results.items() if k != "step_seconds"})

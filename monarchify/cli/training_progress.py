@@ -3,6 +3,7 @@ importing ``transformers``' trainer machinery is slow and only ``finetune`` need
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -14,10 +15,12 @@ from monarchify.cli.render import err_console
 class RichProgress(TrainerCallback):
     """A progress bar over optimisation steps, with the running loss and each evaluation."""
 
-    def __init__(self, after_checkpoint: str | None = None) -> None:
+    def __init__(self, after_checkpoint: str | None = None, at_start: Callable[[], None] | None = None) -> None:
         """``after_checkpoint``: what Ctrl-C means once a checkpoint is saved (``{folder}`` is
-        the checkpoint folder); until then the command's own message stands."""
+        the checkpoint folder); until then the command's own message stands. ``at_start``
+        runs when training begins, before the bar is drawn (the busy-machine check)."""
         self.after_checkpoint = after_checkpoint
+        self.at_start = at_start
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
@@ -31,6 +34,8 @@ class RichProgress(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
+            if self.at_start is not None:
+                self.at_start()
             self.progress.start()
             self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step)
 

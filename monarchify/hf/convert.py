@@ -29,7 +29,7 @@ from monarchify.hf.saving import save_model
 from monarchify.hf.streaming import (
     STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes,
 )
-from monarchify.pipeline import Events, convert, dry_run
+from monarchify.pipeline import Events, check_calibration_text, convert, dry_run
 from monarchify.report import ConversionReport
 from monarchify.samples import TextSamples, read_samples
 
@@ -122,15 +122,16 @@ def convert_pretrained(
 
     ``calibration_data`` (a text or TSV file, a saved dataset or ``hf:NAME``, see
     :mod:`monarchify.samples`, or samples already read) is the text a calibrating recipe runs
-    through the dense model.
+    through the dense model: given exactly when ``config.calibration`` is set, else refused.
     ``check`` compares the dense and converted model's outputs on sample sentences (in memory
     only). ``stream``: see :func:`choose_streaming`; ``resume`` continues an interrupted
     streaming run; ``device`` is where a streaming run projects (``"cuda"``).
     """
     events = events or ConvertEvents()
+    check_calibration_text(calibration_data is not None, config)
     _check_source(source, events)
     samples = calibration_data if isinstance(calibration_data, TextSamples) else None
-    if config.calibration is not None and calibration_data is not None and samples is None:
+    if calibration_data is not None and samples is None:
         samples = read_samples(calibration_data, config.calibration.samples, config.calibration.heldout)
     if (device != "cpu" or resume) and stream is None:  # only the streaming path projects elsewhere, or resumes
         stream = True

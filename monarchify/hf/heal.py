@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from monarchify.atomic import check_output_dir
@@ -72,6 +73,7 @@ def heal_pretrained(
         "heldout_hidden_error_after": result.heldout_after,
         "heldout_hidden_error_curve": [[step, error] for step, error in result.curve],
         "seconds": round(result.seconds, 2),
+        "cpu_threads": torch.get_num_threads(),  # a slow run on a busy machine explains itself
     }
     save_model(student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force)
     return HealRun(result, report, student)

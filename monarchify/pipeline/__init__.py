@@ -56,15 +56,22 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_calibration_text(given: bool, config: MonarchConfig) -> None:
+    """A calibration text and a calibrating recipe go together. A text the recipe does not
+    use is refused rather than dropped: its caller expects an activation-aware conversion and
+    would get a plain one without a word."""
+    if config.calibration is None and given:
+        raise ConfigError("calibration text was given, but the recipe does not calibrate (set its calibration)")
+    if config.calibration is not None and not given:
+        raise ConfigError("the recipe calibrates, but no calibration samples were given")
+
+
 def calibration_text(samples: TextSamples | Sequence[Sample] | None, config: MonarchConfig) -> TextSamples | None:
     """The samples a recipe calibrates on (split into fitting and held-out ones), checked
     against whether it calibrates at all."""
-    if config.calibration is None:
-        if samples is not None:
-            raise ConfigError("calibration samples were given, but the recipe does not calibrate (set its calibration)")
-        return None
+    check_calibration_text(samples is not None, config)
     if samples is None:
-        raise ConfigError("the recipe calibrates, but no calibration samples were given")
+        return None
     if isinstance(samples, TextSamples):
         return samples
     return split_samples(list(samples), config.calibration.samples, config.calibration.heldout, source="(in memory)")
