@@ -80,7 +80,8 @@ def compress(
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,
                                       batch_size=batch_size or 8, heal=heal, force=force)
-        run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]])
+        run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]],
+                          busy_check=threads_for_training(threads, on_gpu=False))
         return
     from monarchify.glue.compress import CompressOptions
 

@@ -4,7 +4,7 @@ measure perplexity), :mod:`monarchify.lm.compress` underneath."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -14,14 +14,17 @@ from monarchify.cli.render import console, err_console, print_json
 
 class HealBar:
     """The healing progress bar (steps, loss, elapsed, time left), started on the first step so
-    that the lines before it (loading, converting) stay readable."""
+    that the lines before it (loading, converting) stay readable; ``at_start`` runs then too
+    (the busy-machine check)."""
 
-    def __init__(self) -> None:
+    def __init__(self, at_start: Callable[[], None] = lambda: None) -> None:
         self.progress: Progress | None = None
         self.task: Any = None
+        self.at_start = at_start
 
     def __call__(self, step: int, steps: int, loss: float) -> None:
         if self.progress is None:
+            self.at_start()
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                      TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
             self.progress.start()
@@ -53,14 +56,14 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def run_text_compress(options: Any, *, json_out: bool, argv: list[str]) -> None:
+def run_text_compress(options: Any, *, json_out: bool, argv: list[str], busy_check: Callable[[], None] = lambda: None) -> None:
     from monarchify.cli.convert import conversion_progress
     from monarchify.cli.errors import when_interrupted
     from monarchify.cli.finetune import RichEvents
     from monarchify.lm.compress import TextCompressEvents, compress_text
 
     rich = RichEvents()
-    bar = HealBar()
+    bar = HealBar(busy_check)
     events = TextCompressEvents(stage=rich.stage, done=rich.done, note=rich.note, heal_step=bar,
                                 converting=conversion_progress)
     when_interrupted(f"interrupted; {options.stages} keeps the finished stages and the last healing state: "
