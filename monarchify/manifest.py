@@ -59,6 +59,21 @@ def describe_change(name: str, before: Any, after: Any) -> str:
 _MISSING = object()
 
 
+def _differences(prefix: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Phrases for the keys that differ; a nested group of options (a recipe) is named down to
+    the field that changed (``monarch.nblocks``), not printed whole."""
+    found = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name, _MISSING), new.get(name, _MISSING)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            found += _differences(f"{prefix}{name}.", before, after)
+        else:
+            found.append(describe_change(prefix + name, before, after))
+    return found
+
+
 @dataclass
 class StageRecord:
     fingerprint: str
@@ -129,9 +144,19 @@ class RunManifest:
         record = self.stages.get(stage)
         if record is None:
             return []
-        old, new = record.options, _normal(options)
-        return [describe_change(name, old.get(name, _MISSING), new.get(name, _MISSING))
-                for name in sorted(set(old) | set(new)) if old.get(name, _MISSING) != new.get(name, _MISSING)]
+        return _differences("", record.options, _normal(options))
+
+    def check_resume(self, stage: str, options: dict[str, Any], what: str = "the checkpoints") -> str:
+        """:meth:`check` for a run asked to continue ``stage``'s work (``resume``): a stage made
+        with other options is refused in one line naming them, since continuing it would
+        train one run's checkpoints under another's options. Returns the stage's status
+        otherwise (``"new"``: nothing recorded, the caller decides)."""
+        status = self.check(stage, options)
+        if status != "stale":
+            return status
+        changed = self.changes(stage, options) or ["an earlier stage"]
+        raise ConfigError(f"resume: {what} in '{self.folder}' were made with other options: {'; '.join(changed)}; "
+                          "resume with the options they were made with, or start over without resume")
 
     def start(self, stage: str, options: dict[str, Any]) -> None:
         """Record that ``stage`` begins with ``options`` (it is not done until :meth:`finish`);
