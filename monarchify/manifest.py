@@ -34,8 +34,19 @@ MANIFEST_VERSION = 1
 
 
 def canonical(options: dict[str, Any]) -> str:
-    """One text per set of options: keys sorted, paths and other objects as their ``str``."""
-    return json.dumps(options, sort_keys=True, default=str, separators=(",", ":"))
+    """One text per set of options: keys sorted, paths and other objects as their ``str``, and
+    a whole float as its integer (2.0 epochs from the command line are the 2 of a script)."""
+    return json.dumps(_whole(options), sort_keys=True, default=str, separators=(",", ":"))
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_whole(item) for item in value]
+    return value
 
 
 def fingerprint(options: dict[str, Any], upstream: str = "") -> str:

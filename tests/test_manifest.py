@@ -104,3 +104,8 @@ def test_a_change_inside_a_nested_group_names_the_field(tmp_path):
     manifest = RunManifest.load(tmp_path)
     assert manifest.changes("a", {"monarch": {"nblocks": 2, "include": None}}) == ["monarch.nblocks (was 4, now 2)"]
     assert manifest.changes("a", {"monarch": None}) == ["monarch (was {'include': None, 'nblocks': 4}, now None)"]
+
+
+def test_a_whole_float_is_the_same_option_as_its_integer(tmp_path):
+    _run(tmp_path, {"epochs": 2, "lr": 2e-3}, {"ranks": [8.0]}, {})
+    assert _run(tmp_path, {"epochs": 2.0, "lr": 0.002}, {"ranks": (8,)}, {}) == {"a": "done", "b": "done", "c": "done"}
