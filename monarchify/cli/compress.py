@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from monarchify.cli.finetune import RichEvents, print_results, warn_if_trivial
-from monarchify.cli.options import BudgetObjective, ForceFlag, JsonFlag, OutputOrder
+from monarchify.cli.options import BudgetObjective, JsonFlag, OutputOrder
 from monarchify.cli.render import console, print_json
 from monarchify.config import parse_ranks
 from monarchify.glue.tasks import TASK_NAMES
@@ -39,12 +39,13 @@ def compress(
     finetuned: Annotated[bool | None, typer.Option("--finetuned/--pretrained", help="Whether MODEL is already fine-tuned on the task (default: read from its config.json).")] = None,
     max_train_samples: Annotated[int | None, typer.Option("--max-train-samples", help="Use only the first N training examples in both fine-tuning stages.")] = None,
     max_eval_samples: Annotated[int | None, typer.Option("--max-eval-samples", help="Use only the first N examples of each dev split.")] = None,
-    force: ForceFlag = False,
+    restart_from: Annotated[str | None, typer.Option("--restart-from", metavar="STAGE", help="Make this stage and every later one again: teacher, convert or distill (a stage made with other options is made again anyway).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a finished OUT, and start every stage over (OUT.stages and OUT.checkpoints are discarded).")] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Compress a model for a GLUE task: fine-tune dense, convert under a budget, distil.
 
-    Stage 1 fine-tunes the dense model on the task (skipped when it is fine-tuned already); stage 2 converts that model under --budget, calibrated on the task's training text (the task head stays dense); stage 3 fine-tunes the compressed model learning from the dense one (distillation). Intermediate folders stay in OUT.stages; the same command again resumes at the stage it stopped.
+    Stage 1 fine-tunes the dense model on the task (skipped when it is fine-tuned already); stage 2 converts that model under --budget, calibrated on the task's training text (the task head stays dense); stage 3 fine-tunes the compressed model learning from the dense one (distillation). Intermediate folders stay in OUT.stages (stage 3's checkpoints in OUT.checkpoints); the same command again resumes at the stage it stopped, and redoes a stage (and the later ones) whose options changed.
 
     \b
     Examples:
@@ -60,7 +61,7 @@ def compress(
         calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, force=force, output_order=output_order,
         distill={"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden},
         finetune=shared, budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
-        budget_objective=budget_objective,
+        budget_objective=budget_objective, restart_from=restart_from,
     )
     import datasets
 
@@ -69,8 +70,8 @@ def compress(
     from monarchify.glue.compress import compress as run_compress
 
     datasets.disable_progress_bars()
-    when_interrupted(f"interrupted; {options.stages} keeps the finished stages and epoch checkpoints: "
-                     "the same command again resumes from there")
+    when_interrupted(f"interrupted; {options.stages} keeps the finished stages (and stage 1's epoch checkpoints), "
+                     f"{options.checkpoints} stage 3's epoch checkpoints: the same command again resumes from there")
     result = run_compress(options, events=RichEvents(), callbacks=[RichProgress()], argv=["monarchify", *sys.argv[1:]])
     hint = "try a higher or lower --student-lr, more --epochs, or check the data (labels, --max-train-samples)"
     if json_out:
