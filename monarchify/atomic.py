@@ -64,13 +64,15 @@ def atomic_output_dir(out: str | os.PathLike[str], force: bool = False) -> Itera
     _move_into_place(staging, dest, dest.parent / f".{dest.name}.old-{token}")
 
 
-def _move_into_place(staging: Path, dest: Path, old: Path) -> None:
+def _move_into_place(staging: Path, dest: Path, old: Path, keep_staging: bool = False) -> None:
     """Rename the complete ``staging`` folder to ``dest``, replacing what is there.
 
     Replacing takes two renames (the old folder aside to ``old``, then ``staging`` in), and an
     error or Ctrl-C can fall between them. Then the old folder is renamed back, so ``dest``
     always holds one whole folder, the old or the new. If the old one cannot come back either,
     nothing is deleted: both stay on disk, hidden but whole, for the user to recover.
+    ``keep_staging``: a failed rename leaves ``staging`` as it is (a resumable one is worth
+    hours of work; the next run finishes it).
     """
     try:
         if dest.exists():
@@ -79,7 +81,8 @@ def _move_into_place(staging: Path, dest: Path, old: Path) -> None:
     except BaseException:
         if old.exists() and not dest.exists():
             old.rename(dest)
-        shutil.rmtree(staging, ignore_errors=True)  # any old folder is back at dest by now
+        if not keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)  # any old folder is back at dest by now
         shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
@@ -88,6 +91,6 @@ def _move_into_place(staging: Path, dest: Path, old: Path) -> None:
 def move_into_place(staging: Path, out: str | os.PathLike[str]) -> None:
     """Rename a complete staging folder that a caller managed itself (one kept across runs so
     that an interrupted conversion can resume) to ``out``, with the same guarantees as
-    :func:`atomic_output_dir`."""
+    :func:`atomic_output_dir`; if the rename fails, the staging folder stays for the caller."""
     dest = Path(out).resolve()
-    _move_into_place(staging, dest, dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    _move_into_place(staging, dest, dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}", keep_staging=True)

@@ -34,8 +34,19 @@ MANIFEST_VERSION = 1
 
 
 def canonical(options: dict[str, Any]) -> str:
-    """One text per set of options: keys sorted, paths and other objects as their ``str``."""
-    return json.dumps(options, sort_keys=True, default=str, separators=(",", ":"))
+    """One text per set of options: keys sorted, paths and other objects as their ``str``, and
+    a whole float as its integer (2.0 epochs from the command line are the 2 of a script)."""
+    return json.dumps(_whole(options), sort_keys=True, default=str, separators=(",", ":"))
+
+
+def _whole(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_whole(item) for item in value]
+    return value
 
 
 def fingerprint(options: dict[str, Any], upstream: str = "") -> str:
@@ -48,18 +59,6 @@ def _normal(options: dict[str, Any]) -> dict[str, Any]:
     return json.loads(canonical(options))
 
 
-def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested options as dotted names (``recipe.budget``), so a change names the one field
-    that changed rather than the whole recipe."""
-    flat: dict[str, Any] = {}
-    for name, value in options.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
-
-
 def describe_change(name: str, before: Any, after: Any) -> str:
     if before is _MISSING:
         return f"{name} (new: {after!r})"
@@ -69,6 +68,21 @@ def describe_change(name: str, before: Any, after: Any) -> str:
 
 
 _MISSING = object()
+
+
+def _differences(prefix: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Phrases for the keys that differ; a nested group of options (a recipe) is named down to
+    the field that changed (``monarch.nblocks``), not printed whole."""
+    found = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name, _MISSING), new.get(name, _MISSING)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            found += _differences(f"{prefix}{name}.", before, after)
+        else:
+            found.append(describe_change(prefix + name, before, after))
+    return found
 
 
 @dataclass
@@ -141,9 +155,19 @@ class RunManifest:
         record = self.stages.get(stage)
         if record is None:
             return []
-        old, new = _flat(record.options), _flat(_normal(options))
-        return [describe_change(name, old.get(name, _MISSING), new.get(name, _MISSING))
-                for name in sorted(set(old) | set(new)) if old.get(name, _MISSING) != new.get(name, _MISSING)]
+        return _differences("", record.options, _normal(options))
+
+    def check_resume(self, stage: str, options: dict[str, Any], what: str = "the checkpoints") -> str:
+        """:meth:`check` for a run asked to continue ``stage``'s work (``resume``): a stage made
+        with other options is refused in one line naming them, since continuing it would
+        train one run's checkpoints under another's options. Returns the stage's status
+        otherwise (``"new"``: nothing recorded, the caller decides)."""
+        status = self.check(stage, options)
+        if status != "stale":
+            return status
+        changed = self.changes(stage, options) or ["an earlier stage"]
+        raise ConfigError(f"resume: {what} in '{self.folder}' were made with other options: {'; '.join(changed)}; "
+                          "resume with the options they were made with, or start over without resume")
 
     def start(self, stage: str, options: dict[str, Any]) -> None:
         """Record that ``stage`` begins with ``options`` (it is not done until :meth:`finish`);

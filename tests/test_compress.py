@@ -11,6 +11,7 @@ import torch
 import monarchify
 from monarchify.cli.app import main
 from monarchify.glue.compress import CONVERTED, TEACHER, CompressOptions, compress, is_finetuned_for
+from monarchify.errors import ConfigError
 from monarchify.glue.tasks import get_task
 from monarchify.glue.train import RESULTS_FILE
 
@@ -252,3 +253,131 @@ def test_other_classifier_families_compress_with_their_heads_dense(tmp_path, ber
     loaded = AutoModelForSequenceClassification.from_pretrained(opts.out)  # stock loading
     assert {name for name, m in loaded.named_modules() if isinstance(m, monarchify.MonarchLinear)} == converted
     assert set(results["metrics"]["validation"]) >= {"accuracy", "f1"}
+
+
+# ------------------------------------------------------------------ what a rerun reuses, and what it redoes
+
+QUICK = {**FAST, "max_steps": 2, "batch_size": 4}
+
+
+class Recorder:
+    """Which stages ran (and whether stage 3 resumed), and the lines the run said; stage 3 can
+    be made to stop at once, as Ctrl-C would, leaving stages 1 and 2 on disk."""
+
+    def __init__(self, monkeypatch):
+        from monarchify.glue import train
+        from monarchify.glue.options import FinetuneEvents
+        from monarchify.hf import convert as hf_convert
+
+        self.calls, self.lines, self.stop_stage_3 = [], [], False
+        real_finetune, real_convert = train.finetune, hf_convert.convert_pretrained
+        recorder = self
+
+        def finetune(options, **kwargs):
+            recorder.calls.append(("finetune", options.out.name, options.resume))
+            if options.out.name == "small" and recorder.stop_stage_3:
+                raise KeyboardInterrupt
+            return real_finetune(options, **kwargs)
+
+        def convert(*args, **kwargs):
+            recorder.calls.append(("convert",))
+            return real_convert(*args, **kwargs)
+
+        class Events(FinetuneEvents):
+            def note(self, message):
+                recorder.lines.append(message)
+
+        self.events = Events()
+        monkeypatch.setattr(train, "finetune", finetune)
+        monkeypatch.setattr(hf_convert, "convert_pretrained", convert)
+
+    def run(self, opts, stop_stage_3=False):
+        self.calls.clear()
+        self.lines.clear()
+        self.stop_stage_3 = stop_stage_3
+        if stop_stage_3:
+            with pytest.raises(KeyboardInterrupt):
+                compress(opts, events=self.events)
+            return None
+        return compress(opts, events=self.events)
+
+
+def fake_checkpoint(opts):
+    """What an interrupted stage 3 leaves in OUT.checkpoints (its epoch checkpoint)."""
+    folder = opts.out.with_name(opts.out.name + ".checkpoints") / "checkpoint-1"
+    folder.mkdir(parents=True)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_changed_budget_converts_again_and_drops_stage_3s_checkpoints(tmp_path, bert_folder, data, monkeypatch):
+    record = Recorder(monkeypatch)
+    first = options(tmp_path, bert_folder, data, finetune=dict(QUICK))
+    record.run(first, stop_stage_3=True)
+    assert [c[0] for c in record.calls] == ["finetune", "convert", "finetune"]
+    checkpoint = fake_checkpoint(first)
+
+    record.run(options(tmp_path, bert_folder, data, budget=0.5, finetune=dict(QUICK)), stop_stage_3=True)
+    assert record.calls == [("convert",), ("finetune", "small", False)]  # the teacher is reused, stage 3 starts afresh
+    assert not checkpoint.exists()
+    assert [line for line in record.lines if "stage 2/3" in line] == [
+        "stage 2/3: changed since the last run: budget (was 0.6, now 0.5); converting again, and redoing the stages after it"]
+    report = monarchify.read_report(first.stages / CONVERTED)
+    assert report.meta["budget"]["params_used"] <= 0.5 * report.meta["budget"]["params_dense"]
+
+    # the same options again: both stages reused, stage 3 continues its checkpoint
+    fake_checkpoint(first)
+    record.run(options(tmp_path, bert_folder, data, budget=0.5, finetune=dict(QUICK)), stop_stage_3=True)
+    assert record.calls == [("finetune", "small", True)] and not record.lines
+
+    # a calibration of another size is another conversion too
+    record.run(options(tmp_path, bert_folder, data, budget=0.5, calibration_samples=8, finetune=dict(QUICK)), stop_stage_3=True)
+    assert record.calls == [("convert",), ("finetune", "small", False)]
+    assert "calibration.samples (was 16, now 8)" in record.lines[0]
+
+
+@pytest.mark.slow
+def test_stage_options_restart_from_and_force_decide_what_is_redone(tmp_path, bert_folder, data, monkeypatch):
+    record = Recorder(monkeypatch)
+    record.run(options(tmp_path, bert_folder, data, finetune=dict(QUICK)), stop_stage_3=True)
+
+    # a student learning rate is stage 3's alone: stages 1 and 2 stay, its checkpoints go
+    checkpoint = fake_checkpoint(options(tmp_path, bert_folder, data))
+    record.run(options(tmp_path, bert_folder, data, student_lr=1e-3, finetune=dict(QUICK)), stop_stage_3=True)
+    assert record.calls == [("finetune", "small", False)] and not checkpoint.exists()
+    assert record.lines == ["stage 3/3: changed since the last run: learning_rate (was 0.002, now 0.001); "
+                            "fine-tuning from the first epoch, and redoing the stages after it"]
+
+    # a teacher learning rate: everything again
+    record.run(options(tmp_path, bert_folder, data, teacher_lr=1e-3, student_lr=1e-3, finetune=dict(QUICK)), stop_stage_3=True)
+    assert [c[:2] for c in record.calls] == [("finetune", TEACHER), ("convert",), ("finetune", "small")]
+    assert record.lines[0].startswith("stage 1/3: changed since the last run: learning_rate (was 0.002, now 0.001)")
+
+    # restart from a named stage, with the same options
+    same = dict(teacher_lr=1e-3, student_lr=1e-3, finetune=dict(QUICK))
+    record.run(options(tmp_path, bert_folder, data, restart_from="convert", **same), stop_stage_3=True)
+    assert [c[0] for c in record.calls] == ["convert", "finetune"]
+
+    # force starts every stage over, and finishes the run
+    (tmp_path / "small").mkdir()
+    result = record.run(options(tmp_path, bert_folder, data, force=True, **same))
+    assert [c[:2] for c in record.calls] == [("finetune", TEACHER), ("convert",), ("finetune", "small")]
+    assert result.results["compress"]["reused"] == []
+
+    with pytest.raises(ConfigError, match="restart_from must be one of teacher, convert, distill"):
+        options(tmp_path, bert_folder, data, restart_from="stage2")
+
+
+def test_ctrl_c_names_the_folders_that_keep_the_work(tmp_path, bert_folder, data, capsys, monkeypatch):
+    from monarchify.glue import compress as recipe
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "compress", interrupted)
+    code = main(["compress", "--task", "sst2", "--model", str(bert_folder), "--budget", "0.6", "--data-dir", str(data),
+                 "--out", str(tmp_path / "small")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1
+    assert f"{tmp_path / 'small.stages'} keeps the finished stages" in err[0]
+    assert f"{tmp_path / 'small.checkpoints'} stage 3's epoch checkpoints" in err[0]

@@ -84,7 +84,7 @@ RESULT_KEYS = {
 SECTION_KEYS = {
     "monarch": {"converted_on_the_fly", "recipe", "layers", "convert_seconds"},
     "train": {"seconds", "seconds_excluding_eval", "step_seconds", "samples_per_second", "steps_per_second", "steps",
-              "epochs", "examples", "loss"},
+              "epochs", "examples", "loss", "sessions", "resumed_from"},
     "eval": {"seconds", "samples_per_second", "examples"},
     "params": {"monarch", "dense", "ratio", "monarch_layers"},
     "data": {"source", "sizes", "skipped"},
@@ -233,20 +233,31 @@ def test_cli_refuses_to_convert_a_monarch_folder_twice(tmp_path, capsys, bert_fo
 
 
 def test_resume_after_an_interruption(tmp_path, bert_folder):
+    import time
+
     from transformers import TrainerCallback
+
+    from monarchify.glue.options import FinetuneEvents
 
     class Crash(Exception):
         pass
 
-    class CrashAfterFirstEpoch(TrainerCallback):
+    class SlowFirstEpochThenCrash(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.epoch is not None and state.epoch >= 1:
                 raise Crash
+            time.sleep(0.5)  # inside the step: the first session trains for a second at least
+
+    class Notes(FinetuneEvents):
+        lines: list[str] = []
+
+        def note(self, message):
+            self.lines.append(message)
 
     data = write_sst2(tmp_path / "glue", n_train=32, n_dev=8)
     opts = options(tmp_path, bert_folder, data, epochs=2, save_checkpoints=True, eval_each_epoch=False)
     with pytest.raises(Crash):
-        finetune(opts, callbacks=[CrashAfterFirstEpoch()], progress_bar=False)
+        finetune(opts, callbacks=[SlowFirstEpochThenCrash()], progress_bar=False)
     assert not opts.out.exists() and (opts.checkpoints / "checkpoint-2").is_dir()
 
     class CountSteps(TrainerCallback):
@@ -256,11 +267,48 @@ def test_resume_after_an_interruption(tmp_path, bert_folder):
             self.steps.append(state.global_step)
 
     opts.resume = True
-    results = finetune(opts, callbacks=[CountSteps()], progress_bar=False).results
+    results = finetune(opts, events=Notes(), callbacks=[CountSteps()], progress_bar=False).results
     assert results["train"]["steps"] == 4 and results["arguments"]["resume"]
     assert CountSteps.steps == [3, 4]  # only the second epoch ran again
     assert [e["step"] for e in results["history"] if "loss" in e] == [1, 2, 3, 4]
     assert (opts.out / RESULTS_FILE).is_file() and not opts.checkpoints.exists()
+    # the results describe the whole run: both sessions' time, the rates over all 4 steps of 16
+    train = results["train"]
+    assert train["sessions"] == 2 and train["resumed_from"] == "checkpoint-2"
+    assert train["step_seconds"] >= 1.0 and train["seconds"] >= train["seconds_excluding_eval"] >= train["step_seconds"]
+    assert train["samples_per_second"] * train["seconds"] == pytest.approx(4 * 16, rel=0.02)
+    assert train["steps_per_second"] * train["seconds"] == pytest.approx(4, rel=0.02)
+    assert "resuming from checkpoint-2 (step 2 of 4)" in Notes.lines
+
+
+def test_resume_with_other_options_is_refused_naming_the_option(tmp_path, bert_folder, capsys):
+    data = write_sst2(tmp_path / "glue", n_train=16, n_dev=4)
+    opts = options(tmp_path, bert_folder, data, epochs=2, max_steps=1, save_checkpoints=True, keep_checkpoints=True,
+                   eval_each_epoch=False)
+    finetune(opts, progress_bar=False)
+    assert (opts.checkpoints / "checkpoint-1").is_dir()
+    base = ["finetune", "--task", "sst2", "--model", bert_folder, "--data-dir", data, "--out", opts.out, "--resume",
+            "--epochs", "2", "--max-steps", "1", "--seed", "0", "--batch-size", "16", "--warmup", "0"]
+    code, err = run_cli(capsys, *base, "--lr", "0.001")
+    assert_one_line_error(code, err, "learning_rate (was 0.002, now 0.001)")
+    # what only changes where the run writes or how often it logs may differ
+    code, err = run_cli(capsys, *base, "--lr", "0.002", "--eval-batch-size", "8", "--max-eval-samples", "2")
+    assert code == 0, err
+
+
+def test_resume_lets_errors_other_than_a_missing_checkpoint_through(tmp_path, bert_folder):
+    from transformers import TrainerCallback
+
+    class Broken(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise ValueError("the checkpoint's optimizer state does not fit")
+
+    data = write_sst2(tmp_path / "glue", n_train=16, n_dev=4)
+    opts = options(tmp_path, bert_folder, data, epochs=1, save_checkpoints=True, keep_checkpoints=True, eval_each_epoch=False)
+    finetune(opts, progress_bar=False)
+    opts.resume = True
+    with pytest.raises(ValueError, match="optimizer state does not fit"):
+        finetune(opts, callbacks=[Broken()], progress_bar=False)
 
 
 @pytest.mark.parametrize("steps", [0, -5])

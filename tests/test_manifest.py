@@ -93,3 +93,24 @@ def test_a_change_inside_nested_options_is_named_by_its_dotted_path(tmp_path):
     manifest = RunManifest.load(tmp_path)
     assert manifest.changes("b", {"recipe": {"budget": 0.4, "calibration": {"samples": 256}}}) == [
         "recipe.calibration.samples (was 128, now 256)"]
+def test_a_resume_with_other_options_is_refused_in_one_line_naming_them(tmp_path):
+    _run(tmp_path, {"lr": 1e-4, "seed": 0}, {}, {}, finish=())
+    manifest = RunManifest.load(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        manifest.check_resume("a", {"lr": 1e-4, "seed": 1})
+    message = str(caught.value)
+    assert "seed (was 0, now 1)" in message and "lr" not in message.split("options:")[1] and "\n" not in message
+    assert RunManifest.load(tmp_path).check_resume("a", {"lr": 1e-4, "seed": 0}) == "started"
+    assert RunManifest.load(tmp_path / "none").check_resume("a", {}) == "new"
+
+
+def test_a_change_inside_a_nested_group_names_the_field(tmp_path):
+    _run(tmp_path, {"monarch": {"nblocks": 4, "include": None}}, {}, {})
+    manifest = RunManifest.load(tmp_path)
+    assert manifest.changes("a", {"monarch": {"nblocks": 2, "include": None}}) == ["monarch.nblocks (was 4, now 2)"]
+    assert manifest.changes("a", {"monarch": None}) == ["monarch (was {'include': None, 'nblocks': 4}, now None)"]
+
+
+def test_a_whole_float_is_the_same_option_as_its_integer(tmp_path):
+    _run(tmp_path, {"epochs": 2, "lr": 2e-3}, {"ranks": [8.0]}, {})
+    assert _run(tmp_path, {"epochs": 2.0, "lr": 0.002}, {"ranks": (8,)}, {}) == {"a": "done", "b": "done", "c": "done"}

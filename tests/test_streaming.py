@@ -225,3 +225,45 @@ def test_projection_on_cuda_is_refused_in_one_line_without_a_gpu_and_matches_the
     rows = [json.loads((tmp_path / n / "monarchify_report.json").read_text())["layers"] for n in ("cpu", "gpu")]
     for a, b in zip(*rows):
         assert abs(a["rel_error"] - b["rel_error"]) < 1e-6 * max(a["rel_error"], 1e-12) + 1e-9
+
+
+def test_a_failed_final_rename_keeps_the_staging_folder_and_resume_finishes(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    src = sharded_source(tmp_path)
+    config = MonarchConfig(nblocks=4)
+    convert_streaming(src, tmp_path / "whole", config, max_shard_size="15KB")
+    out = tmp_path / "out"
+    staging = _staging(out)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self == staging:
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    events = Interrupt(after=10**9)
+    with pytest.raises(OSError, match="No space"):
+        convert_streaming(src, out, config, max_shard_size="15KB", events=events)
+    assert not out.exists() and (staging / STATE_FILE).is_file() and "resume" in events.notes[-1]
+    monkeypatch.undo()
+
+    resumed = Interrupt(after=10**9)
+    convert_streaming(src, out, config, max_shard_size="15KB", resume=True, events=resumed)
+    assert resumed.seen == 0  # every shard was finished: only the small files were written again
+    assert not staging.exists() and not (out / STATE_FILE).exists()
+    assert_same_tensors(tmp_path / "whole", out)
+
+
+def test_resume_on_another_device_is_refused(tmp_path, monkeypatch):
+    """Factors projected on CUDA are not the CPU's bit for bit: the shards of one device are not
+    finished with the other (torch's CUDA check is patched: the refusal comes before any work)."""
+    src = sharded_source(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert_streaming(src, out, MonarchConfig(nblocks=4), max_shard_size="15KB", events=Interrupt(after=20))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="another device"):
+        convert_streaming(src, out, MonarchConfig(nblocks=4), max_shard_size="15KB", resume=True, device="cuda")
+    assert _staging(out).is_dir()  # the refusal keeps the finished shards for a resume on the CPU

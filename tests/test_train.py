@@ -263,3 +263,29 @@ def test_init_saves_an_untrained_monarch_model_that_loads(capsys, tmp_path, arch
     assert code == 0, err
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "init")
     assert len(monarch_layers(loaded)) == 8
+
+
+def test_resume_checks_the_run_manifest_and_names_the_option_that_changed(tmp_path, corpus, arch, capsys):
+    from monarchify.manifest import MANIFEST_FILE, RunManifest
+
+    notes = []
+
+    class Notes(monarchify.glue.FinetuneEvents):
+        def note(self, message):
+            notes.append(message)
+
+    cut = options(tmp_path, corpus, arch, "cut")
+    train(cut, callbacks=[StopAt(4)], progress_bar=False)
+    manifest = RunManifest.load(cut.checkpoints)
+    assert manifest.stages["train"].options["seed"] == 0 and not manifest.stages["train"].done
+    with pytest.raises(ConfigError, match=r"seed \(was 0, now 1\)"):
+        train(options(tmp_path, corpus, arch, "cut", seed=1, resume=True), progress_bar=False)
+    code, err = run_cli(capsys, "train", "--arch", arch, "--text", corpus, "--out", cut.out, "--block-size", 16,
+                        "--vocab-size", 300, "--max-steps", 8, "--seed", 0, "-b", 2, "--resume")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "monarch.nblocks (was 4, now 2)" in err, err
+    # a checkpoint folder of an earlier version (the options themselves in the file) still resumes
+    legacy = {**cut.to_dict(), "learning_rate": 1.0}
+    (cut.checkpoints / MANIFEST_FILE).write_text(json.dumps(legacy), encoding="utf-8")
+    resumed = train(options(tmp_path, corpus, arch, "cut", resume=True, learning_rate=1e-3), events=Notes(), progress_bar=False)
+    assert resumed.results["train"]["steps"] == 8
+    assert notes == ["resuming from checkpoint-4 (step 4 of 8)"]

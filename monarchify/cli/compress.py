@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from monarchify.cli.finetune import RichEvents, print_results, warn_if_trivial
-from monarchify.cli.options import BudgetObjective, ForceFlag, JsonFlag, OutputOrder, Threads, threads_for_training
+from monarchify.cli.options import BudgetObjective, JsonFlag, OutputOrder, Threads, threads_for_training
 from monarchify.cli.render import console, print_json
 from monarchify.config import parse_ranks
 from monarchify.errors import ConfigError
@@ -45,12 +45,13 @@ def compress(
     max_train_samples: Annotated[int | None, typer.Option("--max-train-samples", help="Use only the first N training examples in both fine-tuning stages.")] = None,
     max_eval_samples: Annotated[int | None, typer.Option("--max-eval-samples", help="Use only the first N examples of each dev split.")] = None,
     threads: Threads = None,
-    force: ForceFlag = False,
+    restart_from: Annotated[str | None, typer.Option("--restart-from", metavar="STAGE", help="Make this stage and every later one again: teacher, convert or distill (with --text: convert or heal). A stage made with other options is made again anyway.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a finished OUT, and start every stage over (OUT.stages and OUT.checkpoints are discarded).")] = False,
     json_out: JsonFlag = False,
 ) -> None:
     """Compress a model for a GLUE task (fine-tune dense, convert under a budget, distil) or a language model on text (convert under a budget, heal, measure perplexity).
 
-    With --task: stage 1 fine-tunes the dense model on the task (skipped when it is fine-tuned already); stage 2 converts that model under --budget, calibrated on the task's training text (the task head stays dense); stage 3 fine-tunes the compressed model learning from the dense one (distillation). Intermediate folders stay in OUT.stages; the same command again resumes at the stage it stopped.
+    With --task: stage 1 fine-tunes the dense model on the task (skipped when it is fine-tuned already); stage 2 converts that model under --budget, calibrated on the task's training text (the task head stays dense); stage 3 fine-tunes the compressed model learning from the dense one (distillation). Intermediate folders stay in OUT.stages (stage 3's checkpoints in OUT.checkpoints); the same command again resumes at the stage it stopped, and redoes a stage (and the later ones) whose options changed.
 
     With --text (a causal language model): stage 1 converts it under --budget, calibrated on windows of the text; stage 2 heals it, training it to reproduce the dense model's next-token distributions on the text, with held-out perplexity measured along the way. OUT/eval_results.json holds the dense and compressed perplexity on the held-out lines. Ctrl-C keeps the last healing state: the same command resumes.
 
@@ -79,7 +80,7 @@ def compress(
                           save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4)) if heal_steps else None
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,
-                                      batch_size=batch_size or 8, heal=heal, force=force)
+                                      batch_size=batch_size or 8, heal=heal, force=force, restart_from=restart_from)
         run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]],
                           busy_check=threads_for_training(threads, on_gpu=False))
         return
@@ -92,7 +93,7 @@ def compress(
         calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, force=force, output_order=output_order,
         distill={"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden},
         finetune=shared, budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
-        budget_objective=budget_objective,
+        budget_objective=budget_objective, restart_from=restart_from,
     )
     busy_check = threads_for_training(threads)
     import datasets
@@ -102,8 +103,8 @@ def compress(
     from monarchify.glue.compress import compress as run_compress
 
     datasets.disable_progress_bars()
-    when_interrupted(f"interrupted; {options.stages} keeps the finished stages and epoch checkpoints: "
-                     "the same command again resumes from there")
+    when_interrupted(f"interrupted; {options.stages} keeps the finished stages (and stage 1's epoch checkpoints), "
+                     f"{options.checkpoints} stage 3's epoch checkpoints: the same command again resumes from there")
     result = run_compress(options, events=RichEvents(), callbacks=[RichProgress(at_start=busy_check)], argv=["monarchify", *sys.argv[1:]])
     hint = "try a higher or lower --student-lr, more --epochs, or check the data (labels, --max-train-samples)"
     if json_out:

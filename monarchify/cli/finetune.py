@@ -68,9 +68,11 @@ def warn_if_trivial(results: dict[str, Any], hint: str = FINETUNE_HINT) -> None:
 def print_results(results: dict[str, Any], out: Path, hint: str = FINETUNE_HINT) -> None:
     console.print(results_table(results))
     train, params = results["train"], results["params"]
+    rate = f"{train['samples_per_second']:.1f} samples/s" if train.get("samples_per_second") else "no steps left to time"
+    sessions = f" in {train['sessions']} sessions" if train.get("sessions", 1) > 1 else ""
     console.print(
-        f"train: {train['seconds']:.1f} s wall ({train['step_seconds']:.1f} s in steps), {train['steps']} steps, "
-        f"{train['samples_per_second']:.1f} samples/s; eval: {results['eval']['seconds']:.1f} s"
+        f"train: {train['seconds']:.1f} s wall{sessions} ({train['step_seconds']:.1f} s in steps), {train['steps']} steps, "
+        f"{rate}; eval: {results['eval']['seconds']:.1f} s"
     )
     kind = f"Monarch ({params['monarch_layers']} layers)" if params["monarch_layers"] else "dense"
     console.print(

@@ -1,7 +1,8 @@
 """The compression recipe: a dense model in, a smaller, faster model fine-tuned on the task out.
 
 Three stages, each a folder of its own under ``<out>.stages/`` so a stopped run resumes at the
-stage it stopped (and a fine-tuning stage from its last epoch checkpoint):
+stage it stopped (and a fine-tuning stage from its last epoch checkpoint; stage 3's are in
+``<out>.checkpoints``):
 
 1. ``1-teacher``: the dense model fine-tuned on the task. Skipped when the model given is
    already fine-tuned on it (a sequence-classification checkpoint with the task's outputs):
@@ -11,6 +12,10 @@ stage it stopped (and a fine-tuning stage from its last epoch checkpoint):
    layers do on this task. The task head stays dense.
 3. the output: the converted model fine-tuned again, learning from the teacher's logits as
    well as the labels (distillation), which recovers most of what the projection lost.
+
+A stage is reused only when it was made with the options that decide it: ``<out>.stages`` keeps
+a run manifest (:mod:`monarchify.manifest`) of each stage's options, and a stage made with
+others is made again, with every stage after it (its folder and checkpoints discarded first).
 
 The output folder is like ``finetune``'s (the model and ``eval_results.json``), with a
 ``compress`` section in the results: the budget, the stages, the parameter counts, and the
@@ -31,8 +36,11 @@ from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
 from monarchify.glue.options import RESULTS_FILE, FinetuneEvents, FinetuneOptions
 from monarchify.glue.tasks import GlueTask, get_task
+from monarchify.manifest import RunManifest
 
 TEACHER, CONVERTED = "1-teacher", "2-converted"
+STAGES = ("teacher", "convert", "distill")
+"""The stages' names in the run manifest, and what ``restart_from`` names."""
 
 
 @dataclass
@@ -75,13 +83,21 @@ class CompressOptions:
     finetune: dict[str, Any] = field(default_factory=dict)
     """Other :class:`FinetuneOptions` fields for both fine-tuning stages (``epochs``, ``batch_size``...)."""
     force: bool = False
+    """Replace a finished output, and start every stage over (``<out>.stages`` and stage 3's
+    checkpoints are discarded)."""
+    restart_from: str | None = None
+    """Make this stage (one of :data:`STAGES`) and every later one again, even when they were
+    made with the same options."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.data_dir = Path(self.data_dir) if self.data_dir is not None else None
-        reserved = {"task", "model", "out", "data_dir", "learning_rate", "distill", "monarch", "seed", "force", "resume", "gradual"}
+        reserved = {"task", "model", "out", "data_dir", "learning_rate", "distill", "monarch", "seed", "force", "resume", "gradual",
+                    "checkpoint_dir"}
         if reserved & set(self.finetune):
             raise ConfigError(f"finetune settings may not set {', '.join(sorted(reserved & set(self.finetune)))}")
+        if self.restart_from is not None and self.restart_from not in STAGES:
+            raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}")
         # Build each part once so that a bad setting fails here, before any stage runs.
         self.recipe  # noqa: B018 - building the recipe checks the budget
         DistillConfig(str(self.model), **self.distill)
@@ -92,6 +108,11 @@ class CompressOptions:
     def stages(self) -> Path:
         """Where the intermediate folders are kept, beside the output."""
         return self.out.with_name(self.out.name + ".stages")
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where stage 3 keeps its epoch checkpoints (beside the output, as ``finetune``'s)."""
+        return self.finetune_options(self.model, self.out, self.student_lr).checkpoints
 
     @property
     def recipe(self) -> MonarchConfig:
@@ -136,6 +157,25 @@ def is_finetuned_for(model: str, task: GlueTask) -> bool:
 
 def _finished(folder: Path, marker: str) -> bool:
     return (folder / marker).is_file()
+
+
+def _discard(*folders: Path) -> None:
+    """Remove what a stage made with other options (its folder, its checkpoints)."""
+    import shutil
+
+    for folder in folders:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
+def _check(manifest: RunManifest, stage: str, options: dict[str, Any], label: str, redo: str, events: FinetuneEvents) -> str:
+    """How ``stage`` stands (:meth:`RunManifest.check`), saying so in one line when it was made
+    with other options and is made again."""
+    status = manifest.check(stage, options)
+    if status == "stale":
+        changed = "; ".join(manifest.changes(stage, options)) or "the stage before it changed"
+        events.note(f"{label}: changed since the last run: {changed}; {redo}, and redoing the stages after it")
+    return status
 
 
 def _continued(options: FinetuneOptions) -> FinetuneOptions:
@@ -238,36 +278,70 @@ def compress(
     recipe = replace(recipe, calibration=replace(recipe.calibration, samples=len(calibration.fit)))
     run = {"callbacks": callbacks, "events": events, "argv": argv}
 
+    if options.force:  # after every check: a mistake in the command deletes nothing
+        _discard(options.stages, options.checkpoints)
+    manifest = RunManifest.load(options.stages)
+    if not manifest.stages and options.stages.is_dir() and any(options.stages.iterdir()):
+        events.note(f"'{options.stages}' has no record of the options its stages were made with: making them again")
+    if options.restart_from is not None:
+        manifest.forget(options.restart_from)
+    reused: list[str] = []
+
     finetuned = is_finetuned_for(options.model, task) if options.finetuned is None else options.finetuned
     teacher = Path(options.model) if finetuned else options.stages / TEACHER
-    if not finetuned and not _finished(teacher, RESULTS_FILE):
-        events.stage(f"stage 1/3: fine-tuning the dense model on {task.name} -> {teacher}")
-        stage = options.finetune_options(options.model, teacher, options.teacher_lr, force=True)  # our own folder
-        finetune(_continued(stage), **run)
-    elif not finetuned:
-        events.done(f"stage 1/3: done already ({teacher})")
-    else:
+    stage = options.finetune_options(options.model, teacher, options.teacher_lr, force=True)  # our own folder
+    first = {"given_teacher": str(options.model)} if finetuned else stage.deciding()
+    redo = "taking it as the teacher" if finetuned else "fine-tuning the dense model again"
+    status = _check(manifest, "teacher", first, "stage 1/3", redo, events)
+    if finetuned:
         events.done(f"stage 1/3: '{options.model}' is fine-tuned on {task.name} already: it is the teacher")
+        if status != "done":
+            manifest.start("teacher", first)
+            manifest.finish("teacher")
+    elif status in ("done", "started") and _finished(teacher, RESULTS_FILE):
+        events.done(f"stage 1/3: done already ({teacher})")
+        reused.append("teacher")
+        if status == "started":  # finished, but stopped before the manifest said so
+            manifest.finish("teacher")
+    else:
+        if status != "started":
+            _discard(teacher, stage.checkpoints)
+        manifest.start("teacher", first)
+        events.stage(f"stage 1/3: fine-tuning the dense model on {task.name} -> {teacher}")
+        finetune(_continued(stage), **run)
+        manifest.finish("teacher")
 
     converted = options.stages / CONVERTED
-    if not _finished(converted, "config.json"):
+    second = {**recipe.to_dict(), "calibration_text": {"task": task.name, "data_dir": options.data_dir}}
+    status = _check(manifest, "convert", second, "stage 2/3", "converting again", events)
+    if status == "done" and _finished(converted, "config.json"):
+        events.done(f"stage 2/3: done already ({converted})")
+        reused.append("convert")
+    else:
+        _discard(converted)
+        manifest.start("convert", second)
         events.stage(f"stage 2/3: converting the fine-tuned model at budget {options.budget:g} -> {converted}")
         convert_pretrained(teacher, converted, recipe, calibration_data=calibration, force=True)
-    else:
-        events.done(f"stage 2/3: done already ({converted})")
+        manifest.finish("convert")
 
+    distill = DistillConfig(str(teacher), **options.distill)
+    student = options.finetune_options(str(converted), options.out, options.student_lr, distill=distill,
+                                       gradual=options.gradual, force=options.force)
+    status = _check(manifest, "distill", student.deciding(), "stage 3/3", "fine-tuning from the first epoch", events)
+    if status != "started":  # checkpoints of a student made with other options, or on another stage 2
+        _discard(student.checkpoints)
+    manifest.start("distill", student.deciding())
     events.stage(f"stage 3/3: fine-tuning the compressed model with distillation -> {options.out}")
     dense = _results(teacher)
     summary = {
         "compress": {
             "options": options.to_dict(),
             "stages": {"teacher": str(teacher), "converted": str(converted)},
+            "reused": reused,
             "teacher_trained_here": not finetuned,
             "dense": {"main_metric": dense["main_metric"], "metrics": dense["metrics"], "params": dense["params"]} if dense else None,
         }
     }
-    distill = DistillConfig(str(teacher), **options.distill)
-    student = options.finetune_options(str(converted), options.out, options.student_lr, distill=distill,
-                                       gradual=options.gradual, force=options.force)
     result = finetune(_continued(student), extra_results=summary, **run)
+    manifest.finish("distill")
     return CompressResult(options.out, result.results, summary["compress"]["stages"])

@@ -20,6 +20,12 @@ CURVES_FILE = "training_curves.png"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+NOT_DECIDING = ("out", "force", "resume", "logging_steps", "checkpoint_dir", "keep_checkpoints", "save_checkpoints",
+                "eval_each_epoch", "eval_batch_size", "max_eval_samples")
+"""Options that change where a run writes, what it prints or how it evaluates, but not the
+model it trains: a resume may change them. Every other option (a new one too) decides the run."""
+
+
 @dataclass
 class FinetuneOptions:
     """Everything a fine-tuning run depends on (recorded verbatim in ``eval_results.json``).
@@ -97,6 +103,11 @@ class FinetuneOptions:
     @property
     def checkpoints(self) -> Path:
         return self.checkpoint_dir or self.out.with_name(self.out.name + ".checkpoints")
+
+    def deciding(self) -> dict[str, Any]:
+        """The options that decide the trained model (all but :data:`NOT_DECIDING`): what the
+        checkpoint folder's run manifest records, and a resume must match."""
+        return {name: value for name, value in self.to_dict().items() if name not in NOT_DECIDING}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -37,6 +37,18 @@ class Conversion:
 
 
 @dataclass
+class Earlier:
+    """What the sessions before this one spent on a run that resumed from a checkpoint, as of
+    that checkpoint (kept in it, :data:`monarchify.glue.train.TIME_FILE`): the time a resumed
+    run reports is the whole run's, not only its last session's."""
+
+    seconds: float = 0.0
+    step_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    sessions: int = 0
+
+
+@dataclass
 class Training:
     """What ``Trainer.train`` reported, with the timings it does not separate itself."""
 
@@ -52,6 +64,10 @@ class Training:
     log_history: list[dict[str, Any]]
     """Trainer's log as it stood when training ended (the final evaluation is not in it)."""
     load_average_at_start: list[float] | None
+    resumed_from: str | None = None
+    """The checkpoint this session continued (``None``: trained in one session)."""
+    resumed_at_step: int = 0
+    earlier: Earlier = field(default_factory=Earlier)
 
 
 @dataclass
@@ -115,18 +131,30 @@ def history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _train_section(training: Training) -> dict[str, Any]:
-    """Training throughput, with the time spent evaluating inside the loop taken out."""
-    metrics = training.metrics
+    """Training throughput of the whole run, with the time spent evaluating inside the loop taken
+    out. Trainer measures only the session it ran: after a resume, the earlier sessions' time
+    is added and the rates are over the whole run."""
+    metrics, earlier = training.metrics, training.earlier
+    session = metrics.get("train_runtime") or 0.0
+    seconds = earlier.seconds + session
+    samples_per_second, steps_per_second = metrics.get("train_samples_per_second"), metrics.get("train_steps_per_second")
+    if training.resumed_from is not None:
+        session_steps = training.steps - training.resumed_at_step
+        per_step = (samples_per_second or 0.0) * session / session_steps if session_steps > 0 else None
+        samples_per_second = per_step * training.steps / seconds if per_step and seconds > 0 else None
+        steps_per_second = training.steps / seconds if seconds > 0 else None
     return {
-        "seconds": metrics.get("train_runtime"),
-        "seconds_excluding_eval": (metrics.get("train_runtime") or 0.0) - training.eval_seconds,
-        "step_seconds": training.step_seconds,
-        "samples_per_second": metrics.get("train_samples_per_second"),
-        "steps_per_second": metrics.get("train_steps_per_second"),
+        "seconds": seconds,
+        "seconds_excluding_eval": seconds - earlier.eval_seconds - training.eval_seconds,
+        "step_seconds": earlier.step_seconds + training.step_seconds,
+        "samples_per_second": samples_per_second,
+        "steps_per_second": steps_per_second,
         "steps": training.steps,
         "epochs": training.epochs,
         "examples": training.examples,
         "loss": metrics.get("train_loss"),
+        "sessions": earlier.sessions + 1,
+        "resumed_from": training.resumed_from,
     }
 
 

@@ -24,7 +24,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from monarchify.atomic import check_output_dir
 from monarchify.distill import DistillConfig, hidden_state_loss, logit_loss
@@ -48,15 +49,22 @@ from monarchify.glue.data import GlueData, load_glue
 from monarchify.glue.baseline import trivial_baseline
 from monarchify.glue.metrics import compute_metrics_fn, predictions_from_logits
 from monarchify.glue.options import CURVES_FILE, RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
-from monarchify.glue.results import Conversion, Evaluation, Training, build_results, load_average, run_environment
+from monarchify.glue.results import Conversion, Earlier, Evaluation, Training, build_results, load_average, run_environment
 from monarchify.glue.tasks import GlueTask, get_task
 from monarchify.hf.loading import load_model, load_tokenizer, mismatched_keys
 from monarchify.hf.saving import recipe_of, save_model
 from monarchify.hf.teacher import has_monarch_layers, load_task_teacher
+from monarchify.hf.training_arguments import resuming_line
 from monarchify.hf.training_arguments import shared_training_arguments
 from monarchify.monarch import MonarchLinear
 from monarchify.pipeline import convert, dry_run
+from monarchify.manifest import RunManifest
 from monarchify.report import ConversionReport
+
+STAGE = "finetune"
+"""The run's one stage in the checkpoint folder's run manifest (:mod:`monarchify.manifest`)."""
+TIME_FILE = "monarchify_time.json"
+"""In each checkpoint: the training time of the run up to it (:class:`RunClock`)."""
 
 # ---------------------------------------------------------------------------------- trainer
 
@@ -168,6 +176,42 @@ class StepTimer(TrainerCallback):
             self._start = None
 
 
+class RunClock(TrainerCallback):
+    """The whole run's training time, kept in every checkpoint (:data:`TIME_FILE`).
+
+    Why: Trainer times only the session it runs, so a run resumed near its end would report
+    a few seconds of training and a throughput many times the real one. Each checkpoint keeps
+    what the run spent up to it (wall time since training began, inside steps, evaluating, and
+    the number of sessions); a resume starts from that (:meth:`restore`). ``eval_seconds``
+    reads the Trainer's evaluation time (set once the Trainer exists)."""
+
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+        self.earlier = Earlier()
+        self.eval_seconds: Any = lambda: 0.0
+        self._start: float | None = None
+
+    def restore(self, checkpoint: Path) -> None:
+        path = checkpoint / TIME_FILE
+        if path.is_file():  # a checkpoint of an earlier version keeps none: its time is unknown
+            self.earlier = Earlier(**json.loads(path.read_text(encoding="utf-8")))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not state.is_world_process_zero or not folder.is_dir() or self._start is None:
+            return
+        so_far = Earlier(
+            seconds=self.earlier.seconds + time.perf_counter() - self._start,
+            step_seconds=self.earlier.step_seconds + self.timer.seconds,
+            eval_seconds=self.earlier.eval_seconds + self.eval_seconds(),
+            sessions=self.earlier.sessions + 1,
+        )
+        (folder / TIME_FILE).write_text(json.dumps(asdict(so_far)) + "\n", encoding="utf-8")
+
+
 class NoEvaluationAtTheEnd(TrainerCallback):
     """Skips the per-epoch evaluation when the epoch that ends is the last one.
 
@@ -275,7 +319,31 @@ def _check_request(options: FinetuneOptions) -> tuple[GlueTask, bool]:
         raise NothingToResumeError(
             f"resume: checkpoint folder '{options.checkpoints}' holds no checkpoint (the run stopped before its first one)"
         )
+    if options.resume:
+        RunManifest.load(options.checkpoints).check_resume(STAGE, options.deciding())
     return task, checkpoints_existed
+
+
+def _resume_point(options: FinetuneOptions) -> Path | None:
+    """The checkpoint a resume continues: the latest Trainer would pick, found here so the run
+    can say which it is and carry on its time (:class:`RunClock`)."""
+    if not options.resume:
+        return None
+    found = get_last_checkpoint(str(options.checkpoints))
+    if found is None:  # checkpoint-like names that are not Trainer's (checkpoint-final)
+        raise NothingToResumeError(f"resume: no checkpoint to resume from in '{options.checkpoints}'")
+    return Path(found)
+
+
+def _record_run(options: FinetuneOptions) -> None:
+    """Write the options that decide this run into the checkpoint folder's run manifest, so
+    a later resume can check it continues the same run (:func:`_check_request`). A resume of
+    checkpoints an earlier version wrote (no manifest) records them now."""
+    if not options.save_checkpoints:
+        return
+    manifest = RunManifest.load(options.checkpoints)
+    manifest.check(STAGE, options.deciding())
+    manifest.start(STAGE, options.deciding())
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -449,8 +517,8 @@ def _build_trainer(
     callbacks: Sequence[TrainerCallback],
     progress_bar: bool,
     internal: Sequence[TrainerCallback] = (),
-) -> tuple[MonarchTrainer, StepTimer]:
-    """The Trainer, and the timer of its optimisation steps.
+) -> tuple[MonarchTrainer, RunClock]:
+    """The Trainer, and the clock of the run (its optimisation steps, and its earlier sessions).
 
     Why its own step: this is where the run's options meet Trainer's. Trainer's raw log
     printer is removed (the history goes into the results instead), and a front end's own
@@ -459,6 +527,7 @@ def _build_trainer(
     """
     train_ds, eval_ds = datasets
     timer = StepTimer()
+    clock = RunClock(timer)
     trainer = MonarchTrainer(
         model=models.model,
         args=training_arguments(options, progress_bar=progress_bar and not callbacks),
@@ -467,7 +536,7 @@ def _build_trainer(
         processing_class=models.tokenizer,
         data_collator=DataCollatorWithPadding(models.tokenizer),
         compute_metrics=compute_metrics_fn(task),
-        callbacks=[timer, NoEvaluationAtTheEnd(), *internal, *callbacks],
+        callbacks=[timer, clock, NoEvaluationAtTheEnd(), *internal, *callbacks],
         monarch_lr=options.monarch_lr,
         teacher=models.teacher,
         distill=options.distill,
@@ -475,32 +544,35 @@ def _build_trainer(
     trainer.remove_callback(PrinterCallback)  # never print raw log dicts; the history is in the results
     if callbacks:
         trainer.remove_callback(ProgressCallback)
-    return trainer, timer
+    clock.eval_seconds = lambda: trainer.eval_seconds
+    return trainer, clock
 
 
-def _train(trainer: MonarchTrainer, timer: StepTimer, options: FinetuneOptions) -> Training:
-    """Train (or resume), and collect what the results report about it.
+def _train(trainer: MonarchTrainer, clock: RunClock, checkpoint: Path | None) -> Training:
+    """Train (or resume from ``checkpoint``), and collect what the results report about it.
 
     Why the machine's load is taken here: training time is only comparable between runs on
-    an equally busy machine. A resume with nothing to resume from is the user's mistake, so
-    Trainer's error becomes a one-line :class:`ConfigError`.
+    an equally busy machine. A resumed run's time and throughput are the whole run's: the
+    sessions before it are in the checkpoint (:class:`RunClock`).
     """
     load_at_start = load_average()
-    try:
-        output = trainer.train(resume_from_checkpoint=True if options.resume else None)
-    except ValueError as exc:
-        if options.resume and "checkpoint" in str(exc).lower():
-            raise NothingToResumeError(f"resume: no checkpoint to resume from in '{options.checkpoints}'") from None
-        raise
+    resumed_at = 0
+    if checkpoint is not None:
+        clock.restore(checkpoint)
+        resumed_at = int(checkpoint.name.rsplit("-", 1)[1])
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     return Training(
         metrics=output.metrics,
         eval_seconds=trainer.eval_seconds,
-        step_seconds=timer.seconds,
+        step_seconds=clock.timer.seconds,
         steps=trainer.state.global_step,
         epochs=trainer.state.epoch,
         examples=len(trainer.train_dataset),
         log_history=list(trainer.state.log_history),
         load_average_at_start=load_at_start,
+        resumed_from=checkpoint.name if checkpoint is not None else None,
+        resumed_at_step=resumed_at,
+        earlier=clock.earlier,
     )
 
 
@@ -610,11 +682,16 @@ def finetune(
     gradual = _gradual(options, models, originals)
     del originals
     train_ds, eval_ds = tokenize(data, models.tokenizer, options.max_length)
-    trainer, timer = _build_trainer(options, task, models, (train_ds, eval_ds), callbacks, progress_bar, gradual)
+    trainer, clock = _build_trainer(options, task, models, (train_ds, eval_ds), callbacks, progress_bar, gradual)
 
+    checkpoint = _resume_point(options)
+    if trainer.is_world_process_zero():
+        _record_run(options)
+    if checkpoint is not None:
+        events.note(resuming_line(checkpoint))
     events.stage("training")
     try:
-        training = _train(trainer, timer, options)
+        training = _train(trainer, clock, checkpoint)
     except BaseException:  # Ctrl-C too: an interrupted run leaves no empty checkpoint folder
         if not checkpoints_existed:
             _drop_if_empty(options.checkpoints)

@@ -11,9 +11,9 @@ depth of the model.
 Output shards are laid out before any work starts (every output shape follows from the plan),
 and written into a staging folder beside the output that survives an interruption: a shard
 exists under its final name only once it is complete, and ``resume`` reuses the finished ones
-when the source files and the recipe are those of the interrupted run. The staging folder is
-renamed to the output at the very end, so a half-written folder never stands where a finished
-one should.
+when the source files, the recipe and the device are those of the interrupted run. The staging
+folder is renamed to the output at the very end, so a half-written folder never stands where a
+finished one should (a failed rename keeps it, for ``resume`` to finish).
 
 A calibrating recipe streams too: the text runs through one block at a time
 (:mod:`.blockwise`), output tensors are laid out block by block, and each block's layers are
@@ -224,14 +224,17 @@ def _units(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Alloc
 
 
 def _fingerprint(checkpoint: Checkpoint, config: MonarchConfig, shards: list[list[Unit]], version: str,
-                 samples: TextSamples | None) -> str:
+                 samples: TextSamples | None, device: str) -> str:
     """What a resumed run must share with the interrupted one: the same source files (names,
-    sizes, modification times), recipe, calibration text, monarchify version and shard layout."""
+    sizes, modification times), recipe, calibration text, monarchify version, shard layout and
+    device. The device too: a projection on CUDA does not give the CPU's factors bit for bit,
+    and a folder whose first shards came from one and the rest from the other would match
+    neither run."""
     files = sorted({t.file for t in checkpoint.tensors.values()})
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     layout = [[(t.name, str(t.dtype), t.shape) for unit in shard for t in unit.outputs] for shard in shards]
     text_used = [samples.fit, samples.heldout] if samples is not None else None
-    text = json.dumps([stats, config.to_dict(), version, layout, text_used], default=str)
+    text = json.dumps([stats, config.to_dict(), version, layout, text_used, str(torch.device(device))], default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -344,14 +347,14 @@ def convert_streaming(
     shards = pack_shards(units, lambda unit: sum(t.nbytes for t in unit.outputs), parse_size(max_shard_size))
     names = shard_names(len(shards))
     version = monarchify_version()
-    fingerprint = _fingerprint(checkpoint, config, shards, version, samples)
+    fingerprint = _fingerprint(checkpoint, config, shards, version, samples, device)
 
     staging = _staging(Path(out))
     state = _read_state(staging) if staging.is_dir() else None
     if staging.exists() and not (resume and state is not None and state.get("fingerprint") == fingerprint):
         if resume and state is not None:
             raise ConfigError(
-                f"the unfinished conversion in '{staging}' was started from other files or with another recipe; "
+                f"the unfinished conversion in '{staging}' was started from other files, with another recipe or on another device; "
                 "start over without resuming (its finished shards are then discarded)"
             )
         if resume:
@@ -412,7 +415,8 @@ def convert_streaming(
         report = _report(checkpoint, layers, allocation, config, errors, folder, observation)
         _finish(staging, checkpoint, allocation, layers, report, tokenizer, names, weight_map,
                 sum(_shard_bytes(shard) for shard in shards))
-        move_into_place(staging, out)
+        move_into_place(staging, out)  # a failed rename keeps the staging folder, and its state, to resume
+        (Path(out) / STATE_FILE).unlink(missing_ok=True)
         completed = True
     finally:
         if not completed:
@@ -468,5 +472,4 @@ def _finish(staging: Path, checkpoint: Checkpoint, allocation: Allocation, layer
     if tokenizer is not None:
         tokenizer.save_pretrained(str(staging))
     (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    (staging / STATE_FILE).unlink(missing_ok=True)
 

@@ -6,6 +6,8 @@ transformers' own (the CLI draws its own progress)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,3 +40,14 @@ def shared_training_arguments(options: Any, *, progress_bar: bool) -> dict[str, 
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
     }
+
+
+def resuming_line(checkpoint: Path) -> str:
+    """What a resumed run says first: the checkpoint it continues and how far that run had got
+    (from the checkpoint's own ``trainer_state.json``), so a resume from an older checkpoint
+    than expected shows at once."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        return f"resuming from {checkpoint.name} (step {state['global_step']} of {state['max_steps']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"resuming from {checkpoint.name}"

@@ -153,13 +153,11 @@ SAME_RUN = (
     "max_lines", "eval_fraction", "monarch", "densify_at", "batch_size", "epochs", "max_steps", "grad_accum", "seed",
 )
 """The options a resumed run must share with the run that wrote the checkpoints: they decide the
-model, the data and the step count (a learning rate or a checkpoint interval may change)."""
+model, the data and the step count (a learning rate or a checkpoint interval may change). They
+are what the checkpoint folder's run manifest (:mod:`monarchify.manifest`) records."""
 
 
-def resume_mismatch(saved: dict[str, Any], current: TrainOptions) -> str | None:
-    """The first option that differs from the checkpointed run's, as a sentence, or ``None``."""
-    now = current.to_dict()
-    for name in SAME_RUN:
-        if name in saved and saved[name] != now[name]:
-            return f"{name} was {saved[name]!r} in the run that wrote the checkpoints, now {now[name]!r}"
-    return None
+def same_run(options: TrainOptions) -> dict[str, Any]:
+    """The options of :data:`SAME_RUN`, as the run manifest records them."""
+    data = options.to_dict()
+    return {name: data[name] for name in SAME_RUN}

@@ -39,16 +39,18 @@ from monarchify.glue.results import load_average, run_environment
 from monarchify.hf.fresh import build_model, default_objective, model_class_for
 from monarchify.hf.loading import load_tokenizer, tensor_shapes
 from monarchify.hf.saving import save_model
-from monarchify.hf.training_arguments import shared_training_arguments
+from monarchify.hf.training_arguments import resuming_line, shared_training_arguments
 from monarchify.lm.build import arch_config, sized_config
-from monarchify.lm.options import RESULTS_FILE, TrainOptions, resume_mismatch
+from monarchify.lm.options import RESULTS_FILE, SAME_RUN, TrainOptions, same_run
+from monarchify.manifest import MANIFEST_FILE, RunManifest, StageRecord, fingerprint
 from monarchify.lm.switch import DensifyCallback, monarch_layers
 from monarchify.lm.text import Blocks, Collator, fixed_masking, pack, read_lines, train_tokenizer
 from monarchify.pipeline.densify import densify_
 from monarchify.report import ConversionReport
 
-RUN_FILE = "monarchify_run.json"
-"""In the checkpoint folder: the options of the run that writes it (a resume must match them)."""
+STAGE = "train"
+"""The run's one stage in the checkpoint folder's run manifest (:mod:`monarchify.manifest`),
+which records the options a resume must match (:data:`~monarchify.lm.options.SAME_RUN`)."""
 LOG_FILE = "monarchify_log.json"
 """In each checkpoint: step times, the loss against time and the switch record up to it."""
 TOKENIZER_DIR = "tokenizer"
@@ -137,19 +139,31 @@ def _check_request(options: TrainOptions) -> None:
         raise ConfigError("the switch to dense runs in a single process for now (several processes would keep syncing the old Monarch parameters)")
     inputs = (*options.text, *((options.tokenizer,) if options.tokenizer else ()), options.arch)
     if options.resume:
-        if not (options.checkpoints / RUN_FILE).is_file():
+        if _manifest(options.checkpoints).check_resume(STAGE, same_run(options)) == "new":
             raise ConfigError(f"resume: '{options.checkpoints}' holds no checkpoints of a training run")
-        saved = json.loads((options.checkpoints / RUN_FILE).read_text(encoding="utf-8"))
-        problem = resume_mismatch(saved, options)
-        if problem:
-            raise ConfigError(f"resume: {problem}")
         return
     check_output_dir(options.out, options.force, inputs=inputs)
     folder = check_output_dir(options.checkpoints, options.force, inputs=inputs)
     if folder.is_dir() and any(folder.iterdir()):  # only with force (check_output_dir refused it otherwise)
-        if not (folder / RUN_FILE).is_file():
+        if STAGE not in _manifest(folder).stages:
             raise OutputExistsError(f"'{folder}' is not the checkpoint folder of a training run; it is not replaced")
         shutil.rmtree(folder)
+
+
+def _manifest(folder: Path) -> RunManifest:
+    """The checkpoint folder's run manifest. Earlier versions kept the run's options themselves
+    in the same file: such a folder reads as this run's stage, begun with them."""
+    try:
+        return RunManifest.load(folder)
+    except ConfigError:
+        try:
+            saved = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or "arch" not in saved:
+            raise
+        options = {name: saved[name] for name in SAME_RUN if name in saved}
+        return RunManifest(folder, {STAGE: StageRecord(fingerprint(options), options)})
 
 
 def _tokenizer(options: TrainOptions, train_lines: Sequence[str], objective: str) -> tuple[Any, str]:
@@ -283,11 +297,13 @@ def train(
         if monarch_layers(model) and not any(k.endswith((".L", ".R")) for k in tensor_shapes(checkpoint)):
             densify_(model)  # written after the switch: the checkpoint holds the dense layers
         log.restore(checkpoint)
-        events.note(f"resuming from {checkpoint.name}")
+        events.note(resuming_line(checkpoint))
     elif _is_main():
         options.checkpoints.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(options.checkpoints / TOKENIZER_DIR))
-        (options.checkpoints / RUN_FILE).write_text(json.dumps(options.to_dict(), indent=2) + "\n", encoding="utf-8")
+        manifest = RunManifest.load(options.checkpoints)
+        manifest.check(STAGE, same_run(options))
+        manifest.start(STAGE, same_run(options))
 
     trainer = Trainer(
         model=model,
