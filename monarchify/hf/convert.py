@@ -22,7 +22,7 @@ from monarchify.atomic import check_output_dir
 from monarchify.config import MonarchConfig
 from monarchify.hf.functional_check import FunctionalCheck
 from monarchify.errors import ConfigError
-from monarchify.hf.loading import load_model, load_tokenizer, read_config
+from monarchify.hf.loading import load_model, load_tokenizer, read_config, sentence_transformers_note
 from monarchify.hf.plugin import QUANT_METHOD
 from monarchify.hf.densify import DENSIFIED
 from monarchify.hf.saving import save_model
@@ -63,6 +63,9 @@ def _check_source(source: str | os.PathLike[str], events: ConvertEvents) -> None
         raise ConfigError(f"'{source}' is a Monarch checkpoint already: convert the dense model it came from")
     if isinstance(config.get(DENSIFIED), dict):
         events.note(densified_note(source, config[DENSIFIED]))
+    note = sentence_transformers_note(folder, config)
+    if note is not None:
+        events.note(note)
 
 
 def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> str:
@@ -160,5 +163,6 @@ def convert_pretrained(
     report.meta.update({"source": os.fspath(source), "architecture": type(model).__name__})
     if out is not None:
         events.saving(os.fspath(out))
-        save_model(model, out, tokenizer=tokenizer, report=report, recipe=report.meta["recipe"], force=force)
+        save_model(model, out, tokenizer=tokenizer, report=report, recipe=report.meta["recipe"], force=force,
+                   sentence_transformers_from=source)
     return ConvertResult(report, model, tokenizer)

@@ -73,7 +73,8 @@ def heal_pretrained(
         "heldout_hidden_error_curve": [[step, error] for step, error in result.curve],
         "seconds": round(result.seconds, 2),
     }
-    save_model(student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force)
+    save_model(student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force,
+               sentence_transformers_from=source)
     return HealRun(result, report, student)
 
 
