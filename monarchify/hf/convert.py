@@ -23,7 +23,7 @@ from monarchify.config import MonarchConfig
 from monarchify.hf.functional_check import FunctionalCheck
 from monarchify.errors import ConfigError
 from monarchify.hf.loading import load_model, load_tokenizer, read_config, sentence_transformers_note
-from monarchify.hf.plugin import QUANT_METHOD
+from monarchify.hf.plugin import QUANT_METHODS
 from monarchify.hf.densify import DENSIFIED
 from monarchify.hf.saving import save_model
 from monarchify.hf.streaming import (
@@ -59,7 +59,7 @@ def _check_source(source: str | os.PathLike[str], events: ConvertEvents) -> None
         return  # a Hub id, or a folder that loading will refuse with its own message
     config = read_config(folder)
     quantization = config.get("quantization_config")
-    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+    if isinstance(quantization, dict) and quantization.get("quant_method") in QUANT_METHODS:
         raise ConfigError(f"'{source}' is a Monarch checkpoint already: convert the dense model it came from")
     if isinstance(config.get(DENSIFIED), dict):
         events.note(densified_note(source, config[DENSIFIED]))
