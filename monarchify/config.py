@@ -19,8 +19,21 @@ from typing import Any
 
 from monarchify.errors import ConfigError
 
-RECIPE_VERSION = 1
-"""Version of the recipe dictionary (``MonarchConfig.to_dict``), not of the weight format."""
+RECIPE_VERSION = 2
+"""Version of the recipe dictionary (``MonarchConfig.to_dict``), not of the weight format.
+
+A recipe that gains a field gains a version, and a reader refuses fields and versions it does
+not know: an older monarchify re-applying a newer recipe without its new fields would carry out
+a weaker one (no low-rank terms, another budget objective) and say nothing.
+
+1: ``output_order``, ``budget_ranks``, ``ranks`` and ``budget_objective`` were added under it
+without a bump, so a version-1 recipe may lack them: a missing ``output_order`` means
+``"interleaved"`` (the only order before the field existed), the others their defaults.
+2: the fields of the last version-1 writer, every one known to every version-2 reader."""
+READS_RECIPE_VERSIONS = (1, 2)
+CALIBRATION_RECORDS = ("source", "kind", "columns", "method")
+"""Keys a saved recipe's ``calibration`` carries as a record of the run (where the text came
+from, the method used), not as settings: read and dropped."""
 OUTPUT_ORDERS = ("blocked", "interleaved")
 """How a Monarch layer orders its outputs (:class:`monarchify.monarch.layout.MonarchLayout`)."""
 BUDGET_OBJECTIVES = ("layers", "output")
@@ -48,10 +61,28 @@ def _check_pattern(pattern: str, what: str) -> None:
         raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
 
 
-def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``data`` that are fields of ``cls``: saved recipes also carry records
-    (where the data came from, what a run measured) that are not settings."""
+def _upgrade_hint() -> str:
+    from monarchify import __version__  # late: this module loads while the package does
+
+    return f"this monarchify ({__version__}), which reads recipe versions {', '.join(map(str, READS_RECIPE_VERSIONS))}: upgrade monarchify"
+
+
+def _check_version(version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"recipe version {version!r} is not a version number")
+    if version not in READS_RECIPE_VERSIONS:
+        raise ConfigError(f"recipe version {version} is unknown to {_upgrade_hint()}")
+
+
+def _fields_of(cls: type, data: Any, what: str, records: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data``'s settings for ``cls``, refusing any other key: a field this version does not
+    know is one a newer recipe relies on, and dropping it would carry out another recipe."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a mapping of field names to values, got {type(data).__name__}")
     names = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in names and k not in records)
+    if unknown:
+        raise ConfigError(f"{what} field {', '.join(map(repr, unknown))} is unknown to {_upgrade_hint()}")
     return {k: v for k, v in data.items() if k in names}
 
 
@@ -92,7 +123,8 @@ class CalibrationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
-        return cls(**_known_fields(cls, data))
+        """Read the settings of a calibration, ignoring what a saved recipe records about the run."""
+        return cls(**_fields_of(cls, data, "calibration", CALIBRATION_RECORDS))
 
 
 @dataclass
@@ -117,7 +149,7 @@ class SpeedGateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpeedGateConfig:
-        return cls(**_known_fields(cls, data))
+        return cls(**_fields_of(cls, data, "speed_gate"))
 
 
 @dataclass
@@ -207,7 +239,9 @@ class MonarchConfig:
         if self.output_order not in OUTPUT_ORDERS:
             raise ConfigError(f"output_order must be one of {', '.join(OUTPUT_ORDERS)}, got {self.output_order!r}")
         if self.version != RECIPE_VERSION:
-            raise ConfigError(f"unsupported recipe version {self.version} (this monarchify reads {RECIPE_VERSION})")
+            _check_version(self.version)  # a newer one: upgrade
+            raise ConfigError(f"a version-{self.version} recipe is read with MonarchConfig.from_dict, which gives its "
+                              f"fields the meaning they had then")
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data; ``speed_gate``, ``budget_ranks``, ``budget_objective`` and
@@ -222,7 +256,15 @@ class MonarchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MonarchConfig:
-        return cls(**_known_fields(cls, data))
+        """Read a recipe of any version this monarchify knows (a saved ``meta.recipe`` or
+        ``quantization_config.recipe``; no ``version`` means the current one) as the current
+        version; an unknown field or a newer version is refused (see :data:`RECIPE_VERSION`)."""
+        settings = _fields_of(cls, data, "recipe")
+        version = settings.pop("version", RECIPE_VERSION)
+        _check_version(version)
+        if version == 1 and "output_order" not in settings:
+            settings["output_order"] = "interleaved"  # written before the blocked order existed
+        return cls(**settings)
 
 
 def parse_override(text: str) -> tuple[str, int]:

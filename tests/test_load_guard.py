@@ -60,6 +60,47 @@ def test_stock_transformers_without_monarchify_refuses_and_says_what_to_do(tmp_p
     assert HINT_KEY in stderr  # the load report printed above the error names the remedy
 
 
+FIRST = "import sys, transformers; transformers.{cls}.from_pretrained(sys.argv[1])"
+
+
+@pytest.mark.parametrize("make,cls", [(tiny_llama, "AutoModelForCausalLM"), (tiny_bert, "AutoModel")])
+def test_the_first_line_stock_transformers_prints_says_what_the_folder_is_and_what_to_do(tmp_path, make, cls):
+    """A user who forgot ``import monarchify`` reads the remedy first, not advice that ends in
+    random layers (delete ``quantization_config``, ``ignore_mismatched_sizes``)."""
+    _, out = _converted(tmp_path, make)
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST.format(cls=cls), str(out)], capture_output=True, text=True, timeout=300,
+        env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, cwd="/",
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr  # still refused
+    first = next(line for line in result.stderr.splitlines() if line.strip())
+    assert "this folder is a Monarch checkpoint; import monarchify before loading it" in first, first
+    assert "monarchify densify FOLDER --out DENSE" in first
+    assert "quantization_config" not in first and "ignore_mismatched_sizes" not in first
+
+
+def test_folders_written_with_the_old_method_name_still_read(tmp_path):
+    """Folders from before the stored method became a sentence say ``"monarch"``."""
+    model, out = _converted(tmp_path, tiny_bert)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["quantization_config"]["quant_method"] != "monarch"
+    config["quantization_config"]["quant_method"] = "monarch"
+    config_path.write_text(json.dumps(config))
+    reloaded = load_model(out)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids)[0], model(ids)[0])
+    assert len(read_report(out).layers) == len(config["quantization_config"]["modules"])
+    from monarchify.hf.densify import densify_folder
+    from monarchify.hf.convert import convert_pretrained
+    from monarchify.errors import ConfigError
+
+    assert len(densify_folder(out, tmp_path / "dense").layers) == len(config["quantization_config"]["modules"])
+    with pytest.raises(ConfigError, match="Monarch checkpoint already"):
+        convert_pretrained(out, tmp_path / "again", MonarchConfig())
+
+
 def test_without_the_guard_stock_transformers_would_run_random_layers(tmp_path):
     """The reason the guard exists: the same folder minus the guard tensors loads silently."""
     from safetensors.torch import save_file

@@ -48,7 +48,7 @@ def test_convert_save_and_stock_from_pretrained_give_identical_outputs(tmp_path,
     monarchify.save(model, tmp_path / "out", report=report)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     recipe = config["quantization_config"]
-    assert recipe["quant_method"] == "monarch"
+    assert recipe["quant_method"].split(":")[0] == "monarch"  # a sentence for stock transformers (test_load_guard.py)
     assert set(recipe["modules"]) == {layer.name for layer in report.layers}
     assert recipe["monarchify_version"] == monarchify.__version__
     assert not list((tmp_path / "out").glob("*.bin"))

@@ -22,8 +22,8 @@ from monarchify.atomic import check_output_dir
 from monarchify.config import MonarchConfig
 from monarchify.hf.functional_check import FunctionalCheck
 from monarchify.errors import ConfigError
-from monarchify.hf.loading import load_model, load_tokenizer, read_config
-from monarchify.hf.plugin import QUANT_METHOD
+from monarchify.hf.loading import load_model, load_tokenizer, read_config, sentence_transformers_note
+from monarchify.hf.plugin import QUANT_METHODS
 from monarchify.hf.densify import DENSIFIED
 from monarchify.hf.saving import save_model
 from monarchify.hf.streaming import (
@@ -59,10 +59,13 @@ def _check_source(source: str | os.PathLike[str], events: ConvertEvents) -> None
         return  # a Hub id, or a folder that loading will refuse with its own message
     config = read_config(folder)
     quantization = config.get("quantization_config")
-    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+    if isinstance(quantization, dict) and quantization.get("quant_method") in QUANT_METHODS:
         raise ConfigError(f"'{source}' is a Monarch checkpoint already: convert the dense model it came from")
     if isinstance(config.get(DENSIFIED), dict):
         events.note(densified_note(source, config[DENSIFIED]))
+    note = sentence_transformers_note(folder, config)
+    if note is not None:
+        events.note(note)
 
 
 def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> str:
@@ -161,5 +164,6 @@ def convert_pretrained(
     report.meta.update({"source": os.fspath(source), "architecture": type(model).__name__})
     if out is not None:
         events.saving(os.fspath(out))
-        save_model(model, out, tokenizer=tokenizer, report=report, recipe=report.meta["recipe"], force=force)
+        save_model(model, out, tokenizer=tokenizer, report=report, recipe=report.meta["recipe"], force=force,
+                   sentence_transformers_from=source)
     return ConvertResult(report, model, tokenizer)

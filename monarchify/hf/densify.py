@@ -28,8 +28,8 @@ from monarchify.atomic import atomic_output_dir, check_output_dir
 from monarchify.errors import ModelLoadError
 from monarchify.hf.guard import is_guard
 from monarchify.hf.loading import empty_model, read_config, short_error
-from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHOD, check_recipe
-from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, monarchify_version
+from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHODS, check_recipe
+from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, copy_sentence_transformers, monarchify_version
 from monarchify.hf.tensorfiles import (
     INDEX_FILE, Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names,
     write_index,
@@ -99,7 +99,7 @@ def _conv1d_names(folder: Path, names: list[str]) -> set[str]:
 def read_monarch_folder(folder: Path) -> tuple[dict[str, Any], dict[str, StoredTensor], list[DenseLayer]]:
     config = read_config(folder)
     quantization = config.get("quantization_config")
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+    if not isinstance(quantization, dict) or quantization.get("quant_method") not in QUANT_METHODS:
         if isinstance(config.get(DENSIFIED), dict):
             raise ModelLoadError(f"'{folder}' is densified already: it holds no Monarch layers")
         raise ModelLoadError(f"'{folder}' is not a Monarch checkpoint (its config.json has no Monarch recipe)")
@@ -206,4 +206,5 @@ def densify_folder(
         for item in folder.iterdir():  # tokenizer, generation config and the like
             if item.is_file() and item.name not in ("config.json", REPORT_FILE, INDEX_FILE) and item.suffix != ".safetensors":
                 shutil.copy2(item, staging / item.name)
+        copy_sentence_transformers(folder, staging)  # and its module folders (1_Pooling...)
     return DensifyResult(Path(out), [layer.name for layer in layers], sum(planned.nbytes for _, planned, _ in plan))

@@ -1,7 +1,8 @@
 """Make stock transformers refuse a Monarch folder when monarchify is not there to read it.
 
-Without the plug-in, transformers does not know ``quant_method: "monarch"``: it logs a warning,
-skips the quantizer, builds plain ``nn.Linear`` layers, finds no ``weight`` for them and fills
+Without the plug-in, transformers does not know the folder's ``quant_method`` (a sentence that
+names the remedy, :data:`monarchify.hf.plugin.STORED_METHOD`, so the warning it logs first says
+what to do), skips the quantizer, builds plain ``nn.Linear`` layers, finds no ``weight`` for them and fills
 them with random values, again with only a warning. A model that runs on random layers is worse
 than no model, so every saved Monarch layer also gets an empty ``<module>.weight`` tensor: to
 stock transformers that is a size mismatch, which it refuses with an error (unless the caller

@@ -75,7 +75,8 @@ def heal_pretrained(
         "seconds": round(result.seconds, 2),
         "cpu_threads": torch.get_num_threads(),  # a slow run on a busy machine explains itself
     }
-    save_model(student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force)
+    save_model(student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force,
+               sentence_transformers_from=source)
     return HealRun(result, report, student)
 
 

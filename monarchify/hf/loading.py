@@ -65,6 +65,70 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
 
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+"""What makes a folder a sentence-transformers model besides the transformer itself (plus the
+module folders ``modules.json`` lists, e.g. ``1_Pooling``). Not ``README.md``: its model card
+describes the original model's scores, which a converted model does not have."""
+
+
+def _sentence_transformers_modules(folder: Path) -> list[dict[str, Any]]:
+    """``modules.json``'s entries when ``folder`` is a sentence-transformers export whose
+    transformer lies in the folder itself; empty otherwise."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        return []
+    in_root = any(
+        str(m.get("type", "")).startswith("sentence_transformers") and str(m.get("type")).endswith("Transformer")
+        and m.get("path") in ("", ".")
+        for m in modules
+    )
+    return modules if in_root else []
+
+
+def sentence_transformers_base(folder: Path, config: dict[str, Any]) -> str | None:
+    """The base model class (``BertModel``) of a sentence-transformers export, ``None`` for any
+    other folder.
+
+    sentence-transformers saves the base model's weights and loads them with ``AutoModel``,
+    whatever ``architectures`` names (often the class the model was pre-trained as, e.g.
+    ``BertForMaskedLM``, whose head weights are not there): loading the named class would refuse
+    the folder for its missing head."""
+    if not _sentence_transformers_modules(folder):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    base = MODEL_MAPPING_NAMES.get(config.get("model_type"))
+    base = base[0] if isinstance(base, (tuple, list)) else base
+    return base if isinstance(base, str) and isinstance(getattr(transformers, base, None), type) else None
+
+
+def sentence_transformers_note(folder: Path, config: dict[str, Any]) -> str | None:
+    """One line when a sentence-transformers export is loaded as another class than its
+    ``config.json`` names."""
+    base = sentence_transformers_base(folder, config)
+    named = [name for name in config.get("architectures") or [] if isinstance(name, str)]
+    if base is None or not named or base in named:
+        return None
+    return (f"sentence-transformers export: loading the base model ({base}), not the {named[0]} its config.json "
+            "names, as sentence-transformers does; its sentence-transformers files are kept")
+
+
+def sentence_transformers_files(folder: Path) -> list[str]:
+    """The files and module folders (relative names) that make ``folder`` a sentence-transformers
+    model, to be copied into a folder written from it; empty for any other folder."""
+    modules = _sentence_transformers_modules(folder)
+    names = [name for name in SENTENCE_TRANSFORMERS_FILES if modules and (folder / name).is_file()]
+    for module in modules:
+        path = module.get("path")
+        name = path.strip("/") if isinstance(path, str) else ""
+        if name and not name.startswith(".") and "/" not in name and (folder / name).is_dir():  # never outside
+            names.append(name)
+    return names
+
+
 def _model_class(config: transformers.PretrainedConfig, model_class: Any) -> Any:
     if model_class is not None:
         return model_class
@@ -119,14 +183,18 @@ def load_model(
     """Load a dense or Monarch model from a local folder or a Hub id.
 
     The class is the checkpoint's own architecture (so heads are kept) unless
-    ``model_class`` (e.g. ``AutoModelForSequenceClassification``) is given. Monarch layers
+    ``model_class`` (e.g. ``AutoModelForSequenceClassification``) is given; a sentence-transformers
+    export loads as its base model (:func:`sentence_transformers_base`). Monarch layers
     load through the plug-in in :mod:`monarchify.hf.plugin`. ``config_overrides`` (e.g.
     ``{"num_labels": 3}``) change the checkpoint's config before the model is built.
     """
     source = os.fspath(source)
     path = Path(source).expanduser()
+    new_head_ok = model_class is not None
     if path.is_dir():
-        read_config(path)
+        base = sentence_transformers_base(path, read_config(path))
+        if model_class is None and base is not None:
+            model_class = getattr(transformers, base)
         tensor_shapes(path)
         source = str(path)
     elif path.exists():
@@ -153,7 +221,7 @@ def load_model(
             f"could not load Hugging Face Hub model '{source}':{offline} {short_error(exc)} "
             "(not a local folder either; pass a local folder when offline)"
         ) from None
-    _check_loading(model, info, source, new_head_ok=model_class is not None)
+    _check_loading(model, info, source, new_head_ok=new_head_ok)
     return (model, info) if wants_info else model
 
 

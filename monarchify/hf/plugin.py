@@ -1,7 +1,8 @@
 """Loading Monarch checkpoints through stock ``from_pretrained``.
 
 A converted folder's ``config.json`` carries a ``quantization_config`` with
-``quant_method: "monarch"`` and the list of replaced modules. Importing ``monarchify``
+``quant_method`` :data:`STORED_METHOD` (``"monarch"`` in older folders) and the list of replaced
+modules. Importing ``monarchify``
 registers a config class and an ``HfQuantizer`` for that method with transformers' public
 plug-in points (``register_quantization_config``, ``register_quantizer``); the quantizer
 swaps the listed modules for ``MonarchLinear`` on the meta device before the weights load,
@@ -35,6 +36,18 @@ from monarchify.monarch.lowrank import check_rank
 from monarchify.pipeline.apply import replace_module, resolve_name
 
 QUANT_METHOD = "monarch"
+"""The method's name in memory (what transformers' quantizer mapping and ``Trainer`` see), and
+the ``quant_method`` folders carried before :data:`STORED_METHOD`; still read."""
+STORED_METHOD = (
+    "monarch: this folder is a Monarch checkpoint; import monarchify before loading it "
+    "(or make it a plain folder with: monarchify densify FOLDER --out DENSE)\n"
+)
+"""The ``quant_method`` a folder's ``config.json`` carries: a sentence, because it is the one
+thing from the folder that transformers without monarchify prints first. Its first line on
+stderr is then ``Unknown quantization type, got <this>``, and the newline pushes the rest
+(the supported types, and its advice to delete ``quantization_config``, which leads to random
+layers) to the next line. ASCII only. In memory the method stays :data:`QUANT_METHOD`."""
+QUANT_METHODS = (STORED_METHOD, QUANT_METHOD)
 FORMAT_VERSION = 3
 """2: layers record their ``output_order`` (format 1 had only the interleaved one). 3: a layer
 may carry a low-rank term (``"rank"``, Monarch plus low rank). A checkpoint is written in the
@@ -147,6 +160,12 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
         }
         return cls(modules=modules, recipe=recipe, monarchify_version=version)
 
+    def to_dict(self) -> dict[str, Any]:
+        """What ``config.json`` gets: the method under its stored name (:data:`STORED_METHOD`)."""
+        data = super().to_dict()
+        data["quant_method"] = STORED_METHOD
+        return data
+
 
 def _resolve(model: nn.Module, name: str) -> str:
     """The module's name in ``model``: a checkpoint saved from a base model (``BertModel``)
@@ -206,8 +225,9 @@ class MonarchHfQuantizer(HfQuantizer):
 
 def register() -> None:
     """Register the plug-in once (``import monarchify`` arranges it; see :mod:`.registration`)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(MonarchQuantizationConfig)
+    for name in QUANT_METHODS:  # the config.json of a folder, new or old, names one of them
+        if name not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+            register_quantization_config(name)(MonarchQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(MonarchHfQuantizer)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import transformers
 
 from monarchify.atomic import atomic_output_dir
 from monarchify.hf.guard import add_load_guard
+from monarchify.hf.loading import sentence_transformers_files
 from monarchify.hf.plugin import MonarchQuantizationConfig
 from monarchify.report import ConversionReport
 
@@ -39,12 +41,14 @@ def save_model(
     force: bool = False,
     max_shard_size: str = DEFAULT_SHARD_SIZE,
     extra_files: dict[str, str | bytes] | None = None,
+    sentence_transformers_from: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a loadable folder atomically: ``config.json`` with the Monarch recipe (by default
     the one ``report`` recorded),
     safetensors weights (sharded past ``max_shard_size``), tokenizer files, the report, and
     ``extra_files`` (name -> text or bytes, e.g. fine-tuning results and their curves: inside,
-    not added afterwards).
+    not added afterwards). ``sentence_transformers_from``: a folder whose sentence-transformers
+    files (:func:`copy_sentence_transformers`) the written folder keeps, so it stays one.
 
     A model without Monarch layers is written as a plain Hugging Face folder (no recipe), which
     loads without monarchify; one with Monarch layers carries the guard of :mod:`.guard`, so
@@ -64,12 +68,29 @@ def save_model(
             tokenizer.save_pretrained(staging)
         if report is not None:
             (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if sentence_transformers_from is not None:
+            copy_sentence_transformers(sentence_transformers_from, staging)
         for name, content in (extra_files or {}).items():
             if isinstance(content, bytes):  # a picture
                 (staging / name).write_bytes(content)
             else:
                 (staging / name).write_text(content, encoding="utf-8")
     return Path(out)
+
+
+def copy_sentence_transformers(source: str | os.PathLike[str], staging: Path) -> list[str]:
+    """Copy what makes ``source`` a sentence-transformers model (``modules.json``, its module
+    folders such as ``1_Pooling``, ``sentence_bert_config.json``,
+    ``config_sentence_transformers.json``) into a folder being written from it; nothing for
+    another folder or a Hub id. The weights and tokenizer are the written folder's own."""
+    folder = Path(os.fspath(source)).expanduser()
+    names = sentence_transformers_files(folder) if folder.is_dir() else []
+    for name in names:
+        if (folder / name).is_dir():
+            shutil.copytree(folder / name, staging / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(folder / name, staging / name)
+    return names
 
 
 def recipe_of(model: transformers.PreTrainedModel) -> dict[str, Any]:

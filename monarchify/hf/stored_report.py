@@ -17,7 +17,7 @@ import transformers
 
 from monarchify.errors import ModelLoadError
 from monarchify.hf.loading import empty_model, read_config, short_error, tensor_shapes
-from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHOD, check_recipe
+from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHODS, check_recipe
 from monarchify.hf.saving import REPORT_FILE
 from monarchify.monarch import MonarchLayout
 from monarchify.report import ConversionReport, LayerReport, natural_key
@@ -35,7 +35,7 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
         raise ModelLoadError(f"model folder '{folder}' does not exist")
     config = read_config(path)
     recipe = config.get("quantization_config") or {}
-    if not isinstance(recipe, dict) or recipe.get("quant_method") != QUANT_METHOD:
+    if not isinstance(recipe, dict) or recipe.get("quant_method") not in QUANT_METHODS:
         densified = config.get("monarchify_densified")
         if isinstance(densified, dict):  # see monarchify.hf.densify
             raise ModelLoadError(

@@ -46,9 +46,9 @@ from monarchify.atomic import check_output_dir, move_into_place
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.hf.guard import HINT_KEY, guard_tensors
-from monarchify.hf.loading import empty_model, load_tokenizer, read_config, short_error
+from monarchify.hf.loading import empty_model, load_tokenizer, read_config, sentence_transformers_base, short_error
 from monarchify.hf.plugin import MonarchQuantizationConfig, layer_spec
-from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, monarchify_version
+from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, copy_sentence_transformers, monarchify_version
 from monarchify.hf.tensorfiles import (
     Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names, write_index,
 )
@@ -133,10 +133,12 @@ def _model_dtype(config: transformers.PretrainedConfig, tensors: dict[str, Store
 def open_checkpoint(folder: Path) -> Checkpoint:
     """Read the config and the tensor headers, build the model on the meta device, and check
     that the tensors are the model's own."""
-    read_config(folder)
+    base = sentence_transformers_base(folder, read_config(folder))
     tensors = checkpoint_tensors(folder)
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder))
+        if base is not None:  # its weights are the base model's (see load_model)
+            config.architectures = [base]
         dtype = _model_dtype(config, tensors)
         model = empty_model(config, dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -469,6 +471,7 @@ def _finish(staging: Path, checkpoint: Checkpoint, allocation: Allocation, layer
     for name in SIDE_FILES:
         if (checkpoint.folder / name).is_file():
             shutil.copy2(checkpoint.folder / name, staging / name)
+    copy_sentence_transformers(checkpoint.folder, staging)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(staging))
     (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
