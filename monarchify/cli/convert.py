@@ -9,7 +9,7 @@ import typer
 from monarchify.cli.options import (
     AllowZeros, BudgetObjective, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, build_config,
 )
-from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report
+from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report, progress_bar
 from monarchify.config import (
     DEFAULT_CALIBRATION_SAMPLES, DEFAULT_SPEED_TOKENS, DEFAULT_SWEEPS, CalibrationConfig, SpeedGateConfig, parse_ranks,
 )
@@ -125,13 +125,12 @@ def convert(
         raise ConfigError("--resume continues a streaming conversion; drop --no-stream")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"--device must be cpu or cuda, got {device!r}")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from monarchify.hf.convert import convert_pretrained
 
-    with Progress(
+    with progress_bar(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True,
     ) as progress:
         result = convert_pretrained(model, out, config, calibration_data=calibrate, force=force, dry=dry_run,
                                     check=check, events=_events(progress), stream=stream, resume=resume,

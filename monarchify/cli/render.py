@@ -19,6 +19,17 @@ err_console = Console(stderr=True)
 SORT_KEYS = ("model", "name", "error")
 
 
+def progress_bar(*columns: Any) -> Any:
+    """A transient progress bar on stderr, drawn only where someone watches it live.
+
+    Why not on a pipe or a log file: a transient bar shows nothing there, yet rich ends it with
+    an empty line, so the output (an ``Error:`` line above all) would start with a blank one.
+    Imported late: rich's progress module is not needed by ``--help``."""
+    from rich.progress import Progress
+
+    return Progress(*columns, console=err_console, transient=True, disable=not err_console.is_interactive)
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 

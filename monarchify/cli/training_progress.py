@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-from monarchify.cli.render import err_console
+from monarchify.cli.render import progress_bar
 
 
 class RichProgress(TrainerCallback):
@@ -18,9 +18,9 @@ class RichProgress(TrainerCallback):
         """``after_checkpoint``: what Ctrl-C means once a checkpoint is saved (``{folder}`` is
         the checkpoint folder); until then the command's own message stands."""
         self.after_checkpoint = after_checkpoint
-        self.progress = Progress(
+        self.progress = progress_bar(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
+            TextColumn("eta"), TimeRemainingColumn(),
         )
         self.task: Any = None
         self.loss: float | None = None
