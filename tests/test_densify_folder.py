@@ -108,6 +108,16 @@ def test_report_and_convert_recognise_a_densified_folder(tmp_path, capsys):
         densify_folder(tmp_path / "dense", tmp_path / "twice")
 
 
+@pytest.mark.parametrize("command", [["report"], ["densify", "-o", "out"]])
+def test_report_and_densify_of_a_file_say_it_is_a_file(tmp_path, capsys, command):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    capsys.readouterr()
+    assert main([command[0], str(file), *command[1:]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error:") and "is a file; expected a model folder" in err and "does not exist" not in err, err
+
+
 def test_densify_refuses_a_dense_folder_and_keeps_the_output_rules(tmp_path):
     tiny_bert().save_pretrained(tmp_path / "plain")
     with pytest.raises(ModelLoadError, match="not a Monarch checkpoint"):

@@ -255,6 +255,12 @@ def test_train_densify_at_on_the_command_line_writes_a_gpt2_folder_that_loads_as
     ids = torch.randint(0, 97, (2, 16))
     torch.testing.assert_close(logits(loaded, ids), logits(saved["model"], ids))
 
+    # report says what the folder is: trained Monarch, then dense (no Monarch layers left to list)
+    code, err = run_cli(capsys, "report", tmp_path / "o")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), err
+    assert "trained with 2 Monarch layers, switched to dense after step 2 of 4" in lines[0], err
+
 
 @pytest.mark.parametrize("stop", [2, 6], ids=["stopped-before-the-switch", "stopped-after-the-switch"])
 def test_resume_across_the_switch_matches_an_uninterrupted_run(tmp_path, corpus, arch, stop):

@@ -24,7 +24,7 @@ from monarchify.hf.functional_check import FunctionalCheck
 from monarchify.errors import ConfigError
 from monarchify.hf.loading import load_model, load_tokenizer, read_config
 from monarchify.hf.plugin import QUANT_METHOD
-from monarchify.hf.densify import DENSIFIED
+from monarchify.hf.densify import DENSIFIED, densified_note
 from monarchify.hf.saving import save_model
 from monarchify.hf.streaming import (
     STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes,
@@ -63,13 +63,6 @@ def _check_source(source: str | os.PathLike[str], events: ConvertEvents) -> None
         raise ConfigError(f"'{source}' is a Monarch checkpoint already: convert the dense model it came from")
     if isinstance(config.get(DENSIFIED), dict):
         events.note(densified_note(source, config[DENSIFIED]))
-
-
-def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> str:
-    """One line saying that a folder is a Monarch model multiplied back out."""
-    count = record.get("layers")
-    layers = f"{count} Monarch layers" if isinstance(count, int) else "Monarch layers"
-    return f"'{source}' is a densified Monarch model: its {layers} were multiplied back into dense ones (monarchify densify)"
 
 
 def choose_streaming(

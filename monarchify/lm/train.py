@@ -36,6 +36,7 @@ from monarchify.atomic import check_output_dir
 from monarchify.errors import ConfigError, ModelLoadError, OutputExistsError
 from monarchify.glue.options import FinetuneEvents
 from monarchify.glue.results import load_average, run_environment
+from monarchify.hf.densify import DENSIFIED, densified_record
 from monarchify.hf.fresh import build_model, default_objective, model_class_for
 from monarchify.hf.loading import load_tokenizer, tensor_shapes
 from monarchify.hf.saving import save_model
@@ -340,6 +341,11 @@ def _save(options: TrainOptions, model: nn.Module, tokenizer: Any, report: Conve
     """The model (a Monarch folder, or a plain one once densified), its tokenizer and results,
     atomically; then the checkpoints go, unless kept."""
     recipe = options.monarch.to_dict() if options.monarch is not None and monarch_layers(model) else None
+    started_monarch = results["model"]["params_at_start"]["monarch_layers"]
+    if started_monarch and not monarch_layers(model):  # switched: a plain folder that says what it was
+        switch = {"step": (results["switch"] or {}).get("step", options.densify_step(results["train"]["max_steps"])),
+                  "max_steps": results["train"]["max_steps"]}
+        setattr(model.config, DENSIFIED, densified_record(started_monarch, options.monarch.to_dict(), switch=switch))
     save_model(model, options.out, tokenizer=tokenizer, report=report, recipe=recipe, force=options.force or options.resume,
                extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
     if not options.keep_checkpoints and options.checkpoints.is_dir():
