@@ -252,7 +252,8 @@ def compress(
     converted = options.stages / CONVERTED
     if not _finished(converted, "config.json"):
         events.stage(f"stage 2/3: converting the fine-tuned model at budget {options.budget:g} -> {converted}")
-        convert_pretrained(teacher, converted, recipe, calibration_data=calibration, force=True)
+        conversion = convert_pretrained(teacher, converted, recipe, calibration_data=calibration, force=True)
+        events.converted(conversion.report)
     else:
         events.done(f"stage 2/3: done already ({converted})")
 
