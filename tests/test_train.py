@@ -255,6 +255,11 @@ def test_train_densify_at_on_the_command_line_writes_a_gpt2_folder_that_loads_as
     ids = torch.randint(0, 97, (2, 16))
     torch.testing.assert_close(logits(loaded, ids), logits(saved["model"], ids))
 
+    # evaluations are on the held-out text, and say so (beside the training loss they read as one)
+    evaluations = [line for line in err.splitlines() if "evaluation" in line]
+    assert evaluations and all("held-out evaluation: loss" in line and "perplexity" in line for line in evaluations), err
+    assert not [line for line in err.splitlines() if " loss " in line and "training loss" not in line and "held-out" not in line], err
+
     # report says what the folder is: trained Monarch, then dense (no Monarch layers left to list)
     code, err = run_cli(capsys, "report", tmp_path / "o")
     lines = err.strip().splitlines()
@@ -322,3 +327,31 @@ def test_init_saves_an_untrained_monarch_model_that_loads(capsys, tmp_path, arch
     assert code == 0, err
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "init")
     assert len(monarch_layers(loaded)) == 8
+
+
+class CountSaves(TrainerCallback):
+    def __init__(self):
+        self.saves = []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saves.append(state.global_step)
+
+
+def test_a_short_run_evaluates_and_checkpoints_once_by_default(tmp_path, corpus, arch):
+    """Ten evaluations and checkpoints in a 30-step run cost more than its training: by default
+    they are at least MIN_DEFAULT_INTERVAL steps apart, and the run still ends with one of each."""
+    from monarchify.lm.options import MIN_DEFAULT_INTERVAL
+
+    saves = CountSaves()
+    run = options(tmp_path, corpus, arch, "short", max_steps=30, eval_steps=None, save_steps=None)
+    result = train(run, callbacks=[saves], progress_bar=False)
+    evaluated = [entry["step"] for entry in result.results["curve"] if "eval_loss" in entry]
+    assert MIN_DEFAULT_INTERVAL > 30 and evaluated == [30] and saves.saves == [30]
+
+
+@pytest.mark.parametrize("max_steps, every", [(30, 50), (499, 50), (500, 50), (1000, 100), (20000, 2000)])
+def test_default_interval_is_a_tenth_of_a_long_run_and_at_least_fifty_steps(tmp_path, max_steps, every):
+    run = TrainOptions(arch="gpt2", text=[tmp_path / "t.txt"], out=tmp_path / "o")
+    assert run.eval_steps is None and run.save_steps is None
+    assert run.every(run.eval_steps, max_steps) == run.every(run.save_steps, max_steps) == every
+    assert run.every(0.1, 30) == 3 and run.every(7, 30) == 7  # what is asked for is kept

@@ -14,10 +14,15 @@ from monarchify.cli.render import progress_bar
 class RichProgress(TrainerCallback):
     """A progress bar over optimisation steps, with the running loss and each evaluation."""
 
-    def __init__(self, after_checkpoint: str | None = None) -> None:
+    def __init__(self, after_checkpoint: str | None = None, *, heldout: bool = False) -> None:
         """``after_checkpoint``: what Ctrl-C means once a checkpoint is saved (``{folder}`` is
-        the checkpoint folder); until then the command's own message stands."""
+        the checkpoint folder); until then the command's own message stands.
+
+        ``heldout``: the evaluations run on text held out of the training text (``train``).
+        Their only metric is a loss, which beside the training loss would read as one: they
+        are labelled held-out and given their perplexity."""
         self.after_checkpoint = after_checkpoint
+        self.heldout = heldout
         self.progress = progress_bar(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(),
@@ -27,7 +32,7 @@ class RichProgress(TrainerCallback):
 
     def _describe(self, state: Any) -> str:
         epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "training"
-        return epoch + (f"  loss {self.loss:.4f}" if self.loss is not None else "")
+        return epoch + (f"  training loss {self.loss:.4f}" if self.loss is not None else "")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
@@ -62,8 +67,16 @@ class RichProgress(TrainerCallback):
             f"{k.split('_', 1)[1]} {v:.4f}" for k, v in metrics.items()
             if isinstance(v, float) and not k.endswith(("runtime", "per_second", "epoch"))
         )
+        if self.heldout and isinstance(metrics.get("eval_loss"), float):
+            from monarchify.lm.options import perplexity
+
+            loss = metrics["eval_loss"]
+            self.progress.console.print(
+                f"step {state.global_step}/{state.max_steps}  held-out evaluation: loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
+            )
+            return
         epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "eval"
-        self.progress.console.print(f"{epoch}: {shown}")
+        self.progress.console.print(f"{epoch} evaluation: {shown}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.task is not None:

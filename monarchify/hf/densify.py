@@ -89,7 +89,7 @@ def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> st
     if isinstance(switch, dict):
         of = f" of {switch['max_steps']}" if isinstance(switch.get("max_steps"), int) else ""
         return (f"'{source}' is a densified Monarch model: it was trained with {layers}, switched to dense after "
-                f"step {switch.get('step')}{of} (densify_at) and trained on dense (monarchify train)")
+                f"step {switch.get('step')}{of} (densify_at) and finished dense (monarchify train)")
     return f"'{source}' is a densified Monarch model: its {layers} were multiplied back into dense ones (monarchify densify)"
 
 

@@ -42,7 +42,7 @@ from monarchify.hf.loading import load_tokenizer, tensor_shapes
 from monarchify.hf.saving import save_model
 from monarchify.hf.training_arguments import shared_training_arguments
 from monarchify.lm.build import arch_config, sized_config
-from monarchify.lm.options import RESULTS_FILE, TrainOptions, resume_mismatch
+from monarchify.lm.options import RESULTS_FILE, TrainOptions, perplexity, resume_mismatch
 from monarchify.lm.switch import DensifyCallback, monarch_layers
 from monarchify.lm.text import Blocks, Collator, fixed_masking, pack, read_lines, train_tokenizer
 from monarchify.pipeline.densify import densify_
@@ -322,7 +322,7 @@ def train(
                   "step_seconds_total": log.seconds, **_phases(log.step_seconds, switch),
                   "load_average_at_start": load_at_start},
         "switch": switch,
-        "eval": {"loss": metrics["eval_loss"], "perplexity": math.exp(min(metrics["eval_loss"], 50.0))},
+        "eval": {"loss": metrics["eval_loss"], "perplexity": perplexity(metrics["eval_loss"])},
         "curve": log.curve,
         "step_seconds": log.step_seconds,
         "environment": environment,
