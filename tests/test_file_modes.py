@@ -66,6 +66,7 @@ def test_finetune_writes_0644(tmp_path, bert_folder):
     assert_all_0644(tmp_path / "ft")
 
 
+@pytest.mark.slow
 def test_compress_writes_0644_in_its_output_and_its_stages(tmp_path, bert_folder):
     from monarchify.glue.compress import CONVERTED, TEACHER, compress
 
