@@ -5,6 +5,11 @@ Everything is written into a hidden staging folder beside the destination
 half-written output, and the staging folder is removed on any error. With ``force`` an
 existing destination is replaced only after the new one is complete, and an interrupted
 replacement puts the old one back: the destination never ends up empty.
+
+Every file of the finished folder gets the mode the user's umask gives a new file (0644 under
+the usual 022) before it is moved into place: some writers create private files (safetensors
+writes its files 0600), and a model folder meant to be shared or served must not differ from
+file to file.
 """
 
 from __future__ import annotations
@@ -64,6 +69,23 @@ def atomic_output_dir(out: str | os.PathLike[str], force: bool = False) -> Itera
     _move_into_place(staging, dest, dest.parent / f".{dest.name}.old-{token}")
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every regular file under ``folder`` the mode a new file gets from the umask
+    (executable ones keep their execute bits, as a new executable would)."""
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            mode = 0o777 if path.stat().st_mode & 0o111 else 0o666
+            os.chmod(path, mode & ~mask)
+
+
 def _move_into_place(staging: Path, dest: Path, old: Path, keep_staging: bool = False) -> None:
     """Rename the complete ``staging`` folder to ``dest``, replacing what is there.
 
@@ -75,6 +97,7 @@ def _move_into_place(staging: Path, dest: Path, old: Path, keep_staging: bool = 
     hours of work; the next run finishes it).
     """
     try:
+        follow_umask(staging)
         if dest.exists():
             dest.rename(old)
         staging.rename(dest)

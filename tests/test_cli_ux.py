@@ -4,6 +4,7 @@ when ``bench`` timings compete with other work."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -127,3 +128,31 @@ def test_bench_is_quiet_on_an_idle_machine(capsys, monkeypatch, fake_clock):
     code, out, err = run(capsys, *LAYER, "--json")
     assert code == 0, err
     assert json.loads(out)["environment"]["busy"] is False and "warning" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("convert", "{file}", "-b", "4", "-o", "{tmp}/out"),
+        ("convert", "{tmp}/missing", "-b", "4", "-o", "{tmp}/out"),
+        ("densify", "{file}", "-o", "{tmp}/out"),
+        ("report", "{file}"),
+        ("heal", "{file}", "--teacher", "{file}", "--data", "{tmp}/missing.txt", "-o", "{tmp}/out"),
+    ],
+    ids=lambda args: " ".join(args[:2]),
+)
+def test_a_failing_command_prints_its_error_line_first(capsys, tmp_path, args):
+    """Nothing above the ``Error:`` line: a progress bar that a pipe never shows must not leave
+    an empty line behind it either."""
+    file = tmp_path / "weights.safetensors"
+    file.write_bytes(b"")
+    code, _, err = run(capsys, *(a.format(file=file, tmp=tmp_path) for a in args))
+    assert code == 1 and err.startswith("Error:") and len(err.splitlines()) == 1, repr(err)
+
+
+def test_a_failing_command_piped_prints_its_error_line_first(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "monarchify.cli.app", "convert", str(tmp_path / "missing"), "-b", "4", "-o", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 1 and run.stderr.startswith("Error: model folder"), repr(run.stderr)

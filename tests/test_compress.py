@@ -381,3 +381,44 @@ def test_ctrl_c_names_the_folders_that_keep_the_work(tmp_path, bert_folder, data
     assert code == 130 and len(err) == 1
     assert f"{tmp_path / 'small.stages'} keeps the finished stages" in err[0]
     assert f"{tmp_path / 'small.checkpoints'} stage 3's epoch checkpoints" in err[0]
+
+
+def test_the_closing_line_names_the_metric_and_the_difference_in_points():
+    from monarchify.cli.compress import teacher_comparison
+
+    results = {"task": "sst2", "main_metric": {"validation": 0.8185}}
+    dense = {"main_metric": {"validation": 0.8242}}
+    assert teacher_comparison(results, dense) == [
+        "accuracy on validation: dense teacher 0.8242, compressed 0.8185 (-0.57 points)"
+    ]
+    mrpc = teacher_comparison({"task": "mrpc", "main_metric": {"validation": 0.9}}, {"main_metric": {"validation": 0.85}})
+    assert mrpc == ["f1 on validation: dense teacher 0.8500, compressed 0.9000 (+5.00 points)"]
+
+
+@pytest.mark.slow
+def test_the_command_shows_what_the_conversion_stage_chose_and_the_named_metric(tmp_path, bert_folder, data, capsys):
+    capsys.readouterr()
+    code = main(["compress", "-t", "sst2", "-m", str(bert_folder), "--budget", "0.6", "-o", str(tmp_path / "small"),
+                 "--data-dir", str(data), "--epochs", "1", "--batch-size", "16", "--calibration-samples", "16"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    stage2 = err[err.index("stage 2/3"):err.index("stage 3/3")]
+    report = monarchify.read_report(tmp_path / "small.stages" / CONVERTED)
+    chosen = sum(1 for layer in report.layers if not layer.kept_dense)
+    # what convert prints under its table, and the block counts the budget chose
+    assert f"blocks chosen for {len(report.layers)} layers" in stage2 and "budget 0.6:" in stage2, stage2
+    assert "functional check on" in stage2 and "the model's outputs are" in stage2, stage2
+    assert chosen and f"of the selected layers' parameters" in stage2
+    teacher = json.loads((tmp_path / "small.stages" / TEACHER / RESULTS_FILE).read_text())["main_metric"]["validation"]
+    assert f"accuracy on validation: dense teacher {teacher:.4f}, compressed " in out, out
+
+
+def test_blocks_line_counts_each_choice():
+    from monarchify.cli.render import blocks_line
+    from monarchify.report import ConversionReport, LayerReport
+
+    def row(name, nblocks, kept=False, rank=0):
+        return LayerReport(name, "Linear", [8, 8], nblocks, False, True, 72, 40, kept_dense=kept, rank=rank)
+
+    report = ConversionReport([row("a", 4), row("b", 2), row("c", 4), row("d", 1, kept=True), row("e", 4, rank=2)], 1, 1)
+    assert blocks_line(report) == "blocks chosen for 5 layers: 2 blocks ×1, 4 blocks ×2, 4 blocks + rank 2 ×1, kept dense ×1"

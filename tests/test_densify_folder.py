@@ -83,7 +83,7 @@ def test_streamed_weights_equal_the_in_memory_densify_bit_for_bit(tmp_path, arch
     for name in names:
         weight = reference.get_submodule(name).weight.detach()
         key = next(k for k in (f"{name}.weight", f"{name.removeprefix(base + '.')}.weight") if k in stored)
-        value = stored[key].t() if arch == "gpt2" else stored[key]  # GPT-2's Conv1D stores (in, out)
+        value = stored[key]  # both in the architecture's layout: GPT-2's Conv1D stores (in, out)
         assert value.dtype == torch.bfloat16 and torch.equal(value, weight), name
 
 
@@ -108,6 +108,16 @@ def test_report_and_convert_recognise_a_densified_folder(tmp_path, capsys):
         densify_folder(tmp_path / "dense", tmp_path / "twice")
 
 
+@pytest.mark.parametrize("command", [["report"], ["densify", "-o", "out"]])
+def test_report_and_densify_of_a_file_say_it_is_a_file(tmp_path, capsys, command):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    capsys.readouterr()
+    assert main([command[0], str(file), *command[1:]]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error:") and "is a file; expected a model folder" in err and "does not exist" not in err, err
+
+
 def test_densify_refuses_a_dense_folder_and_keeps_the_output_rules(tmp_path):
     tiny_bert().save_pretrained(tmp_path / "plain")
     with pytest.raises(ModelLoadError, match="not a Monarch checkpoint"):
@@ -116,3 +126,41 @@ def test_densify_refuses_a_dense_folder_and_keeps_the_output_rules(tmp_path):
     with pytest.raises(Exception, match="would replace the input"):
         densify_folder(folder, folder, force=True)
     assert not (tmp_path / "out").exists()
+
+
+SQUARE_ONLY = MonarchConfig(nblocks=4, include=["attn\\.c_proj"])
+"""GPT-2's only square layer: a weight saved transposed would load without any error."""
+RECIPES = {"gpt2": MonarchConfig(nblocks=4), "gpt2-square": SQUARE_ONLY, "bert": MonarchConfig(nblocks=4)}
+
+
+def plain_load(folder, arch):
+    import transformers
+
+    cls = getattr(transformers, MAKERS[arch][1])
+    model, info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or of the wrong shape
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", sorted(RECIPES))
+@pytest.mark.parametrize("path", ["in-memory", "folder"])
+def test_every_densify_path_saves_what_plain_from_pretrained_loads_as_the_monarch_model(tmp_path, case, path):
+    arch = case.split("-")[0]
+    model = MAKERS[arch][0]().double()
+    report = convert(model, RECIPES[case])
+    ids = torch.arange(2 * 7).reshape(2, 7) % 90 + 3
+    with torch.no_grad():
+        expected = model(ids)[0]
+    if path == "in-memory":  # what train's switch does, then save
+        assert densify_(model) == [row.name for row in report.converted]
+        save_model(model, tmp_path / "dense")
+    else:
+        save_model(model, tmp_path / "monarch", report=report)
+        densify_folder(tmp_path / "monarch", tmp_path / "dense")
+    loaded = plain_load(tmp_path / "dense", arch)
+    if arch == "gpt2":
+        assert all(is_conv1d(m) for n, m in loaded.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc")))
+        if path == "in-memory":  # the model densified in memory is the architecture's own, layer by layer
+            assert {type(m) for m in model.modules()} == {type(m) for m in loaded.modules()}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids)[0], expected, rtol=1e-10, atol=1e-10)

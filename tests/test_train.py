@@ -203,6 +203,70 @@ def test_train_switch_is_exact_and_the_optimizer_follows(tmp_path, corpus, arch,
     assert result.results["train"]["median_step_ms_dense"] is not None
 
 
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits
+
+
+@pytest.mark.parametrize(
+    "family, include",
+    [("gpt2", None), ("gpt2", ["attn\\.c_proj"]), ("bert", None)],
+    ids=["gpt2-every-layer", "gpt2-square-layer-only", "bert"],
+)
+def test_a_densified_run_saves_a_folder_plain_from_pretrained_loads_as_trained(tmp_path, corpus, arch, family, include):
+    """GPT-2's Conv1D stores its weight (in, out): the switch must put a Conv1D back, or the
+    saved folder refuses to load (rectangular layers) or loads transposed weights silently
+    (square ones)."""
+    auto = transformers.AutoModelForCausalLM
+    if family == "bert":
+        arch, auto = tmp_path / "bert", transformers.AutoModelForMaskedLM
+        tiny_bert().save_pretrained(arch)
+    recipe = MonarchConfig(nblocks=4, include=include or [])
+    result = train(options(tmp_path, corpus, arch, "switch", densify_at=0.5, max_steps=4, monarch=recipe), progress_bar=False)
+    assert result.results["switch"]["layers"] == (2 if include else 8 if family == "gpt2" else 12)
+    loaded, info = auto.from_pretrained(tmp_path / "switch", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+    assert not monarch_layers(loaded)
+    for name, module in result.model.named_modules():  # every layer of the kind the architecture defines
+        assert type(loaded.get_submodule(name)) is type(module), name
+    ids = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(logits(loaded, ids), logits(result.model, ids))
+
+
+def test_train_densify_at_on_the_command_line_writes_a_gpt2_folder_that_loads_as_trained(capsys, monkeypatch, tmp_path, corpus, arch):
+    import monarchify.lm.train as lm_train
+
+    saved = {}
+    original = lm_train._save
+
+    def keep_model(options, model, *args, **kwargs):  # the CLI returns no model: catch the one it saves
+        saved["model"] = model
+        return original(options, model, *args, **kwargs)
+
+    monkeypatch.setattr(lm_train, "_save", keep_model)
+    code, err = run_cli(capsys, "train", "--arch", arch, "--text", corpus, "--out", tmp_path / "o", "-b", 4,
+                        "--include", "attn\\.c_proj", "--densify-at", 2, "--max-steps", 4, "--block-size", 16,
+                        "--vocab-size", 300, "--batch-size", 8)
+    assert code == 0, err
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert type(loaded.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
+    ids = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(logits(loaded, ids), logits(saved["model"], ids))
+
+    # evaluations are on the held-out text, and say so (beside the training loss they read as one)
+    evaluations = [line for line in err.splitlines() if "evaluation" in line]
+    assert evaluations and all("held-out evaluation: loss" in line and "perplexity" in line for line in evaluations), err
+    assert not [line for line in err.splitlines() if " loss " in line and "training loss" not in line and "held-out" not in line], err
+
+    # report says what the folder is: trained Monarch, then dense (no Monarch layers left to list)
+    code, err = run_cli(capsys, "report", tmp_path / "o")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), err
+    assert "trained with 2 Monarch layers, switched to dense after step 2 of 4" in lines[0], err
+
+
 @pytest.mark.parametrize("stop", [2, 6], ids=["stopped-before-the-switch", "stopped-after-the-switch"])
 def test_resume_across_the_switch_matches_an_uninterrupted_run(tmp_path, corpus, arch, stop):
     whole = train(options(tmp_path, corpus, arch, "whole", densify_at=4), progress_bar=False)
@@ -289,3 +353,31 @@ def test_resume_checks_the_run_manifest_and_names_the_option_that_changed(tmp_pa
     resumed = train(options(tmp_path, corpus, arch, "cut", resume=True, learning_rate=1e-3), events=Notes(), progress_bar=False)
     assert resumed.results["train"]["steps"] == 8
     assert notes == ["resuming from checkpoint-4 (step 4 of 8)"]
+
+
+class CountSaves(TrainerCallback):
+    def __init__(self):
+        self.saves = []
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saves.append(state.global_step)
+
+
+def test_a_short_run_evaluates_and_checkpoints_once_by_default(tmp_path, corpus, arch):
+    """Ten evaluations and checkpoints in a 30-step run cost more than its training: by default
+    they are at least MIN_DEFAULT_INTERVAL steps apart, and the run still ends with one of each."""
+    from monarchify.lm.options import MIN_DEFAULT_INTERVAL
+
+    saves = CountSaves()
+    run = options(tmp_path, corpus, arch, "short", max_steps=30, eval_steps=None, save_steps=None)
+    result = train(run, callbacks=[saves], progress_bar=False)
+    evaluated = [entry["step"] for entry in result.results["curve"] if "eval_loss" in entry]
+    assert MIN_DEFAULT_INTERVAL > 30 and evaluated == [30] and saves.saves == [30]
+
+
+@pytest.mark.parametrize("max_steps, every", [(30, 50), (499, 50), (500, 50), (1000, 100), (20000, 2000)])
+def test_default_interval_is_a_tenth_of_a_long_run_and_at_least_fifty_steps(tmp_path, max_steps, every):
+    run = TrainOptions(arch="gpt2", text=[tmp_path / "t.txt"], out=tmp_path / "o")
+    assert run.eval_steps is None and run.save_steps is None
+    assert run.every(run.eval_steps, max_steps) == run.every(run.save_steps, max_steps) == every
+    assert run.every(0.1, 30) == 3 and run.every(7, 30) == 7  # what is asked for is kept

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,7 +14,7 @@ from monarchify.cli.options import BudgetObjective, JsonFlag, OutputOrder, Threa
 from monarchify.cli.render import console, print_json
 from monarchify.config import parse_ranks
 from monarchify.errors import ConfigError
-from monarchify.glue.tasks import TASK_NAMES
+from monarchify.glue.tasks import TASK_NAMES, get_task
 
 
 def compress(
@@ -114,9 +114,21 @@ def compress(
     print_results(result.results, out, hint)
     dense = result.results["compress"]["dense"]
     if dense:
-        split = next(iter(result.results["main_metric"]))
-        console.print(f"dense teacher on {split}: {dense['main_metric'][split]:.4f}; compressed: "
-                      f"{result.results['main_metric'][split]:.4f}")
+        for line in teacher_comparison(result.results, dense):
+            console.print(line)
+
+
+def teacher_comparison(results: dict[str, Any], dense: dict[str, Any]) -> list[str]:
+    """The task's main metric of the dense teacher and of the compressed model, named, per
+    split both were scored on; the difference in points (hundredths), as GLUE tables give it."""
+    metric = get_task(results["task"]).main_metric
+    lines = []
+    for split, score in results["main_metric"].items():
+        teacher = dense["main_metric"].get(split)
+        if isinstance(score, float) and isinstance(teacher, float):
+            lines.append(f"{metric} on {split}: dense teacher {teacher:.4f}, compressed {score:.4f} "
+                         f"({100 * (score - teacher):+.2f} points)")
+    return lines
 
 
 def _refuse_task_flags(**given: bool) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from monarchify.cli.render import console, err_console, print_json
+from monarchify.cli.render import console, err_console, print_json, progress_bar
 
 
 class HealBar:
@@ -25,8 +25,8 @@ class HealBar:
     def __call__(self, step: int, steps: int, loss: float) -> None:
         if self.progress is None:
             self.at_start()
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                     TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True)
+            self.progress = progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                         TextColumn("eta"), TimeRemainingColumn())
             self.progress.start()
             self.task = self.progress.add_task("healing", total=steps, completed=step - 1)
         self.progress.update(self.task, completed=step, description=f"healing  loss {loss:.4f}")

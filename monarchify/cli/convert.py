@@ -11,7 +11,7 @@ import typer
 from monarchify.cli.options import (
     AllowZeros, BudgetObjective, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, build_config,
 )
-from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report
+from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report, progress_bar
 from monarchify.config import (
     DEFAULT_CALIBRATION_SAMPLES, DEFAULT_SPEED_TOKENS, DEFAULT_SWEEPS, CalibrationConfig, SpeedGateConfig, parse_ranks,
 )
@@ -63,11 +63,10 @@ def _events(progress: Progress):
 @contextmanager
 def conversion_progress() -> Iterator[Any]:
     """A conversion's progress line on stderr while the block runs, and its event hooks."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    with Progress(
+    with progress_bar(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True,
     ) as progress:
         yield _events(progress)
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from monarchify.cli.options import ForceFlag
-from monarchify.cli.render import err_console
+from monarchify.cli.render import err_console, progress_bar
 
 
 def densify(
@@ -26,14 +26,11 @@ def densify(
     Examples:
       monarchify densify bert-monarch -o bert-dense
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from monarchify.hf.densify import densify_folder
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True,
-    ) as progress:
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
         task = progress.add_task("densifying", total=None)
 
         def on_tensor(name: str, done: int, total: int) -> None:

@@ -30,6 +30,12 @@ class RichEvents(FinetuneEvents):
     def note(self, message: str) -> None:
         err_console.print(f"[yellow]note:[/] {message}")
 
+    def converted(self, report: Any) -> None:
+        from monarchify.cli.render import blocks_line, summary_lines
+
+        for line in (blocks_line(report), *summary_lines(report)):
+            err_console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n:,}"

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from monarchify.cli.options import ForceFlag, JsonFlag, OutDir, Threads, threads_for_training
-from monarchify.cli.render import console, err_console, print_json
+from monarchify.cli.render import console, err_console, print_json, progress_bar
 from monarchify.heal_config import DEFAULT_HEAL_BATCH, DEFAULT_HEAL_SAMPLES, HealConfig
 from monarchify.samples import DEFAULT_MAX_LENGTH
 
@@ -48,9 +48,8 @@ def heal(
     # Imported here: torch and transformers take seconds to import, which --help should not pay.
     from monarchify.hf.heal import describe, heal_pretrained
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=err_console, transient=True,
+    with progress_bar(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
     ) as progress:
         task = progress.add_task("loading", total=steps)
 

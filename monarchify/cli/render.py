@@ -19,6 +19,17 @@ err_console = Console(stderr=True)
 SORT_KEYS = ("model", "name", "error")
 
 
+def progress_bar(*columns: Any) -> Any:
+    """A transient progress bar on stderr, drawn only where someone watches it live.
+
+    Why not on a pipe or a log file: a transient bar shows nothing there, yet rich ends it with
+    an empty line, so the output (an ``Error:`` line above all) would start with a blank one.
+    Imported late: rich's progress module is not needed by ``--help``."""
+    from rich.progress import Progress
+
+    return Progress(*columns, console=err_console, transient=True, disable=not err_console.is_interactive)
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
@@ -85,24 +96,49 @@ def report_table(report: ConversionReport, sort: str = "model", title: str | Non
 
 def print_report(report: ConversionReport, sort: str = "model", title: str | None = None) -> None:
     console.print(report_table(report, sort, title))
+    for line in summary_lines(report):
+        console.print(line, markup=False)
+    print_budget_warning(report)
+
+
+def summary_lines(report: ConversionReport) -> list[str]:
+    """What a conversion did, below its table: model parameters, the selected layers' totals,
+    calibration, budget and healing, and the functional check. ``compress`` prints the same
+    after its conversion stage (with :func:`blocks_line`, standing in for the table)."""
     totals = report.totals()
-    console.print(
+    return [
         f"model parameters: {_count(totals['model_params_before'])} → {_count(totals['model_params'])}"
-        f" ({totals['model_params'] / max(totals['model_params_before'], 1):.0%})"
-    )
-    for line in totals_lines(totals):
-        console.print(line)
-    print_accuracy_levers(report)
-    check = report.functional_check
+        f" ({totals['model_params'] / max(totals['model_params_before'], 1):.0%})",
+        *totals_lines(totals),
+        *accuracy_lever_lines(report),
+        *functional_check_lines(report.functional_check),
+    ]
+
+
+def blocks_line(report: ConversionReport) -> str:
+    """How many layers got each block count (with its low-rank term) and how many stayed
+    dense: a budget's choice in one line."""
+    counts: dict[tuple[int, int], int] = {}
+    for layer in report.layers:
+        key = (0, 0) if layer.kept_dense else (layer.nblocks, layer.rank)
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{b} blocks" + (f" + rank {r}" if r else "") + f" ×{n}" for (b, r), n in sorted(counts.items()) if b]
+    if (0, 0) in counts:
+        parts.append(f"kept dense ×{counts[(0, 0)]}")
+    return f"blocks chosen for {len(report.layers)} layers: " + (", ".join(parts) or "none")
+
+
+def functional_check_lines(check: dict[str, Any] | None) -> list[str]:
     if check and check.get("skipped"):
-        console.print(f"functional check skipped: {check['skipped']}", markup=False)
-    elif check:
-        inputs = "sample sentences" if check.get("inputs", "tokenizer") == "tokenizer" else "random token sequences"
-        console.print(
-            f"functional check on {check['sentences']} {inputs}: output relative difference "
-            f"{check['rel_diff']:.3f}, cosine {check['cosine']:.3f}, max abs {check['max_abs_diff']:.3g}"
-        )
-        console.print(output_verdict(check["cosine"]))
+        return [f"functional check skipped: {check['skipped']}"]
+    if not check:
+        return []
+    inputs = "sample sentences" if check.get("inputs", "tokenizer") == "tokenizer" else "random token sequences"
+    return [
+        f"functional check on {check['sentences']} {inputs}: output relative difference "
+        f"{check['rel_diff']:.3f}, cosine {check['cosine']:.3f}, max abs {check['max_abs_diff']:.3g}",
+        output_verdict(check["cosine"]),
+    ]
 
 
 def _share(after: int, dense: int) -> str:
@@ -151,11 +187,12 @@ def output_verdict(cosine: float) -> str:
     return f"{line}: {OUTPUT_CHANGE_ADVICE}" if verdict == "changed a lot" else line
 
 
-def print_accuracy_levers(report: ConversionReport) -> None:
+def accuracy_lever_lines(report: ConversionReport) -> list[str]:
     """One line each for calibration, the parameter budget and healing, when they were used."""
+    lines = []
     calib = report.meta.get("calibration") or {}
     if "mean_output_rel_error" in calib:
-        console.print(
+        lines.append(
             f"calibrated on {calib.get('samples')} samples of {calib.get('source')} ({calib.get('method')}): "
             f"mean output error on {calib.get('heldout')} held-out samples {calib['mean_output_rel_error']:.3f} "
             f"(plain projection {calib['mean_output_rel_error_plain']:.3f})"
@@ -171,14 +208,18 @@ def print_accuracy_levers(report: ConversionReport) -> None:
                       key=lambda item: abs(item[1]["params"] - budget["params_used"]))
         if closest:
             line += f" (uniform {closest[0]} blocks: {closest[1]['fraction']:.1%}, error {closest[1]['error']:.3f})"
-        console.print(line)
-    warning = budget_warning(report)
-    if warning:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        lines.append(line)
     heal = report.meta.get("heal")
     if heal:
-        console.print(
+        lines.append(
             f"healed {heal['steps']} steps towards {heal['teacher']} on {heal['data']['samples']} samples of "
             f"{heal['data']['source']}: held-out hidden-state error {heal['heldout_hidden_error_before']:.4f} → "
             f"{heal['heldout_hidden_error_after']:.4f}"
         )
+    return lines
+
+
+def print_budget_warning(report: ConversionReport) -> None:
+    warning = budget_warning(report)
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)

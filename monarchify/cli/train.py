@@ -67,8 +67,8 @@ def train(
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
     precision: Annotated[str, typer.Option("--precision", help=f"{', '.join(PRECISIONS)} (mixed precision via Trainer).")] = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation, data order, masking and dropout.")] = 42,
-    eval_steps: Annotated[float, typer.Option("--eval-steps", help="Evaluate every N steps, or this fraction of the run (<1).")] = 0.1,
-    save_steps: Annotated[float, typer.Option("--save-steps", help="Keep a resumable checkpoint every N steps, or this fraction of the run (<1).")] = 0.1,
+    eval_steps: Annotated[float | None, typer.Option("--eval-steps", help="Evaluate on the held-out text every N steps, or this fraction of the run (<1). Default: a tenth of the run, at least 50 steps apart (the run always ends with one).")] = None,
+    save_steps: Annotated[float | None, typer.Option("--save-steps", help="Keep a resumable checkpoint every N steps, or this fraction of the run (<1). Default: as --eval-steps (the last step is always saved).")] = None,
     logging_steps: Annotated[int, typer.Option("--logging-steps", help="Record the training loss every N steps.")] = 10,
     checkpoint_dir: Annotated[Path | None, typer.Option("--checkpoint-dir", help="Where checkpoints go (default: OUT.checkpoints).")] = None,
     keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Do not delete the checkpoints after a successful run.")] = False,
@@ -106,20 +106,21 @@ def train(
     from monarchify.lm.train import train as run_train
 
     when_interrupted(INTERRUPTED_AFTER_CHECKPOINT.format(folder=options.checkpoints) if resume else INTERRUPTED_EARLY)
-    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT, at_start=busy_check)
+    progress = RichProgress(after_checkpoint=INTERRUPTED_AFTER_CHECKPOINT, at_start=busy_check, heldout=True)
     result = run_train(options, events=RichEvents(), callbacks=[progress], argv=["monarchify", *sys.argv[1:]])
     if json_out:
         print_json({k: v for k, v in result.results.items() if k != "step_seconds"})
         return
     res = result.results
     timing, params = res["train"], res["model"]["params"]
-    console.print(f"held-out perplexity [bold]{res['eval']['perplexity']:.2f}[/] (loss {res['eval']['loss']:.4f}) after {timing['steps']} steps")
+    console.print(f"held-out evaluation after {timing['steps']} steps: perplexity [bold]{res['eval']['perplexity']:.2f}[/], "
+                  f"loss {res['eval']['loss']:.4f}")
     line = f"step time: median {timing['median_step_ms']:.0f} ms, {timing['step_seconds_total']:.1f} s in steps"
     if res["switch"]:
         sw = res["switch"]
         line += f" (Monarch {timing['median_step_ms_monarch']:.0f} ms, dense {timing['median_step_ms_dense']:.0f} ms)"
         before, after = sw.get("loss_before"), sw.get("loss_after")
-        exact = f": loss {before:.6f} before, {after:.6f} after" if before is not None and after is not None else ""
+        exact = f": loss on a held-out batch {before:.6f} before, {after:.6f} after" if before is not None and after is not None else ""
         console.print(f"switched {sw['layers']} layers to dense after step {sw['step']}{exact}")
     console.print(line)
     console.print(f"parameters: {params['total'] / 1e6:.2f}M ({params['monarch_layers']} Monarch layers)")

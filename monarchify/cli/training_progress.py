@@ -6,31 +6,37 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-from monarchify.cli.render import err_console
+from monarchify.cli.render import progress_bar
 
 
 class RichProgress(TrainerCallback):
     """A progress bar over optimisation steps, with the running loss and each evaluation."""
 
-    def __init__(self, after_checkpoint: str | None = None, at_start: Callable[[], None] | None = None) -> None:
+    def __init__(self, after_checkpoint: str | None = None, at_start: Callable[[], None] | None = None, *,
+                 heldout: bool = False) -> None:
         """``after_checkpoint``: what Ctrl-C means once a checkpoint is saved (``{folder}`` is
         the checkpoint folder); until then the command's own message stands. ``at_start``
-        runs when training begins, before the bar is drawn (the busy-machine check)."""
+        runs when training begins, before the bar is drawn (the busy-machine check).
+
+        ``heldout``: the evaluations run on text held out of the training text (``train``).
+        Their only metric is a loss, which beside the training loss would read as one: they
+        are labelled held-out and given their perplexity."""
         self.after_checkpoint = after_checkpoint
         self.at_start = at_start
-        self.progress = Progress(
+        self.heldout = heldout
+        self.progress = progress_bar(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
+            TextColumn("eta"), TimeRemainingColumn(),
         )
         self.task: Any = None
         self.loss: float | None = None
 
     def _describe(self, state: Any) -> str:
         epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "training"
-        return epoch + (f"  loss {self.loss:.4f}" if self.loss is not None else "")
+        return epoch + (f"  training loss {self.loss:.4f}" if self.loss is not None else "")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
@@ -67,8 +73,16 @@ class RichProgress(TrainerCallback):
             f"{k.split('_', 1)[1]} {v:.4f}" for k, v in metrics.items()
             if isinstance(v, float) and not k.endswith(("runtime", "per_second", "epoch"))
         )
+        if self.heldout and isinstance(metrics.get("eval_loss"), float):
+            from monarchify.lm.options import perplexity
+
+            loss = metrics["eval_loss"]
+            self.progress.console.print(
+                f"step {state.global_step}/{state.max_steps}  held-out evaluation: loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
+            )
+            return
         epoch = f"epoch {state.epoch:.2f}" if state.epoch is not None else "eval"
-        self.progress.console.print(f"{epoch}: {shown}")
+        self.progress.console.print(f"{epoch} evaluation: {shown}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.task is not None:

@@ -321,7 +321,8 @@ def compress(
         _discard(converted)
         manifest.start("convert", second)
         events.stage(f"stage 2/3: converting the fine-tuned model at budget {options.budget:g} -> {converted}")
-        convert_pretrained(teacher, converted, recipe, calibration_data=calibration, force=True)
+        conversion = convert_pretrained(teacher, converted, recipe, calibration_data=calibration, force=True)
+        events.converted(conversion.report)
         manifest.finish("convert")
 
     distill = DistillConfig(str(teacher), **options.distill)

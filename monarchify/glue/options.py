@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from monarchify.config import MonarchConfig
 from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
+from monarchify.report import ConversionReport
 
 if TYPE_CHECKING:
     from torch import nn
@@ -129,6 +130,10 @@ class FinetuneEvents:
 
     def note(self, message: str) -> None:
         """Something the user should know (a new head, skipped rows...)."""
+
+    def converted(self, report: ConversionReport) -> None:
+        """A conversion inside the run finished (``compress``'s stage 2): what it chose and how
+        much the outputs changed, which the run's results do not keep."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from monarchify.hf.functional_check import FunctionalCheck
 from monarchify.errors import ConfigError
 from monarchify.hf.loading import load_model, load_tokenizer, read_config, sentence_transformers_note
 from monarchify.hf.plugin import QUANT_METHODS
-from monarchify.hf.densify import DENSIFIED
+from monarchify.hf.densify import DENSIFIED, densified_note
 from monarchify.hf.saving import save_model
 from monarchify.hf.streaming import (
     STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes,
@@ -66,13 +66,6 @@ def _check_source(source: str | os.PathLike[str], events: ConvertEvents) -> None
     note = sentence_transformers_note(folder, config)
     if note is not None:
         events.note(note)
-
-
-def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> str:
-    """One line saying that a folder is a Monarch model multiplied back out."""
-    count = record.get("layers")
-    layers = f"{count} Monarch layers" if isinstance(count, int) else "Monarch layers"
-    return f"'{source}' is a densified Monarch model: its {layers} were multiplied back into dense ones (monarchify densify)"
 
 
 def choose_streaming(

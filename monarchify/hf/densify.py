@@ -27,7 +27,7 @@ from torch import nn
 from monarchify.atomic import atomic_output_dir, check_output_dir
 from monarchify.errors import ModelLoadError
 from monarchify.hf.guard import is_guard
-from monarchify.hf.loading import empty_model, read_config, short_error
+from monarchify.hf.loading import empty_model, local_folder, read_config, short_error
 from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHODS, check_recipe
 from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, copy_sentence_transformers, monarchify_version
 from monarchify.hf.tensorfiles import (
@@ -41,7 +41,8 @@ from monarchify.pipeline.densify import dense_linear
 from monarchify.pipeline.plan import is_conv1d
 
 DENSIFIED = "monarchify_densified"
-"""The ``config.json`` key recording that a folder was densified, and from what."""
+"""The ``config.json`` key recording that a folder was densified, and from what: by ``densify``
+from a Monarch folder, or by training's switch to dense (then with a ``switch`` record)."""
 FACTORS = ("L", "R", "U", "V")
 
 
@@ -62,6 +63,34 @@ class DensifyResult:
     out: Path
     layers: list[str]
     bytes_written: int
+
+
+def densified_record(layers: int, recipe: dict[str, Any] | None, *, converted_by: str | None = None,
+                     format_version: int = FORMAT_VERSION, switch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The :data:`DENSIFIED` record. ``switch``: ``{"step", "max_steps"}`` of a training run
+    that switched to dense, so ``report`` can say the folder was trained, not converted."""
+    record = {
+        "layers": layers,
+        "format_version": format_version,
+        "converted_by": converted_by,
+        "densified_by": monarchify_version(),
+        "recipe": recipe,
+    }
+    if switch is not None:
+        record["switch"] = switch
+    return record
+
+
+def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> str:
+    """One line saying that a folder is a Monarch model multiplied back out, and how."""
+    count = record.get("layers")
+    layers = f"{count} Monarch layers" if isinstance(count, int) else "Monarch layers"
+    switch = record.get("switch")
+    if isinstance(switch, dict):
+        of = f" of {switch['max_steps']}" if isinstance(switch.get("max_steps"), int) else ""
+        return (f"'{source}' is a densified Monarch model: it was trained with {layers}, switched to dense after "
+                f"step {switch.get('step')}{of} (densify_at) and finished dense (monarchify train)")
+    return f"'{source}' is a densified Monarch model: its {layers} were multiplied back into dense ones (monarchify densify)"
 
 
 def _stored_prefix(tensors: dict[str, StoredTensor], name: str) -> str | None:
@@ -149,9 +178,7 @@ def densify_folder(
 
     ``on_tensor(name, done, total)`` reports progress after each stored tensor (bytes read).
     """
-    folder = Path(os.fspath(source)).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder '{source}' does not exist")
+    folder = local_folder(source)
     check_output_dir(out, force, inputs=(source,))
     config, tensors, layers = read_monarch_folder(folder)
     by_factor = {f"{layer.prefix}.{factor}": layer for layer in layers for factor in FACTORS}
@@ -195,13 +222,10 @@ def densify_folder(
         if len(names) > 1:
             write_index(staging, weight_map, sum(planned.nbytes for shard in shards for _, planned, _ in shard))
         quantization = config.pop("quantization_config")
-        config[DENSIFIED] = {
-            "layers": len(layers),
-            "format_version": quantization.get("format_version", FORMAT_VERSION),
-            "converted_by": quantization.get("monarchify_version"),
-            "densified_by": monarchify_version(),
-            "recipe": quantization.get("recipe"),
-        }
+        config[DENSIFIED] = densified_record(
+            len(layers), quantization.get("recipe"), converted_by=quantization.get("monarchify_version"),
+            format_version=quantization.get("format_version", FORMAT_VERSION),
+        )
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for item in folder.iterdir():  # tokenizer, generation config and the like
             if item.is_file() and item.name not in ("config.json", REPORT_FILE, INDEX_FILE) and item.suffix != ".safetensors":

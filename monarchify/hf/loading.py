@@ -60,6 +60,17 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ModelLoadError(f"'{path}' is not valid JSON: {short_error(exc)}") from None
 
 
+def local_folder(source: str | os.PathLike[str]) -> Path:
+    """``source`` as an existing local folder, else one line saying what it is instead (a
+    file, or nothing): for commands that read a folder's files and never the Hub."""
+    path = Path(os.fspath(source)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"'{source}' is a file; expected a model folder")
+    raise ModelLoadError(f"model folder '{source}' does not exist")
+
+
 def _looks_like_path(source: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else that does not exist is a missing folder."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source

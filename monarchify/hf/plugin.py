@@ -198,6 +198,7 @@ class MonarchHfQuantizer(HfQuantizer):
                     rank=spec.get("rank", 0),
                     dtype=dtype,
                 )
+            layer.dense_class = type(old)
             replace_module(model, target, layer)
         # The guard tensors that make stock transformers refuse the folder mean nothing here.
         prefix = getattr(model, "base_model_prefix", "") or ""

@@ -16,7 +16,8 @@ from typing import Any
 import transformers
 
 from monarchify.errors import ModelLoadError
-from monarchify.hf.loading import empty_model, read_config, short_error, tensor_shapes
+from monarchify.hf.densify import DENSIFIED, densified_note
+from monarchify.hf.loading import empty_model, local_folder, read_config, short_error, tensor_shapes
 from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHODS, check_recipe
 from monarchify.hf.saving import REPORT_FILE
 from monarchify.monarch import MonarchLayout
@@ -30,18 +31,13 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
     (so they describe what is really on disk); errors and the functional check come from
     ``monarchify_report.json`` when the folder has it.
     """
-    path = Path(folder)
-    if not path.is_dir():
-        raise ModelLoadError(f"model folder '{folder}' does not exist")
+    path = local_folder(folder)
     config = read_config(path)
     recipe = config.get("quantization_config") or {}
     if not isinstance(recipe, dict) or recipe.get("quant_method") not in QUANT_METHODS:
-        densified = config.get("monarchify_densified")
-        if isinstance(densified, dict):  # see monarchify.hf.densify
-            raise ModelLoadError(
-                f"'{folder}' is a densified Monarch model: its {densified.get('layers', 'Monarch')} Monarch layers were "
-                "multiplied back into dense ones (monarchify densify), so it has no Monarch layers to report"
-            )
+        densified = config.get(DENSIFIED)
+        if isinstance(densified, dict):
+            raise ModelLoadError(f"{densified_note(folder, densified)}, so it has no Monarch layers to report")
         raise ModelLoadError(f"'{folder}' is not a Monarch checkpoint (its config.json has no Monarch recipe)")
     check_recipe(recipe.get("modules"), recipe.get("format_version", FORMAT_VERSION), recipe.get("padding", "zero"))
     shapes = tensor_shapes(path)

@@ -24,6 +24,19 @@ PRESETS = {
 """Named architectures: GPT-2 small and BERT-base shapes, resized by ``layers``/``width``/``heads``."""
 OBJECTIVES = ("causal", "masked")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_EVALUATIONS = 10
+"""By default a run evaluates and checkpoints this many times (every tenth of it)..."""
+MIN_DEFAULT_INTERVAL = 50
+"""...but at least this many steps apart. Each evaluation runs the whole held-out part and
+each checkpoint writes the model and its optimizer state: in a 30-step run, ten of each would
+cost more than the training and show nothing three steps cannot. Runs of 500 steps or more
+keep one per tenth; shorter ones get one every 50 steps, and runs of 50 steps or fewer only the
+closing evaluation and checkpoint (a run that short is quicker to redo than to resume)."""
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped where a diverged run's loss would overflow it."""
+    return math.exp(min(loss, 50.0))
 
 
 @dataclass
@@ -39,7 +52,8 @@ class TrainOptions:
       ``vocab_size`` is trained on the training lines and saved with the model.
     * ``monarch``: the recipe of the Monarch layers (``None``: dense).
     * ``densify_at``: switch to dense after this step (>= 1) or this fraction of the steps (< 1).
-    * ``eval_steps``/``save_steps``: every N steps (>= 1) or this fraction of the run (< 1).
+    * ``eval_steps``/``save_steps``: every N steps (>= 1) or this fraction of the run (< 1);
+      ``None``: a tenth of the run, at least :data:`MIN_DEFAULT_INTERVAL` steps apart.
     """
 
     arch: str
@@ -68,8 +82,8 @@ class TrainOptions:
     grad_accum: int = 1
     precision: str = "fp32"
     seed: int = 42
-    eval_steps: float = 0.1
-    save_steps: float = 0.1
+    eval_steps: float | None = None
+    save_steps: float | None = None
     logging_steps: int = 10
     checkpoint_dir: Path | None = None
     keep_checkpoints: bool = False
@@ -95,7 +109,7 @@ class TrainOptions:
         if self.vocab_size < 256 + 8:
             raise ConfigError(f"vocab_size must be at least 264 (256 bytes and the special tokens), got {self.vocab_size}")
         for name in ("learning_rate", "epochs", "eval_steps", "save_steps"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.eval_fraction <= 0.5:
             raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}")
@@ -109,7 +123,7 @@ class TrainOptions:
             raise ConfigError(f"max_steps must be at least 1 (or -1 for none), got {self.max_steps}")
         for name in ("eval_steps", "save_steps"):
             value = getattr(self, name)
-            if value >= 1 and value != int(value):
+            if value is not None and value >= 1 and value != int(value):
                 raise ConfigError(f"{name} must be a fraction below 1 or a whole number of steps, got {value}")
         if self.densify_at is not None:
             if self.monarch is None:
@@ -134,8 +148,11 @@ class TrainOptions:
             return int(self.densify_at)
         return max(1, round(self.densify_at * max_steps))
 
-    def every(self, value: float, max_steps: int) -> int:
-        """``eval_steps``/``save_steps`` in steps: a fraction of the run, or a number."""
+    def every(self, value: float | None, max_steps: int) -> int:
+        """``eval_steps``/``save_steps`` in steps: a fraction of the run, a number, or (``None``)
+        the default of :data:`MIN_DEFAULT_INTERVAL`."""
+        if value is None:
+            return max(MIN_DEFAULT_INTERVAL, math.ceil(max_steps / DEFAULT_EVALUATIONS))
         return int(value) if value >= 1 else max(1, math.ceil(value * max_steps))
 
     def to_dict(self) -> dict[str, Any]:

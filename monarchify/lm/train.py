@@ -36,12 +36,13 @@ from monarchify.atomic import check_output_dir
 from monarchify.errors import ConfigError, ModelLoadError, OutputExistsError
 from monarchify.glue.options import FinetuneEvents
 from monarchify.glue.results import load_average, run_environment
+from monarchify.hf.densify import DENSIFIED, densified_record
 from monarchify.hf.fresh import build_model, default_objective, model_class_for
 from monarchify.hf.loading import load_tokenizer, tensor_shapes
 from monarchify.hf.saving import save_model
 from monarchify.hf.training_arguments import resuming_line, shared_training_arguments
 from monarchify.lm.build import arch_config, sized_config
-from monarchify.lm.options import RESULTS_FILE, SAME_RUN, TrainOptions, same_run
+from monarchify.lm.options import RESULTS_FILE, SAME_RUN, TrainOptions, perplexity, same_run
 from monarchify.manifest import MANIFEST_FILE, RunManifest, StageRecord, fingerprint
 from monarchify.lm.switch import DensifyCallback, monarch_layers
 from monarchify.lm.text import Blocks, Collator, fixed_masking, pack, read_lines, train_tokenizer
@@ -337,7 +338,7 @@ def train(
                   "step_seconds_total": log.seconds, **_phases(log.step_seconds, switch),
                   "load_average_at_start": load_at_start},
         "switch": switch,
-        "eval": {"loss": metrics["eval_loss"], "perplexity": math.exp(min(metrics["eval_loss"], 50.0))},
+        "eval": {"loss": metrics["eval_loss"], "perplexity": perplexity(metrics["eval_loss"])},
         "curve": log.curve,
         "step_seconds": log.step_seconds,
         "environment": environment,
@@ -356,6 +357,11 @@ def _save(options: TrainOptions, model: nn.Module, tokenizer: Any, report: Conve
     """The model (a Monarch folder, or a plain one once densified), its tokenizer and results,
     atomically; then the checkpoints go, unless kept."""
     recipe = options.monarch.to_dict() if options.monarch is not None and monarch_layers(model) else None
+    started_monarch = results["model"]["params_at_start"]["monarch_layers"]
+    if started_monarch and not monarch_layers(model):  # switched: a plain folder that says what it was
+        switch = {"step": (results["switch"] or {}).get("step", options.densify_step(results["train"]["max_steps"])),
+                  "max_steps": results["train"]["max_steps"]}
+        setattr(model.config, DENSIFIED, densified_record(started_monarch, options.monarch.to_dict(), switch=switch))
     save_model(model, options.out, tokenizer=tokenizer, report=report, recipe=recipe, force=options.force or options.resume,
                extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
     if not options.keep_checkpoints and options.checkpoints.is_dir():

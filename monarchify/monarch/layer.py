@@ -56,6 +56,11 @@ class MonarchLinear(nn.Module):
             self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
             self.V = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.dense_class: type[nn.Module] | None = None
+        """The class of the dense layer this one replaced, set by whoever swaps it in (None:
+        unknown). Densifying puts that kind of layer back: GPT-2's ``Conv1D`` stores its weight
+        as ``(in, out)``, and an ``nn.Linear`` in its place would save a folder its architecture
+        loads transposed."""
         if self.R.device.type != "meta":
             self.reset_parameters()
 

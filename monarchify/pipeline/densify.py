@@ -3,7 +3,10 @@
 Used after fine-tuning in Monarch form (for runtimes that know nothing of Monarch) and in the
 middle of training (the paper's sparse-to-dense switch). The dense layer computes what the
 Monarch layer computed, up to float rounding, so the loss right after the switch equals the
-loss right before.
+loss right before. The dense layer is of the kind the Monarch layer replaced: an ``nn.Linear``,
+or GPT-2's ``Conv1D`` with its weight stored ``(in, out)``, so a densified model saves the
+folder its architecture loads (recognised by name and shape, like :func:`plan.is_conv1d`,
+because the pipeline never imports transformers).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 from monarchify.monarch import MonarchLinear
 from monarchify.monarch.projection import assemble
 from monarchify.pipeline.apply import replace_module
+from monarchify.pipeline.plan import is_conv1d
 
 
 @torch.no_grad()
@@ -35,10 +39,30 @@ def dense_linear(layer: MonarchLinear) -> nn.Linear:
     return dense
 
 
+@torch.no_grad()
+def dense_module(layer: MonarchLinear) -> nn.Module:
+    """:func:`dense_linear`, in the class of the layer ``layer`` replaced when that was a
+    ``Conv1D`` (``layer.dense_class``): same product, weight stored transposed."""
+    linear = dense_linear(layer)
+    cls = layer.dense_class
+    if cls is None or cls.__name__ != "Conv1D":
+        return linear
+    with torch.device("meta"):
+        conv = cls(layer.out_features, layer.in_features)  # Conv1D(nf, nx), as transformers defines it
+    weight = linear.weight
+    conv.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    conv.bias = linear.bias if linear.bias is not None else nn.Parameter(  # Conv1D always adds one
+        torch.zeros(layer.out_features, dtype=weight.dtype, device=weight.device), requires_grad=weight.requires_grad
+    )
+    if not is_conv1d(conv):
+        raise TypeError(f"{cls.__qualname__} is not a GPT-2 style Conv1D(nf, nx): cannot densify into it")
+    return conv
+
+
 def densify_(model: nn.Module) -> list[str]:
-    """Replace every :class:`MonarchLinear` in ``model`` by its :func:`dense_linear`, in place;
+    """Replace every :class:`MonarchLinear` in ``model`` by its :func:`dense_module`, in place;
     the names replaced, in model order."""
     names = [name for name, module in model.named_modules() if isinstance(module, MonarchLinear)]
     for name in names:
-        replace_module(model, name, dense_linear(model.get_submodule(name)))
+        replace_module(model, name, dense_module(model.get_submodule(name)))
     return names

@@ -53,6 +53,7 @@ def fresh_monarch(like: nn.Module, layout: MonarchLayout, weight: torch.Tensor) 
         layer.bias.copy_(bias)
     layer = layer.to(weight.dtype)
     layer.requires_grad_(weight.requires_grad)
+    layer.dense_class = type(like)
     return layer
 
 

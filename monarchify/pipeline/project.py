@@ -67,6 +67,7 @@ def monarch_module(projection: Projection, like: nn.Module, lowrank: LowRank | N
         if bias is not None:
             layer.bias.copy_(bias)
     layer.requires_grad_(weight.requires_grad)
+    layer.dense_class = type(like)
     return layer
 
 
