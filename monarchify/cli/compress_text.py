@@ -30,6 +30,10 @@ class HealBar:
             self.progress.start()
             self.task = self.progress.add_task("healing", total=steps, completed=step - 1)
         self.progress.update(self.task, completed=step, description=f"healing  loss {loss:.4f}")
+        if not err_console.is_interactive and (step % max(1, steps // 20) == 0 or step == steps):
+            # a log file gets a line now and then instead of a bar
+            elapsed = self.progress.tasks[0].elapsed or 0.0
+            err_console.print(f"healing step {step}/{steps}  loss {loss:.4f}  {elapsed:.0f} s")
         if step >= steps:
             self.stop()
 
