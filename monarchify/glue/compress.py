@@ -224,11 +224,16 @@ def compress(
     callbacks: Sequence[Any] = (),
     argv: Sequence[str] | None = None,
 ) -> CompressResult:
-    """Run (or resume) the three stages and leave the compressed, fine-tuned model in ``out``."""
+    """Run (or resume) the three stages and leave the compressed, fine-tuned model in ``out``.
+
+    Under ``torchrun`` both fine-tuning stages train in every process; the conversion between
+    them runs in the main process only, while the others wait for its folder."""
+    from monarchify import distributed
     from monarchify.glue.train import finetune
     from monarchify.hf.convert import convert_pretrained
 
-    events = events or FinetuneEvents()
+    distributed.init()  # the wait for the conversion needs the group, also when stage 1 is skipped
+    events = (events or FinetuneEvents()) if distributed.is_main() else FinetuneEvents()
     task = get_task(options.task)
     inputs = tuple(x for x in (options.model, options.data_dir) if x is not None)
     check_output_dir(options.out, options.force, inputs=inputs)
@@ -252,7 +257,7 @@ def compress(
     converted = options.stages / CONVERTED
     if not _finished(converted, "config.json"):
         events.stage(f"stage 2/3: converting the fine-tuned model at budget {options.budget:g} -> {converted}")
-        convert_pretrained(teacher, converted, recipe, calibration_data=calibration, force=True)
+        distributed.on_main(convert_pretrained, teacher, converted, recipe, calibration_data=calibration, force=True)
     else:
         events.done(f"stage 2/3: done already ({converted})")
 

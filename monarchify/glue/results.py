@@ -52,6 +52,10 @@ class Training:
     log_history: list[dict[str, Any]]
     """Trainer's log as it stood when training ended (the final evaluation is not in it)."""
     load_average_at_start: list[float] | None
+    world_size: int = 1
+    """Processes that trained together (``torchrun``), each on its share of every step's batch."""
+    global_batch: int | None = None
+    """Examples per optimisation step over all processes: batch size x accumulation x processes."""
 
 
 @dataclass
@@ -127,6 +131,8 @@ def _train_section(training: Training) -> dict[str, Any]:
         "epochs": training.epochs,
         "examples": training.examples,
         "loss": metrics.get("train_loss"),
+        "world_size": training.world_size,
+        "global_batch": training.global_batch,
     }
 
 
