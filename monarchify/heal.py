@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from monarchify import distributed
 from monarchify.distill import hidden_state_loss, logit_loss
 from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
@@ -106,6 +107,32 @@ def _schedule(config: HealConfig) -> Callable[[int], float]:
     return factor
 
 
+def _tokens(batch: Batch) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    ids = next(iter(batch.values()))
+    return ids.shape[0] * (ids.shape[1] if ids.dim() > 1 else 1)
+
+
+def share(batch: Batch, rank: int, world: int) -> tuple[Batch, float]:
+    """This process's rows of one step's ``batch`` when ``world`` processes heal together, and
+    the weight of its loss.
+
+    Why rows of every batch rather than whole batches per process: the global batch (what one
+    optimizer step averages over) stays the batch of one process, so the same settings give
+    the same training on any number of processes. The weight is ``world`` x this share's real
+    tokens / the batch's: DDP averages the processes' gradients, so the step follows the
+    token-weighted mean over the whole batch, which is exactly one process's loss for the logit
+    term (a mean over tokens) and for windows of text (equal tokens everywhere); the
+    hidden-state term, a ratio of sums per layer, comes out close to it but not bit for bit."""
+    rows = next(iter(batch.values())).shape[0]
+    if rows < world:
+        raise ConfigError(f"a batch of {rows} rows cannot be shared by {world} processes: batch_size must be at least the number of processes")
+    part = {key: torch.tensor_split(value, world)[rank] for key, value in batch.items()}
+    return part, world * _tokens(part) / max(1, _tokens(batch))
+
+
 def heal_(
     student: nn.Module,
     teacher: nn.Module,
@@ -130,6 +157,12 @@ def heal_(
     trainable weights, AdamW's moments and the record so far, in safetensors and JSON); a
     state found there is continued from, exactly as if the run had not stopped, provided it
     was written with the same settings.
+
+    Under ``torchrun`` (an initialised process group of several processes) the student trains
+    wrapped in ``DistributedDataParallel``, each process on its share of every batch
+    (:func:`share`); the recorded losses are those of the whole batch, the held-out
+    measurements run identically in every process (the models are identical), and only the
+    main process writes the state.
     """
     if not batches:
         raise ConfigError("healing needs at least one batch of text")
@@ -145,6 +178,15 @@ def heal_(
     result = HealResult()
     state = HealState(state_dir, config) if state_dir is not None else None
     first = state.restore(named, optimizer, scheduler, result) if state is not None else 0
+    parallel = distributed.active()
+    trained = student
+    if parallel:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: a hidden-state loss leaves parts of a model unused (a pooler)
+        trained = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None,
+                                          find_unused_parameters=True)
+    rank, world = distributed.rank(), distributed.world_size()
     if measure is not None and first == 0:
         result.heldout_before = measure(student)
         result.curve.append((0, result.heldout_before))
@@ -156,19 +198,22 @@ def heal_(
     for _ in range(first):
         next(schedule)  # a resumed run sees the batches the uninterrupted one would have
     for step in range(first, config.steps):
-        batch = {k: v.to(device) for k, v in batches[next(schedule)].items()}
-        loss = healing_loss(student, teacher, batch, config)
+        batch, weight = batches[next(schedule)], 1.0
+        if parallel:
+            batch, weight = share(batch, rank, world)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = healing_loss(trained, teacher, batch, config)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight if parallel else loss).backward()
         optimizer.step()
         scheduler.step()
-        result.losses.append(loss.item())
+        result.losses.append(distributed.all_reduce_sum(loss.item() * weight / world) if parallel else loss.item())
         done = step + 1
         if measure is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             began = time.perf_counter()
             result.curve.append((done, measure(student)))
             measuring += time.perf_counter() - began
-        if state is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+        if state is not None and config.save_every and done % config.save_every == 0 and done < config.steps and distributed.is_main():
             result.seconds = time.perf_counter() - start - measuring
             state.save(done, named, optimizer, result)
         if progress is not None:

@@ -202,6 +202,12 @@ class RunManifest:
                 "stages": {name: {"fingerprint": r.fingerprint, "done": r.done, "options": r.options} for name, r in self.stages.items()}}
 
     def save(self) -> None:
+        """Write the manifest; under several processes only the main one writes (the others
+        hold the same record in memory: every process checks and starts the same stages)."""
+        from monarchify.distributed import is_main
+
+        if not is_main():
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=self.folder)

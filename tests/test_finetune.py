@@ -72,6 +72,7 @@ def check_run(result, out: Path) -> dict:
     train = results["train"]
     assert train["seconds"] >= train["seconds_excluding_eval"] >= train["step_seconds"] > 0
     assert train["samples_per_second"] > 0 and results["eval"]["seconds"] > 0
+    assert train["world_size"] == 1 and train["global_batch"] == results["arguments"]["batch_size"] * results["arguments"]["grad_accum"]
     assert results["arguments"]["task"] == "sst2" and results["task"] == "sst2"
     assert not out.with_name(out.name + ".checkpoints").exists()
     return results
@@ -84,7 +85,7 @@ RESULT_KEYS = {
 SECTION_KEYS = {
     "monarch": {"converted_on_the_fly", "recipe", "layers", "convert_seconds"},
     "train": {"seconds", "seconds_excluding_eval", "step_seconds", "samples_per_second", "steps_per_second", "steps",
-              "epochs", "examples", "loss", "sessions", "resumed_from"},
+              "epochs", "examples", "loss", "sessions", "resumed_from", "world_size", "global_batch"},
     "eval": {"seconds", "samples_per_second", "examples"},
     "params": {"monarch", "dense", "ratio", "monarch_layers"},
     "data": {"source", "sizes", "skipped"},

@@ -43,9 +43,17 @@ def _with_hint(exc: MonarchifyError) -> str:
     return f"{exc} ({hint})" if hint else str(exc)
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(message: str, code: int, *, every_process: bool = False) -> int:
+    """Print the one error line. Under torchrun a user's mistake fails the same way in every
+    process, so only the main one says it; an unexpected error may be one process's own, so
+    each says it, the others naming their rank."""
+    from monarchify.distributed import is_main, rank
+
     first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    print(f"Error: {first_line}", file=sys.stderr)
+    if is_main():
+        print(f"Error: {first_line}", file=sys.stderr)
+    elif every_process:
+        print(f"Error (process {rank()}): {first_line}", file=sys.stderr)
     return code
 
 
@@ -87,5 +95,6 @@ def run(app: typer.Typer, args: list[str] | None = None) -> int:
             traceback.print_exc()
             return EXIT_ERROR
         return _fail(
-            f"unexpected {type(exc).__name__}: {exc} (set MONARCHIFY_DEBUG=1 for the traceback)", EXIT_ERROR
+            f"unexpected {type(exc).__name__}: {exc} (set MONARCHIFY_DEBUG=1 for the traceback)", EXIT_ERROR,
+            every_process=True,
         )

@@ -9,12 +9,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from monarchify.distributed import is_main
 from monarchify.report import CHANGED_A_LITTLE, NEARLY_UNCHANGED, ConversionReport, LayerReport, natural_key, output_change
 
-console = Console()
+# Under torchrun every process runs the command: only the main one prints (the others would
+# repeat each line, and their progress bars would overwrite each other).
+console = Console(quiet=not is_main())
 if not console.is_terminal:  # piped or captured: wide enough that layer names are not folded
     console.width = max(console.width, 140)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, quiet=not is_main())
 
 SORT_KEYS = ("model", "name", "error")
 
@@ -31,6 +34,8 @@ def progress_bar(*columns: Any) -> Any:
 
 
 def print_json(data: Any) -> None:
+    if not is_main():  # under torchrun, one copy of the answer
+        return
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 

@@ -264,11 +264,16 @@ def compress(
     callbacks: Sequence[Any] = (),
     argv: Sequence[str] | None = None,
 ) -> CompressResult:
-    """Run (or resume) the three stages and leave the compressed, fine-tuned model in ``out``."""
+    """Run (or resume) the three stages and leave the compressed, fine-tuned model in ``out``.
+
+    Under ``torchrun`` both fine-tuning stages train in every process; the conversion between
+    them runs in the main process only, while the others wait for its folder."""
+    from monarchify import distributed
     from monarchify.glue.train import finetune
     from monarchify.hf.convert import convert_pretrained
 
-    events = events or FinetuneEvents()
+    distributed.init()  # the wait for the conversion needs the group, also when stage 1 is skipped
+    events = (events or FinetuneEvents()) if distributed.is_main() else FinetuneEvents()
     task = get_task(options.task)
     inputs = tuple(x for x in (options.model, options.data_dir) if x is not None)
     check_output_dir(options.out, options.force, inputs=inputs)
@@ -279,7 +284,7 @@ def compress(
     run = {"callbacks": callbacks, "events": events, "argv": argv}
 
     if options.force:  # after every check: a mistake in the command deletes nothing
-        _discard(options.stages, options.checkpoints)
+        distributed.on_main(_discard, options.stages, options.checkpoints)
     manifest = RunManifest.load(options.stages)
     if not manifest.stages and options.stages.is_dir() and any(options.stages.iterdir()):
         events.note(f"'{options.stages}' has no record of the options its stages were made with: making them again")
@@ -305,7 +310,7 @@ def compress(
             manifest.finish("teacher")
     else:
         if status != "started":
-            _discard(teacher, stage.checkpoints)
+            distributed.on_main(_discard, teacher, stage.checkpoints)
         manifest.start("teacher", first)
         events.stage(f"stage 1/3: fine-tuning the dense model on {task.name} -> {teacher}")
         finetune(_continued(stage), **run)
@@ -318,11 +323,12 @@ def compress(
         events.done(f"stage 2/3: done already ({converted})")
         reused.append("convert")
     else:
-        _discard(converted)
+        distributed.on_main(_discard, converted)
         manifest.start("convert", second)
         events.stage(f"stage 2/3: converting the fine-tuned model at budget {options.budget:g} -> {converted}")
-        conversion = convert_pretrained(teacher, converted, recipe, calibration_data=calibration, force=True)
-        events.converted(conversion.report)
+        conversion = distributed.on_main(convert_pretrained, teacher, converted, recipe, calibration_data=calibration, force=True)
+        if conversion is not None:  # the main process converted; the others waited for it
+            events.converted(conversion.report)
         manifest.finish("convert")
 
     distill = DistillConfig(str(teacher), **options.distill)
@@ -330,7 +336,7 @@ def compress(
                                        gradual=options.gradual, force=options.force)
     status = _check(manifest, "distill", student.deciding(), "stage 3/3", "fine-tuning from the first epoch", events)
     if status != "started":  # checkpoints of a student made with other options, or on another stage 2
-        _discard(student.checkpoints)
+        distributed.on_main(_discard, student.checkpoints)
     manifest.start("distill", student.deciding())
     events.stage(f"stage 3/3: fine-tuning the compressed model with distillation -> {options.out}")
     dense = _results(teacher)

@@ -68,6 +68,10 @@ class Training:
     """The checkpoint this session continued (``None``: trained in one session)."""
     resumed_at_step: int = 0
     earlier: Earlier = field(default_factory=Earlier)
+    world_size: int = 1
+    """Processes that trained together (``torchrun``), each on its share of every step's batch."""
+    global_batch: int | None = None
+    """Examples per optimisation step over all processes: batch size x accumulation x processes."""
 
 
 @dataclass
@@ -155,6 +159,8 @@ def _train_section(training: Training) -> dict[str, Any]:
         "loss": metrics.get("train_loss"),
         "sessions": earlier.sessions + 1,
         "resumed_from": training.resumed_from,
+        "world_size": training.world_size,
+        "global_batch": training.global_batch,
     }
 
 

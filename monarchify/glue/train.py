@@ -42,6 +42,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from monarchify import distributed
 from monarchify.atomic import check_output_dir
 from monarchify.distill import DistillConfig, hidden_state_loss, logit_loss
 from monarchify.errors import ConfigError, ModelLoadError, NothingToResumeError
@@ -573,6 +574,8 @@ def _train(trainer: MonarchTrainer, clock: RunClock, checkpoint: Path | None) ->
         resumed_from=checkpoint.name if checkpoint is not None else None,
         resumed_at_step=resumed_at,
         earlier=clock.earlier,
+        world_size=trainer.args.world_size,
+        global_batch=trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps * trainer.args.world_size,
     )
 
 
@@ -669,7 +672,7 @@ def finetune(
     ``extra_results`` are added to ``eval_results.json`` (a recipe that ran this fine-tuning
     as one of its stages records itself there, inside the atomic write).
     """
-    events = events or FinetuneEvents()
+    events = (events or FinetuneEvents()) if distributed.is_main() else FinetuneEvents()  # one process speaks
     environment = run_environment()  # now: the source hash must describe the code this run imported
     task, checkpoints_existed = _check_request(options)
     data = _load_data(options, task)
@@ -693,7 +696,7 @@ def finetune(
     try:
         training = _train(trainer, clock, checkpoint)
     except BaseException:  # Ctrl-C too: an interrupted run leaves no empty checkpoint folder
-        if not checkpoints_existed:
+        if not checkpoints_existed and distributed.is_main():
             _drop_if_empty(options.checkpoints)
         raise
     if gradual:
@@ -709,7 +712,11 @@ def finetune(
     )
     results.update(extra_results or {})
 
-    if trainer.is_world_process_zero():
+    # Under torchrun every process gets here with the same model; the main one writes the
+    # folder and deletes the checkpoints, the others wait, so none ends (and none goes on to a
+    # next stage that reads the folder) before it is there.
+    if distributed.is_main():
         events.stage(f"saving to {options.out}")
         _save(options, trainer, models, report, conversion, results, checkpoints_existed, events)
+    distributed.barrier()
     return FinetuneResult(options.out, results, trainer.model)

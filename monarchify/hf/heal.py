@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from monarchify import distributed
 from monarchify.atomic import check_output_dir
 from monarchify.errors import ConfigError
 from monarchify.heal import HealResult, heal_
@@ -48,9 +49,14 @@ def heal_pretrained(
     GLUE TSV, datasets folder, ``hf:``): ``samples`` for training and a quarter more held out to measure the hidden-state error
     before and after. Everything is checked before the long part starts; ``out`` is written
     atomically at the end with the conversion report, whose ``meta.heal`` records the run.
+
+    Under ``torchrun`` every process loads both models and heals on its share of every batch
+    (``batch_size`` stays the batch of one step over all of them); only the main process
+    writes ``out``, and the others wait until it has.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    distributed.init()
     text = read_samples(data, samples)
     check_output_dir(out, force, inputs=(source, teacher))
     source, teacher_source = os.fspath(source), os.fspath(teacher)
@@ -74,9 +80,11 @@ def heal_pretrained(
         "heldout_hidden_error_curve": [[step, error] for step, error in result.curve],
         "seconds": round(result.seconds, 2),
         "cpu_threads": torch.get_num_threads(),  # a slow run on a busy machine explains itself
+        "world_size": distributed.world_size(),
+        "global_batch": batch_size,
     }
-    save_model(student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force,
-               sentence_transformers_from=source)
+    distributed.on_main(save_model, student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force,
+                        sentence_transformers_from=source)
     return HealRun(result, report, student)
 
 

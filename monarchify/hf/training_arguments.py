@@ -2,7 +2,12 @@
 training from scratch), so that the two commands behave alike where they should: linear decay
 after warm-up, one checkpoint kept, logging from the first step, one seed for the model and the
 data order, mixed precision through ``Trainer``, and no reporting integrations or tqdm bars of
-transformers' own (the CLI draws its own progress)."""
+transformers' own (the CLI draws its own progress).
+
+Several processes on CPUs (``torchrun`` on a machine without CUDA) need ``use_cpu``: without it
+``Trainer`` (accelerate) sees no accelerator to distribute over and runs every process as a
+separate single-process run, each on all the data and each the "main" process (they then raced
+to write the same output folder). With it, the processes form one gloo group."""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from monarchify import distributed
 
 
 def shared_training_arguments(options: Any, *, progress_bar: bool) -> dict[str, Any]:
@@ -39,6 +46,15 @@ def shared_training_arguments(options: Any, *, progress_bar: bool) -> dict[str, 
         "disable_tqdm": not progress_bar,
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
+        "use_cpu": distributed.launched() and not torch.cuda.is_available(),
+        # Each process's loss is its own batch's mean and DDP averages the gradients: the global
+        # batch's mean. Trainer's default instead multiplies the loss by the number of processes,
+        # expecting the model to divide by the tokens of all of them; a classifier's loss ignores
+        # that count, so under torchrun its loss and gradients came out N times too large.
+        "average_tokens_across_devices": False,
+        # Trainer lowers the other processes' transformers log to warnings; the main process keeps
+        # the level the command set, and so do they (one process speaks).
+        "log_level_replica": "passive",
     }
 
 

@@ -220,12 +220,19 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     from monarchify.hf.stored_report import read_report
     from monarchify.manifest import RunManifest
 
-    events = events or TextCompressEvents()
+    from monarchify import distributed
+
+    # Under torchrun: every process checks, reads the text and heals (each on its share of every
+    # batch); only the main one converts, writes the stages, the manifest and the output, and
+    # speaks, while the others wait for it at each hand-over.
+    distributed.init()
+    events = (events or TextCompressEvents()) if distributed.is_main() else TextCompressEvents()
     environment = run_environment()
     inputs = (options.model, *options.text)
     check_output_dir(options.out, options.force, inputs=inputs)
     check_output_dir(options.stages, force=True, inputs=inputs)
-    if options.force:
+    distributed.barrier()  # every process has checked before the main one changes anything
+    if options.force and distributed.is_main():
         _reset([options.stages])
     tokenizer = load_tokenizer(options.model)
     if tokenizer is None:
@@ -234,41 +241,43 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     events.done(f"text: {data.lines['train']} lines -> {len(data.train)} windows of {options.block_size} tokens for "
                 f"calibration and healing; {len(data.heldout)} held-out windows ({data.lines['heldout']} lines)")
 
-    manifest = RunManifest.load(options.stages)
-    if options.restart_from is not None:
-        manifest.forget(options.restart_from)
     stage_options = options.stage_options()
     converted, state_dir = options.stages / CONVERTED, options.stages / HEALED_STATE
     times: dict[str, float] = {}
+    if distributed.is_main():  # the stages' bookkeeping and the conversion
+        manifest = RunManifest.load(options.stages)
+        if options.restart_from is not None:
+            manifest.forget(options.restart_from)
 
-    status = manifest.check("convert", stage_options["convert"])
-    if status == "done" and (converted / "config.json").is_file():
-        events.done(f"stage 1/2: converted already ({converted})")
-    else:
+        status = manifest.check("convert", stage_options["convert"])
+        if status == "done" and (converted / "config.json").is_file():
+            events.done(f"stage 1/2: converted already ({converted})")
+        else:
+            if status == "stale":
+                changed = manifest.changes("convert", stage_options["convert"])
+                events.note(f"stage 1/2: {', '.join(changed) or 'an earlier stage'} changed: converting again")
+            _reset([converted, state_dir])
+            manifest.start("convert", stage_options["convert"])
+            events.stage(f"stage 1/2: converting at budget {options.budget} with calibration on "
+                         f"{len(data.calibration.fit)} text samples -> {converted}")
+            began = time.perf_counter()
+            with events.converting() as convert_events:
+                convert_pretrained(options.model, converted, options.conversion, calibration_data=data.calibration, force=True,
+                                   check=False, events=convert_events)
+            times["convert_seconds"] = time.perf_counter() - began
+            manifest.finish("convert")
+
+        status = manifest.check("heal", stage_options["heal"])
         if status == "stale":
-            changed = manifest.changes("convert", stage_options["convert"])
-            events.note(f"stage 1/2: {', '.join(changed) or 'an earlier stage'} changed: converting again")
-        _reset([converted, state_dir])
-        manifest.start("convert", stage_options["convert"])
-        events.stage(f"stage 1/2: converting at budget {options.budget} with calibration on "
-                     f"{len(data.calibration.fit)} text samples -> {converted}")
-        began = time.perf_counter()
-        with events.converting() as convert_events:
-            convert_pretrained(options.model, converted, options.conversion, calibration_data=data.calibration, force=True,
-                               check=False, events=convert_events)
-        times["convert_seconds"] = time.perf_counter() - began
-        manifest.finish("convert")
-
-    status = manifest.check("heal", stage_options["heal"])
-    if status == "stale":
-        changed = manifest.changes("heal", stage_options["heal"])
-        events.note(f"stage 2/2: {', '.join(changed) or 'the conversion'} changed: healing again")
-        _reset([state_dir])
-    elif status == "started" and (state_dir / "heal_state.json").is_file():
-        step = json.loads((state_dir / "heal_state.json").read_text(encoding="utf-8"))["step"]
-        events.note(f"stage 2/2: resuming healing from step {step} of {options.heal.steps if options.heal else 0}")
-    if status != "started":
-        manifest.start("heal", stage_options["heal"])
+            changed = manifest.changes("heal", stage_options["heal"])
+            events.note(f"stage 2/2: {', '.join(changed) or 'the conversion'} changed: healing again")
+            _reset([state_dir])
+        elif status == "started" and (state_dir / "heal_state.json").is_file():
+            step = json.loads((state_dir / "heal_state.json").read_text(encoding="utf-8"))["step"]
+            events.note(f"stage 2/2: resuming healing from step {step} of {options.heal.steps if options.heal else 0}")
+        if status != "started":
+            manifest.start("heal", stage_options["heal"])
+    distributed.barrier()  # the converted stage and a reset healing state are there for every process
 
     torch.manual_seed(options.seed)
     student = load_model(str(converted))
@@ -298,6 +307,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             "perplexity_before": healed.heldout_before, "perplexity_after": healed.heldout_after,
             "curve": [{"step": s, "tokens": s * tokens_per_step, "perplexity": v} for s, v in healed.curve],
             "seconds": round(healed.seconds, 2), "final_loss": healed.losses[-1] if healed.losses else None,
+            "world_size": distributed.world_size(), "global_batch": options.batch_size,
         }
         compressed_ppl = healed.heldout_after
         before = healed.heldout_before
@@ -321,8 +331,10 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
         "command": argv,
     }
     results["options"]["heal"] = heal.to_dict() if heal else None
-    events.stage(f"saving to {options.out}")
-    save_model(student, options.out, tokenizer=tokenizer, report=report, force=options.force,
-               extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
-    manifest.finish("heal")
+    if distributed.is_main():
+        events.stage(f"saving to {options.out}")
+        save_model(student, options.out, tokenizer=tokenizer, report=report, force=options.force,
+                   extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
+        manifest.finish("heal")
+    distributed.barrier()
     return TextCompressResult(options.out, results)

@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from monarchify import distributed
 from monarchify.atomic import check_output_dir
 from monarchify.errors import ConfigError, ModelLoadError, OutputExistsError
 from monarchify.glue.options import FinetuneEvents
@@ -129,15 +130,15 @@ def _check_precision(precision: str) -> None:
         raise ConfigError(f"precision {precision} needs a CUDA GPU; this machine has none (use fp32)")
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _check_request(options: TrainOptions) -> None:
     """Everything the options alone show to be impossible, before any text is read."""
     _check_precision(options.precision)
-    if options.densify_at is not None and _world_size() > 1:
-        raise ConfigError("the switch to dense runs in a single process for now (several processes would keep syncing the old Monarch parameters)")
+    if options.densify_at is not None and distributed.launched():
+        raise ConfigError(
+            "the switch to dense (densify_at) needs a single process: under several processes each model is wrapped in "
+            "DistributedDataParallel, which averages the gradients of the parameters it was built with (the Monarch "
+            "factors) and cannot take the new dense weights in the middle of a Trainer run"
+        )
     inputs = (*options.text, *((options.tokenizer,) if options.tokenizer else ()), options.arch)
     if options.resume:
         if _manifest(options.checkpoints).check_resume(STAGE, same_run(options)) == "new":
@@ -148,7 +149,9 @@ def _check_request(options: TrainOptions) -> None:
     if folder.is_dir() and any(folder.iterdir()):  # only with force (check_output_dir refused it otherwise)
         if STAGE not in _manifest(folder).stages:
             raise OutputExistsError(f"'{folder}' is not the checkpoint folder of a training run; it is not replaced")
-        shutil.rmtree(folder)
+        distributed.barrier()  # under torchrun: every process has looked before the main one deletes
+        if distributed.is_main():
+            shutil.rmtree(folder)
 
 
 def _manifest(folder: Path) -> RunManifest:
@@ -202,7 +205,7 @@ def _data(options: TrainOptions, lines: Any, tokenizer: Any, objective: str) -> 
 def _max_steps(options: TrainOptions, n_train: int) -> int:
     if options.max_steps > 0:
         return options.max_steps
-    per_step = options.batch_size * options.grad_accum * _world_size()
+    per_step = options.batch_size * options.grad_accum * distributed.world_size()
     return max(1, math.ceil(options.epochs * math.ceil(n_train / per_step)))
 
 
@@ -263,9 +266,11 @@ def train(
     ``callbacks`` replace Trainer's tqdm bar (a front end passes its own); they are also how a
     caller stops a run early (``control.should_training_stop``), e.g. to test resuming.
     """
-    events = events or FinetuneEvents()
+    distributed.init()  # the main process prepares the checkpoint folder while the others wait
+    events = (events or FinetuneEvents()) if distributed.is_main() else FinetuneEvents()  # one process speaks
     environment = run_environment()
     _check_request(options)
+    distributed.barrier()  # every process has checked the folders before the main one writes into them
     lines = read_lines(options.text, options.text_columns, max_lines=options.max_lines, eval_fraction=options.eval_fraction)
     objective = options.objective or default_objective(arch_config(options.arch))
     tokenizer, tokenizer_source = _tokenizer(options, lines.train, objective)
@@ -299,7 +304,7 @@ def train(
             densify_(model)  # written after the switch: the checkpoint holds the dense layers
         log.restore(checkpoint)
         events.note(resuming_line(checkpoint))
-    elif _is_main():
+    elif distributed.is_main():
         options.checkpoints.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(options.checkpoints / TOKENIZER_DIR))
         manifest = RunManifest.load(options.checkpoints)
@@ -336,21 +341,19 @@ def train(
                  "vocab_size": len(tokenizer)},
         "train": {"steps": trainer.state.global_step, "max_steps": max_steps, "stopped_early": stopped_early,
                   "step_seconds_total": log.seconds, **_phases(log.step_seconds, switch),
-                  "load_average_at_start": load_at_start},
+                  "load_average_at_start": load_at_start, "world_size": trainer.args.world_size,
+                  "global_batch": options.batch_size * options.grad_accum * trainer.args.world_size},
         "switch": switch,
         "eval": {"loss": metrics["eval_loss"], "perplexity": perplexity(metrics["eval_loss"])},
         "curve": log.curve,
         "step_seconds": log.step_seconds,
         "environment": environment,
     }
-    if trainer.is_world_process_zero() and not stopped_early:
+    if distributed.is_main() and not stopped_early:
         events.stage(f"saving to {options.out}")
         _save(options, trainer.model, tokenizer, report if monarch_layers(trainer.model) else None, results)
+    distributed.barrier()  # the others end (or go on) once the folder is there
     return TrainResult(options.out, results, trainer.model)
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _save(options: TrainOptions, model: nn.Module, tokenizer: Any, report: ConversionReport | None, results: dict[str, Any]) -> None:
