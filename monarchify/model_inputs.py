@@ -23,6 +23,14 @@ def position_limit(model: nn.Module) -> int | None:
     return min((n for n in limits if isinstance(n, int) and n > 0), default=None)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` predicts the next token from the ones before it (a ``*ForCausalLM``):
+    it can generate and has no separate encoder. Duck-typed, so torch-only code can ask."""
+    can_generate = getattr(model, "can_generate", None)
+    config = getattr(model, "config", None)
+    return callable(can_generate) and bool(can_generate()) and not getattr(config, "is_encoder_decoder", False)
+
+
 def random_inputs(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random batch of ``model``'s main input (``seq_len`` sets only the decoder's length for
     vision and speech models), with an all-ones attention mask for token ids."""

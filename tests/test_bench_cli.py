@@ -231,3 +231,104 @@ def test_model_inputs_refuse_a_sequence_longer_than_the_positions():
     with pytest.raises(ConfigError, match="sequence length 65 is longer than the model's 64 positions"):
         bench._sample_inputs(tiny_bert(), 1, 65, torch.device("cpu"), 0)
     assert bench._sample_inputs(tiny_bert(), 1, 64, torch.device("cpu"), 0)["input_ids"].shape == (1, 64)
+
+
+# --- causal language models: prefill and decoding ------------------------------------------
+
+GEN = ("--batch", "1", "--seq-len", "8", "--prompt-tokens", "8", "--new-tokens", "3", "--gen-batch", "1", "--gen-batch", "2")
+
+
+@pytest.fixture
+def llama_folder(tmp_path):
+    from tests.conftest import tiny_llama
+
+    folder = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def test_causal_lm_prefill_and_decode_tokens_per_second_on_the_clock(capsys, llama_folder, fake_clock):
+    """Every forward pass of the tiny Llama runs its 14 block linears and the (dense) output
+    layer once: 15 × 3 ms dense, 14 × 1 + 3 ms Monarch. Prefill is one pass over the prompt;
+    decoding 3 tokens is 3 passes (the first over the 8-token prompt, then one per new token)."""
+    code, out, err = run(capsys, "bench", "model", llama_folder, "--nblocks", "2", "--no-train", *GEN, "--json", *QUICK)
+    assert code == 0, err
+    result = json.loads(out)
+    dense_ms, monarch_ms = 15 * 3.0, 14 * 1.0 + 3.0
+    assert result["config"]["generation"] == {"prompt_tokens": 8, "new_tokens": 3, "decode_prompt_tokens": 8, "batches": [1, 2]}
+    assert [row["batch"] for row in result["prefill"]] == [1, 2] == [row["batch"] for row in result["decode"]]
+    for row in result["prefill"]:
+        tokens = row["batch"] * 8
+        assert row == pytest.approx({"batch": row["batch"], "tokens": tokens, "dense_ms": dense_ms, "monarch_ms": monarch_ms,
+                                     "ratio": dense_ms / monarch_ms, "dense_tokens_per_s": tokens / (dense_ms / 1e3),
+                                     "monarch_tokens_per_s": tokens / (monarch_ms / 1e3)})
+    for row in result["decode"]:
+        tokens = row["batch"] * 3
+        assert row == pytest.approx({"batch": row["batch"], "tokens": tokens, "dense_ms": 3 * dense_ms, "monarch_ms": 3 * monarch_ms,
+                                     "ratio": dense_ms / monarch_ms, "dense_tokens_per_s": tokens / (3 * dense_ms / 1e3),
+                                     "monarch_tokens_per_s": tokens / (3 * monarch_ms / 1e3), "new_tokens_per_sequence": 3})
+    assert result["inference"]["ratio"] == pytest.approx(dense_ms / monarch_ms)
+
+
+def test_decoding_makes_exactly_the_new_tokens_asked_for_on_both_models(monkeypatch):
+    """A spy on ``generate`` sees every sequence grow by ``new_tokens`` (greedy, cache on, no
+    early stop at an end-of-text token, which min_new_tokens forbids), and the progress hook
+    counts every call up to its announced total."""
+    from tests.conftest import tiny_llama
+
+    dense, monarch = bench.model_pair(tiny_llama(), nblocks=2)
+    seen = []
+    for name, model in (("dense", dense), ("monarch", monarch)):
+        original = model.generate
+
+        def spy(*args, name=name, original=original, **kwargs):
+            out = original(*args, **kwargs)
+            seen.append((name, kwargs["do_sample"], kwargs["use_cache"], tuple(kwargs["input_ids"].shape), tuple(out.shape)))
+            return out
+
+        monkeypatch.setattr(model, "generate", spy)
+    ticks = []
+    result = bench.models_benchmark(dense, monarch, batch=2, seq_len=8, device="cpu", train=True, warmup=1, repeat=1,
+                                    generation=bench.Generation(prompt_tokens=6, new_tokens=5, batches=(3,)),
+                                    progress=lambda stage, done, total: ticks.append((stage, done, total)))
+    assert {s[0] for s in seen} == {"dense", "monarch"} and len(seen) == 2 * 3
+    assert all(s[1:] == (False, True, (3, 8), (3, 13)) for s in seen), seen
+    assert result["decode"][0]["new_tokens_per_sequence"] == 5 and result["decode"][0]["tokens"] == 15
+    assert result["prefill"][0]["tokens"] == 18 and result["prefill"][0]["monarch_tokens_per_s"] > 0
+    assert result["train_step"]["monarch_ms"] > 0
+    assert [t[1] for t in ticks] == list(range(1, len(ticks) + 1)) and ticks[-1][1] == ticks[-1][2] == 4 * 2 * 3
+    assert {t[0] for t in ticks} == {"inference", "prefill, batch 3", "decode, batch 3", "training step"}
+
+
+def test_decoding_that_stops_early_is_refused(monkeypatch):
+    from tests.conftest import tiny_llama
+
+    dense, monarch = bench.model_pair(tiny_llama(), nblocks=2)
+    for model in (dense, monarch):
+        monkeypatch.setattr(model, "generate", lambda input_ids, **kw: input_ids[:, :-1])
+    with pytest.raises(bench.ConfigError, match="generation made \\[-1\\] new tokens per sequence, not 4"):
+        bench.models_benchmark(dense, monarch, batch=1, seq_len=8, device="cpu", train=False, warmup=0, repeat=1,
+                               generation=bench.Generation(prompt_tokens=4, new_tokens=4, batches=(1,)))
+
+
+def test_causal_lm_table_and_no_generation_for_other_models(capsys, llama_folder, bert_folder):
+    code, out, err = run(capsys, "bench", "model", llama_folder, "--nblocks", "2", "--no-train", *GEN, *QUICK)
+    assert code == 0, err
+    assert "tokens per second: prefill of 8 tokens" in out and "decode, batch 2" in out and "monarch / dense" in out
+    code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch", "1", "--seq-len", "8",
+                         "--no-train", "--json", *QUICK)
+    assert code == 0, err
+    assert "prefill" not in json.loads(out) and "decode" not in json.loads(out)
+    code, out, err = run(capsys, "bench", "model", llama_folder, "--no-train", "--no-generate", "--json", "--seq-len", "8", *QUICK)
+    assert code == 0, err
+    assert "prefill" not in json.loads(out)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--new-tokens", "30"), "decoding 30 tokens (new_tokens) after a prompt of 8 is longer than the model's 32 positions"),
+    (("--prompt-tokens", "33"), "a prompt of 33 tokens (prompt_tokens) is longer than the model's 32 positions"),
+    (("--gen-batch", "0"), "every generation batch must be >= 1"),
+])
+def test_generation_that_cannot_run_is_one_line(capsys, llama_folder, args, fragment):
+    code, _, err = run(capsys, "bench", "model", llama_folder, "--no-train", "--seq-len", "8", "--prompt-tokens", "8", *args, *QUICK)
+    assert one_line_error(code, err, fragment), err

@@ -11,6 +11,7 @@ import typer
 
 from monarchify import __version__
 from monarchify.cli import bench, compress, convert, densify, finetune, heal, report, train
+from monarchify.cli import eval as eval_command  # not to shadow the builtin
 from monarchify.cli.errors import run
 
 RICH_HELP_MIN_COLUMNS = 100
@@ -51,6 +52,7 @@ app.command()(finetune.finetune)
 app.command()(compress.compress)
 app.command()(train.train)
 app.command()(train.init)
+app.command("eval")(eval_command.evaluate)
 app.add_typer(bench.bench_app)
 
 

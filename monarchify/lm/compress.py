@@ -175,22 +175,11 @@ def load_text(options: TextCompressOptions, tokenizer: Any) -> TextData:
 
 def window_perplexity(model: Any, windows: Any, batch_size: int = 8) -> float:
     """Perplexity of ``model`` on ``(n, block)`` token windows, every predicted token weighted
-    alike (the first token of each window has no context and is not scored)."""
-    import math
+    alike (the first token of each window is context only): :func:`monarchify.lm.perplexity.perplexity`
+    on the windows laid end to end."""
+    from monarchify.lm.perplexity import perplexity
 
-    import torch
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            ids = windows[start: start + batch_size]
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-            total, count = total + float(nll), count + ids[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / count)
+    return perplexity(model, windows.reshape(-1), window=windows.shape[1], batch_size=batch_size).perplexity
 
 
 def parameters(model: Any) -> int:
