@@ -223,3 +223,26 @@ def test_a_tampered_lowrank_folder_is_refused(tmp_path):
         densify_folder(tmp_path / "out", tmp_path / "dense")
     with pytest.raises(ModelLoadError):
         monarchify.load(tmp_path / "out")
+
+
+def test_training_and_conversion_helpers_see_lowrank_layers():
+    """What fine-tuning, distillation and gradual replacement look for finds low-rank layers too."""
+    from monarchify.errors import NoMatchError
+    from monarchify.glue.train import monarch_factor_names, parameter_counts
+    from monarchify.gradual import GradualLinear, unwrap, wrap
+    from monarchify.hf.teacher import has_monarch_layers
+
+    dense = tiny_bert()
+    before = sum(p.numel() for p in dense.parameters())
+    model = tiny_bert()
+    report = monarchify.convert(model, MonarchConfig(structure="lowrank"))
+    names = {r.name for r in report.layers}
+    assert monarch_factor_names(model) == {f"{n}.{f}" for n in names for f in ("U", "V")}
+    counts = parameter_counts(model)
+    assert counts["dense"] == before and counts["monarch_layers"] == len(names)
+    assert has_monarch_layers(model)
+    with pytest.raises(NoMatchError, match="already"):
+        monarchify.convert(model, MonarchConfig())
+    assert sorted(wrap(model, dense, p=1.0)) == sorted(names)
+    assert all(isinstance(model.get_submodule(n), GradualLinear) for n in names)
+    assert unwrap(model) == len(names)
