@@ -19,6 +19,10 @@ squared singular values. :func:`project_lowrank` then alternates (re-project ``W
 Monarch, re-fit ``U V``): every step is an exact minimisation of the same objective given the
 other factor, so the error never rises (``ALTERNATIONS`` says how many rounds pay).
 
+The same fit with nothing subtracted (``M = 0``) is the low-rank *structure*, the baseline a
+Monarch conversion is compared against: :func:`truncated_svd` (plain, or whitened as SVD-LLM
+does) and :func:`matching_rank`, the rank with as many parameters as a given block count.
+
 Torch only: nothing here knows about transformers.
 """
 
