@@ -24,6 +24,7 @@ _EXPORTS = {
     "CalibrationConfig": ("monarchify.config", "CalibrationConfig"),
     "ConversionReport": ("monarchify.report", "ConversionReport"),
     "MonarchConfig": ("monarchify.config", "MonarchConfig"),
+    "LowRankLinear": ("monarchify.monarch", "LowRankLinear"),
     "MonarchLinear": ("monarchify.monarch", "MonarchLinear"),
     "MonarchifyError": ("monarchify.errors", "MonarchifyError"),
     "Projection": ("monarchify.monarch", "Projection"),

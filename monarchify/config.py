@@ -38,6 +38,9 @@ OUTPUT_ORDERS = ("blocked", "interleaved")
 """How a Monarch layer orders its outputs (:class:`monarchify.monarch.layout.MonarchLayout`)."""
 BUDGET_OBJECTIVES = ("layers", "output")
 """What a budget minimises (``MonarchConfig.budget_objective``)."""
+STRUCTURES = ("monarch", "lowrank")
+"""What a converted layer becomes (``MonarchConfig.structure``)."""
+"""What a budget minimises (``MonarchConfig.budget_objective``)."""
 DEFAULT_CALIBRATION_SAMPLES = 256
 DEFAULT_SWEEPS = 2
 """Full-covariance refinement sweeps. On MiniLM at 4 blocks, 2 sweeps take the mean held-out
@@ -178,6 +181,13 @@ class MonarchConfig:
       it). A budgeted checkpoint records its choices here, as exact names.
     * ``calibration``: project on real activations (the text is an argument of ``convert``).
     * ``speed_gate``: time every layer shape and keep dense those Monarch does not speed up.
+    * ``structure``: what a converted layer becomes: ``"monarch"``, or ``"lowrank"``, the
+      baseline to compare Monarch against: ``U V`` alone (the truncated SVD, whitened when
+      calibrating, as SVD-LLM does) with as many parameters as Monarch at the layer's block
+      count would keep (``rank·(d_in + d_out)`` at most that; so ``nblocks=4`` means "the
+      parameters of 4 blocks"). ``ranks`` then sets a layer's rank directly, and a budget
+      chooses ranks: by default those matching each candidate block count, or
+      ``budget_ranks``. The speed gate times Monarch layers only.
     * ``output_order``: ``"blocked"`` (each block's outputs contiguous: no copy in the forward
       pass) or ``"interleaved"`` (the paper's output permutation). Same parameters, FLOPs and
       error; blocked is faster (``docs/performance.md``).
@@ -200,6 +210,7 @@ class MonarchConfig:
     calibration: CalibrationConfig | None = None
     speed_gate: SpeedGateConfig | None = None
     output_order: str = "blocked"
+    structure: str = "monarch"
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -221,6 +232,10 @@ class MonarchConfig:
         if not self.budget_keep_dense and self.budget is None:
             raise ConfigError("budget_keep_dense=False only means something with a budget")
         self.budget_ranks = sorted({_positive_int(rank, "budget rank") for rank in self.budget_ranks})
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+        if self.structure == "lowrank" and self.speed_gate is not None:
+            raise ConfigError("the speed gate times Monarch layers; it is not available with structure 'lowrank'")
         if self.budget_ranks and self.budget is None:
             raise ConfigError("budget_ranks only means something with a budget")
         if self.budget_objective not in BUDGET_OBJECTIVES:
@@ -244,9 +259,12 @@ class MonarchConfig:
                               f"fields the meaning they had then")
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data; ``speed_gate``, ``budget_ranks``, ``budget_objective`` and
-        ``ranks`` appear only when set (recipes written before they existed stay byte-identical)."""
+        """The recipe as plain data; ``speed_gate``, ``budget_ranks``, ``budget_objective``,
+        ``ranks`` and ``structure`` appear only when set (recipes written before they existed
+        stay byte-identical)."""
         data = asdict(self)
+        if data["structure"] == "monarch":
+            del data["structure"]
         for name in ("speed_gate", "budget_ranks", "ranks"):
             if not data[name]:
                 del data[name]

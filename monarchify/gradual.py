@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from monarchify.errors import ConfigError
-from monarchify.monarch import MonarchLinear
+from monarchify.monarch import STRUCTURED_LAYERS, MonarchLinear
 from monarchify.pipeline.apply import replace_module, resolve_name
 
 
@@ -49,14 +49,14 @@ def wrap(model: nn.Module, originals: nn.Module, p: float = 0.0) -> list[str]:
     Names may differ by the base-model prefix (a ``BertModel`` teacher for a classifier)."""
     wrapped = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, MonarchLinear):
+        if not isinstance(module, STRUCTURED_LAYERS):
             continue
         original = resolve_name(originals, name)
         match = originals.get_submodule(original) if original is not None else None
         weight = getattr(match, "weight", None)
         if weight is None or weight.numel() != module.in_features * module.out_features:
             raise ConfigError(f"gradual replacement: the dense model has no layer '{name}' of the same shape")
-        replace_module(model, name, GradualLinear(module, copy.deepcopy(match).to(module.L.device), p))
+        replace_module(model, name, GradualLinear(module, copy.deepcopy(match).to(next(module.parameters()).device), p))
         wrapped.append(name)
     if not wrapped:
         raise ConfigError("gradual replacement needs a model with Monarch layers")

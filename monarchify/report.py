@@ -41,6 +41,7 @@ class LayerReport:
     shape: list[int]
     """``[d_out, d_in]`` of the dense weight."""
     nblocks: int
+    """Monarch blocks; 1 for a layer kept dense or made low rank (no blocks)."""
     padded: bool
     bias: bool
     params_dense: int
@@ -55,8 +56,12 @@ class LayerReport:
     extra: dict[str, Any] = field(default_factory=dict)
     """Further per-layer measurements (output error on calibration data, timings...)."""
     rank: int = 0
-    """Rank of the low-rank term added to the Monarch matrix (0: plain Monarch); its
-    ``rank·(d_in + d_out)`` parameters are in ``params_monarch`` and so in the FLOPs."""
+    """Rank of the low-rank term added to the Monarch matrix (0: plain Monarch), or of the
+    whole layer when ``structure`` is ``"lowrank"``; its ``rank·(d_in + d_out)`` parameters
+    are in ``params_monarch`` and so in the FLOPs."""
+    structure: str = "monarch"
+    """What the layer became: ``"monarch"`` or ``"lowrank"`` (``U V`` alone, the baseline);
+    ``params_monarch`` and ``flops_monarch`` are the converted layer's, whichever it is."""
 
     @property
     def flops_dense(self) -> int:
@@ -74,6 +79,8 @@ class LayerReport:
         data = asdict(self)
         if not self.rank:  # reports of plain Monarch layers stay as they were before ranks existed
             del data["rank"]
+        if self.structure == "monarch":  # and before low-rank layers existed
+            del data["structure"]
         data["flops_dense"] = self.flops_dense
         data["flops_monarch"] = self.flops_monarch
         return data

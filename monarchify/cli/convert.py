@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from monarchify.cli.options import (
-    AllowZeros, BudgetObjective, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, build_config,
+    AllowZeros, BudgetObjective, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, Structure,
+    build_config,
 )
 from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report, progress_bar
 from monarchify.config import (
@@ -80,6 +81,7 @@ def convert(
     override: Override = None,
     allow_structural_zeros: AllowZeros = False,
     output_order: OutputOrder = "blocked",
+    structure: Structure = "monarch",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (layers, shapes, parameters) and write nothing.")] = False,
     check: Annotated[bool, typer.Option(help="Compare dense and converted outputs on sample sentences.")] = True,
     force: ForceFlag = False,
@@ -90,7 +92,7 @@ def convert(
     refine_sweeps: Annotated[int | None, typer.Option("--refine-sweeps", metavar="N", help=f"With --calibrate: sweeps of full-covariance refinement after the closed-form whitened projection (default {DEFAULT_SWEEPS}; 0: closed form only).")] = None,
     budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Choose every layer's block count (or keep it dense) to minimise the total error within this fraction of the selected layers' dense parameters; --override pins layers, --nblocks is ignored.")] = None,
     budget_dense: Annotated[bool, typer.Option("--budget-dense/--no-budget-dense", help="Whether --budget may keep a layer dense (error 0, full price).")] = True,
-    budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term (K·(d_in+d_out) parameters, fitted to what Monarch misses) next to its blocks, e.g. 8,16,32.")] = None,
+    budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term (K·(d_in+d_out) parameters, fitted to what Monarch misses) next to its blocks, e.g. 8,16,32. With --structure lowrank: the ranks --budget chooses among (default: those matching each block count).")] = None,
     budget_objective: BudgetObjective = "layers",
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Convert tensor by tensor without loading the model (local safetensors folders; --calibrate runs one block at a time; no budget or speed gate; no functional check). Default: stream folders over 2 GB of weights when the recipe allows.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted streaming conversion into the same --out, keeping its finished shards (implies --stream).")] = False,
@@ -109,6 +111,7 @@ def convert(
       monarchify convert ./bert-folder -b 4 --calibrate glue/MRPC/train.tsv -o out
       monarchify convert ./bert-folder --budget 0.4 --calibrate sentences.txt -o out
       monarchify convert ./bert-folder --budget 0.4 --budget-ranks 8,16,32 --calibrate sentences.txt -o out
+      monarchify convert ./bert-folder --structure lowrank -b 4 --calibrate sentences.txt -o out
     """
     if sort not in SORT_KEYS:
         raise ConfigError(f"--sort must be one of {', '.join(SORT_KEYS)}")
@@ -122,11 +125,13 @@ def convert(
         raise ConfigError(f"--budget-objective {budget_objective} needs --budget FRACTION and --calibrate DATA")
     if calibrate is None and (calibration_samples is not None or refine_sweeps is not None):
         raise ConfigError("--calibration-samples and --refine-sweeps need --calibrate DATA")
+    if structure == "lowrank" and only_if_faster:
+        raise ConfigError("--only-if-faster times Monarch layers; it does not apply to --structure lowrank")
     if tokens is not None and not only_if_faster:
         raise ConfigError("--tokens sets the timing of --only-if-faster; add that flag or drop --tokens")
     config = build_config(
         nblocks, include, exclude, override, allow_structural_zeros,
-        budget=budget, budget_keep_dense=budget_dense, output_order=output_order,
+        budget=budget, budget_keep_dense=budget_dense, output_order=output_order, structure=structure,
         budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [], budget_objective=budget_objective,
         calibration=CalibrationConfig(
             samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,

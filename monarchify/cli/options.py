@@ -56,6 +56,15 @@ BudgetObjective = Annotated[
         "forward pass per layer on 128 samples).",
     ),
 ]
+Structure = Annotated[
+    str,
+    typer.Option(
+        "--structure",
+        help="What converted layers become: monarch, or lowrank, the baseline to compare Monarch against: U·V "
+        "alone (a truncated SVD, whitened when calibrating), at the rank whose parameters match the block "
+        "count's (never more); a budget chooses ranks instead of block counts.",
+    ),
+]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")]
 Threads = Annotated[
     int | None,

@@ -67,7 +67,8 @@ def report_table(report: ConversionReport, sort: str = "model", title: str | Non
     table.add_column("layer", footer=f"{totals['selected_layers']} layers{kept}")
     table.add_column("shape (in→out)", justify="right")
     table.add_column("blocks", justify="right")
-    table.add_column("params dense → monarch", justify="right",
+    lowrank = any(layer.structure == "lowrank" for layer in report.layers)  # the baseline structure
+    table.add_column(f"params dense → {'low rank' if lowrank else 'monarch'}", justify="right",
                      footer=f"{_count(totals['selected_params_dense'])} → {_count(totals['selected_params_after'])}")
     ratio = totals["selected_params_ratio"]
     table.add_column("kept", justify="right", footer="—" if ratio is None else f"{ratio:.0%}")
@@ -86,7 +87,8 @@ def report_table(report: ConversionReport, sort: str = "model", title: str | Non
             row = [
                 layer.name,
                 shape,
-                str(layer.nblocks) + (f"+r{layer.rank}" if layer.rank else ""),  # Monarch plus low rank
+                f"rank {layer.rank}" if layer.structure == "lowrank"
+                else str(layer.nblocks) + (f"+r{layer.rank}" if layer.rank else ""),  # Monarch plus low rank
                 f"{_count(layer.params_dense)} → {_count(layer.params_monarch)}",
                 f"{layer.params_monarch / layer.params_dense:.0%}",
                 _err(layer.rel_error),

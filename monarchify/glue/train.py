@@ -57,7 +57,7 @@ from monarchify.hf.saving import recipe_of, save_model
 from monarchify.hf.teacher import has_monarch_layers, load_task_teacher
 from monarchify.hf.training_arguments import resuming_line
 from monarchify.hf.training_arguments import shared_training_arguments
-from monarchify.monarch import MonarchLinear
+from monarchify.monarch import STRUCTURED_LAYERS, LowRankLinear, MonarchLinear
 from monarchify.pipeline import convert, dry_run
 from monarchify.manifest import RunManifest
 from monarchify.report import ConversionReport
@@ -71,12 +71,15 @@ TIME_FILE = "monarchify_time.json"
 
 
 def monarch_factor_names(model: nn.Module) -> set[str]:
-    """Qualified names of every Monarch factor (``L``, ``R``) parameter of ``model``."""
+    """Qualified names of every Monarch factor (``L``, ``R``) parameter of ``model``, and of
+    the factors (``U``, ``V``) of low-rank layers, which stand where Monarch layers would."""
     names = set()
     for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
         if isinstance(module, MonarchLinear):
-            prefix = f"{module_name}." if module_name else ""
             names.update({prefix + "L", prefix + "R"})
+        elif isinstance(module, LowRankLinear):
+            names.update({prefix + "U", prefix + "V"})
     return names
 
 
@@ -244,7 +247,7 @@ def label_config(task: GlueTask) -> dict[str, Any]:
 def parameter_counts(model: nn.Module) -> dict[str, Any]:
     """Parameters as they are, and as they would be with every Monarch layer dense."""
     total = sum(p.numel() for p in model.parameters())
-    layers = [m for m in model.modules() if isinstance(m, MonarchLinear)]
+    layers = [m for m in model.modules() if isinstance(m, STRUCTURED_LAYERS)]
     saved = sum(m.in_features * m.out_features - sum(p.numel() for n, p in m.named_parameters() if n != "bias") for m in layers)
     return {"monarch": total, "dense": total + saved, "ratio": total / (total + saved), "monarch_layers": len(layers)}
 

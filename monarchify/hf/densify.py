@@ -28,13 +28,13 @@ from monarchify.atomic import atomic_output_dir, check_output_dir
 from monarchify.errors import ModelLoadError
 from monarchify.hf.guard import is_guard
 from monarchify.hf.loading import empty_model, local_folder, read_config, short_error
-from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHODS, check_recipe
+from monarchify.hf.plugin import FORMAT_VERSION, LOWRANK, QUANT_METHODS, check_recipe
 from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, copy_sentence_transformers, monarchify_version
 from monarchify.hf.tensorfiles import (
     INDEX_FILE, Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names,
     write_index,
 )
-from monarchify.monarch import MonarchLinear
+from monarchify.monarch import LowRankLinear, MonarchLinear
 from monarchify.monarch.layout import INTERLEAVED
 from monarchify.pipeline.apply import resolve_name
 from monarchify.pipeline.densify import dense_linear
@@ -48,14 +48,23 @@ FACTORS = ("L", "R", "U", "V")
 
 @dataclass
 class DenseLayer:
-    """A Monarch layer of the folder and where its tensors are stored."""
+    """A converted layer of the folder (Monarch or low rank) and where its tensors are stored."""
 
     name: str
     prefix: str
-    """Its stored key prefix (``<prefix>.L``)."""
+    """Its stored key prefix (``<prefix>.L`` or ``<prefix>.U``)."""
     spec: dict[str, Any]
     transposed: bool
     """GPT-2's ``Conv1D`` stores its weight as ``(in, out)``."""
+
+    @property
+    def lowrank(self) -> bool:
+        return self.spec.get("structure") == LOWRANK
+
+    @property
+    def first(self) -> str:
+        """The stored factor whose place the dense weight takes (``L``, or ``U`` when low rank)."""
+        return "U" if self.lowrank else "L"
 
 
 @dataclass
@@ -93,12 +102,13 @@ def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> st
     return f"'{source}' is a densified Monarch model: its {layers} were multiplied back into dense ones (monarchify densify)"
 
 
-def _stored_prefix(tensors: dict[str, StoredTensor], name: str) -> str | None:
-    """The key prefix of module ``name``'s factors, allowing a base-model prefix on either side."""
-    if f"{name}.L" in tensors:
+def _stored_prefix(tensors: dict[str, StoredTensor], name: str, first: str = "L") -> str | None:
+    """The key prefix of module ``name``'s factors (``<prefix>.<first>``), allowing a base-model
+    prefix on either side."""
+    if f"{name}.{first}" in tensors:
         return name
     for key in tensors:
-        if key.endswith(".L"):
+        if key.endswith(f".{first}"):
             prefix = key[:-2]
             if prefix.endswith("." + name) or name.endswith("." + prefix):
                 return prefix
@@ -138,22 +148,26 @@ def read_monarch_folder(folder: Path) -> tuple[dict[str, Any], dict[str, StoredT
     conv1d = _conv1d_names(folder, list(modules))
     layers = []
     for name, spec in modules.items():
-        prefix = _stored_prefix(tensors, name)
-        if prefix is None or f"{prefix}.R" not in tensors:
+        lowrank = spec.get("structure") == LOWRANK
+        prefix = _stored_prefix(tensors, name, "U" if lowrank else "L")
+        if prefix is None or f"{prefix}.{'V' if lowrank else 'R'}" not in tensors:
             raise ModelLoadError(f"'{folder}': the weights of Monarch layer '{name}' are missing (or stored under renamed keys)")
         layers.append(DenseLayer(name, prefix, spec, name in conv1d))
     return config, tensors, layers
 
 
-def _monarch(layer: DenseLayer, tensors: dict[str, StoredTensor]) -> MonarchLinear:
+def _monarch(layer: DenseLayer, tensors: dict[str, StoredTensor]) -> MonarchLinear | LowRankLinear:
     spec = layer.spec
     rank = spec.get("rank", 0)
     with torch.device("meta"):
-        module = MonarchLinear(
-            spec["in_features"], spec["out_features"], spec["nblocks"], bias=False, allow_structural_zeros=True,
-            output_order=spec.get("output_order", INTERLEAVED), rank=rank,
-        )
-    for factor in FACTORS[: 4 if rank else 2]:
+        if layer.lowrank:
+            module = LowRankLinear(spec["in_features"], spec["out_features"], rank, bias=False)
+        else:
+            module = MonarchLinear(
+                spec["in_features"], spec["out_features"], spec["nblocks"], bias=False, allow_structural_zeros=True,
+                output_order=spec.get("output_order", INTERLEAVED), rank=rank,
+            )
+    for factor in ("U", "V") if layer.lowrank else FACTORS[: 4 if rank else 2]:
         stored = tensors.get(f"{layer.prefix}.{factor}")
         if stored is None:
             raise ModelLoadError(f"Monarch layer '{layer.name}' has no stored '{factor}'")
@@ -182,7 +196,7 @@ def densify_folder(
     check_output_dir(out, force, inputs=(source,))
     config, tensors, layers = read_monarch_folder(folder)
     by_factor = {f"{layer.prefix}.{factor}": layer for layer in layers for factor in FACTORS}
-    by_l = {f"{layer.prefix}.L": layer for layer in layers}
+    by_l = {f"{layer.prefix}.{layer.first}": layer for layer in layers}
 
     plan: list[tuple[str, Planned, DenseLayer | None]] = []
     for key, stored in tensors.items():

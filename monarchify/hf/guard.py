@@ -33,8 +33,8 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def guard_tensors(factor_keys: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The empty tensors that make stock loading fail for the Monarch layers whose ``L`` keys are
-    ``factor_keys`` (``<module>.L``), plus the hint."""
+    """The empty tensors that make stock loading fail for the layers whose first factor keys
+    are ``factor_keys`` (``<module>.L``, or ``<module>.U`` for a low-rank layer), plus the hint."""
     guards = {key[: -len(".L")] + ".weight": torch.empty(0, dtype=dtype) for key in factor_keys}
     guards[HINT_KEY] = torch.empty(0, dtype=dtype)
     return guards
@@ -65,6 +65,7 @@ def add_load_guard(folder: Path) -> None:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
             factors = [k for k in keys if k.endswith(".L") and k[:-2] + ".R" in keys]
+            factors += [k for k in keys if k.endswith(".U") and k[:-2] + ".V" in keys and k[:-2] + ".L" not in keys]
             if not factors:
                 continue
             tensors = {k: handle.get_tensor(k) for k in keys}

@@ -5,8 +5,9 @@ A converted folder's ``config.json`` carries a ``quantization_config`` with
 modules. Importing ``monarchify``
 registers a config class and an ``HfQuantizer`` for that method with transformers' public
 plug-in points (``register_quantization_config``, ``register_quantizer``); the quantizer
-swaps the listed modules for ``MonarchLinear`` on the meta device before the weights load,
-and transformers then fills ``L``, ``R`` and ``bias`` from the safetensors files.
+swaps the listed modules for ``MonarchLinear`` (or, for the low-rank baseline structure,
+``LowRankLinear``) on the meta device before the weights load, and transformers then fills
+``L``, ``R`` (``U``, ``V``) and ``bias`` from the safetensors files.
 
 Every line that touches this plug-in API lives in this file: its hooks changed across
 transformers releases, and ``tests/test_roundtrip.py`` (save -> stock ``from_pretrained``
@@ -30,7 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.hf.guard import ignore_patterns
-from monarchify.monarch import MonarchLinear
+from monarchify.monarch import LowRankLinear, MonarchLinear
 from monarchify.monarch.layout import INTERLEAVED, OUTPUT_ORDERS
 from monarchify.monarch.lowrank import check_rank
 from monarchify.pipeline.apply import replace_module, resolve_name
@@ -48,21 +49,44 @@ stderr is then ``Unknown quantization type, got <this>``, and the newline pushes
 (the supported types, and its advice to delete ``quantization_config``, which leads to random
 layers) to the next line. ASCII only. In memory the method stays :data:`QUANT_METHOD`."""
 QUANT_METHODS = (STORED_METHOD, QUANT_METHOD)
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """2: layers record their ``output_order`` (format 1 had only the interleaved one). 3: a layer
-may carry a low-rank term (``"rank"``, Monarch plus low rank). A checkpoint is written in the
-lowest format that describes it: 3 only when some layer has a rank, so that a format-2 reader
-refuses it instead of loading ``M`` and dropping ``U V`` as unexpected tensors, and every
-rank-free checkpoint stays format 2, readable by earlier monarchify versions."""
-READS_FORMATS = (1, 2, 3)
+may carry a low-rank term (``"rank"``, Monarch plus low rank). 4: a layer may be low rank
+alone (``"structure": "lowrank"``: ``U``, ``V``, no ``nblocks``). A checkpoint is written in
+the lowest format that describes it, so that an older reader refuses what it cannot build
+(instead of loading ``M`` and dropping ``U V`` as unexpected tensors) and every other
+checkpoint stays readable by earlier monarchify versions."""
+READS_FORMATS = (1, 2, 3, 4)
+STRUCTURE_FORMAT = 4
 LOWRANK_FORMAT = 3
 PLAIN_FORMAT = 2
+LOWRANK = "lowrank"
+"""The ``structure`` of a low-rank layer's entry in ``modules`` (absent: Monarch)."""
 
 
 def lowest_format(modules: Any) -> int:
     """The format a checkpoint with these layers is written in (see :data:`FORMAT_VERSION`)."""
-    specs = modules.values() if isinstance(modules, dict) else ()
-    return LOWRANK_FORMAT if any(isinstance(spec, dict) and spec.get("rank") for spec in specs) else PLAIN_FORMAT
+    specs = [spec for spec in (modules.values() if isinstance(modules, dict) else ()) if isinstance(spec, dict)]
+    if any("structure" in spec for spec in specs):
+        return STRUCTURE_FORMAT
+    return LOWRANK_FORMAT if any(spec.get("rank") for spec in specs) else PLAIN_FORMAT
+
+
+def _check_lowrank(name: str, spec: dict[str, Any], format_version: Any) -> None:
+    """A low-rank layer's entry: positive ``in_features``, ``out_features`` and ``rank`` (at
+    most the smaller width), in a format that knows the structure."""
+    fields = ("in_features", "out_features", "rank")
+    if not all(isinstance(spec.get(f), int) and not isinstance(spec.get(f), bool) and spec[f] >= 1 for f in fields) \
+            or not isinstance(spec.get("bias", True), bool) or spec["rank"] > min(spec["in_features"], spec["out_features"]):
+        raise ModelLoadError(
+            f"config.json: low-rank layer '{name}' needs positive integer in_features, out_features and a rank up to "
+            f"the smaller of them, got {spec!r}"
+        )
+    if format_version < STRUCTURE_FORMAT:
+        raise ModelLoadError(
+            f"config.json: layer '{name}' is low rank, which format {format_version} cannot hold "
+            f"(format {STRUCTURE_FORMAT} can): the checkpoint is damaged"
+        )
 
 
 def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: Any = "zero") -> None:
@@ -81,6 +105,14 @@ def check_recipe(modules: Any, format_version: Any = FORMAT_VERSION, padding: An
     if modules is not None and not isinstance(modules, dict):
         raise ModelLoadError("config.json: the Monarch recipe's 'modules' must map layer names to their shapes")
     for name, spec in (modules or {}).items():
+        if isinstance(spec, dict) and "structure" in spec:
+            if spec["structure"] != LOWRANK:
+                raise ModelLoadError(
+                    f"config.json: layer '{name}' has structure {spec['structure']!r}; this monarchify knows {LOWRANK!r} "
+                    "(and Monarch, written without a structure)"
+                )
+            _check_lowrank(name, spec, format_version)
+            continue
         fields = ("in_features", "out_features", "nblocks")
         if not isinstance(spec, dict) or not all(
             isinstance(spec.get(f), int) and not isinstance(spec.get(f), bool) and spec[f] >= 1 for f in fields
@@ -121,12 +153,28 @@ def layer_spec(in_features: int, out_features: int, nblocks: int, bias: bool, ou
     return spec
 
 
+def lowrank_spec(in_features: int, out_features: int, rank: int, bias: bool) -> dict[str, Any]:
+    """A low-rank layer's entry in ``modules`` (format 4)."""
+    return {"structure": LOWRANK, "in_features": in_features, "out_features": out_features, "rank": rank, "bias": bias}
+
+
+def module_spec(module: nn.Module) -> dict[str, Any] | None:
+    """The ``modules`` entry of a converted layer, or None for any other module."""
+    if isinstance(module, MonarchLinear):
+        m = module
+        return layer_spec(m.in_features, m.out_features, m.nblocks, m.bias is not None, m.output_order, m.rank)
+    if isinstance(module, LowRankLinear):
+        return lowrank_spec(module.in_features, module.out_features, module.rank, module.bias is not None)
+    return None
+
+
 class MonarchQuantizationConfig(QuantizationConfigMixin):
     """The self-description a converted checkpoint carries in its ``config.json``.
 
     ``modules`` maps each replaced module's qualified name to
     ``{"in_features", "out_features", "nblocks", "bias", "output_order"}``, plus ``"rank"`` for a
-    layer with a low-rank term (format 3; absent means 0); ``recipe`` is the
+    layer with a low-rank term (format 3; absent means 0), or for a low-rank layer to
+    ``{"structure": "lowrank", "in_features", "out_features", "rank", "bias"}`` (format 4); ``recipe`` is the
     :class:`~monarchify.config.MonarchConfig` that chose them; ``padding`` states the rule for
     widths the block count does not divide.
     """
@@ -153,11 +201,7 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_model(cls, model: nn.Module, recipe: dict[str, Any], version: str) -> MonarchQuantizationConfig:
-        modules = {
-            name: layer_spec(m.in_features, m.out_features, m.nblocks, m.bias is not None, m.output_order, m.rank)
-            for name, m in model.named_modules()
-            if isinstance(m, MonarchLinear)
-        }
+        modules = {name: spec for name, m in model.named_modules() if (spec := module_spec(m)) is not None}
         return cls(modules=modules, recipe=recipe, monarchify_version=version)
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,7 +232,9 @@ class MonarchHfQuantizer(HfQuantizer):
             old = model.get_submodule(target)
             dtype = getattr(old, "weight", torch.empty(0)).dtype
             with torch.device("meta"):
-                layer = MonarchLinear(
+                layer = LowRankLinear(
+                    spec["in_features"], spec["out_features"], spec["rank"], bias=spec.get("bias", True), dtype=dtype,
+                ) if spec.get("structure") == LOWRANK else MonarchLinear(
                     spec["in_features"],
                     spec["out_features"],
                     spec["nblocks"],

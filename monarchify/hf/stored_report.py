@@ -18,7 +18,7 @@ import transformers
 from monarchify.errors import ModelLoadError
 from monarchify.hf.densify import DENSIFIED, densified_note
 from monarchify.hf.loading import empty_model, local_folder, read_config, short_error, tensor_shapes
-from monarchify.hf.plugin import FORMAT_VERSION, QUANT_METHODS, check_recipe
+from monarchify.hf.plugin import FORMAT_VERSION, LOWRANK, QUANT_METHODS, check_recipe
 from monarchify.hf.saving import REPORT_FILE
 from monarchify.monarch import MonarchLayout
 from monarchify.report import ConversionReport, LayerReport, natural_key
@@ -48,11 +48,14 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
     # its keys, so the recipe alone would list attention.output before attention.self.query).
     order = {name: i for i, name in enumerate(saved_layers)} or _module_order(path)
     modules = sorted((recipe.get("modules") or {}).items(), key=lambda item: (order.get(item[0], len(order)), natural_key(item[0])))
-    if any(_find_key(shapes, name, "L") is None for name, _ in modules):
+    if any(_find_key(shapes, name, "U" if spec.get("structure") == LOWRANK else "L") is None for name, spec in modules):
         shapes = _as_loaded(path, shapes)
     layers = []
     declared: set[str] = set()
     for name, spec in modules:
+        if spec.get("structure") == LOWRANK:
+            layers.append(_lowrank_row(folder, name, spec, shapes, saved_layers.get(name, {}), declared))
+            continue
         layout = MonarchLayout(spec["in_features"], spec["out_features"], spec["nblocks"])
         rank = spec.get("rank", 0)
         keys = {suffix: _find_key(shapes, name, suffix) for suffix in ("L", "R", "bias", *(("U", "V") if rank else ()))}
@@ -101,6 +104,25 @@ def read_report(folder: str | os.PathLike[str]) -> ConversionReport:
     meta.setdefault("recipe", recipe.get("recipe"))
     meta.setdefault("monarchify_version", recipe.get("monarchify_version"))
     return ConversionReport(layers, after + saved_dense, after, saved.get("functional_check"), meta)
+
+
+def _lowrank_row(
+    folder: Any, name: str, spec: dict[str, Any], shapes: dict[str, list[int]], previous: dict[str, Any], declared: set[str]
+) -> LayerReport:
+    """The row of a low-rank layer (``U``, ``V``, bias), checked against its ``config.json`` entry."""
+    d_in, d_out, rank = spec["in_features"], spec["out_features"], spec["rank"]
+    keys = {suffix: _find_key(shapes, name, suffix) for suffix in ("U", "V", "bias")}
+    if keys["U"] is None or keys["V"] is None or shapes[keys["U"]] != [d_out, rank] or shapes[keys["V"]] != [rank, d_in]:
+        raise ModelLoadError(f"'{folder}': the factors U, V of low-rank layer '{name}' (rank {rank}) are missing or misshapen")
+    if _find_key(shapes, name, "L") or _find_key(shapes, name, "R"):
+        raise ModelLoadError(f"'{folder}': low-rank layer '{name}' has Monarch factors L, R its config.json does not declare")
+    declared.update((keys["U"], keys["V"]))
+    bias = _numel(shapes[keys["bias"]]) if keys["bias"] else 0
+    return LayerReport(
+        name=name, kind=previous.get("kind", "Linear"), shape=[d_out, d_in], nblocks=1, padded=False, bias=bias > 0,
+        params_dense=d_out * d_in + bias, params_monarch=rank * (d_in + d_out) + bias, rel_error=previous.get("rel_error"),
+        extra=previous.get("extra", {}), rank=rank, structure=LOWRANK,
+    )
 
 
 def _with_kept_dense(layers: list[LayerReport], saved: list[dict[str, Any]], order: dict[str, int]) -> list[LayerReport]:

@@ -19,7 +19,8 @@ A calibrating recipe streams too: the text runs through one block at a time
 (:mod:`.blockwise`), output tensors are laid out block by block, and each block's layers are
 projected when the writer reaches them. What needs the whole model stays on the in-memory path
 (:func:`streaming_blocker` and :func:`calibration_problem` say why): a budget (it
-compares all layers' errors before choosing), the speed gate, Monarch plus low rank, Hub ids,
+compares all layers' errors before choosing), the speed gate, Monarch plus low rank, the
+low-rank structure, Hub ids,
 checkpoints whose tensor names are not the model's own, and calibration of a model whose
 selected layers are not all in one list of repeated blocks.
 """
@@ -181,6 +182,8 @@ def streaming_blocker(config: MonarchConfig) -> str | None:
         return "a budget compares every layer's errors before choosing"
     if config.speed_gate is not None:
         return "the speed gate is not available when streaming"
+    if config.structure != "monarch":  # the stream writes Monarch factors only
+        return f"structure '{config.structure}' is not available when streaming"
     if config.ranks:  # the stream writes L and R only (Monarch plus low rank is not streamed yet)
         return "low-rank terms (ranks) are not available when streaming"
     return None

@@ -16,15 +16,15 @@ from transformers import AutoModelForSequenceClassification
 
 from monarchify.errors import ConfigError
 from monarchify.hf.loading import load_model
-from monarchify.monarch import MonarchLinear
+from monarchify.monarch import STRUCTURED_LAYERS
 
 DENSE_ORIGINAL_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
 """What a converted model shares with the dense model it was converted from."""
 
 
 def has_monarch_layers(model: nn.Module) -> bool:
-    """Whether any layer of ``model`` is a Monarch layer (a converted model)."""
-    return any(isinstance(module, MonarchLinear) for module in model.modules())
+    """Whether any layer of ``model`` is a Monarch (or low-rank) layer: a converted model."""
+    return any(isinstance(module, STRUCTURED_LAYERS) for module in model.modules())
 
 
 def config_difference(student: nn.Module, teacher: nn.Module, keys: tuple[str, ...]) -> str | None:

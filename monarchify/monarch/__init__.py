@@ -3,8 +3,8 @@
 Nothing in this package knows about transformers or the command line.
 """
 
-from monarchify.monarch.layer import MonarchLinear
+from monarchify.monarch.layer import STRUCTURED_LAYERS, LowRankLinear, MonarchLinear
 from monarchify.monarch.layout import MonarchLayout
 from monarchify.monarch.projection import Projection, project
 
-__all__ = ["MonarchLayout", "MonarchLinear", "Projection", "project"]
+__all__ = ["STRUCTURED_LAYERS", "LowRankLinear", "MonarchLayout", "MonarchLinear", "Projection", "project"]

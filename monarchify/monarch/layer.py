@@ -1,4 +1,5 @@
-"""``MonarchLinear``: a drop-in replacement for ``nn.Linear`` with a Monarch weight."""
+"""``MonarchLinear``: a drop-in replacement for ``nn.Linear`` with a Monarch weight, and
+``LowRankLinear``, the low-rank baseline it is compared against."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monarchify.errors import ConfigError
 from monarchify.monarch.kernels import monarch_matmul
 from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.lowrank import check_rank
@@ -147,3 +149,68 @@ class MonarchLinear(nn.Module):
             f"nblocks={self.nblocks}, bias={self.bias is not None}, output_order={self.output_order}"
             + (f", rank={self.rank}" if self.rank else "")
         )
+
+
+class LowRankLinear(nn.Module):
+    """``y = U (V x) + bias``: the low-rank structure on its own, the baseline Monarch is
+    compared against (``MonarchConfig.structure = "lowrank"``, :mod:`monarchify.monarch.lowrank`).
+
+    A separate module rather than a ``MonarchLinear`` with empty blocks: that would carry ``L``
+    and ``R`` tensors and a Monarch kernel call that compute nothing, and its parameter count
+    and ``state_dict`` would not be those of the structure being compared. ``U`` is
+    ``out × rank``, ``V`` is ``rank × in``: ``rank·(in + out)`` parameters plus the bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if check_rank(rank, in_features, out_features) < 1:
+            raise ConfigError(f"a low-rank layer needs a rank of at least 1, got {rank}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        factory = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.V = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        if self.U.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init with ``nn.Linear``'s output variance, split like ``MonarchLinear``'s:
+        ``V`` keeps its input's variance, ``U`` scales it by ``1/(3·rank)``."""
+        nn.init.uniform_(self.V, -math.sqrt(3.0 / self.in_features), math.sqrt(3.0 / self.in_features))
+        nn.init.uniform_(self.U, -1.0 / math.sqrt(self.rank), 1.0 / math.sqrt(self.rank))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.V), self.U, self.bias)
+
+    @torch.no_grad()
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` matrix this layer multiplies by."""
+        return self.U @ self.V
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A detached dense copy, for code that inspects ``.weight`` (dtype, device, shape);
+        see :attr:`MonarchLinear.weight` for why models read it."""
+        return self.to_dense()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+STRUCTURED_LAYERS = (MonarchLinear, LowRankLinear)
+"""The modules a conversion puts in place of ``nn.Linear``: what saving, loading, densifying
+and training look for."""

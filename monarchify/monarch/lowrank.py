@@ -19,6 +19,10 @@ squared singular values. :func:`project_lowrank` then alternates (re-project ``W
 Monarch, re-fit ``U V``): every step is an exact minimisation of the same objective given the
 other factor, so the error never rises (``ALTERNATIONS`` says how many rounds pay).
 
+The same fit with nothing subtracted (``M = 0``) is the low-rank *structure*, the baseline a
+Monarch conversion is compared against: :func:`truncated_svd` (plain, or whitened as SVD-LLM
+does) and :func:`matching_rank`, the rank with as many parameters as a given block count.
+
 Torch only: nothing here knows about transformers.
 """
 
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from monarchify.errors import ConfigError
+from monarchify.errors import ConfigError, NonFiniteWeightError
 from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.projection import Projection, assemble, project
 from monarchify.monarch.whitening import (
@@ -205,3 +209,72 @@ def project_lowrank(
 def _dense(projection: Projection | WhitenedProjection) -> torch.Tensor:
     p = projection.projection if isinstance(projection, WhitenedProjection) else projection
     return assemble(p.L.to(F64), p.R.to(F64), p.layout)
+
+
+# --- low rank on its own: the baseline structure ------------------------------------------
+
+
+def matching_rank(d_in: int, d_out: int, nblocks: int) -> int:
+    """The rank whose ``rank·(d_in + d_out)`` parameters come closest to ``nblocks`` Monarch
+    blocks' weight parameters of a ``d_in -> d_out`` layer without exceeding them (at least 1,
+    at most ``min(d_in, d_out)``): "``-b 4`` as low rank" never gets more parameters than
+    Monarch, so a comparison cannot favour the baseline by more than one rank step."""
+    monarch = MonarchLayout(d_in, d_out, nblocks).weight_params
+    return max(1, min(min(d_in, d_out), monarch // (d_in + d_out)))
+
+
+@dataclass
+class LowRankProjection:
+    """``W ≈ U V`` on its own (no Monarch part), with its errors."""
+
+    lowrank: LowRank
+    sq_error: float
+    """``||W - U V||_F²``."""
+    weight_sq_norm: float
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank.rank
+
+    @property
+    def rel_error(self) -> float:
+        """``||W - U V||_F / ||W||_F`` (0 for an all-zero weight)."""
+        return (max(self.sq_error, 0.0) / self.weight_sq_norm) ** 0.5 if self.weight_sq_norm > 0 else 0.0
+
+    @property
+    def objective(self) -> float:
+        """The minimised error: ``sq_error`` when plain, ``tr((W - U V) C (W - U V)ᵀ)`` with the
+        damped covariance when whitened; the sum of the discarded squared singular values."""
+        return self.lowrank.sq_error
+
+    @property
+    def energy(self) -> float:
+        """The objective of ``U V = 0``."""
+        return self.lowrank.residual_sq
+
+
+def truncated_svd(
+    weight: torch.Tensor, rank: int, cov: torch.Tensor | None = None, *, damping: float = DEFAULT_DAMPING
+) -> LowRankProjection:
+    """The rank-``rank`` ``U V`` closest to ``weight``, in float64: the plain truncated SVD
+    without ``cov``, the whitened one (SVD-LLM's) with the input covariance ``cov = XᵀX/N``.
+
+    Why the whitened one is optimal for the output error: ``||(W - A) Xᵀ||²/N = tr((W - A) C
+    (W - A)ᵀ) = ||(W - A) S||²`` with ``C = S Sᵀ`` (damped as the Monarch projection damps it,
+    Cholesky factor). ``S`` is invertible, so ``A ↦ A S`` maps the rank-``r`` matrices onto
+    themselves: minimising over ``A`` is minimising ``||W S - B||`` over rank-``r`` ``B``,
+    which Eckart–Young solves with the top-``r`` triplets of ``W S``; ``A = B S⁻¹``. The error
+    is the sum of the discarded squared singular values of ``W S``. (ASVD's diagonal scaling is
+    the special case of a diagonal ``C``.) This is :func:`fit_lowrank` with nothing subtracted.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.detach().to(F64)
+    if not torch.isfinite(w).all():
+        raise NonFiniteWeightError("the weight contains NaN or Inf values")
+    d_out, d_in = w.shape
+    if check_rank(rank, d_in, d_out) < 1:
+        raise ConfigError(f"a low-rank layer needs a rank of at least 1, got {rank}")
+    factor = None if cov is None else covariance_factor(cov, d_in, damping)
+    low = fit_lowrank(w, rank, factor)
+    return LowRankProjection(low, float((w - low.dense()).square().sum()), float(w.square().sum()))

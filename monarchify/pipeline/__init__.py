@@ -144,7 +144,7 @@ def convert(
     layers, observation, allocation = _decide(model, config, filter_fn, samples, tokenizer, events)
     before = count_params(model)
     events.projecting(len(layers))
-    projector = projector or default_projector(observation, config.allow_structural_zeros)
+    projector = projector or default_projector(observation, config.allow_structural_zeros, config.structure)
     projected = project_layers(layers, allocation, projector, events.projected)
     apply(model, {name: result.module for name, result in projected.items()})
     return build_report(

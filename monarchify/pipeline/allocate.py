@@ -34,6 +34,14 @@ any completion, so discarding it never loses the optimum: the result is exactly 
 The frontier has at most one point per distinct parameter total; transformer stacks repeat
 a few shapes, so it stays small (a few thousand points for MiniLM).
 
+With ``structure="lowrank"`` the same solver chooses ranks instead: a layer's options are the
+low-rank layer ``U V`` at each rank of a grid (by default the ranks matching each candidate
+block count, :func:`~monarchify.monarch.lowrank.matching_rank`; or ``budget_ranks``), priced
+``rank·(d_in + d_out)``, and keeping it dense. Their errors come from one SVD per layer: the
+truncated SVD's relative squared error is the share of the squared singular values it drops,
+of ``W``, or with calibration of ``W S`` (``C = S Sᵀ``, the damped full covariance, which the
+low-rank fit uses whole).
+
 The speed gate times each distinct layer shape on this device (:mod:`monarchify.speed_gate`)
 and keeps dense the layers Monarch does not make faster.
 
@@ -52,7 +60,9 @@ import torch
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.monarch.layout import BLOCKED, INTERLEAVED, MonarchLayout
-from monarchify.monarch.lowrank import ALTERNATIONS, check_rank, fit_lowrank, lowrank_params
+from monarchify.monarch.lowrank import (
+    ALTERNATIONS, check_rank, covariance_factor, fit_lowrank, lowrank_params, matching_rank,
+)
 from monarchify.monarch.projection import assemble, project, sub_blocks
 from monarchify.monarch.whitening import (
     DEFAULT_DAMPING, batched_svd, cholesky_blocks, diagonal_blocks, padded_covariance, project_whitened, whitened_sub_blocks,
@@ -111,6 +121,9 @@ class BudgetPlan:
     sensitivity: dict[str, float] | None = None
     """Per-layer weights of the errors (``budget_objective="output"``); ``choices`` hold the
     weighted errors."""
+    structure: str = "monarch"
+    """``"lowrank"``: the options were ranks of a low-rank layer (their ``nblocks`` is the
+    layer's planned block count, unused)."""
 
     @property
     def params_used(self) -> int:
@@ -135,6 +148,8 @@ class BudgetPlan:
             "kept_dense": self.dense_layers(),
             "uniform": {str(b): v for b, v in self.uniform.items()},
             **({"ranks": self.ranks, "lowrank": {n: o.rank for n, o in self.choices.items() if o.rank}} if self.ranks else {}),
+            **({"structure": self.structure, "lowrank": {n: o.rank for n, o in self.choices.items() if o.rank}}
+               if self.structure != "monarch" else {}),
             **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
         }
 
@@ -333,6 +348,52 @@ def layer_choices(
     return LayerChoices(name, options, d_in * d_out + bias)
 
 
+def lowrank_choices(
+    name: str,
+    weight: torch.Tensor,
+    has_bias: bool,
+    nblocks: int,
+    *,
+    cov: torch.Tensor | None = None,
+    pinned: int | None = None,
+    allow_dense: bool = True,
+    ranks: Sequence[int] = (),
+    candidates: Sequence[int] = CANDIDATES,
+    damping: float = DEFAULT_DAMPING,
+) -> LayerChoices:
+    """Every option of one layer of a low-rank recipe: ``U V`` at each of ``ranks`` (default:
+    the rank matching each of ``candidates``), or only rank ``pinned``, and keeping it dense.
+    Errors are relative squared, from the singular values of ``W`` (``W S`` when calibrated)."""
+    d_out, d_in = weight.shape
+    bias = d_out if has_bias else 0
+    if pinned is not None:
+        try:
+            if check_rank(pinned, d_in, d_out) < 1:
+                raise ConfigError(f"a low-rank layer needs a rank of at least 1, got {pinned}")
+        except ConfigError as exc:
+            raise type(exc)(f"layer '{name}': {exc}") from None
+        grid = [pinned]
+    else:
+        grid = sorted({k for k in ranks if 0 < k <= min(d_in, d_out)} if ranks else
+                      {matching_rank(d_in, d_out, b) for b in candidates})
+    w = weight.detach().to(torch.float64)
+    target = w if cov is None else w @ covariance_factor(cov, d_in, damping)
+    sigma2 = batched_svd(target, values_only=True).square()
+    total = float(sigma2.sum())
+    options = [
+        Option(nblocks, lowrank_params(k, d_in, d_out) + bias, float(sigma2[k:].sum()) / total if total > 0 else 0.0, k)
+        for k in grid
+    ]
+    if allow_dense and pinned is None:
+        options.append(Option(DENSE, d_in * d_out + bias, 0.0))
+    return LayerChoices(name, options, d_in * d_out + bias)
+
+
+def lowrank_rank(layer: PlannedLayer, config: MonarchConfig) -> int:
+    """The rank of ``layer`` in a low-rank recipe: what ``config.ranks`` gives it, else the one
+    matching its block count."""
+    return rank_of(layer.name, config) or matching_rank(layer.d_in, layer.d_out, layer.nblocks)
+
 
 # --- the budget over a planned model ------------------------------------------------------
 
@@ -356,7 +417,15 @@ def plan_budget(
     """
     if config.budget is None:
         raise ConfigError("the recipe has no budget")
+    lowrank = config.structure == "lowrank"
     choices = [
+        lowrank_choices(
+            layer.name, layer.weight, layer.has_bias, layer.nblocks,
+            cov=covariance(layer.name) if covariance else None, allow_dense=config.budget_keep_dense, damping=damping,
+            pinned=lowrank_rank(layer, config) if layer.pinned or rank_of(layer.name, config) else None,
+            ranks=config.budget_ranks,
+        )
+        if lowrank else
         layer_choices(
             layer.name, layer.weight, layer.has_bias,
             cov=covariance(layer.name) if covariance else None, pinned=layer.nblocks if layer.pinned else None,
@@ -375,14 +444,16 @@ def plan_budget(
         picks = solve([layer.options for layer in choices], budget)
     except BudgetError:
         least = sum(min(o.params for o in layer.options) for layer in choices)
+        smallest = "the smallest rank of the grid" if lowrank else f"nblocks up to {max(CANDIDATES)}"
         raise BudgetError(
             f"budget {config.budget:g} is below what the candidates allow: at least {least / params_dense:.3f} "
-            f"of the selected layers' dense parameters (nblocks up to {max(CANDIDATES)})"
+            f"of the selected layers' dense parameters ({smallest})"
         ) from None
     plan = BudgetPlan(
         config.budget, budget, params_dense,
         {layer.name: layer.options[k] for layer, k in zip(choices, picks)}, weighted=covariance is not None,
-        ranks=list(config.budget_ranks), sensitivity=dict(weights) if weights is not None else None,
+        ranks=list(config.budget_ranks) if not lowrank else [], sensitivity=dict(weights) if weights is not None else None,
+        structure=config.structure,
     )
     for b in CANDIDATES:
         chosen = [next((o for o in layer.options if o.nblocks == b and not o.rank), None) for layer in choices]
@@ -446,7 +517,11 @@ class Allocation:
     """Layer name -> the speed gate's :class:`~monarchify.speed_gate.SpeedVerdict`."""
     output_order: str = BLOCKED
     ranks: dict[str, int] = field(default_factory=dict)
-    """Monarch layers with a low-rank term, and its rank (absent: none)."""
+    """Monarch layers with a low-rank term, and its rank (absent: none); with ``structure``
+    ``"lowrank"``, every converted layer's rank."""
+    structure: str = "monarch"
+    """What the converted layers become (``MonarchConfig.structure``); for ``"lowrank"``,
+    ``nblocks`` only marks a layer as converted (and is the block count its rank matches)."""
 
     def layout(self, layer: PlannedLayer) -> MonarchLayout:
         return MonarchLayout(layer.d_in, layer.d_out, self.nblocks[layer.name], self.output_order)
@@ -473,7 +548,7 @@ def allocate(
     Layouts are checked here (a block count that leaves structural zeros is refused unless the
     recipe allows it), naming the layer, before any projection starts.
     """
-    allocation = Allocation(output_order=config.output_order)
+    allocation = Allocation(output_order=config.output_order, structure=config.structure)
     if config.budget is not None:
         damping = config.calibration.damping if config.calibration is not None else DEFAULT_DAMPING
         if weights is None and needs_sensitivity(layers, config):
@@ -489,6 +564,9 @@ def allocate(
                 allocation.nblocks[name] = option.nblocks
                 if option.rank:
                     allocation.ranks[name] = option.rank
+    elif config.structure == "lowrank":
+        allocation.nblocks = {layer.name: layer.nblocks for layer in layers}
+        allocation.ranks = {layer.name: lowrank_rank(layer, config) for layer in layers}
     else:
         allocation.nblocks = {layer.name: layer.nblocks for layer in layers}
         allocation.ranks = {layer.name: rank for layer in layers if (rank := rank_of(layer.name, config))}
@@ -496,6 +574,9 @@ def allocate(
     monarch = [layer for layer in layers if layer.name in allocation.nblocks]
     for layer in monarch:
         try:
+            if config.structure == "lowrank":  # no blocks, so no layout to check
+                check_rank(allocation.ranks[layer.name], layer.d_in, layer.d_out)
+                continue
             allocation.layout(layer).check_structure(config.allow_structural_zeros)
             check_rank(allocation.ranks.get(layer.name, 0), layer.d_in, layer.d_out)
         except ConfigError as exc:

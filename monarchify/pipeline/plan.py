@@ -142,9 +142,9 @@ def _examples(names: list[str], limit: int = 6) -> str:
 
 def _nothing_to_convert(model: nn.Module, problem: str) -> NoMatchError:
     """``problem``, unless the reason is that the model was converted already."""
-    from monarchify.monarch import MonarchLinear
+    from monarchify.monarch import STRUCTURED_LAYERS
 
-    if any(isinstance(m, MonarchLinear) for m in model.modules()):
+    if any(isinstance(m, STRUCTURED_LAYERS) for m in model.modules()):
         return NoMatchError("the model's layers are already Monarch layers: convert the dense model instead")
     return NoMatchError(problem)
 

@@ -8,6 +8,12 @@ A *projector* is the extension point: ``projector(layer, layout) -> Projected``.
   whitening plus full-covariance refinement, :mod:`monarchify.monarch.whitening`), which also
   measures every layer's output error on held-out samples, next to the plain projection's.
 
+The low-rank baseline (``MonarchConfig.structure = "lowrank"``) is the third:
+:class:`LowRankProjector` returns a :class:`~monarchify.monarch.LowRankLinear` fitted by the
+truncated SVD, whitened on the calibration activations when there are some; the allocation gives
+it each layer's rank (and the ``layout`` it is called with only names the block count that rank
+matches).
+
 Monarch plus low rank is built in: when the allocation gives a layer a rank, both projectors
 are called with ``rank=`` and fit ``M + U V`` (:func:`monarchify.monarch.lowrank.project_lowrank`);
 a custom projector only sees ``rank`` when the recipe asks for one. Another structure is a
@@ -24,8 +30,8 @@ import torch
 from torch import nn
 
 from monarchify.errors import NonFiniteWeightError
-from monarchify.monarch import MonarchLayout, MonarchLinear, Projection, project
-from monarchify.monarch.lowrank import LowRank, MonarchLowRank, project_lowrank
+from monarchify.monarch import LowRankLinear, MonarchLayout, MonarchLinear, Projection, project
+from monarchify.monarch.lowrank import LowRank, MonarchLowRank, project_lowrank, truncated_svd
 from monarchify.monarch.whitening import assemble, output_rel_error, project_whitened, refine_full
 from monarchify.pipeline.allocate import Allocation
 from monarchify.pipeline.observe import Observation
@@ -142,8 +148,53 @@ class WhitenedProjector:
         return Projected(monarch_module(result.projection, layer.module, result.lowrank), result.rel_error, extra)
 
 
-def default_projector(observation: Observation | None, allow_structural_zeros: bool) -> Projector:
-    """Whitened when the recipe calibrated, plain otherwise."""
+def lowrank_module(lowrank: LowRank, like: nn.Module) -> LowRankLinear:
+    """A ``LowRankLinear`` holding ``lowrank``'s factors, on ``like``'s device and dtype, with
+    ``like``'s bias and trainability."""
+    weight = like.weight
+    bias = getattr(like, "bias", None)
+    with torch.device("meta"):
+        layer = LowRankLinear(weight.shape[1], weight.shape[0], lowrank.rank, bias=bias is not None)
+    layer = layer.to_empty(device=weight.device).to(weight.dtype)
+    with torch.no_grad():
+        layer.U.copy_(lowrank.U)
+        layer.V.copy_(lowrank.V)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.requires_grad_(weight.requires_grad)
+    return layer
+
+
+class LowRankProjector:
+    """The low-rank baseline: each weight's truncated SVD at the allocated rank, whitened by the
+    layer's calibration covariance when an observation is given (the output-optimal rank-``r``
+    matrix, :func:`~monarchify.monarch.lowrank.truncated_svd`); then, like
+    :class:`WhitenedProjector`, the held-out output errors of it and of the plain SVD."""
+
+    def __init__(self, observation: Observation | None = None) -> None:
+        self.observation = observation
+
+    def __call__(self, layer: PlannedLayer, layout: MonarchLayout, *, rank: int) -> Projected:
+        observation = self.observation
+        if observation is None:
+            result = truncated_svd(layer.weight, rank)
+            return Projected(lowrank_module(result.lowrank, layer.module), result.rel_error)
+        damping = observation.config.damping
+        result = truncated_svd(layer.weight, rank, observation.fit.covariance(layer.name), damping=damping)
+        plain = truncated_svd(layer.weight, rank)
+        held = observation.heldout.covariance(layer.name)
+        w = layer.weight.detach().to(torch.float64)
+        extra = {
+            "output_rel_error": output_rel_error(w, result.lowrank.dense(), held),
+            "output_rel_error_plain": output_rel_error(w, plain.lowrank.dense(), held),
+        }
+        return Projected(lowrank_module(result.lowrank, layer.module), result.rel_error, extra)
+
+
+def default_projector(observation: Observation | None, allow_structural_zeros: bool, structure: str = "monarch") -> Projector:
+    """Whitened when the recipe calibrated, plain otherwise; low rank for that structure."""
+    if structure == "lowrank":
+        return LowRankProjector(observation)
     if observation is not None:
         return WhitenedProjector(observation, allow_structural_zeros)
     return PlainProjector(allow_structural_zeros)

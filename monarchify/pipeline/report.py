@@ -32,22 +32,30 @@ def recorded_recipe(config: MonarchConfig, allocation: Allocation, observation: 
 def _row(layer: PlannedLayer, allocation: Allocation, projected: Projected | None) -> LayerReport:
     kept = allocation.kept.get(layer.name)
     nblocks = allocation.nblocks.get(layer.name) or (kept.nblocks if kept is not None else None)
-    layout = MonarchLayout(layer.d_in, layer.d_out, nblocks) if nblocks else None
     bias = layer.d_out if layer.has_bias else 0
     rank = allocation.ranks.get(layer.name, 0) if kept is None else 0
+    lowrank = allocation.structure == "lowrank"
+    if lowrank:  # no blocks: the rank says it all
+        nblocks = 1
+    layout = MonarchLayout(layer.d_in, layer.d_out, nblocks) if nblocks else None
+    if kept is not None:
+        params = layer.params_dense
+    else:
+        params = (0 if lowrank else layout.weight_params) + bias + lowrank_params(rank, layer.d_in, layer.d_out)
     row = LayerReport(
         name=layer.name,
         kind=layer.kind,
         shape=[layer.d_out, layer.d_in],
         nblocks=nblocks or 1,
-        padded=layout.padded if layout is not None else False,
+        padded=layout.padded if layout is not None and not lowrank else False,
         bias=layer.has_bias,
         params_dense=layer.params_dense,
-        params_monarch=layer.params_dense if kept is not None else layout.weight_params + bias + lowrank_params(rank, layer.d_in, layer.d_out),
+        params_monarch=params,
         rel_error=projected.rel_error if projected is not None else None,
         kept_dense=kept is not None,
         reason=kept.reason if kept is not None else None,
         rank=rank,
+        structure="lowrank" if lowrank and kept is None else "monarch",
     )
     if projected is not None:
         row.extra.update(projected.extra)
