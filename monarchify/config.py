@@ -100,6 +100,10 @@ class CalibrationConfig:
     * ``sweeps``: full-covariance refinement sweeps after the closed-form block-diagonal
       whitening (0: closed form only).
     * ``max_length``, ``batch_size``: how the samples are tokenised and batched.
+    * ``sequential``: calibrate each block on the inputs the *converted* earlier blocks produce
+      and fit it to reproduce the dense block's outputs (``||W X_denseᵀ - M X_convertedᵀ||``),
+      so each block makes up for the errors before it; ``False``: every layer fits the dense
+      model's own inputs. Runs block by block, so not with a budget.
     """
 
     samples: int = DEFAULT_CALIBRATION_SAMPLES
@@ -108,9 +112,12 @@ class CalibrationConfig:
     sweeps: int = DEFAULT_SWEEPS
     max_length: int = DEFAULT_MAX_LENGTH
     batch_size: int = 32
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         _positive_int(self.samples, "calibration samples")
+        if not isinstance(self.sequential, bool):
+            raise ConfigError(f"calibration sequential must be true or false, got {self.sequential!r}")
         if self.heldout is not None:
             _positive_int(self.heldout, "calibration heldout")
         if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
@@ -240,6 +247,11 @@ class MonarchConfig:
             raise ConfigError("budget_ranks only means something with a budget")
         if self.budget_objective not in BUDGET_OBJECTIVES:
             raise ConfigError(f"budget_objective must be one of {', '.join(BUDGET_OBJECTIVES)}, got {self.budget_objective!r}")
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig.from_dict(self.calibration)
+        if self.calibration is not None and self.calibration.sequential and self.budget is not None:
+            raise ConfigError("sequential calibration runs block by block, and a budget compares every layer's errors "
+                              "before any is projected: use one or the other")
         if self.budget_objective == "output" and self.budget is None:
             raise ConfigError("budget_objective 'output' weighs a budget's layers: it needs a budget (and calibration)")
         self.ranks = dict(self.ranks)
@@ -247,8 +259,6 @@ class MonarchConfig:
             _check_pattern(pattern, "rank pattern")
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
                 raise ConfigError(f"rank of {pattern!r} must be a non-negative integer, got {rank!r}")
-        if isinstance(self.calibration, dict):
-            self.calibration = CalibrationConfig.from_dict(self.calibration)
         if isinstance(self.speed_gate, dict):
             self.speed_gate = SpeedGateConfig.from_dict(self.speed_gate)
         if self.output_order not in OUTPUT_ORDERS:
@@ -260,8 +270,8 @@ class MonarchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data; ``speed_gate``, ``budget_ranks``, ``budget_objective``,
-        ``ranks`` and ``structure`` appear only when set (recipes written before they existed
-        stay byte-identical)."""
+        ``ranks``, ``structure`` and calibration's ``sequential`` appear only when set (recipes
+        written before they existed stay byte-identical)."""
         data = asdict(self)
         if data["structure"] == "monarch":
             del data["structure"]
@@ -270,6 +280,8 @@ class MonarchConfig:
                 del data[name]
         if data["budget_objective"] == "layers":
             del data["budget_objective"]
+        if data["calibration"] is not None and not data["calibration"]["sequential"]:
+            del data["calibration"]["sequential"]
         return data
 
     @classmethod

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from monarchify.errors import ConfigError, NonFiniteWeightError
 from monarchify.monarch import MonarchLayout, MonarchLinear, project
-from monarchify.monarch.whitening import assemble, output_rel_error, output_sq_error, project_whitened, refine_full
+from monarchify.monarch.whitening import (
+    assemble, cross_rel_error, cross_target, output_rel_error, output_sq_error, project_whitened, refine_full,
+)
 
 F64 = torch.float64
 
@@ -244,3 +246,50 @@ def test_the_interleaved_order_is_the_blocked_one_on_row_permuted_weights(b, see
     assert inter.objective == pytest.approx(block.objective, rel=1e-9, abs=1e-12)
     inter, block = refine_full(weight, cov, inter, sweeps=2), refine_full(permuted, cov, block, sweeps=2)
     torch.testing.assert_close(dense(inter)[rows], dense(block))
+
+
+def test_the_cross_target_turns_the_cross_objective_into_a_whitened_one():
+    """``||W X_dᵀ - M X_cᵀ||²/N + λ||W - M||²`` and ``tr((T - M)(C + λI)(T - M)ᵀ)`` differ by a
+    constant for every ``M`` (so the whitened projection of ``T`` is the cross objective's), ``T``
+    is the exact least-squares map (checked by ``lstsq`` on the stacked, damped system), and it
+    is ``W`` when the two inputs agree."""
+    n, d_in, d_out, damping = 300, 12, 10, 0.05
+    x_dense = correlated_inputs(n, d_in, 0)
+    x_conv = x_dense + 0.3 * correlated_inputs(n, d_in, 1)  # distorted by earlier layers
+    w = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(2), dtype=F64)
+    c, cross = x_conv.T @ x_conv / n, x_dense.T @ x_conv / n
+    lam = damping * float(c.diagonal().mean())
+    target = cross_target(w, c, cross, damping)
+
+    def direct(m):
+        return float((x_dense @ w.T - x_conv @ m.T).square().sum()) / n + lam * float((w - m).square().sum())
+
+    def whitened(m):
+        e = target - m
+        return float(((e @ (c + lam * torch.eye(d_in, dtype=F64))) * e).sum())
+
+    ms = [torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(s), dtype=F64) for s in range(3)]
+    gaps = [direct(m) - whitened(m) for m in ms]
+    assert max(gaps) - min(gaps) == pytest.approx(0, abs=1e-9 * max(map(direct, ms)))
+    stacked_x = torch.cat([x_conv / n**0.5, lam**0.5 * torch.eye(d_in, dtype=F64)])
+    stacked_y = torch.cat([x_dense @ w.T / n**0.5, lam**0.5 * w.T])
+    assert torch.allclose(target, torch.linalg.lstsq(stacked_x, stacked_y).solution.T, atol=1e-9)
+    same = x_dense.T @ x_dense / n
+    assert torch.allclose(cross_target(w, same, same, damping), w, atol=1e-12)
+    m = target + 0.1 * ms[0]  # the relative error measured from the three covariances
+    dense_energy = float((x_dense @ w.T).square().sum())
+    expected = (float((x_dense @ w.T - x_conv @ m.T).square().sum()) / dense_energy) ** 0.5
+    assert cross_rel_error(w, m, x_dense.T @ x_dense / n, cross, c) == pytest.approx(expected, rel=1e-9)
+
+
+def test_refinement_without_measuring_gives_the_same_factors():
+    """A conversion skips the objective's bookkeeping (a full product per sweep); the factors
+    must not notice."""
+    w = torch.randn(20, 18, generator=torch.Generator().manual_seed(3), dtype=F64)
+    x = correlated_inputs(200, 18, 4)
+    cov = x.T @ x / 200
+    start = project_whitened(w, cov, 3)
+    measured = refine_full(w, cov, start, sweeps=2)
+    quick = refine_full(w, cov, start, sweeps=2, measure=False)
+    assert torch.equal(measured.projection.L, quick.projection.L) and torch.equal(measured.projection.R, quick.projection.R)
+    assert len(measured.history) == 2 and quick.history == [] and quick.objective != quick.objective  # NaN

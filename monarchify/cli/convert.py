@@ -90,6 +90,7 @@ def convert(
     calibrate: Annotated[str | None, typer.Option("--calibrate", metavar="DATA", help="Activation-aware projection: minimise each layer's output error on these samples (a text file with one per line, a GLUE .tsv, a saved datasets folder or hf:NAME[:CONFIG[:SPLIT]]).")] = None,
     calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help=f"Samples fitted with --calibrate (default {DEFAULT_CALIBRATION_SAMPLES}); a quarter more are held out to measure the output error.")] = None,
     refine_sweeps: Annotated[int | None, typer.Option("--refine-sweeps", metavar="N", help=f"With --calibrate: sweeps of full-covariance refinement after the closed-form whitened projection (default {DEFAULT_SWEEPS}; 0: closed form only).")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="With --calibrate: fit each transformer block on the inputs the already converted blocks before it produce, to reproduce the dense block's outputs (so errors do not pile up unseen; slower; not with --budget).")] = False,
     budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Choose every layer's block count (or keep it dense) to minimise the total error within this fraction of the selected layers' dense parameters; --override pins layers, --nblocks is ignored.")] = None,
     budget_dense: Annotated[bool, typer.Option("--budget-dense/--no-budget-dense", help="Whether --budget may keep a layer dense (error 0, full price).")] = True,
     budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term (K·(d_in+d_out) parameters, fitted to what Monarch misses) next to its blocks, e.g. 8,16,32. With --structure lowrank: the ranks --budget chooses among (default: those matching each block count).")] = None,
@@ -109,6 +110,7 @@ def convert(
       monarchify convert gpt2 --include 'mlp\\..*' --dry-run
       monarchify convert ./bert-folder -b 4 --only-if-faster --tokens 4096 -o out
       monarchify convert ./bert-folder -b 4 --calibrate glue/MRPC/train.tsv -o out
+      monarchify convert ./llama-folder -b 4 --calibrate wiki.txt --sequential -o out
       monarchify convert ./bert-folder --budget 0.4 --calibrate sentences.txt -o out
       monarchify convert ./bert-folder --budget 0.4 --budget-ranks 8,16,32 --calibrate sentences.txt -o out
       monarchify convert ./bert-folder --structure lowrank -b 4 --calibrate sentences.txt -o out
@@ -123,8 +125,11 @@ def convert(
         raise ConfigError("--budget-ranks needs --budget FRACTION")
     if budget_objective != "layers" and (budget is None or calibrate is None):
         raise ConfigError(f"--budget-objective {budget_objective} needs --budget FRACTION and --calibrate DATA")
-    if calibrate is None and (calibration_samples is not None or refine_sweeps is not None):
-        raise ConfigError("--calibration-samples and --refine-sweeps need --calibrate DATA")
+    if calibrate is None and (calibration_samples is not None or refine_sweeps is not None or sequential):
+        raise ConfigError("--calibration-samples, --refine-sweeps and --sequential need --calibrate DATA")
+    if sequential and budget is not None:
+        raise ConfigError("--sequential calibrates one block after another and --budget compares every layer before "
+                          "choosing: use one or the other")
     if structure == "lowrank" and only_if_faster:
         raise ConfigError("--only-if-faster times Monarch layers; it does not apply to --structure lowrank")
     if tokens is not None and not only_if_faster:
@@ -136,6 +141,7 @@ def convert(
         calibration=CalibrationConfig(
             samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             sweeps=DEFAULT_SWEEPS if refine_sweeps is None else refine_sweeps,
+            sequential=sequential,
         ) if calibrate is not None else None,
         speed_gate=SpeedGateConfig(tokens=DEFAULT_SPEED_TOKENS if tokens is None else tokens) if only_if_faster else None,
     )

@@ -38,10 +38,14 @@ from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.hf.loading import empty_model, short_error
 from monarchify.hf.tensorfiles import read_tensor
-from monarchify.pipeline.allocate import Allocation
+from monarchify.pipeline import Events, count_params
+from monarchify.pipeline.allocate import Allocation, allocate
+from monarchify.pipeline.apply import apply
 from monarchify.pipeline.observe import Collector, InputStatistics, Observation, calibration_batches
-from monarchify.pipeline.plan import PlannedLayer, block_index, block_list
+from monarchify.pipeline.plan import PlannedLayer, block_index, block_list, plan
 from monarchify.pipeline.project import Projected, default_projector, project_layers
+from monarchify.pipeline.report import build_report
+from monarchify.report import ConversionReport
 from monarchify.samples import TextSamples
 
 
@@ -82,6 +86,10 @@ class _Inputs:
 
     def hidden(self) -> torch.Tensor:
         return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def copy(self) -> _Inputs:
+        """The same batch, moving on separately (tensors are replaced, never written to)."""
+        return _Inputs(list(self.args), dict(self.kwargs), self.mask)
 
     def advance(self, output: Any) -> None:
         hidden = output if isinstance(output, torch.Tensor) else output[0]
@@ -171,7 +179,7 @@ class _Release:
         for stats, last in zip(self.stats, self.last):
             key = stats.owner.get(name)
             if last.get(key) == name:
-                stats.sums.pop(key, None)
+                stats.drop(key)
         _trim_heap()
 
 
@@ -187,36 +195,66 @@ def blocks_problem(model: nn.Module, layers: list[PlannedLayer]) -> str | None:
     return None
 
 
-class BlockwiseCalibration:
-    """Projects the selected layers of a streamed checkpoint block by block, calibrated; the
-    streaming writer asks for a layer's factors (:meth:`projected`) in block order."""
+class _InMemory:
+    """The weights of a loaded model: already there, nothing to read or drop."""
 
-    def __init__(self, checkpoint: Any, layers: list[PlannedLayer], allocation: Allocation, config: MonarchConfig,
-                 samples: TextSamples, tokenizer: Any, device: str = "cpu",
+    def load(self, module: nn.Module, prefix: str) -> None:
+        pass
+
+    drop = load_tree = drop_tree = load
+
+
+class BlockwiseCalibration:
+    """Projects the selected layers block by block, calibrated: of a streamed checkpoint (the
+    streaming writer asks for a layer's factors, :meth:`projected`, in block order), or of a
+    loaded model (:func:`convert_blockwise`).
+
+    With ``sequential`` calibration two streams of hidden states go through the blocks: the
+    dense model's, and the converted model's (each block's converted layers swapped in while
+    it runs them); every layer's statistics then pair its dense inputs with its converted ones
+    (:class:`~monarchify.pipeline.observe.Collector`'s ``reference``). The two streams agree
+    until the first block with converted layers, and only the dense one is run until then.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[PlannedLayer], allocation: Allocation, config: MonarchConfig,
+                 samples: TextSamples, tokenizer: Any, *, weights: _Weights | _InMemory | None = None,
                  on_block: Callable[[int, int], None] | None = None) -> None:
-        try:
-            model = empty_model(checkpoint.config, checkpoint.dtype, buffers=True)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"could not build the model to calibrate: {short_error(exc)}") from None
         self.model = model.eval()
         self.list_name, self.blocks = block_list(self.model, [layer.name for layer in layers])
         self.config, self.allocation, self.samples = config, allocation, samples
-        self.device = torch.device(device)
-        self.weights = _Weights(checkpoint, self.model, self.device)
-        for module in self.model.modules():  # the computed buffers go where the blocks run
-            for key, value in module._buffers.items():
-                if value is not None and not value.is_meta:
-                    module._buffers[key] = value.to(self.device)
+        self.weights = weights or _InMemory()
+        self.device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
         self.layers_of: dict[int, list[PlannedLayer]] = {}
         for layer in layers:
             if layer.name in allocation.nblocks:
                 self.layers_of.setdefault(block_index(self.list_name, layer.name), []).append(layer)
         self.batches, self.tokens = calibration_batches(self.model, samples, tokenizer, config.calibration)
         self.inputs: dict[str, list[_Inputs]] | None = None
+        self.converted: dict[str, list[_Inputs]] | None = None
+        """Sequential calibration: the converted model's hidden states, once they differ."""
         self.next_block = 0
         self.seconds = 0.0
         self.done: dict[str, Projected] = {}
         self.on_block = on_block
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Any, layers: list[PlannedLayer], allocation: Allocation, config: MonarchConfig,
+                        samples: TextSamples, tokenizer: Any, device: str = "cpu",
+                        on_block: Callable[[int, int], None] | None = None) -> BlockwiseCalibration:
+        """On a checkpoint that is never loaded whole: the model is built on the meta device
+        and each block reads its tensors when it runs."""
+        try:
+            model = empty_model(checkpoint.config, checkpoint.dtype, buffers=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"could not build the model to calibrate: {short_error(exc)}") from None
+        for module in model.modules():  # the computed buffers go where the blocks run
+            for key, value in module._buffers.items():
+                if value is not None and not value.is_meta:
+                    module._buffers[key] = value.to(device)
+        calibration = cls(model, layers, allocation, config, samples, tokenizer,
+                          weights=_Weights(checkpoint, model, torch.device(device)), on_block=on_block)
+        calibration.device = torch.device(device)
+        return calibration
 
     def block_of(self, name: str) -> int | None:
         return block_index(self.list_name, name)
@@ -274,29 +312,57 @@ class BlockwiseCalibration:
     @torch.no_grad()
     def _run_block(self, index: int, project: bool) -> None:
         """Block ``index`` on every recorded batch; with ``project``, its layers' statistics
-        and projections too."""
+        and projections too (sequential calibration projects every block: the converted
+        stream needs its layers even when a resumed stream wrote them already)."""
         if self.on_block is not None:
             self.on_block(index, len(self.blocks))
         start = time.perf_counter()
         if self.inputs is None:
             self.inputs = self._capture()
+        sequential = self.config.calibration.sequential
         block, prefix = self.blocks[index], f"{self.list_name}.{index}."
-        layers = self.layers_of.get(index, []) if project else []
+        layers = self.layers_of.get(index, []) if project or sequential else []
         self.weights.load_tree(block, prefix)
         try:
             modules = {layer.name: self.model.get_submodule(layer.name) for layer in layers}
-            stats = {part: self._pass(block, batches, Collector(modules) if layers else None)
-                     for part, batches in self.inputs.items()}
+            if self.converted is None:
+                entering = {part: [batch.copy() for batch in batches] for part, batches in self.inputs.items()} \
+                    if sequential and layers else None
+                stats = {part: self._pass(block, batches, Collector(modules) if layers else None)
+                         for part, batches in self.inputs.items()}
+            else:
+                entering = self.converted
+                stats = {part: self._pass_pair(block, batches, self.converted[part], modules)
+                         for part, batches in self.inputs.items()}
             self.seconds += time.perf_counter() - start
             if layers:
                 observation = self.observation(stats["fit"], stats["heldout"])
                 projector = default_projector(observation, self.config.allow_structural_zeros)
                 real = [PlannedLayer(layer.name, modules[layer.name], layer.nblocks, layer.pinned) for layer in layers]
-                self.done.update(project_layers(real, self.allocation, projector, _Release(layers, stats)))
+                results = project_layers(real, self.allocation, projector, _Release(layers, stats))
+                if sequential:
+                    start = time.perf_counter()
+                    self._advance_converted(block, entering, {name: r.module for name, r in results.items()})
+                    self.seconds += time.perf_counter() - start
+                if project:
+                    self.done.update(results)
         finally:
             self.weights.drop_tree(block, prefix)
             _trim_heap()
         self.next_block = index + 1
+
+    def _advance_converted(self, block: nn.Module, inputs: dict[str, list[_Inputs]], converted: dict[str, nn.Module]) -> None:
+        """The converted model's hidden states after this block: its converted layers swapped
+        in (and out again, so a failure later leaves the model as it was) while it runs."""
+        originals = {name: self.model.get_submodule(name) for name in converted}
+        apply(self.model, converted)
+        try:
+            for batches in inputs.values():
+                for batch in batches:
+                    batch.advance(block(*batch.args, **batch.kwargs))
+        finally:
+            apply(self.model, originals)
+        self.converted = inputs
 
     @staticmethod
     def _pass(block: nn.Module, batches: list[_Inputs], collector: Collector | None) -> InputStatistics | None:
@@ -310,3 +376,54 @@ class BlockwiseCalibration:
             if collector is not None:
                 collector.close()
         return collector.finish() if collector is not None else None
+
+    @staticmethod
+    def _pass_pair(block: nn.Module, dense: list[_Inputs], converted: list[_Inputs],
+                   modules: dict[str, nn.Module]) -> InputStatistics | None:
+        """Sequential calibration: each batch through the dense ``block`` from the dense and
+        from the converted hidden states, the dense run first so its layer inputs pair token by
+        token with the converted run's. The dense stream moves on; the converted one moves on
+        here only when the block converts nothing (else through the converted block, later)."""
+        if not modules:
+            for batches in (dense, converted):
+                BlockwiseCalibration._pass(block, batches, None)
+            return None
+        reference = Collector(modules, keep_rows=True)
+        collector = Collector(modules, reference=reference)
+        try:
+            for ours, theirs in zip(dense, converted):
+                with reference.batch(ours.mask):
+                    ours.advance(block(*ours.args, **ours.kwargs))
+                with collector.batch(theirs.mask):
+                    block(*theirs.args, **theirs.kwargs)
+        finally:
+            reference.close()
+            collector.close()
+        stats = collector.finish()
+        stats.dense = reference.finish().sums
+        return stats
+
+
+def convert_blockwise(model: nn.Module, config: MonarchConfig, samples: TextSamples, tokenizer: Any,
+                      events: Events | None = None) -> ConversionReport:
+    """A calibrating conversion of a loaded model, one block at a time (what
+    :func:`monarchify.pipeline.convert` does, with only one block's statistics alive at once
+    instead of every layer's, and without running the head). The blocks are run on copies of
+    the hidden states and the converted layers are swapped in only at the end, so a failure
+    leaves the model as it was."""
+    events = events or Events()
+    layers = plan(model, config)
+    allocation = allocate(layers, config)
+    events.observing(len(samples.fit) + len(samples.heldout))
+    calibration = BlockwiseCalibration(model, layers, allocation, config, samples, tokenizer,
+                                       on_block=getattr(events, "calibrating", None))
+    before = count_params(model)
+    events.projecting(len(layers))
+    projected = {}
+    for layer in layers:
+        if layer.name in allocation.nblocks:
+            projected[layer.name] = calibration.projected(layer)
+        events.projected(layer.name)
+    apply(model, {name: result.module for name, result in projected.items()})
+    return build_report(layers, allocation, config, params_before=before, params_after=count_params(model),
+                        observation=calibration.observation(), projected=projected)

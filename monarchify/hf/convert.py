@@ -29,7 +29,9 @@ from monarchify.hf.saving import save_model
 from monarchify.hf.streaming import (
     STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes,
 )
-from monarchify.pipeline import Events, check_calibration_text, convert, dry_run
+from monarchify.hf.blockwise import blocks_problem, convert_blockwise
+from monarchify.pipeline import Events, calibration_text, check_calibration_text, convert, dry_run
+from monarchify.pipeline.plan import plan
 from monarchify.report import ConversionReport
 from monarchify.samples import TextSamples, read_samples
 
@@ -100,6 +102,22 @@ def choose_streaming(
     return True, checkpoint
 
 
+def blockwise_problem(model: nn.Module, config: MonarchConfig) -> str | None:
+    """Why a loaded model's conversion cannot calibrate one block at a time, or None.
+
+    Block by block holds one block's statistics at a time (the whole model's at once took
+    5 GB on a 135M-parameter Llama) and never runs the head; a budget needs every layer's
+    statistics before it chooses, so it calibrates on the whole model. Sequential calibration
+    only exists block by block."""
+    if config.calibration is None:
+        return "the recipe does not calibrate"
+    problem = "a budget compares every layer's errors before choosing" if config.budget is not None else None
+    problem = problem or blocks_problem(model, plan(model, config))
+    if problem is not None and config.calibration.sequential:
+        raise ConfigError(f"sequential calibration runs one block at a time, which this conversion cannot: {problem}")
+    return problem
+
+
 def convert_pretrained(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str] | None,
@@ -151,7 +169,10 @@ def convert_pretrained(
         return ConvertResult(dry_run(model, config, samples=samples, tokenizer=tokenizer, events=events), model)
 
     functional = FunctionalCheck(model, tokenizer) if check else None
-    report = convert(model, config, samples=samples, tokenizer=tokenizer, events=events)
+    if blockwise_problem(model, config) is None:
+        report = convert_blockwise(model, config, calibration_text(samples, config), tokenizer, events)
+    else:
+        report = convert(model, config, samples=samples, tokenizer=tokenizer, events=events)
     if functional is not None:
         report.functional_check = functional.result(model)
     report.meta.update({"source": os.fspath(source), "architecture": type(model).__name__})

@@ -346,7 +346,7 @@ def convert_streaming(
         problem = calibration_problem(checkpoint, config)
         if problem is not None:
             raise ConfigError(f"cannot stream this conversion: {problem}")
-        calibration = BlockwiseCalibration(checkpoint, layers, allocation, config, samples, tokenizer, device,
+        calibration = BlockwiseCalibration.from_checkpoint(checkpoint, layers, allocation, config, samples, tokenizer, device,
                                            on_block=events.calibrating)
     units = _units(checkpoint, layers, allocation, calibration.block_of if calibration is not None else None)
     shards = pack_shards(units, lambda unit: sum(t.nbytes for t in unit.outputs), parse_size(max_shard_size))

@@ -188,7 +188,7 @@ def project_lowrank(
             if not sweeps:
                 return first.projection
             start = first.projection
-        return refine_full(target, cov, start, sweeps=max(sweeps, 1), damping=damping).projection
+        return refine_full(target, cov, start, sweeps=max(sweeps, 1), damping=damping, measure=False).projection
 
     def objective(e: torch.Tensor) -> float:
         return float(e.square().sum()) if factor is None else float((e @ factor).square().sum())

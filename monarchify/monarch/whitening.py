@@ -108,15 +108,56 @@ def cholesky_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return factors
 
 
+def damping_scale(cov: torch.Tensor, damping: float) -> float:
+    """What :func:`padded_covariance` adds to the diagonal: ``damping · mean(diag C)``."""
+    diag_mean = float(cov.diagonal().to(F64).mean())
+    return damping * (diag_mean if diag_mean > 0 else 1.0)
+
+
+def cross_target(weight: torch.Tensor, cov: torch.Tensor, cross: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """The dense map ``T`` that turns a least-squares fit to *other* inputs into a whitened
+    projection: ``T = W (C_dc + λI)(C + λI)⁻¹``.
+
+    A layer fed ``X_c`` (what the converted earlier layers produce) should reproduce the dense
+    model's ``W X_d``. For any ``M``, ``||W X_dᵀ - M X_cᵀ||²/N + λ||W - M||²`` equals
+    ``tr((T - M)(C + λI)(T - M)ᵀ)`` plus a constant, with ``C = X_cᵀX_c/N``, ``C_dc =
+    X_dᵀX_c/N`` and ``λ`` the damping :func:`padded_covariance` adds; so the whitened projection
+    (and :func:`refine_full`) of ``T`` against ``C`` minimises the cross objective exactly as it
+    minimises the ordinary one. The damping pulls ``M`` toward ``W`` (not toward zero), so when
+    ``X_c = X_d`` the target is ``W`` itself.
+    """
+    c = _check_cov(cov, weight.shape[1])
+    cd = _check_cov(cross, weight.shape[1])
+    lam = damping_scale(c, damping)
+    eye = torch.eye(c.shape[0], dtype=F64, device=c.device)
+    factor, info = torch.linalg.cholesky_ex(c + lam * eye)
+    if int(info) != 0:
+        raise ConfigError("the input covariance is not positive definite (too few samples or dead features); use a positive damping")
+    rhs = (weight.detach().to(F64) @ (cd + lam * eye)).T  # (C + λ) Tᵀ = (C_dc + λ)ᵀ Wᵀ
+    return torch.cholesky_solve(rhs, factor).T
+
+
+def cross_rel_error(weight: torch.Tensor, approx: torch.Tensor, dense: torch.Tensor, cross: torch.Tensor, cov: torch.Tensor) -> float:
+    """``||W X_dᵀ - M X_cᵀ|| / ||W X_dᵀ||`` from ``C_dd``, ``C_dc`` and ``C_cc`` (0 when ``W X_d``
+    is 0): how far the converted layer, on the converted model's inputs, lands from the dense
+    layer on the dense model's."""
+    w, m = weight.to(F64), approx.to(F64)
+    energy = float(((w @ dense.to(F64)) * w).sum())
+    error = energy - 2 * float(((w @ cross.to(F64)) * m).sum()) + float(((m @ cov.to(F64)) * m).sum())
+    return (max(error, 0.0) / energy) ** 0.5 if energy > 0 else 0.0
+
+
 def output_sq_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> float:
     """``tr((W - M) C (W - M)ᵀ)``: the mean squared output error over the samples behind ``C``."""
     e = weight.to(F64) - approx.to(F64)
     return float(((e @ cov.to(F64)) * e).sum())
 
 
-def output_rel_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) -> float:
-    """``||(W - M) Xᵀ|| / ||W Xᵀ||`` from the covariance of ``X`` (0 when ``W X`` is 0)."""
-    energy = output_sq_error(weight, torch.zeros_like(weight), cov)
+def output_rel_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor, energy: float | None = None) -> float:
+    """``||(W - M) Xᵀ|| / ||W Xᵀ||`` from the covariance of ``X`` (0 when ``W X`` is 0);
+    ``energy``: ``||W Xᵀ||²`` when known already (one product fewer)."""
+    if energy is None:
+        energy = output_sq_error(weight, torch.zeros_like(weight), cov)
     return (max(output_sq_error(weight, approx, cov), 0.0) / energy) ** 0.5 if energy > 0 else 0.0
 
 
@@ -218,6 +259,7 @@ def refine_full(
     *,
     sweeps: int = 5,
     damping: float = DEFAULT_DAMPING,
+    measure: bool = True,
 ) -> WhitenedProjection:
     """Lower the *full*-covariance objective ``tr((W - M) C (W - M)ᵀ)`` from ``start`` by
     block-coordinate descent over input blocks.
@@ -226,6 +268,10 @@ def refine_full(
     ``min ||(X - T) S_k||²`` over rank-``t(l,k)`` sub-blocks, where ``T = A C[:, k] C_kk⁻¹``
     and ``A = W - M`` without block ``k``'s own term: a whitened projection again, so every
     step is exact and the objective never increases. Output classes ``l`` are independent.
+
+    ``measure=False`` skips the objective after each sweep and at the end (``history`` empty,
+    ``objective`` and ``energy`` NaN): each is a full ``d_out × n_in²`` product, as much work
+    as a sweep's, and a conversion reads only the factors.
     """
     base = start.projection if isinstance(start, WhitenedProjection) else start
     layout = base.layout
@@ -256,10 +302,13 @@ def refine_full(
                 write_pair(L, R, layout, l, k, u[l], root[l], vh[l])
                 lcols, rows = layout.pair_indices(l, k)
                 approx[layout.output_rows(l), cols] = L[l][:, lcols] @ R[k][rows, :] if lcols else 0.0
-        history.append(objective(approx))
+        if measure:
+            history.append(objective(approx))
     _balance(L, R, layout)  # M unchanged
     approx = assemble(L, R, layout)
     plain = Projection(layout, L, R, float((w - approx).square().sum()), float(w.square().sum()))
+    if not measure:
+        return WhitenedProjection(plain, float("nan"), float("nan"))
     return WhitenedProjection(plain, objective(_pad(approx, layout)), objective(torch.zeros_like(wp)), history)
 
 

@@ -141,6 +141,9 @@ def convert(
     """
     config = config or MonarchConfig()
     events = events or Events()
+    if config.calibration is not None and config.calibration.sequential:
+        raise ConfigError("sequential calibration runs the model one block at a time: use "
+                          "monarchify.hf.blockwise.convert_blockwise (what convert_pretrained runs)")
     layers, observation, allocation = _decide(model, config, filter_fn, samples, tokenizer, events)
     before = count_params(model)
     events.projecting(len(layers))

@@ -31,12 +31,33 @@ class InputStatistics:
     counts: dict[str, int] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)
     """Layer name -> the name whose accumulator holds its input (itself unless shared)."""
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Sequential calibration only: ``X_dᵀX_c`` per input, the dense model's inputs ``X_d``
+    against the inputs ``X_c`` of ``sums`` (what the converted earlier blocks produce)."""
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Sequential calibration only: ``X_dᵀX_d`` per input."""
 
-    def covariance(self, name: str) -> torch.Tensor:
+    def _key(self, name: str) -> str:
         key = self.owner.get(name)
         if key is None or not self.counts.get(key):
             raise KeyError(f"no calibration statistics for layer '{name}' (did the forward pass reach it?)")
+        return key
+
+    def covariance(self, name: str) -> torch.Tensor:
+        key = self._key(name)
         return self.sums[key] / self.counts[key]
+
+    def cross_covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(C_dd, C_dc)`` when the layer's inputs differ from the dense model's, else None."""
+        key = self._key(name)
+        if key not in self.cross:
+            return None
+        return self.dense[key] / self.counts[key], self.cross[key] / self.counts[key]
+
+    def drop(self, key: str) -> None:
+        """Free one input's matrices (its layers are projected)."""
+        for table in (self.sums, self.cross, self.dense):
+            table.pop(key, None)
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -54,15 +75,24 @@ class Collector:
     memory (:func:`collect`); a streaming conversion runs one block at a time
     (:mod:`monarchify.hf.blockwise`), and both must count the same rows in the same order."""
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], *, keep_rows: bool = False, reference: Collector | None = None) -> None:
+        """``keep_rows``: hold each input's rows of the current batch (what ``reference`` reads);
+        ``reference``: a collector that ran the same batch through the dense block just
+        before, whose rows are paired token by token with this pass's (sequential calibration:
+        ``X_dᵀX_c`` is accumulated next to ``X_cᵀX_c``)."""
         self.stats = InputStatistics()
         self.names = list(modules)
         self.mask: torch.Tensor | None = None
         self.seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self.keep_rows, self.reference = keep_rows, reference
+        self.rows: dict[str, torch.Tensor] = {}
+        self.active = False
         self.handles = [module.register_forward_pre_hook(self.hook(name)) for name, module in modules.items()]
 
     def hook(self, name: str):
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.active:  # another collector's pass over the same modules
+                return
             x = args[0]
             shared = self.seen.get(id(x))
             if shared is not None:  # the same tensor object: keep it alive so ids stay unique
@@ -71,14 +101,12 @@ class Collector:
                 key = self.stats.owner.setdefault(name, name)
                 self.seen[id(x)] = (x, key)
                 rows = _rows(x.detach(), self.mask).float()
-                # One batch's product in float32 (a few thousand rows: ample precision, and
-                # several times faster than float64 on CPU), summed across batches in float64.
-                product = (rows.T @ rows).to(torch.float64)
-                if key in self.stats.sums:
-                    self.stats.sums[key] += product
-                else:
-                    self.stats.sums[key] = product
+                _accumulate(self.stats.sums, key, rows.T @ rows)
                 self.stats.counts[key] = self.stats.counts.get(key, 0) + rows.shape[0]
+                if self.keep_rows:
+                    self.rows[key] = rows
+                if self.reference is not None:
+                    _accumulate(self.stats.cross, key, self.reference.rows[key].T @ rows)
 
         return pre_hook
 
@@ -88,9 +116,12 @@ class Collector:
         tensors of this pass count as shared."""
         self.mask = _mask(attention_mask)
         self.seen.clear()
+        self.rows.clear()
+        self.active = True
         try:
             yield
         finally:
+            self.active = False
             self.seen.clear()
 
     def close(self) -> None:
@@ -105,6 +136,16 @@ class Collector:
         if missing:
             raise SampleError(f"the calibration forward pass never reached layer(s) {', '.join(missing[:4])}")
         return self.stats
+
+
+def _accumulate(table: dict[str, torch.Tensor], key: str, product: torch.Tensor) -> None:
+    """Add one batch's product (float32: a few thousand rows, ample precision, and several
+    times faster than float64 on CPU) to a float64 sum across batches."""
+    product = product.to(torch.float64)
+    if key in table:
+        table[key] += product
+    else:
+        table[key] = product
 
 
 @torch.no_grad()
@@ -221,7 +262,8 @@ class Observation:
     def record(self) -> dict[str, Any]:
         """What the saved recipe says about how the factors were obtained (enough to repeat it)."""
         c = self.config
-        return {**self.samples.describe(), "method": c.method, "damping": c.damping, "sweeps": c.sweeps, "max_length": c.max_length}
+        record = {**self.samples.describe(), "method": c.method, "damping": c.damping, "sweeps": c.sweeps, "max_length": c.max_length}
+        return {**record, "sequential": True} if c.sequential else record
 
 
 def calibration_batches(

@@ -32,7 +32,9 @@ from torch import nn
 from monarchify.errors import NonFiniteWeightError
 from monarchify.monarch import LowRankLinear, MonarchLayout, MonarchLinear, Projection, project
 from monarchify.monarch.lowrank import LowRank, MonarchLowRank, project_lowrank, truncated_svd
-from monarchify.monarch.whitening import assemble, output_rel_error, project_whitened, refine_full
+from monarchify.monarch.whitening import (
+    assemble, cross_rel_error, cross_target, output_rel_error, output_sq_error, project_whitened, refine_full,
+)
 from monarchify.pipeline.allocate import Allocation
 from monarchify.pipeline.observe import Observation
 from monarchify.pipeline.plan import PlannedLayer
@@ -97,11 +99,14 @@ class PlainProjector:
 
 
 class WhitenedProjector:
-    """Minimises each layer's output error on the calibration activations of the dense model.
+    """Minimises each layer's output error on the calibration activations.
 
-    Calibrating layer after layer on the converted model's own activations (GPTQ-style) was
-    measured and did not pay on MiniLM (worse per-layer and end-to-end error, and one forward
-    pass per layer group; ``docs/accuracy.md``), so it is not offered.
+    With dense-model statistics the objective is ``||(W - M) Xᵀ||``. With sequential ones
+    (:class:`~monarchify.pipeline.observe.InputStatistics` carrying ``cross``: the layer sees
+    what the converted earlier blocks produce) it is ``||W X_dᵀ - M X_cᵀ||``: reproduce the
+    dense outputs from the converted inputs, through the same whitened projection of a
+    corrected target (:func:`~monarchify.monarch.whitening.cross_target`). Held-out errors are
+    measured in the same terms.
     """
 
     def __init__(self, observation: Observation, allow_structural_zeros: bool = False) -> None:
@@ -114,20 +119,39 @@ class WhitenedProjector:
         settings = self.observation.config
         weight = layer.weight
         cov = self.observation.fit.covariance(layer.name)
+        target = self._target(layer.name, weight)
         zeros, order = self.allow_structural_zeros, layout.output_order
         result = project_whitened(
-            weight, cov, layout.nblocks, damping=settings.damping, allow_structural_zeros=zeros, output_order=order
+            target, cov, layout.nblocks, damping=settings.damping, allow_structural_zeros=zeros, output_order=order
         )
         if settings.sweeps:
-            result = refine_full(weight, cov, result, sweeps=settings.sweeps, damping=settings.damping)
-        held = self.observation.heldout.covariance(layer.name)
+            result = refine_full(target, cov, result, sweeps=settings.sweeps, damping=settings.damping, measure=False)
         plain = project(weight, layout.nblocks, allow_structural_zeros=zeros, output_order=order)
         w = weight.detach().to(torch.float64)
-        extra = {
-            "output_rel_error": output_rel_error(w, assemble(result.projection.L, result.projection.R, layout), held),
-            "output_rel_error_plain": output_rel_error(w, assemble(plain.L.to(w.dtype), plain.R.to(w.dtype), layout), held),
-        }
-        return Projected(monarch_module(result.projection, layer.module), result.projection.rel_error, extra)
+        approx = assemble(result.projection.L, result.projection.R, layout)
+        extra = self._heldout_errors(layer.name, w, approx, assemble(plain.L.to(w.dtype), plain.R.to(w.dtype), layout))
+        error = result.projection.rel_error if target is weight else _rel_error(w, approx)
+        return Projected(monarch_module(result.projection, layer.module), error, extra)
+
+    def _target(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """What the projection fits: ``weight`` itself, or with sequential statistics the
+        dense map that best reproduces the dense outputs from the converted inputs."""
+        fit = self.observation.fit
+        pair = fit.cross_covariances(name)
+        if pair is None:
+            return weight
+        return cross_target(weight, fit.covariance(name), pair[1], self.observation.config.damping)
+
+    def _heldout_errors(self, name: str, weight: torch.Tensor, approx: torch.Tensor, plain: torch.Tensor) -> dict[str, float]:
+        """The held-out output errors of the fit and of the plain projection, for the report."""
+        held = self.observation.heldout
+        cov, pair = held.covariance(name), held.cross_covariances(name)
+        if pair is None:
+            energy = output_sq_error(weight, torch.zeros_like(weight), cov)  # once for both
+            errors = [output_rel_error(weight, m, cov, energy) for m in (approx, plain)]
+        else:
+            errors = [cross_rel_error(weight, m, pair[0], pair[1], cov) for m in (approx, plain)]
+        return {"output_rel_error": errors[0], "output_rel_error_plain": errors[1]}
 
     def _lowrank(self, layer: PlannedLayer, layout: MonarchLayout, rank: int) -> Projected:
         """Monarch plus low rank, fitted on the calibration activations; the comparison is the
@@ -135,17 +159,22 @@ class WhitenedProjector:
         settings = self.observation.config
         options = {"allow_structural_zeros": self.allow_structural_zeros, "output_order": layout.output_order}
         cov = self.observation.fit.covariance(layer.name)
+        weight = layer.weight
+        target = self._target(layer.name, weight)
         result = project_lowrank(
-            layer.weight, layout.nblocks, rank, cov, damping=settings.damping, sweeps=settings.sweeps, **options
+            target, layout.nblocks, rank, cov, damping=settings.damping, sweeps=settings.sweeps, **options
         )
-        plain: MonarchLowRank = project_lowrank(layer.weight, layout.nblocks, rank, **options)
-        held = self.observation.heldout.covariance(layer.name)
-        w = layer.weight.detach().to(torch.float64)
-        extra = {
-            "output_rel_error": output_rel_error(w, result.dense(), held),
-            "output_rel_error_plain": output_rel_error(w, plain.dense(), held),
-        }
-        return Projected(monarch_module(result.projection, layer.module, result.lowrank), result.rel_error, extra)
+        plain: MonarchLowRank = project_lowrank(weight, layout.nblocks, rank, **options)
+        w = weight.detach().to(torch.float64)
+        extra = self._heldout_errors(layer.name, w, result.dense(), plain.dense())
+        error = result.rel_error if target is weight else _rel_error(w, result.dense())
+        return Projected(monarch_module(result.projection, layer.module, result.lowrank), error, extra)
+
+
+def _rel_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||W - M||_F / ||W||_F``."""
+    norm = float(weight.norm())
+    return float((weight - approx.to(weight.dtype)).norm()) / norm if norm > 0 else 0.0
 
 
 def lowrank_module(lowrank: LowRank, like: nn.Module) -> LowRankLinear:
