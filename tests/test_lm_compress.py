@@ -153,3 +153,22 @@ def test_cli_compress_text_prints_the_perplexities_and_refuses_task_flags(tmp_pa
                         "--out", tmp_path / "o4")
     assert_one_line_error(code, err, "missing.txt", "does not exist")
     assert not (tmp_path / "o4").exists() and not (tmp_path / "o4.stages").exists()
+
+
+def test_cli_compress_text_at_a_block_count_with_sequential_calibration(tmp_path, lm_folder, capsys):
+    from test_finetune import assert_one_line_error, run_cli
+
+    text = _text(tmp_path / "train.txt", seed=3)
+    out = tmp_path / "b2"
+    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", text, "-b", "2", "--sequential", "--out", out,
+                        "--heal-steps", "0", "--max-length", "16", "--calibration-samples", "16")
+    assert code == 0, err
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["recipe"]["nblocks"] == 2 and results["recipe"]["calibration"]["sequential"] is True
+    assert "budget" not in results["recipe"] or results["recipe"]["budget"] is None
+    assert results["heal"] == {"steps": 0} and results["perplexity"]["compressed"] == results["perplexity"]["converted"]
+
+    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", text, "-b", "2", "--budget", "0.5", "--out", tmp_path / "x")
+    assert_one_line_error(code, err, "--budget FRACTION or --nblocks N")
+    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--task", "sst2", "-b", "2", "--out", tmp_path / "y")
+    assert_one_line_error(code, err, "--task compression needs --budget")

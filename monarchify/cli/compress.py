@@ -19,8 +19,8 @@ from monarchify.glue.tasks import TASK_NAMES, get_task
 
 def compress(
     model: Annotated[str, typer.Option("--model", "-m", help="A dense model folder (or Hub id): for --task pretrained or already fine-tuned on it; for --text a causal language model.")],
-    budget: Annotated[float, typer.Option("--budget", metavar="FRACTION", help="Fraction of the converted linears' dense parameters to keep (0.376 is MiniLM's count of 4 blocks everywhere; 0.5 is 4 blocks on square layers).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the compressed model and eval_results.json. Stages go to OUT.stages.")],
+    budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Fraction of the converted linears' dense parameters to keep (0.376 is MiniLM's count of 4 blocks everywhere; 0.5 is 4 blocks on square layers). Required with --task; with --text, --budget or --nblocks.")] = None,
     task: Annotated[str | None, typer.Option("--task", "-t", help=f"GLUE task: {', '.join(TASK_NAMES)}. Give --task or --text.")] = None,
     text: Annotated[list[Path] | None, typer.Option("--text", metavar="FILE", help="Language-model compression: plain-text files (one document per line; repeatable) to calibrate and heal on; every 20th line is held out to measure perplexity.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="GLUE TSV folder (<DIR>/MRPC/train.tsv...). Default: the datasets hub copy (needs network).")] = None,
@@ -31,6 +31,8 @@ def compress(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Training batch size (default 32 with --task; 8 windows with --text).")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Truncate inputs to this many tokens (default 128); with --text, the window of tokens trained and scored (default 256).")] = None,
     calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help="Examples the conversion is calibrated on. --task: default 256, doubled until they hold 8 tokens per input of the widest converted layer (SST-2 on MiniLM: 1024 sentences; MRPC: 256 pairs). --text: windows of text, default 128.")] = None,
+    nblocks: Annotated[int | None, typer.Option("--nblocks", "-b", help="--text: every selected layer at this block count instead of a --budget.")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="--text with --nblocks: calibrate each block on the inputs the already converted blocks produce (see convert --sequential).")] = False,
     heal_steps: Annotated[int, typer.Option("--heal-steps", metavar="N", help="--text: healing steps after the conversion (0: none, the training-free result).")] = 200,
     eval_every: Annotated[int | None, typer.Option("--eval-every", metavar="N", help="--text: also measure held-out perplexity every N healing steps (default: four times in the run).")] = None,
     save_every: Annotated[int, typer.Option("--save-every", metavar="N", help="--text: keep a resumable healing state every N steps.")] = 50,
@@ -67,6 +69,12 @@ def compress(
     recipe = {"output_order": output_order, "budget_objective": budget_objective, "structure": structure,
               "budget_ranks": parse_ranks(budget_ranks) if budget_ranks is not None else []}
     if text is not None:
+        if (budget is None) == (nblocks is None):
+            raise ConfigError("--text compression needs --budget FRACTION or --nblocks N, one of the two")
+        if nblocks is not None:
+            recipe["nblocks"] = nblocks
+        if sequential:
+            recipe["calibration"] = {"sequential": True}
         _refuse_task_flags(teacher_lr=teacher_lr != 1e-4, epochs=epochs != 3.0, data_dir=data_dir is not None,
                            distill_alpha=distill_alpha != 0.5, distill_temperature=distill_temperature != 2.0,
                            distill_hidden=distill_hidden != 0.0, gradual=gradual is not None, finetuned=finetuned is not None,
@@ -85,6 +93,8 @@ def compress(
         run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]],
                           busy_check=threads_for_training(threads, on_gpu=False))
         return
+    if budget is None or nblocks is not None or sequential:
+        raise ConfigError("--task compression needs --budget FRACTION (--nblocks and --sequential are for --text)")
     from monarchify.glue.compress import CompressOptions
 
     shared = {"epochs": epochs, "batch_size": batch_size or 32, "max_length": max_length or 128,

@@ -247,7 +247,8 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
                 events.note(f"stage 1/2: {', '.join(changed) or 'an earlier stage'} changed: converting again")
             _reset([converted, state_dir])
             manifest.start("convert", stage_options["convert"])
-            events.stage(f"stage 1/2: converting at budget {options.budget} with calibration on "
+            size = f"budget {options.budget}" if options.budget is not None else f"{options.conversion.nblocks} blocks"
+            events.stage(f"stage 1/2: converting at {size} with calibration on "
                          f"{len(data.calibration.fit)} text samples -> {converted}")
             began = time.perf_counter()
             with events.converting() as convert_events:
