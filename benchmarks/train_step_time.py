@@ -42,7 +42,7 @@ def main() -> int:
     monarch, _ = init_model(args.arch, MonarchConfig(nblocks=args.nblocks), seed=0, **sizes)
     load = list(os.getloadavg())
     result = bench.models_benchmark(dense, monarch, batch=args.batch, seq_len=args.seq_len, device="cpu",
-                                    warmup=args.warmup, repeat=args.repeat)
+                                    warmup=args.warmup, repeat=args.repeat, generation=None)
     result["load_average_at_start"], result["load_average_at_end"] = load, list(os.getloadavg())
     result["threads"] = torch.get_num_threads()
     for kind in ("inference", "train_step"):
