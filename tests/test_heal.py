@@ -147,8 +147,9 @@ def test_cli_heal_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
-@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2-conv1d", "llama-gqa"])
-def test_healing_works_for_other_architectures(make):
+def causal_pair(make):
+    """A tiny causal LM as teacher, its 2-block conversion as student, and training and held-out
+    batches of its token ids."""
     teacher = make()
     with torch.no_grad():  # larger weights, so the converted layers matter against the residual stream
         for p in teacher.parameters():
@@ -158,6 +159,12 @@ def test_healing_works_for_other_architectures(make):
     convert(student, MonarchConfig(nblocks=2))
     batches = [{"input_ids": b["input_ids"] % 120} for b in random_batches(6, 120, seed=0)]
     heldout = [{"input_ids": b["input_ids"] % 120} for b in random_batches(2, 120, seed=1)]
+    return teacher, student, batches, heldout
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2-conv1d", "llama-gqa"])
+def test_healing_works_for_other_architectures(make):
+    teacher, student, batches, heldout = causal_pair(make)
     result = heal_(student, teacher, batches, HealConfig(steps=40, lr=1e-3), heldout=heldout)
     assert result.heldout_after < result.heldout_before, (result.heldout_before, result.heldout_after)
 
@@ -195,15 +202,7 @@ def test_a_stopped_healing_run_resumes_to_the_same_result(tmp_path):
 
 
 def test_logit_healing_matches_next_token_distributions():
-    teacher = tiny_llama()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            if p.dim() == 2:
-                p.mul_(5.0)
-    student = copy.deepcopy(teacher)
-    convert(student, MonarchConfig(nblocks=2))
-    batches = [{"input_ids": b["input_ids"] % 120} for b in random_batches(6, 120, seed=0)]
-    heldout = [{"input_ids": b["input_ids"] % 120} for b in random_batches(2, 120, seed=1)]
+    teacher, student, batches, heldout = causal_pair(tiny_llama)
     from monarchify.heal import token_logit_loss
 
     def kl(model):
