@@ -94,7 +94,7 @@ class TextCompressOptions:
         calibration = dict(recipe.get("calibration") or {})
         calibration.update(samples=self.calibration_samples, max_length=self.block_size)
         recipe["calibration"] = CalibrationConfig.from_dict(calibration)
-        return MonarchConfig(**recipe) if "version" not in recipe else MonarchConfig.from_dict({**recipe, "calibration": calibration})
+        return MonarchConfig(**recipe)
 
     def stage_options(self) -> dict[str, dict[str, Any]]:
         """Per stage, the options that decide its output (what the manifest fingerprints)."""
