@@ -98,6 +98,9 @@ def test_calibrated_lowrank_has_lower_output_error_on_the_calibration_text(tmp_p
     meta = whitened.report.meta["calibration"]
     assert meta["mean_output_rel_error"] < meta["mean_output_rel_error_plain"]
     assert [r.rank for r in whitened.report.layers] == [r.rank for r in plain.report.layers]
+    # calibrated conversion runs block by block: it must build the same structure, at the same size
+    assert all(isinstance(whitened.model.get_submodule(r.name), LowRankLinear) for r in whitened.report.layers)
+    assert sum(p.numel() for p in whitened.model.parameters()) == sum(p.numel() for p in plain.model.parameters())
 
     # The whole model on the text it was fitted to: the calibrated model stays closer to the dense one.
     dense = transformers.AutoModelForCausalLM.from_pretrained(source).eval()

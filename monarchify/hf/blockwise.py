@@ -337,7 +337,7 @@ class BlockwiseCalibration:
             self.seconds += time.perf_counter() - start
             if layers:
                 observation = self.observation(stats["fit"], stats["heldout"])
-                projector = default_projector(observation, self.config.allow_structural_zeros)
+                projector = default_projector(observation, self.config.allow_structural_zeros, self.config.structure)
                 real = [PlannedLayer(layer.name, modules[layer.name], layer.nblocks, layer.pinned) for layer in layers]
                 results = project_layers(real, self.allocation, projector, _Release(layers, stats))
                 if sequential:
