@@ -77,11 +77,11 @@ def test_sequential_statistics_are_those_of_the_converted_earlier_blocks(tmp_pat
     seen = {}
     real = blockwise.default_projector
 
-    def keep(observation, zeros):
+    def keep(observation, *settings):
         stats = observation.fit
         for name in stats.owner:
             seen[name] = (stats.covariance(name), stats.cross_covariances(name), stats.counts[stats.owner[name]])
-        return real(observation, zeros)
+        return real(observation, *settings)
 
     monkeypatch.setattr(blockwise, "default_projector", keep)
     dense_run = convert_pretrained(src, tmp_path / "dense", MonarchConfig(calibration=CALIBRATION), calibration_data=data,
