@@ -408,7 +408,7 @@ def test_the_command_shows_what_the_conversion_stage_chose_and_the_named_metric(
     # what convert prints under its table, and the block counts the budget chose
     assert f"blocks chosen for {len(report.layers)} layers" in stage2 and "budget 0.6:" in stage2, stage2
     assert "functional check on" in stage2 and "the model's outputs are" in stage2, stage2
-    assert chosen and f"of the selected layers' parameters" in stage2
+    assert chosen and "of the selected layers' parameters" in stage2
     teacher = json.loads((tmp_path / "small.stages" / TEACHER / RESULTS_FILE).read_text())["main_metric"]["validation"]
     assert f"accuracy on validation: dense teacher {teacher:.4f}, compressed " in out, out
 

@@ -9,17 +9,11 @@ import math
 import pytest
 import torch
 
-from monarchify.cli.app import main
 from monarchify.lm.perplexity import perplexity, plan_windows, read_text
+from test_bench_cli import run
 from tests.conftest import WORDS, tiny_llama
 
 WINDOW = 12
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err, fragment):
