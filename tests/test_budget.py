@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from monarchify.pipeline.allocate import (
     CANDIDATES,
     DENSE,
+    GRID,
     PRICING_ORDER,
     BudgetError,
     Option,
@@ -71,6 +72,44 @@ def test_solver_matches_brute_force_and_respects_the_budget(instance):
     assert sum(layers[i][k].params for i, k in enumerate(picks)) <= budget
     total = sum(layers[i][k].error for i, k in enumerate(picks))
     assert math.isclose(total, brute_force(layers, budget), rel_tol=1e-9, abs_tol=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.integers(2, 50_000))
+def test_above_the_grid_the_solver_keeps_the_budget_and_loses_at_most_a_unit_per_layer(instance, scale):
+    """Large budgets are solved on a grid of GRID cells with prices rounded up: what it picks
+    keeps the true budget and is no worse than the exact optimum of a budget one unit per
+    layer smaller (the most the rounding can take)."""
+    layers, budget = instance
+    big = [[Option(o.nblocks, o.params * scale + 7, o.error) for o in options] for options in layers]
+    big_budget = budget * scale + 7 * len(layers)
+    picks = solve(big, big_budget)
+    assert sum(big[i][k].params for i, k in enumerate(picks)) <= big_budget
+    unit = -(-big_budget // GRID) if big_budget > GRID else 1
+    total = sum(big[i][k].error for i, k in enumerate(picks))
+    smaller = brute_force(big, big_budget - unit * len(layers))
+    if smaller is not None:
+        assert total <= smaller + 1e-9
+    assert total >= brute_force(big, big_budget) - 1e-9
+
+
+def test_a_model_sized_problem_is_solved_whole():
+    """Thirty blocks of seven layers with every candidate, at LLM-sized prices: the shape the
+    old frontier programme took 47 minutes over. Every layer gets an option and the budget holds."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)] * 30
+    layers = []
+    for d_in, d_out in shapes:
+        options = [Option(b, MonarchLayout(d_in, d_out, b).weight_params, float(torch.rand((), generator=generator)) / b ** 0.5)
+                   for b in candidate_nblocks(d_in, d_out)]
+        layers.append(options + [Option(DENSE, d_in * d_out, 0.0)])
+    dense = sum(d_in * d_out for d_in, d_out in shapes)
+    picks = solve(layers, dense // 2)
+    assert sum(layers[i][k].params for i, k in enumerate(picks)) <= dense // 2
+    uniform4 = sum(next(o.error for o in options if o.nblocks == 4) for options in layers)
+    four_params = sum(next(o.params for o in options if o.nblocks == 4) for options in layers)
+    assert four_params <= dense // 2
+    assert sum(layers[i][k].error for i, k in enumerate(picks)) <= uniform4
 
 
 def test_solver_prefers_the_cheaper_of_equal_errors_and_trades_across_layers():
