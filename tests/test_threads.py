@@ -199,3 +199,21 @@ def test_heal_records_its_threads(capsys, tmp_path, bert_folder, preset_threads)
     assert code == 0, err
     report = json.loads((out / "monarchify_report.json").read_text())
     assert report["meta"]["heal"]["cpu_threads"] == 1
+
+
+def test_convert_takes_threads_too(capsys, tmp_path, monkeypatch, preset_threads):
+    """A calibrated conversion of an LLM is minutes of CPU: ``convert --threads`` sets torch's
+    count before it starts, like the training commands."""
+    import monarchify.hf.convert
+
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(monarchify.hf.convert, "convert_pretrained", fake)
+    code, _, err = run_cli(capsys, "convert", tmp_path, "-o", tmp_path / "out", "--threads", "1")
+    assert code == 1 and "stopped by the test" in err and seen == [1]
+    code, _, err = run_cli(capsys, "convert", tmp_path, "-o", tmp_path / "out", "--threads", "0")
+    assert code == 1 and "--threads must be >= 1" in err and seen == [1]

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from monarchify.cli.options import (
-    AllowZeros, BudgetObjective, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, Structure,
-    build_config,
+    AllowZeros, BudgetObjective, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, Structure, Threads,
+    build_config, set_threads,
 )
 from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report, progress_bar
 from monarchify.config import (
@@ -99,6 +99,7 @@ def convert(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted streaming conversion into the same --out, keeping its finished shards (implies --stream).")] = False,
     device: Annotated[str, typer.Option("--device", help="Where a streaming conversion projects (and runs --calibrate's blocks): cpu or cuda (cuda implies --stream).")] = "cpu",
     sort: Annotated[str, typer.Option(help=f"Table order: {', '.join(SORT_KEYS)}.")] = "model",
+    threads: Threads = None,
     json_out: JsonFlag = False,
 ) -> None:
     """Replace a checkpoint's linear layers with their optimal Monarch projection and save it.
@@ -117,6 +118,7 @@ def convert(
     """
     if sort not in SORT_KEYS:
         raise ConfigError(f"--sort must be one of {', '.join(SORT_KEYS)}")
+    set_threads(threads)
     if out is None and not dry_run:
         raise ConfigError("missing --out FOLDER (or use --dry-run to only see the plan)")
     if budget is None and not budget_dense:
