@@ -29,12 +29,16 @@ def factors(model):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_in_memory_calibration_runs_block_by_block_with_the_whole_model_factors(tmp_path, tokenizers, arch, monkeypatch):
+@pytest.mark.parametrize("budget", [None, 0.45], ids=["blocks", "budget"])
+def test_in_memory_calibration_runs_block_by_block_with_the_whole_model_factors(tmp_path, tokenizers, arch, budget, monkeypatch):
     """``convert_pretrained`` calibrates one block at a time (never the whole-model collector),
-    and its factors and errors are those of the library's whole-model pass, bit for bit."""
+    and its factors and errors are those of the library's whole-model pass, bit for bit. With a
+    budget the blocks are priced in a pass of their own first, and the budget chooses what the
+    whole-model pass chooses."""
     src = source(tmp_path, tokenizers, arch)
     data = text_file(tmp_path)
-    config = MonarchConfig(nblocks=4, overrides={"(layers|h)\\.1\\..*": 2}, calibration=CALIBRATION)
+    config = MonarchConfig(nblocks=4, overrides={} if budget else {"(layers|h)\\.1\\..*": 2}, calibration=CALIBRATION,
+                           budget=budget)
     model = AutoModelForCausalLM.from_pretrained(src)
     whole = monarchify.convert(model, config, samples=read_samples(data, 9, 4), tokenizer=load_tokenizer(src))
 
@@ -49,6 +53,10 @@ def test_in_memory_calibration_runs_block_by_block_with_the_whole_model_factors(
     assert [(r.name, r.rel_error, r.extra) for r in blocks.report.layers] == [(r.name, r.rel_error, r.extra) for r in whole.layers]
     calib = {k: v for k, v in blocks.report.meta["calibration"].items() if k != "collect_seconds"}
     assert calib == {k: v for k, v in whole.meta["calibration"].items() if k != "collect_seconds"}
+    if budget:
+        assert blocks.report.meta["budget"] == whole.meta["budget"]
+        chosen = {r.extra.get("nblocks", r.nblocks) for r in whole.layers if r.nblocks}
+        assert len(chosen) > 1 or whole.meta["budget"]["kept_dense"], "the budget chose nothing but one uniform count"
 
 
 def hidden_inputs(model, layer, batches):

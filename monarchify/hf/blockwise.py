@@ -27,7 +27,7 @@ import ctypes
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ from monarchify.errors import ConfigError
 from monarchify.hf.loading import empty_model, short_error
 from monarchify.hf.tensorfiles import read_tensor
 from monarchify.pipeline import Events, count_params
-from monarchify.pipeline.allocate import Allocation, allocate
+from monarchify.pipeline.allocate import Allocation, LayerChoices, allocate, price_layer
 from monarchify.pipeline.apply import apply
 from monarchify.pipeline.observe import Collector, InputStatistics, Observation, calibration_batches
 from monarchify.pipeline.plan import PlannedLayer, block_index, block_list, plan
@@ -218,7 +218,10 @@ class BlockwiseCalibration:
 
     def __init__(self, model: nn.Module, layers: list[PlannedLayer], allocation: Allocation, config: MonarchConfig,
                  samples: TextSamples, tokenizer: Any, *, weights: _Weights | _InMemory | None = None,
-                 on_block: Callable[[int, int], None] | None = None) -> None:
+                 on_block: Callable[[int, int], None] | None = None,
+                 price: Callable[[list[PlannedLayer], InputStatistics], None] | None = None) -> None:
+        """``price``: instead of projecting a block's layers, hand them (their modules real) and
+        their statistics to it: the pricing pass of a budget (:func:`price_blockwise`)."""
         self.model = model.eval()
         self.list_name, self.blocks = block_list(self.model, [layer.name for layer in layers])
         self.config, self.allocation, self.samples = config, allocation, samples
@@ -236,6 +239,7 @@ class BlockwiseCalibration:
         self.seconds = 0.0
         self.done: dict[str, Projected] = {}
         self.on_block = on_block
+        self.price = price
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, layers: list[PlannedLayer], allocation: Allocation, config: MonarchConfig,
@@ -335,7 +339,10 @@ class BlockwiseCalibration:
                 stats = {part: self._pass_pair(block, batches, self.converted[part], modules)
                          for part, batches in self.inputs.items()}
             self.seconds += time.perf_counter() - start
-            if layers:
+            if layers and self.price is not None:
+                self.price([PlannedLayer(layer.name, modules[layer.name], layer.nblocks, layer.pinned) for layer in layers],
+                           stats["fit"])
+            elif layers:
                 observation = self.observation(stats["fit"], stats["heldout"])
                 projector = default_projector(observation, self.config.allow_structural_zeros, self.config.structure)
                 real = [PlannedLayer(layer.name, modules[layer.name], layer.nblocks, layer.pinned) for layer in layers]
@@ -404,16 +411,45 @@ class BlockwiseCalibration:
         return stats
 
 
+def price_blockwise(model: nn.Module, layers: list[PlannedLayer], config: MonarchConfig, samples: TextSamples,
+                    tokenizer: Any, on_block: Callable[[int, int], None] | None = None) -> dict[str, LayerChoices]:
+    """Every layer's budget options priced on its calibration statistics, one block at a time
+    (the dense model's inputs, as the in-memory path prices them). A budget must see every
+    layer's prices before it chooses any block count; prices are a few numbers a layer, while
+    the statistics they come from are a block's worth of ``d_in²`` matrices, so pricing in a
+    pass of its own keeps memory at one block's, and the projecting pass runs the blocks again
+    (their forward is a small part of the conversion's time)."""
+    damping = config.calibration.damping
+    priced: dict[str, LayerChoices] = {}
+
+    def price(block_layers: list[PlannedLayer], stats: InputStatistics) -> None:
+        release = _Release(block_layers, {"fit": stats})
+        for layer in block_layers:
+            priced[layer.name] = price_layer(layer, config, stats.covariance(layer.name), damping)
+            release(layer.name)
+
+    everything = Allocation(nblocks={layer.name: layer.nblocks for layer in layers})
+    pricing = BlockwiseCalibration(model, layers, everything, replace(config, speed_gate=None), samples, tokenizer,
+                                   on_block=on_block, price=price)
+    for index in range(len(pricing.blocks)):
+        pricing._run_block(index, project=True)
+    return priced
+
+
 def convert_blockwise(model: nn.Module, config: MonarchConfig, samples: TextSamples, tokenizer: Any,
                       events: Events | None = None) -> ConversionReport:
     """A calibrating conversion of a loaded model, one block at a time (what
     :func:`monarchify.pipeline.convert` does, with only one block's statistics alive at once
     instead of every layer's, and without running the head). The blocks are run on copies of
     the hidden states and the converted layers are swapped in only at the end, so a failure
-    leaves the model as it was."""
+    leaves the model as it was. With a budget the blocks are run twice: priced, solved, then
+    projected (:func:`price_blockwise`)."""
     events = events or Events()
     layers = plan(model, config)
-    allocation = allocate(layers, config)
+    priced = None
+    if config.budget is not None and not all(layer.pinned for layer in layers):
+        priced = price_blockwise(model, layers, config, samples, tokenizer, on_block=getattr(events, "calibrating", None))
+    allocation = allocate(layers, config, priced=priced)
     events.observing(len(samples.fit) + len(samples.heldout))
     calibration = BlockwiseCalibration(model, layers, allocation, config, samples, tokenizer,
                                        on_block=getattr(events, "calibrating", None))

@@ -106,12 +106,14 @@ def blockwise_problem(model: nn.Module, config: MonarchConfig) -> str | None:
     """Why a loaded model's conversion cannot calibrate one block at a time, or None.
 
     Block by block holds one block's statistics at a time (the whole model's at once took
-    5 GB on a 135M-parameter Llama) and never runs the head; a budget needs every layer's
-    statistics before it chooses, so it calibrates on the whole model. Sequential calibration
-    only exists block by block."""
+    5 GB on a 135M-parameter Llama) and never runs the head. A budget prices every layer in a
+    first pass over the blocks; weighing its errors by their effect on the model's output
+    (``budget_objective="output"``) needs the whole model, so that one runs in memory.
+    Sequential calibration only exists block by block."""
     if config.calibration is None:
         return "the recipe does not calibrate"
-    problem = "a budget compares every layer's errors before choosing" if config.budget is not None else None
+    problem = ("a budget weighing layers by the model's output runs the whole model"
+               if config.budget is not None and config.budget_objective == "output" else None)
     problem = problem or blocks_problem(model, plan(model, config))
     if problem is not None and config.calibration.sequential:
         raise ConfigError(f"sequential calibration runs one block at a time, which this conversion cannot: {problem}")

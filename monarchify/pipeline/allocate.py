@@ -407,6 +407,25 @@ def lowrank_rank(layer: PlannedLayer, config: MonarchConfig) -> int:
 CovarianceOf = Callable[[str], torch.Tensor]
 
 
+def price_layer(layer: PlannedLayer, config: MonarchConfig, cov: torch.Tensor | None = None,
+                damping: float = DEFAULT_DAMPING) -> LayerChoices:
+    """Every option the budget may give ``layer``, priced (with ``cov``, its calibration
+    covariance, in the activation-weighted metric). A layer an override pinned has only its
+    own. Apart from :func:`plan_budget` so a block-by-block conversion can price each block
+    while its statistics exist, and solve once every block is priced."""
+    if config.structure == "lowrank":
+        return lowrank_choices(
+            layer.name, layer.weight, layer.has_bias, layer.nblocks, cov=cov, allow_dense=config.budget_keep_dense,
+            damping=damping, pinned=lowrank_rank(layer, config) if layer.pinned or rank_of(layer.name, config) else None,
+            ranks=config.budget_ranks,
+        )
+    return layer_choices(
+        layer.name, layer.weight, layer.has_bias, cov=cov, pinned=layer.nblocks if layer.pinned else None,
+        allow_dense=config.budget_keep_dense, allow_structural_zeros=config.allow_structural_zeros, damping=damping,
+        output_order=PRICING_ORDER, ranks=config.budget_ranks, pinned_rank=rank_of(layer.name, config) if layer.pinned else 0,
+    )
+
+
 def plan_budget(
     layers: Sequence[PlannedLayer],
     config: MonarchConfig,
@@ -414,37 +433,27 @@ def plan_budget(
     covariance: CovarianceOf | None = None,
     damping: float = DEFAULT_DAMPING,
     weights: Mapping[str, float] | None = None,
+    priced: Mapping[str, LayerChoices] | None = None,
 ) -> BudgetPlan:
     """Choose every planned layer's block count under ``config.budget``.
 
     A layer an override pinned keeps its block count; every other layer is free to take any
     candidate, or to stay dense when ``config.budget_keep_dense``. ``covariance(name)``, when
     given, weighs errors by the layer's calibration activations; ``weights[name]`` multiplies
-    a layer's errors (its output sensitivity, ``budget_objective="output"``).
+    a layer's errors (its output sensitivity, ``budget_objective="output"``). ``priced``: the
+    layers' options already priced (:func:`price_layer`, calibrated), instead of ``covariance``.
     """
     if config.budget is None:
         raise ConfigError("the recipe has no budget")
     lowrank = config.structure == "lowrank"
     choices = [
-        lowrank_choices(
-            layer.name, layer.weight, layer.has_bias, layer.nblocks,
-            cov=covariance(layer.name) if covariance else None, allow_dense=config.budget_keep_dense, damping=damping,
-            pinned=lowrank_rank(layer, config) if layer.pinned or rank_of(layer.name, config) else None,
-            ranks=config.budget_ranks,
-        )
-        if lowrank else
-        layer_choices(
-            layer.name, layer.weight, layer.has_bias,
-            cov=covariance(layer.name) if covariance else None, pinned=layer.nblocks if layer.pinned else None,
-            allow_dense=config.budget_keep_dense, allow_structural_zeros=config.allow_structural_zeros, damping=damping,
-            output_order=PRICING_ORDER, ranks=config.budget_ranks,
-            pinned_rank=rank_of(layer.name, config) if layer.pinned else 0,
-        )
+        priced[layer.name] if priced is not None else
+        price_layer(layer, config, covariance(layer.name) if covariance else None, damping)
         for layer in layers
     ]
     if weights is not None:
-        for layer in choices:
-            layer.options = [replace(o, error=o.error * weights[layer.name]) for o in layer.options]
+        choices = [replace(layer, options=[replace(o, error=o.error * weights[layer.name]) for o in layer.options])
+                   for layer in choices]
     params_dense = sum(layer.params_dense for layer in choices)
     budget = int(config.budget * params_dense)
     try:
@@ -458,7 +467,7 @@ def plan_budget(
         ) from None
     plan = BudgetPlan(
         config.budget, budget, params_dense,
-        {layer.name: layer.options[k] for layer, k in zip(choices, picks)}, weighted=covariance is not None,
+        {layer.name: layer.options[k] for layer, k in zip(choices, picks)}, weighted=covariance is not None or priced is not None,
         ranks=list(config.budget_ranks) if not lowrank else [], sensitivity=dict(weights) if weights is not None else None,
         structure=config.structure,
     )
@@ -547,10 +556,11 @@ def needs_sensitivity(layers: Sequence[PlannedLayer], config: MonarchConfig) -> 
 
 def allocate(
     layers: Sequence[PlannedLayer], config: MonarchConfig, *, covariance: CovarianceOf | None = None,
-    weights: Mapping[str, float] | None = None,
+    weights: Mapping[str, float] | None = None, priced: Mapping[str, LayerChoices] | None = None,
 ) -> Allocation:
     """Decide every planned layer: the budget first, then the speed gate on what it converts.
-    ``weights``: the budget's per-layer error weights (``budget_objective="output"``).
+    ``weights``: the budget's per-layer error weights (``budget_objective="output"``);
+    ``priced``: the budget's options, priced already (see :func:`plan_budget`).
 
     Layouts are checked here (a block count that leaves structural zeros is refused unless the
     recipe allows it), naming the layer, before any projection starts.
@@ -561,7 +571,7 @@ def allocate(
         if weights is None and needs_sensitivity(layers, config):
             raise ConfigError("budget_objective 'output' weighs each layer by its effect on the model's output, "
                               "measured on calibration text: calibrate the conversion")
-        allocation.budget = plan_budget(layers, config, covariance=covariance, damping=damping,
+        allocation.budget = plan_budget(layers, config, covariance=covariance, damping=damping, priced=priced,
                                         weights=weights if config.budget_objective == "output" else None)
         reason = f"kept dense by the budget ({config.budget:g})"
         for name, option in allocation.budget.choices.items():
