@@ -36,7 +36,7 @@ CALIBRATION_RECORDS = ("source", "kind", "columns", "method")
 from, the method used), not as settings: read and dropped."""
 OUTPUT_ORDERS = ("blocked", "interleaved")
 """How a Monarch layer orders its outputs (:class:`monarchify.monarch.layout.MonarchLayout`)."""
-BUDGET_OBJECTIVES = ("layers", "output")
+BUDGET_OBJECTIVES = ("layers", "output", "even")
 """What a budget minimises (``MonarchConfig.budget_objective``)."""
 STRUCTURES = ("monarch", "lowrank")
 """What a converted layer becomes (``MonarchConfig.structure``)."""
@@ -184,6 +184,9 @@ class MonarchConfig:
       output moves per unit of it (measured on the calibration text, so it needs
       ``calibration``). Two plans whose layer sums are near-equal can train very differently;
       the output weighting tells apart the layers whose errors the rest of the model amplifies.
+      ``"even"``: the sum of the squared relative errors, which spreads the errors over the
+      layers: errors compound through a deep stack, and the plain sum lets a few layers take
+      far more than the rest when their calibrated error looks small.
     * ``ranks``: ``{regex: rank}``, a low-rank term for matching layers (last wins; 0 removes
       it). A budgeted checkpoint records its choices here, as exact names.
     * ``calibration``: project on real activations (the text is an argument of ``convert``).

@@ -264,3 +264,21 @@ def test_the_budget_prices_in_one_order_so_the_output_order_never_changes_the_pl
 
     orders = {m.output_order for m in report_model.modules() if isinstance(m, MonarchLinear)}
     assert orders == {BLOCKED}
+
+
+def test_the_even_objective_spreads_what_the_plain_sum_concentrates():
+    """Two equal layers, 25 of their 40 parameters: the plain sum keeps one dense and crushes
+    the other (0.5 < 0.3 + 0.3); the sum of squares takes both to the middle (0.18 < 0.25)."""
+    from types import SimpleNamespace
+
+    from monarchify.pipeline.allocate import LayerChoices
+
+    options = [Option(8, 5, 0.5), Option(4, 10, 0.3), Option(DENSE, 20, 0.0)]
+    layers = [SimpleNamespace(name=name) for name in ("a", "b")]
+    priced = {layer.name: LayerChoices(layer.name, list(options), 20) for layer in layers}
+    plain = plan_budget(layers, MonarchConfig(budget=0.625), priced=priced)
+    even = plan_budget(layers, MonarchConfig(budget=0.625, budget_objective="even"), priced=priced)
+    assert sorted(o.nblocks or 0 for o in plain.choices.values()) == [0, 8]
+    assert [o.nblocks for o in even.choices.values()] == [4, 4]
+    assert math.isclose(even.error, 2 * 0.3 ** 2) and even.to_dict()["error_kind"].startswith("squared")
+    assert priced["a"].options == options  # the caller's prices are not rewritten

@@ -125,8 +125,10 @@ def convert(
         raise ConfigError("--no-budget-dense needs --budget FRACTION")
     if budget is None and budget_ranks is not None:
         raise ConfigError("--budget-ranks needs --budget FRACTION")
-    if budget_objective != "layers" and (budget is None or calibrate is None):
-        raise ConfigError(f"--budget-objective {budget_objective} needs --budget FRACTION and --calibrate DATA")
+    if budget_objective != "layers" and budget is None:
+        raise ConfigError(f"--budget-objective {budget_objective} needs --budget FRACTION")
+    if budget_objective == "output" and calibrate is None:
+        raise ConfigError("--budget-objective output needs --calibrate DATA (it measures the model's output on it)")
     if calibrate is None and (calibration_samples is not None or refine_sweeps is not None or sequential):
         raise ConfigError("--calibration-samples, --refine-sweeps and --sequential need --calibrate DATA")
     if sequential and budget is not None:

@@ -51,7 +51,8 @@ BudgetObjective = Annotated[
     str,
     typer.Option(
         "--budget-objective",
-        help="What --budget minimises: layers (the sum of the layers' relative output errors) or output (each "
+        help="What --budget minimises: layers (the sum of the layers' relative output errors), even (the sum of "
+        "their squares: spreads the errors, no layer compressed far harder than the rest) or output (each "
         "layer's error weighted by how far it moves the model's output, measured on the calibration text: one "
         "forward pass per layer on 128 samples).",
     ),

@@ -26,7 +26,10 @@ the sub-block SVDs discarded, and its own singular values give every ``k`` at on
 projector then does a little better: it alternates and uses the full covariance.) Relative errors make layers comparable (their output scales differ
 by orders of magnitude); the objective is their sum, or with ``budget_objective="output"`` their
 sum weighted by each layer's output sensitivity (measured by the observe stage,
-:func:`monarchify.pipeline.observe.output_sensitivity`).
+:func:`monarchify.pipeline.observe.output_sensitivity`), or with ``"even"`` the sum of their
+squares. The plain sum is indifferent between one layer at error 0.6 and two at 0.3; a deep
+stack is not (each layer's error feeds the next), and on SmolLM2 the plain sum sent three
+down projections to 16 blocks to keep others at 2.
 
 The solver is a dynamic programme over the parameters spent, one vectorised step per layer
 (:func:`solve`): exact for budgets up to :data:`GRID` parameters, and for larger ones exact up
@@ -119,6 +122,8 @@ class BudgetPlan:
     sensitivity: dict[str, float] | None = None
     """Per-layer weights of the errors (``budget_objective="output"``); ``choices`` hold the
     weighted errors."""
+    even: bool = False
+    """``budget_objective="even"``: ``choices`` hold the squared errors."""
     structure: str = "monarch"
     """``"lowrank"``: the options were ranks of a low-rank layer (their ``nblocks`` is the
     layer's planned block count, unused)."""
@@ -141,7 +146,7 @@ class BudgetPlan:
             "params_used": self.params_used,
             "params_dense": self.params_dense,
             "total_error": self.error,
-            "error_kind": ("output-sensitivity-weighted " if self.sensitivity else "")
+            "error_kind": ("squared " if self.even else "") + ("output-sensitivity-weighted " if self.sensitivity else "")
             + ("activation-weighted relative squared" if self.weighted else "relative squared (Frobenius)"),
             "kept_dense": self.dense_layers(),
             "uniform": {str(b): v for b, v in self.uniform.items()},
@@ -454,6 +459,8 @@ def plan_budget(
     if weights is not None:
         choices = [replace(layer, options=[replace(o, error=o.error * weights[layer.name]) for o in layer.options])
                    for layer in choices]
+    if config.budget_objective == "even":
+        choices = [replace(layer, options=[replace(o, error=o.error ** 2) for o in layer.options]) for layer in choices]
     params_dense = sum(layer.params_dense for layer in choices)
     budget = int(config.budget * params_dense)
     try:
@@ -469,7 +476,7 @@ def plan_budget(
         config.budget, budget, params_dense,
         {layer.name: layer.options[k] for layer, k in zip(choices, picks)}, weighted=covariance is not None or priced is not None,
         ranks=list(config.budget_ranks) if not lowrank else [], sensitivity=dict(weights) if weights is not None else None,
-        structure=config.structure,
+        structure=config.structure, even=config.budget_objective == "even",
     )
     for b in CANDIDATES:
         chosen = [next((o for o in layer.options if o.nblocks == b and not o.rank), None) for layer in choices]
