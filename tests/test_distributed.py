@@ -128,6 +128,11 @@ def launched(inputs):
         {"name": "train_stopped", "args": train_args(i, runs / "train_resumed", 4), "stop": {"train": 4}},
         {"name": "train_resumed", "args": train_args(i, runs / "train_resumed", 4, "--resume")},
         {"name": "train_switch", "args": train_args(i, runs / "train_switch", 4, "--densify-at", "0.5")},
+        # stopped before the switch (resumes from the Monarch checkpoint 2) and after it (the dense checkpoint 4)
+        {"name": "train_switch_stopped_3", "args": train_args(i, runs / "train_switch_3", 4, "--densify-at", "0.5"), "stop": {"train": 3}},
+        {"name": "train_switch_resumed_3", "args": train_args(i, runs / "train_switch_3", 4, "--densify-at", "0.5", "--resume")},
+        {"name": "train_switch_stopped_5", "args": train_args(i, runs / "train_switch_5", 4, "--densify-at", "0.5"), "stop": {"train": 5}},
+        {"name": "train_switch_resumed_5", "args": train_args(i, runs / "train_switch_5", 4, "--densify-at", "0.5", "--resume")},
     ]
     plan_file = runs / "plan.json"
     plan_file.write_text(json.dumps(plan, default=str))
@@ -252,9 +257,47 @@ def test_train_on_two_processes_matches_one_and_resumes(launched, inputs, tmp_pa
     assert resumed["eval"]["loss"] == pytest.approx(two["eval"]["loss"], rel=REL)
 
 
-def test_the_switch_to_dense_is_refused_under_several_processes_in_one_line(launched):
-    code, stdout, stderr = output(launched, "train_switch", 0)
-    assert code == 1 and stdout == ""
-    assert stderr.startswith("Error: the switch to dense (densify_at) needs a single process") and stderr.count("\n") == 1
-    assert output(launched, "train_switch", 1) == (1, "", "")
-    assert not (launched / "train_switch").exists() and not (launched / "train_switch.checkpoints").exists()
+def logged_losses(run: dict) -> list[float]:
+    return [e["loss"] for e in run["curve"] if "loss" in e]
+
+
+def test_train_switches_to_dense_on_two_processes_as_on_one(launched, inputs, tmp_path):
+    """Every process densifies at step 4 and the gradients of the dense weights are averaged from
+    then on: the losses after the switch follow one process's to ``REL`` (a wrapper still
+    synchronising the factors alone would leave each process training on its half of the batch)."""
+    from transformers import AutoModelForCausalLM
+
+    from monarchify.lm.switch import monarch_layers
+
+    out = launched / "train_switch"
+    assert_one_writer(launched, "train_switch", out)
+    two = results(out, "train_results.json")
+    single(train_args(inputs, tmp_path / "one", 8, "--densify-at", "0.5"))
+    one = results(tmp_path / "one", "train_results.json")
+    assert two["switch"]["step"] == one["switch"]["step"] == 4 and two["switch"]["layers"] == 8
+    assert two["switch"]["loss_after"] == pytest.approx(two["switch"]["loss_before"], rel=1e-5)
+    assert two["train"]["world_size"] == 2 and two["train"]["global_batch"] == 8 and two["train"]["steps"] == 8
+    assert len(logged_losses(two)) == 8 and logged_losses(two) == pytest.approx(logged_losses(one), rel=REL)
+    assert two["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=EVAL_REL)
+
+    # a plain folder that stock transformers loads, holding what one process trained
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert not monarch_layers(loaded)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "one")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, reference.eval()(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("stop", [3, 5], ids=["stopped-before-the-switch", "stopped-after-the-switch"])
+def test_train_with_the_switch_resumes_on_two_processes(launched, stop):
+    whole = results(launched / "train_switch", "train_results.json")
+    assert "stopped before the last step" in output(launched, f"train_switch_stopped_{stop}", 0)[2]
+    out = launched / f"train_switch_{stop}"
+    assert_one_writer(launched, f"train_switch_resumed_{stop}", out)
+    assert f"resuming from checkpoint-{stop - 1}" in output(launched, f"train_switch_resumed_{stop}", 0)[2]
+    resumed = results(out, "train_results.json")
+    assert resumed["switch"]["step"] == 4 and resumed["train"]["steps"] == 8
+    assert logged_losses(resumed) == pytest.approx(logged_losses(whole), rel=REL)
+    assert resumed["eval"]["loss"] == pytest.approx(whole["eval"]["loss"], rel=REL)
