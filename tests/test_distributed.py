@@ -13,7 +13,10 @@ hidden-state term of ``heal`` is a ratio of sums per layer that the two halves o
 padded sentences can only approximate (``monarchify.heal.share``): ``HEAL_REL`` there.
 ``train``'s held-out loss comes from Trainer's sharded evaluation, which fills the last shard by
 repeating an example when the held-out blocks do not split evenly (25 here) and then averages
-per-shard means: ``EVAL_REL`` (its training losses still agree to ``REL``).
+per-shard means: ``EVAL_REL`` (its training losses still agree to ``REL``). ``train --densify-at``
+follows one process's losses to ``REL`` across the switch. Healing sharded (FSDP) reaches healing
+with whole copies (DDP) to ``REL`` (losses, perplexities), and their saved weights agree to a
+relative 1e-4 (absolute 1e-5): the same sums, reduced in another order.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ REL = 1e-4
 EVAL_REL = 3e-3
 HEAL_REL = 2e-2
 PROCESSES = 2
+FSDP = {"ACCELERATE_USE_FSDP": "true"}
 
 
 def _text(path: Path, lines: int, seed: int, words: int = 40) -> Path:
@@ -124,15 +128,19 @@ def launched(inputs):
         {"name": "compress_text", "args": compress_text_args(i, runs / "compress_text", 4)},
         {"name": "compress_text_stopped", "args": compress_text_args(i, runs / "compress_text_resumed", 4), "stop": {"heal": 7}},
         {"name": "compress_text_resumed", "args": compress_text_args(i, runs / "compress_text_resumed", 4)},
+        {"name": "compress_text_stopped_for_one", "args": compress_text_args(i, runs / "compress_text_one", 4), "stop": {"heal": 7}},
         {"name": "train", "args": train_args(i, runs / "train", 4)},
         {"name": "train_stopped", "args": train_args(i, runs / "train_resumed", 4), "stop": {"train": 4}},
         {"name": "train_resumed", "args": train_args(i, runs / "train_resumed", 4, "--resume")},
         {"name": "train_switch", "args": train_args(i, runs / "train_switch", 4, "--densify-at", "0.5")},
-        # stopped before the switch (resumes from the Monarch checkpoint 2) and after it (the dense checkpoint 4)
-        {"name": "train_switch_stopped_3", "args": train_args(i, runs / "train_switch_3", 4, "--densify-at", "0.5"), "stop": {"train": 3}},
-        {"name": "train_switch_resumed_3", "args": train_args(i, runs / "train_switch_3", 4, "--densify-at", "0.5", "--resume")},
-        {"name": "train_switch_stopped_5", "args": train_args(i, runs / "train_switch_5", 4, "--densify-at", "0.5"), "stop": {"train": 5}},
-        {"name": "train_switch_resumed_5", "args": train_args(i, runs / "train_switch_5", 4, "--densify-at", "0.5", "--resume")},
+        # stopped before the switch: resumed from the Monarch checkpoint 2, it switches in the resumed run
+        {"name": "train_switch_stopped", "args": train_args(i, runs / "train_switch_resumed", 4, "--densify-at", "0.5"), "stop": {"train": 3}},
+        {"name": "train_switch_resumed", "args": train_args(i, runs / "train_switch_resumed", 4, "--densify-at", "0.5", "--resume")},
+        # healing sharded (FSDP, as accelerate's FSDP configuration asks); a sharded state resumed with copies
+        {"name": "compress_text_sharded", "args": compress_text_args(i, runs / "compress_text_sharded", 4), "env": FSDP, "shards": True},
+        {"name": "compress_text_sharded_stopped", "args": compress_text_args(i, runs / "compress_text_sharded_resumed", 4), "env": FSDP,
+         "stop": {"heal": 7}},
+        {"name": "compress_text_sharded_resumed", "args": compress_text_args(i, runs / "compress_text_sharded_resumed", 4)},
     ]
     plan_file = runs / "plan.json"
     plan_file.write_text(json.dumps(plan, default=str))
@@ -196,7 +204,7 @@ def test_compress_task_on_two_processes(launched):
     out = launched / "compress_task"
     assert_one_writer(launched, "compress_task", out)
     saved = results(out)
-    assert saved["train"]["world_size"] == 2
+    assert saved["train"]["world_size"] == 2 and saved["train"]["global_batch"] == 8
     stages = out.with_name(out.name + ".stages")
     assert results(stages / "1-teacher")["train"]["world_size"] == 2
     assert (stages / "2-converted" / "config.json").is_file()
@@ -216,7 +224,7 @@ def test_heal_on_two_processes_matches_one(launched, inputs, tmp_path):
     assert two["heldout_hidden_error_after"] != two["heldout_hidden_error_before"]  # it trained
 
 
-def test_compress_text_on_two_processes_matches_one_and_resumes(launched, inputs, tmp_path):
+def test_compress_text_on_two_processes_matches_one_and_resumes(launched, inputs, tmp_path, capsys):
     out = launched / "compress_text"
     assert_one_writer(launched, "compress_text", out)
     two = results(out)
@@ -236,6 +244,16 @@ def test_compress_text_on_two_processes_matches_one_and_resumes(launched, inputs
     assert "resuming healing from step 5" in output(launched, "compress_text_resumed", 0)[2]
     assert resumed["perplexity"]["compressed"] == pytest.approx(two["perplexity"]["compressed"], rel=REL)
     assert resumed["heal"]["final_loss"] == pytest.approx(two["heal"]["final_loss"], rel=REL)
+
+    # --batch-size is the global batch here: a run stopped under two processes resumes under one
+    assert output(launched, "compress_text_stopped_for_one", 0)[0] == 130
+    capsys.readouterr()
+    single(compress_text_args(inputs, launched / "compress_text_one", 4))
+    assert "resuming healing from step 5" in capsys.readouterr().err
+    alone = results(launched / "compress_text_one")
+    assert alone["heal"]["world_size"] == 1
+    assert alone["perplexity"]["compressed"] == pytest.approx(two["perplexity"]["compressed"], rel=REL)
+    assert alone["heal"]["final_loss"] == pytest.approx(two["heal"]["final_loss"], rel=REL)
 
 
 def test_train_on_two_processes_matches_one_and_resumes(launched, inputs, tmp_path):
@@ -290,14 +308,47 @@ def test_train_switches_to_dense_on_two_processes_as_on_one(launched, inputs, tm
         torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, reference.eval()(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("stop", [3, 5], ids=["stopped-before-the-switch", "stopped-after-the-switch"])
-def test_train_with_the_switch_resumes_on_two_processes(launched, stop):
+def test_train_stopped_before_the_switch_resumes_and_switches_on_two_processes(launched):
     whole = results(launched / "train_switch", "train_results.json")
-    assert "stopped before the last step" in output(launched, f"train_switch_stopped_{stop}", 0)[2]
-    out = launched / f"train_switch_{stop}"
-    assert_one_writer(launched, f"train_switch_resumed_{stop}", out)
-    assert f"resuming from checkpoint-{stop - 1}" in output(launched, f"train_switch_resumed_{stop}", 0)[2]
+    assert "stopped before the last step" in output(launched, "train_switch_stopped", 0)[2]
+    out = launched / "train_switch_resumed"
+    assert_one_writer(launched, "train_switch_resumed", out)
+    assert "resuming from checkpoint-2" in output(launched, "train_switch_resumed", 0)[2]
     resumed = results(out, "train_results.json")
     assert resumed["switch"]["step"] == 4 and resumed["train"]["steps"] == 8
     assert logged_losses(resumed) == pytest.approx(logged_losses(whole), rel=REL)
     assert resumed["eval"]["loss"] == pytest.approx(whole["eval"]["loss"], rel=REL)
+
+
+def test_compress_text_heals_sharded_on_two_processes_as_with_copies(launched):
+    """FSDP: each process holds half of every Monarch factor (split along its first dimension)
+    and the run reaches the run with whole copies (DDP) to ``REL``; the gathered folder holds
+    the same weights. Its healing state, written sharded, resumes with copies."""
+    from safetensors.torch import load_file
+
+    out = launched / "compress_text_sharded"
+    assert_one_writer(launched, "compress_text_sharded", out)
+    weights, reference = load_file(out / "model.safetensors"), load_file(launched / "compress_text" / "model.safetensors")
+    shards = [json.loads((launched / f"compress_text_sharded.rank{rank}.shards.json").read_text()) for rank in range(PROCESSES)]
+    factors = [name for name in shards[0] if name.endswith((".L", ".R"))]
+    assert factors and sorted(factors) == sorted(name for name in reference if name.endswith((".L", ".R")))
+    for name in factors:
+        (mine, whole), (theirs, _) = shards[0][name], shards[1][name]
+        assert mine[0] + theirs[0] == whole[0] and 0 < mine[0] < whole[0] and mine[1:] == theirs[1:] == whole[1:], name
+
+    sharded, copies = results(out), results(launched / "compress_text")
+    assert sharded["heal"]["sharded"] is True and copies["heal"]["sharded"] is False
+    assert sharded["heal"]["world_size"] == 2 and sharded["heal"]["global_batch"] == 4
+    for key in ("converted", "compressed"):
+        assert sharded["perplexity"][key] == pytest.approx(copies["perplexity"][key], rel=REL), key
+    assert sharded["heal"]["final_loss"] == pytest.approx(copies["heal"]["final_loss"], rel=REL)
+    assert weights.keys() == reference.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    for rank in range(PROCESSES):
+        assert output(launched, "compress_text_sharded_stopped", rank)[0] == 130
+    assert "resuming healing from step 5" in output(launched, "compress_text_sharded_resumed", 0)[2]
+    resumed = results(launched / "compress_text_sharded_resumed")
+    assert resumed["heal"]["final_loss"] == pytest.approx(sharded["heal"]["final_loss"], rel=REL)
+    assert resumed["perplexity"]["compressed"] == pytest.approx(sharded["perplexity"]["compressed"], rel=REL)

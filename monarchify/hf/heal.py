@@ -82,6 +82,7 @@ def heal_pretrained(
         "cpu_threads": torch.get_num_threads(),  # a slow run on a busy machine explains itself
         "world_size": distributed.world_size(),
         "global_batch": batch_size,
+        "sharded": distributed.sharded(),
     }
     distributed.on_main(save_model, student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force,
                         sentence_transformers_from=source)

@@ -297,7 +297,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             "perplexity_before": healed.heldout_before, "perplexity_after": healed.heldout_after,
             "curve": [{"step": s, "tokens": s * tokens_per_step, "perplexity": v} for s, v in healed.curve],
             "seconds": round(healed.seconds, 2), "final_loss": healed.losses[-1] if healed.losses else None,
-            "world_size": distributed.world_size(), "global_batch": options.batch_size,
+            "world_size": distributed.world_size(), "global_batch": options.batch_size, "sharded": distributed.sharded(),
         }
         compressed_ppl = healed.heldout_after
         before = healed.heldout_before
