@@ -31,7 +31,7 @@ from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
 from monarchify.samples import model_device
 
-__all__ = ["HealConfig", "HealResult", "heal_", "healing_loss", "hidden_error"]
+__all__ = ["HealConfig", "HealResult", "check_sharding", "heal_", "healing_loss", "hidden_error"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -169,6 +169,7 @@ def heal_(
     """
     if not batches:
         raise ConfigError("healing needs at least one batch of text")
+    check_sharding()
     if measure is None and heldout:
         measure = lambda model: hidden_error(model, teacher, heldout)  # noqa: E731
     torch.manual_seed(config.seed)
@@ -233,6 +234,18 @@ def heal_(
     return result
 
 
+def check_sharding() -> None:
+    """Refuse a sharded launch that would leave the processes but the first without weights.
+
+    accelerate's ``fsdp_cpu_ram_efficient_loading`` makes transformers load the weights in the
+    first process of each machine only (the others get empty tensors, which Trainer fills from
+    the first); the healing loop shards what each process loaded, and its teacher is never
+    sharded, so every process needs the whole models. Called before loading anything."""
+    if distributed.sharded() and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in ("1", "true", "yes"):
+        raise ConfigError("healing sharded needs the weights loaded in every process, but accelerate's "
+                          "fsdp_cpu_ram_efficient_loading loads them in the first process only: set it to false")
+
+
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP shards one by one (each gathered whole only for its own forward and
     backward): the classes accelerate's FSDP configuration names (``FSDP_TRANSFORMER_CLS_TO_WRAP``,
@@ -261,7 +274,7 @@ def _sharded(student: nn.Module, device: torch.device) -> nn.Module:
     placeholders = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                     for p in student.parameters()}
     model = copy.deepcopy(student, memo=dict(placeholders))  # tied parameters stay tied: one placeholder each
-    for block in _blocks(model):
+    for block in reversed(_blocks(model)):  # inner blocks before the blocks around them, as FSDP requires
         fully_shard(block)
     fully_shard(model)
     model.to_empty(device=device)

@@ -252,3 +252,19 @@ def test_fsdp_shards_the_decoder_blocks_the_configuration_or_the_model_names(mon
     assert factors and all(id(m.L) in inside and id(m.R) in inside for m in factors)
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaMLP, LlamaAttention")
     assert _blocks(model) == [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
+
+
+def test_healing_sharded_refuses_weights_loaded_in_one_process_only(monkeypatch):
+    from monarchify.heal import check_sharding
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is needed
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    check_sharding()  # copies of the model (no FSDP): every process loads everything anyway
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="fsdp_cpu_ram_efficient_loading"):
+        check_sharding()
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="fsdp_cpu_ram_efficient_loading"):
+        heal_(model, copy.deepcopy(model), [{"input_ids": torch.zeros(2, 4, dtype=torch.long)}], HealConfig(steps=1))
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    check_sharding()
