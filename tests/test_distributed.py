@@ -200,11 +200,16 @@ def test_finetune_on_two_processes_matches_one(launched, inputs, tmp_path):
     assert len(logged[0]) >= 2 and logged[0] == pytest.approx(logged[1], rel=REL)
 
 
-def test_compress_task_on_two_processes(launched):
+def test_compress_task_on_two_processes_matches_one(launched, inputs, tmp_path):
     out = launched / "compress_task"
     assert_one_writer(launched, "compress_task", out)
     saved = results(out)
     assert saved["train"]["world_size"] == 2 and saved["train"]["global_batch"] == 8
+    single(compress_task_args(inputs, tmp_path / "one", 8))
+    one = results(tmp_path / "one")
+    assert one["train"]["world_size"] == 1 and one["train"]["global_batch"] == 8
+    assert saved["metrics"]["validation"]["accuracy"] == one["metrics"]["validation"]["accuracy"]
+    assert saved["metrics"]["validation"]["loss"] == pytest.approx(one["metrics"]["validation"]["loss"], rel=REL)
     stages = out.with_name(out.name + ".stages")
     assert results(stages / "1-teacher")["train"]["world_size"] == 2
     assert (stages / "2-converted" / "config.json").is_file()
