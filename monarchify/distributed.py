@@ -128,3 +128,43 @@ def all_reduce_sum(value: float) -> float:
 def all_reduce_mean(value: float) -> float:
     """The mean of ``value`` over every process."""
     return all_reduce_sum(value) / world_size()
+
+
+def sharded() -> bool:
+    """Whether the launch asked for fully sharded data parallelism (FSDP) instead of copies of
+    the model: accelerate's FSDP configuration (``accelerate launch --use_fsdp``, or a config
+    file with ``distributed_type: FSDP``) sets ``ACCELERATE_USE_FSDP`` in every process, and
+    Trainer shards on it; the healing loop reads the same variable, so one launch configuration
+    decides for every command."""
+    return launched() and os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+
+
+def broadcast_from_main(tensors: Any) -> None:
+    """Overwrite ``tensors`` in every process with the main process's values (nothing to do alone).
+
+    For tensors every process computed from identical inputs (a densified weight): equal by
+    construction, and after this equal by fact, as DistributedDataParallel assumes."""
+    dist = _group()
+    if dist is None:
+        return
+    import torch
+
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+
+
+def rebuild_ddp(wrapper: Any) -> None:
+    """Make a ``DistributedDataParallel`` wrapper synchronise the parameters its module holds now.
+
+    DDP's reducer, built once, lists the parameters whose gradients it averages; a module whose
+    layers were replaced (the sparse-to-dense switch) holds parameters it does not know, whose
+    gradients would then differ between processes, while it waits for the old ones. Trainer's
+    loop keeps the wrapper object it made, so the wrapper is rebuilt in place rather than
+    replaced: its old reducer lets go of the parameters it hooked, and a new one is built from
+    the module's current parameters with the same settings, which is what unpickling a DDP
+    wrapper does (``__getstate__`` keeps the settings, ``__setstate__`` builds the reducer)."""
+    if getattr(wrapper, "_comm_hooks", None):
+        raise RuntimeError("a DistributedDataParallel communication hook cannot be carried over a change of parameters")
+    wrapper.reducer._remove_autograd_hooks()  # the kept parameters must not report to the old reducer
+    wrapper.__setstate__(wrapper.__getstate__())

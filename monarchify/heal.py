@@ -31,7 +31,7 @@ from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
 from monarchify.samples import model_device
 
-__all__ = ["HealConfig", "HealResult", "heal_", "healing_loss", "hidden_error"]
+__all__ = ["HealConfig", "HealResult", "check_sharding", "heal_", "healing_loss", "hidden_error"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -162,25 +162,31 @@ def heal_(
     wrapped in ``DistributedDataParallel``, each process on its share of every batch
     (:func:`share`); the recorded losses are those of the whole batch, the held-out
     measurements run identically in every process (the models are identical), and only the
-    main process writes the state.
+    main process writes the state. Launched with accelerate's FSDP configuration
+    (:func:`monarchify.distributed.sharded`) it trains a sharded copy instead (:func:`_sharded`):
+    each process keeps a share of every weight, gradient and AdamW moment, and the healed
+    weights are gathered back into ``student`` at the end.
     """
     if not batches:
         raise ConfigError("healing needs at least one batch of text")
+    check_sharding()
     if measure is None and heldout:
         measure = lambda model: hidden_error(model, teacher, heldout)  # noqa: E731
     torch.manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
     student.eval()
     device = model_device(student)
-    named = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    parallel = distributed.active()
+    sharded = parallel and distributed.sharded()
+    model = _sharded(student, device) if sharded else student  # the module whose parameters train
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     result = HealResult()
     state = HealState(state_dir, config) if state_dir is not None else None
     first = state.restore(named, optimizer, scheduler, result) if state is not None else 0
-    parallel = distributed.active()
-    trained = student
-    if parallel:
+    trained = model
+    if parallel and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         # find_unused_parameters: a hidden-state loss leaves parts of a model unused (a pooler)
@@ -188,7 +194,7 @@ def heal_(
                                           find_unused_parameters=True)
     rank, world = distributed.rank(), distributed.world_size()
     if measure is not None and first == 0:
-        result.heldout_before = measure(student)
+        result.heldout_before = measure(model)
         result.curve.append((0, result.heldout_before))
     measuring = 0.0
     start = time.perf_counter() - result.seconds
@@ -211,18 +217,100 @@ def heal_(
         done = step + 1
         if measure is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             began = time.perf_counter()
-            result.curve.append((done, measure(student)))
+            result.curve.append((done, measure(model)))
             measuring += time.perf_counter() - began
-        if state is not None and config.save_every and done % config.save_every == 0 and done < config.steps and distributed.is_main():
+        if state is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
             result.seconds = time.perf_counter() - start - measuring
-            state.save(done, named, optimizer, result)
+            state.save(done, named, optimizer, result)  # gathered in every process, written by the main one
         if progress is not None:
             progress(done, result.losses[-1])
     result.seconds = time.perf_counter() - start - measuring
+    if sharded:
+        _gather_into(student, model)
+        del trained, model, named, optimizer, scheduler
     if measure is not None:
         result.heldout_after = measure(student)
         result.curve.append((config.steps, result.heldout_after))
     return result
+
+
+def check_sharding() -> None:
+    """Refuse a sharded launch that would leave the processes but the first without weights.
+
+    accelerate's ``fsdp_cpu_ram_efficient_loading`` makes transformers load the weights in the
+    first process of each machine only (the others get empty tensors, which Trainer fills from
+    the first); the healing loop shards what each process loaded, and its teacher is never
+    sharded, so every process needs the whole models. Called before loading anything."""
+    if distributed.sharded() and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in ("1", "true", "yes"):
+        raise ConfigError("healing sharded needs the weights loaded in every process, but accelerate's "
+                          "fsdp_cpu_ram_efficient_loading loads them in the first process only: set it to false")
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one (each gathered whole only for its own forward and
+    backward): the classes accelerate's FSDP configuration names (``FSDP_TRANSFORMER_CLS_TO_WRAP``,
+    the ``fsdp_transformer_layer_cls_to_wrap`` of its config file), else the blocks the model
+    itself says must stay whole (transformers' ``_no_split_modules``: the decoder layers)."""
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    classes = {c.strip() for c in named.split(",") if c.strip()} or set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if m is not model and type(m).__name__ in classes]
+
+
+def _sharded(student: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``student`` whose parameters FSDP (``fully_shard``) spreads over the processes,
+    holding the same values.
+
+    A copy, so that ``student`` stays an ordinary module for what follows the healing (measuring
+    it, saving it from the main process alone); built without a second whole copy of the
+    weights: the copy's parameters start on the meta device, are sharded there, and each process
+    then fills only its own shares. Names are the student's, so a healing state is the same
+    files whether it was written sharded or not. The Monarch factors ``L`` and ``R`` are plain
+    parameters of their layer and are sharded like any other (along their first dimension)."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    placeholders = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                    for p in student.parameters()}
+    model = copy.deepcopy(student, memo=dict(placeholders))  # tied parameters stay tied: one placeholder each
+    for block in reversed(_blocks(model)):  # inner blocks before the blocks around them, as FSDP requires
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        buffers = dict(student.named_buffers())
+        for name, buffer in model.named_buffers():  # to_empty emptied them too; they are not sharded
+            buffer.copy_(buffers[name])
+    set_model_state_dict(model, student.state_dict(), options=StateDictOptions(full_state_dict=True))
+    return model
+
+
+@torch.no_grad()
+def _gather_into(student: nn.Module, model: nn.Module) -> None:
+    """The healed values of the sharded copy ``model``, whole, into ``student``'s parameters
+    (in every process: each gathers every parameter from the others' shares)."""
+    for (name, param), (other, shard) in zip(student.named_parameters(), model.named_parameters(), strict=True):
+        assert name == other, (name, other)
+        param.copy_(_whole(shard))
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: gathered from every process's share when it is sharded (a DTensor),
+    itself otherwise. Every process must ask for the same tensors in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``whole`` cut the way ``param`` is (this process's share of it when ``param`` is sharded)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    whole = whole.to(param.device)
+    if isinstance(param, DTensor):
+        return distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)  # each cuts its own
+    return whole
 
 
 STATE_WEIGHTS, STATE_OPTIMIZER, STATE_RECORD = "heal_weights.safetensors", "heal_optimizer.safetensors", "heal_state.json"
@@ -251,11 +339,12 @@ class HealState:
         moments = load_file(self.folder / STATE_OPTIMIZER)
         with torch.no_grad():
             for name, param in named:
-                param.copy_(weights[name])
+                param.copy_(_like(weights[name], param))
         for name, param in named:
             keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}::{k}" in moments]
-            if keys:
-                optimizer.state[param] = {k: moments[f"{name}::{k}"].to(param.device) for k in keys}
+            if keys:  # AdamW's step count is one number, its moments have the parameter's shape (and shares)
+                optimizer.state[param] = {k: moments[f"{name}::{k}"] if k == "step" else _like(moments[f"{name}::{k}"], param)
+                                          for k in keys}
         step = int(record["step"])
         scheduler.last_epoch = step  # where ``step`` calls of scheduler.step() leave it
         for group in optimizer.param_groups:
@@ -267,12 +356,15 @@ class HealState:
         return step
 
     def save(self, step: int, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer, result: HealResult) -> None:
+        """Called in every process (a sharded state is gathered from all of them); the main one writes."""
         from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        weights = {name: p.detach().contiguous().cpu() for name, p in named}
-        moments = {f"{name}::{k}": v.detach().contiguous().cpu() for name, p in named
+        weights = {name: _whole(p.detach()).contiguous().cpu() for name, p in named}
+        moments = {f"{name}::{k}": _whole(v.detach()).contiguous().cpu() for name, p in named
                    for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+        if not distributed.is_main():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
         record = {"step": step, "config": self.config.to_dict(), "losses": result.losses, "heldout_before": result.heldout_before,
                   "curve": result.curve, "seconds": result.seconds}
         (self.folder / STATE_RECORD).unlink(missing_ok=True)  # incomplete until the new record lands

@@ -7,7 +7,10 @@ where ``PLAN`` is a JSON list of ``{"name", "args", "stop"}``: each command runs
 real command line (``monarchify.cli.app.main``); its stdout and stderr in this process go to
 ``<folder of PLAN>/<name>.rank<R>.out`` / ``.err``, its exit code to ``<name>.rank<R>.rc``.
 ``stop``: ``{"train": k}`` stops Trainer after step k (as a stopped run would), ``{"heal": k}``
-interrupts healing after step k (Ctrl-C reaches every process of a launch).
+interrupts healing after step k (Ctrl-C reaches every process of a launch). ``env``: environment
+variables set for that command only (``ACCELERATE_USE_FSDP``). ``shards``: true to write, for a
+sharded healing run, each parameter's shape in this process and whole
+(``<name>.rank<R>.shards.json``), the evidence that it was sharded.
 """
 
 from __future__ import annotations
@@ -51,6 +54,41 @@ def stopping(stop: dict | None):
         monarchify.heal.heal_, training_progress.RichProgress.on_step_end = saved_heal, saved_step_end
 
 
+@contextlib.contextmanager
+def environment(values: dict | None):
+    saved = {key: os.environ.get(key) for key in values or {}}
+    os.environ.update({key: str(value) for key, value in (values or {}).items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def recording_shards(path: Path | None):
+    if path is None:
+        yield
+        return
+    import monarchify.heal
+
+    saved = monarchify.heal._sharded
+
+    def sharded(student, device):
+        model = saved(student, device)
+        path.write_text(json.dumps({name: [list(p.to_local().shape), list(p.shape)] for name, p in model.named_parameters()}))
+        return model
+
+    monarchify.heal._sharded = sharded
+    try:
+        yield
+    finally:
+        monarchify.heal._sharded = saved
+
+
 def main(plan_file: str) -> None:
     from monarchify.cli.app import main as cli
 
@@ -64,7 +102,8 @@ def main(plan_file: str) -> None:
             name = f"{command['name']}.rank{rank}"
             with open(folder / f"{name}.out", "w") as out, open(folder / f"{name}.err", "w") as err:
                 stdout.target, stderr.target = out, err
-                with stopping(command.get("stop")):
+                shards = folder / f"{name}.shards.json" if command.get("shards") else None
+                with stopping(command.get("stop")), environment(command.get("env")), recording_shards(shards):
                     code = cli([str(a) for a in command["args"]])
                 stdout.target = stderr.target = None
             (folder / f"{name}.rc").write_text(str(code))

@@ -234,3 +234,37 @@ def test_token_logit_loss_counts_only_real_tokens_and_equals_the_per_token_kl():
 def test_heal_loss_settings_are_checked(kwargs):
     with pytest.raises(ConfigError):
         HealConfig(**kwargs)
+
+
+def test_fsdp_shards_the_decoder_blocks_the_configuration_or_the_model_names(monkeypatch):
+    """FSDP gathers each block whole only for its own forward and backward: the blocks are the
+    classes accelerate's FSDP configuration names, else the model's own unsplittable blocks; the
+    Monarch factors are ordinary parameters inside them, so they are sharded with their block."""
+    from monarchify.heal import _blocks
+
+    model = tiny_llama()
+    convert(model, MonarchConfig(nblocks=4))
+    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
+    blocks = _blocks(model)
+    assert blocks == list(model.model.layers)
+    inside = {id(p) for block in blocks for p in block.parameters()}
+    factors = [m for m in model.modules() if isinstance(m, MonarchLinear)]
+    assert factors and all(id(m.L) in inside and id(m.R) in inside for m in factors)
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaMLP, LlamaAttention")
+    assert _blocks(model) == [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
+
+
+def test_healing_sharded_refuses_weights_loaded_in_one_process_only(monkeypatch):
+    from monarchify.heal import check_sharding
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is needed
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    check_sharding()  # copies of the model (no FSDP): every process loads everything anyway
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="fsdp_cpu_ram_efficient_loading"):
+        check_sharding()
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="fsdp_cpu_ram_efficient_loading"):
+        heal_(model, copy.deepcopy(model), [{"input_ids": torch.zeros(2, 4, dtype=torch.long)}], HealConfig(steps=1))
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    check_sharding()

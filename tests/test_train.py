@@ -381,3 +381,15 @@ def test_default_interval_is_a_tenth_of_a_long_run_and_at_least_fifty_steps(tmp_
     assert run.eval_steps is None and run.save_steps is None
     assert run.every(run.eval_steps, max_steps) == run.every(run.save_steps, max_steps) == every
     assert run.every(0.1, 30) == 3 and run.every(7, 30) == 7  # what is asked for is kept
+
+
+def test_the_switch_is_refused_under_a_sharded_launch(monkeypatch, tmp_path, corpus, arch):
+    """Under FSDP each process holds pieces of the factors: nothing to multiply out."""
+    from monarchify.lm.train import _check_request
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; no process group is needed to refuse
+    _check_request(options(tmp_path, corpus, arch, "copies", densify_at=0.5))  # copies of the model: allowed
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="sharded"):
+        _check_request(options(tmp_path, corpus, arch, "sharded", densify_at=0.5))
+    assert not (tmp_path / "sharded").exists()

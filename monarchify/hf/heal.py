@@ -13,7 +13,7 @@ from torch import nn
 from monarchify import distributed
 from monarchify.atomic import check_output_dir
 from monarchify.errors import ConfigError
-from monarchify.heal import HealResult, heal_
+from monarchify.heal import HealResult, check_sharding, heal_
 from monarchify.heal_config import DEFAULT_HEAL_BATCH, DEFAULT_HEAL_SAMPLES, HealConfig
 from monarchify.hf.loading import load_model, load_tokenizer
 from monarchify.hf.saving import recipe_of, save_model
@@ -57,6 +57,7 @@ def heal_pretrained(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     distributed.init()
+    check_sharding()
     text = read_samples(data, samples)
     check_output_dir(out, force, inputs=(source, teacher))
     source, teacher_source = os.fspath(source), os.fspath(teacher)
@@ -82,6 +83,7 @@ def heal_pretrained(
         "cpu_threads": torch.get_num_threads(),  # a slow run on a busy machine explains itself
         "world_size": distributed.world_size(),
         "global_batch": batch_size,
+        "sharded": distributed.sharded(),
     }
     distributed.on_main(save_model, student, out, tokenizer=tokenizer, report=report, recipe=recipe_of(student), force=force,
                         sentence_transformers_from=source)

@@ -202,7 +202,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
 
     from monarchify.atomic import check_output_dir
     from monarchify.glue.results import run_environment
-    from monarchify.heal import heal_
+    from monarchify.heal import check_sharding, heal_
     from monarchify.hf.convert import convert_pretrained
     from monarchify.hf.loading import load_model, load_tokenizer
     from monarchify.hf.saving import recipe_of, save_model
@@ -216,6 +216,8 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     # speaks, while the others wait for it at each hand-over.
     distributed.init()
     events = (events or TextCompressEvents()) if distributed.is_main() else TextCompressEvents()
+    if options.heal is not None:
+        check_sharding()
     environment = run_environment()
     inputs = (options.model, *options.text)
     check_output_dir(options.out, options.force, inputs=inputs)
@@ -297,7 +299,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             "perplexity_before": healed.heldout_before, "perplexity_after": healed.heldout_after,
             "curve": [{"step": s, "tokens": s * tokens_per_step, "perplexity": v} for s, v in healed.curve],
             "seconds": round(healed.seconds, 2), "final_loss": healed.losses[-1] if healed.losses else None,
-            "world_size": distributed.world_size(), "global_batch": options.batch_size,
+            "world_size": distributed.world_size(), "global_batch": options.batch_size, "sharded": distributed.sharded(),
         }
         compressed_ppl = healed.heldout_after
         before = healed.heldout_before

@@ -13,16 +13,25 @@ into one). The state of the factors is dropped: AdamW's moments of ``L`` and ``R
 about the moments of their product, so the dense weight starts with fresh moments (step 0,
 zeros), which is what restarting AdamW for those weights means. A bias is the same parameter
 before and after, so its moments carry over.
+
+Under several processes every process densifies its identical copy the same way at the same
+step and changes its optimizer the same way; the main process's dense weights are then sent to
+the others (equal already, now equal by fact), and the DistributedDataParallel wrapper Trainer
+trains through is rebuilt around the new parameters (:func:`monarchify.distributed.rebuild_ddp`):
+it would otherwise go on averaging the gradients of the factors only. A sharded (FSDP) model is
+not switched: its factors are pieces spread over the processes, and the wrapper owns them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from monarchify import distributed
 from monarchify.monarch import MonarchLinear
 from monarchify.pipeline.densify import densify_
 
@@ -99,11 +108,16 @@ class DensifyCallback(TrainerCallback):
     shows the switch was exact). ``record`` receives ``{"step", "layers", "loss_before",
     "loss_after"}``. A run resumed past the switch starts from a dense checkpoint, and the
     model was densified before training: nothing is left to do then.
+
+    ``wrapped``: how to reach the module Trainer trains through (``lambda: trainer.model_wrapped``),
+    rebuilt after the switch when it is a DistributedDataParallel wrapper.
     """
 
-    def __init__(self, step: int, probe: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, step: int, probe: dict[str, torch.Tensor] | None = None,
+                 wrapped: Callable[[], nn.Module] | None = None) -> None:
         self.step = step
         self.probe = probe
+        self.wrapped = wrapped
         self.record: dict[str, Any] | None = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
@@ -112,5 +126,17 @@ class DensifyCallback(TrainerCallback):
             return
         before = probe_loss(model, self.probe) if self.probe is not None else None
         names = densify_training(model, optimizer)
+        distributed.broadcast_from_main([p for name in names for p in model.get_submodule(name).parameters()])
+        self._rewrap(model)
         after = probe_loss(model, self.probe) if self.probe is not None else None
         self.record = {"step": state.global_step, "layers": len(names), "loss_before": before, "loss_after": after}
+
+    def _rewrap(self, model: nn.Module) -> None:
+        wrapper = self.wrapped() if self.wrapped is not None else None
+        if wrapper is None or wrapper is model:
+            return  # one process: Trainer calls the model itself
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(wrapper, DistributedDataParallel) or wrapper.module is not model:
+            raise RuntimeError(f"the switch to dense cannot change the parameters of a model wrapped in {type(wrapper).__name__}")
+        distributed.rebuild_ddp(wrapper)

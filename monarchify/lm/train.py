@@ -6,6 +6,8 @@ Monarch layers where the recipe selects them (:mod:`monarchify.hf.fresh`), train
 ``Trainer`` (so ``torchrun``/``accelerate launch`` spread it over GPUs and machines), switches to
 dense at ``densify_at`` (:mod:`monarchify.lm.switch`), and saves the model, its tokenizer and
 ``train_results.json`` (perplexity on the held-out part, step times, the loss against time).
+Under several processes the switch happens in each of them, the same way
+(:mod:`monarchify.lm.switch`).
 
 Checkpoints resume, across the switch too: the checkpoint folder keeps the run's options and
 tokenizer, each checkpoint keeps the step times and the switch record, and a checkpoint without
@@ -132,11 +134,11 @@ def _check_precision(precision: str) -> None:
 def _check_request(options: TrainOptions) -> None:
     """Everything the options alone show to be impossible, before any text is read."""
     _check_precision(options.precision)
-    if options.densify_at is not None and distributed.launched():
+    if options.densify_at is not None and distributed.sharded():
         raise ConfigError(
-            "the switch to dense (densify_at) needs a single process: under several processes each model is wrapped in "
-            "DistributedDataParallel, which averages the gradients of the parameters it was built with (the Monarch "
-            "factors) and cannot take the new dense weights in the middle of a Trainer run"
+            "the switch to dense (densify_at) cannot run on a sharded (FSDP) model: each process holds only pieces of "
+            "the Monarch factors; train with copies of the model (DistributedDataParallel, the default) or densify the "
+            "result afterwards"
         )
     inputs = (*options.text, *((options.tokenizer,) if options.tokenizer else ()), options.arch)
     if options.resume:
@@ -318,6 +320,8 @@ def train(
         data_collator=data.collator,
         callbacks=[log, *((densify,) if densify else ()), *callbacks],
     )
+    if densify is not None:
+        densify.wrapped = lambda: trainer.model_wrapped  # under several processes, the wrapper rebuilt at the switch
     trainer.remove_callback(PrinterCallback)
     if callbacks:
         trainer.remove_callback(ProgressCallback)
