@@ -117,3 +117,20 @@ def move_into_place(staging: Path, out: str | os.PathLike[str]) -> None:
     :func:`atomic_output_dir`; if the rename fails, the staging folder stays for the caller."""
     dest = Path(out).resolve()
     _move_into_place(staging, dest, dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}", keep_staging=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write one small file so that a reader sees the old content or the new, never half of
+    it: a temporary file beside it, renamed over it (permissions follow the umask)."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -22,12 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monarchify.atomic import current_umask
+from monarchify.atomic import atomic_write_text
 from monarchify.errors import ConfigError
 
 MANIFEST_FILE = "monarchify_run.json"
@@ -209,14 +208,5 @@ class RunManifest:
         if not is_main():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
