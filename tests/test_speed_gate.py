@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from monarchify import speed_gate as gate_module
+from monarchify.pipeline import speed_gate as gate_module
 from monarchify.cli.app import main
 from monarchify.config import MonarchConfig, SpeedGateConfig
 from monarchify.monarch import MonarchLinear
-from monarchify.speed_gate import SpeedGate, SpeedVerdict
+from monarchify.pipeline.speed_gate import SpeedGate, SpeedVerdict
 from monarchify.pipeline import convert
 from tests.conftest import tiny_bert
 

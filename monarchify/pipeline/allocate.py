@@ -43,7 +43,7 @@ truncated SVD's relative squared error is the share of the squared singular valu
 of ``W``, or with calibration of ``W S`` (``C = S Sᵀ``, the damped full covariance, which the
 low-rank fit uses whole).
 
-The speed gate times each distinct layer shape on this device (:mod:`monarchify.speed_gate`)
+The speed gate times each distinct layer shape on this device (:mod:`monarchify.pipeline.speed_gate`)
 and keeps dense the layers Monarch does not make faster.
 
 Torch only: nothing here knows about transformers.
@@ -69,6 +69,7 @@ from monarchify.monarch.whitening import (
     DEFAULT_DAMPING, batched_svd, cholesky_blocks, diagonal_blocks, padded_covariance, project_whitened, whitened_sub_blocks,
 )
 from monarchify.pipeline.plan import PlannedLayer, name_matches
+from monarchify.pipeline.speed_gate import SpeedGate
 
 CANDIDATES = (2, 3, 4, 6, 8, 12, 16)
 PRICING_ORDER = INTERLEAVED
@@ -537,7 +538,7 @@ class Allocation:
     kept: dict[str, KeptDense] = field(default_factory=dict)
     budget: BudgetPlan | None = None
     speed: dict[str, Any] = field(default_factory=dict)
-    """Layer name -> the speed gate's :class:`~monarchify.speed_gate.SpeedVerdict`."""
+    """Layer name -> the speed gate's :class:`~monarchify.pipeline.speed_gate.SpeedVerdict`."""
     output_order: str = BLOCKED
     ranks: dict[str, int] = field(default_factory=dict)
     """Monarch layers with a low-rank term, and its rank (absent: none); with ``structure``
@@ -611,8 +612,6 @@ def allocate(
 
 
 def _apply_speed_gate(allocation: Allocation, layers: Sequence[PlannedLayer], config: MonarchConfig) -> None:
-    from monarchify.speed_gate import SpeedGate
-
     gate = SpeedGate(config.speed_gate)
     for layer in layers:
         weight = layer.weight
