@@ -16,7 +16,8 @@ from monarchify.config import CalibrationConfig, MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.hf.convert import convert_pretrained
 from monarchify.pipeline import convert
-from monarchify.pipeline.allocate import DENSE, plan_budget
+from monarchify.pipeline.allocate import plan_budget
+from monarchify.pipeline.pricing import DENSE
 from monarchify.pipeline.observe import output_sensitivity
 from monarchify.pipeline.plan import plan
 
