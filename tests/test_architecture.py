@@ -140,6 +140,21 @@ def external(modules: set[str]) -> set[str]:
     return {m for name in modules for m in imports(OURS[name]) if not under(m, "monarchify")}
 
 
+def documented_layers() -> list[set[str]]:
+    """The layers drawn in docs/architecture.md, bottom first, as module names."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    drawing = text.split("## What each module owns", 1)[1].split("```")[1]
+    layers = []
+    for line in drawing.strip().splitlines()[::-1]:
+        names = re.split(r"\s{2,}", line.strip())[0].split(", ")
+        layers.append({"monarchify" if name.startswith("__init__.py") else f"monarchify.{name.rstrip('/')}" for name in names})
+    return layers
+
+
+def test_the_documented_layers_are_the_checked_ones():
+    assert documented_layers() == [set(roots) for roots in LAYERS]
+
+
 def test_no_module_loads_itself_back():
     """An import cycle, even through an import inside a function, means two layers each need the
     other: the one that hid its import only works while the other is already loaded."""
