@@ -31,7 +31,8 @@ from monarchify.config import CalibrationConfig, MonarchConfig
 from monarchify.hf.loading import load_model, load_tokenizer
 from monarchify.monarch import MonarchLayout, project
 from monarchify.monarch.whitening import DEFAULT_DAMPING, assemble, output_rel_error, project_whitened, refine_full
-from monarchify.pipeline.allocate import layer_choices, plan_budget
+from monarchify.pipeline.allocate import plan_budget
+from monarchify.pipeline.pricing import layer_choices
 from monarchify.pipeline.apply import replace_module
 from monarchify.pipeline.observe import collect, observe
 from monarchify.pipeline.plan import dense_weight, plan

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from monarchify import bench
+from monarchify.hf import model_bench
 from monarchify.monarch import kernels
 from monarchify.monarch.kernels import check
 
@@ -98,10 +99,10 @@ def bert_base(device: torch.device, warmup: int, repeat: int) -> tuple[dict, dic
     torch.manual_seed(0)
     dense = BertForSequenceClassification(BertConfig(num_labels=2)).to(device)  # BERT-base sizes
     start = time.perf_counter()
-    dense, monarch = bench.model_pair(dense, nblocks=4)
+    dense, monarch = model_bench.model_pair(dense, nblocks=4)
     print(f"\n(converted BERT-base at nblocks 4 in {time.perf_counter() - start:.1f} s on {device})")
     agreement = model_agreement(dense, monarch, device)
-    result = bench.models_benchmark(dense, monarch, batch=32, seq_len=128, dtype=torch.bfloat16, device=device,
+    result = model_bench.models_benchmark(dense, monarch, batch=32, seq_len=128, dtype=torch.bfloat16, device=device,
                                     warmup=warmup, repeat=repeat)
     inf, step = result["inference"], result["train_step"]
     print("== BERT-base classifier, batch 32×128, bfloat16 (targets: inference ≥2×, train step ≥1.5×) ==")

@@ -4,7 +4,7 @@
 
 The training runs of docs/training.md run side by side on a shared machine whose load moves;
 this times one training step (forward, backward, AdamW) of each model on the same random batch,
-alternating dense and Monarch (:func:`monarchify.bench.models_benchmark`), so both see the same
+alternating dense and Monarch (:func:`monarchify.hf.model_bench.models_benchmark`), so both see the same
 conditions. The Monarch-then-dense run is a Monarch run and then a dense one: its step times are
 these two.
 """
@@ -34,7 +34,8 @@ def main() -> int:
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
-    from monarchify import MonarchConfig, bench
+    from monarchify import MonarchConfig
+    from monarchify.hf import model_bench as bench
     from monarchify.lm.build import init_model
 
     sizes = dict(layers=args.layers, width=args.width, heads=args.heads, vocab_size=args.vocab_size, positions=args.seq_len)

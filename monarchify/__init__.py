@@ -17,8 +17,7 @@ import importlib
 from typing import Any
 
 from monarchify.hf.registration import register_when_needed
-
-__version__ = "0.1.0"
+from monarchify.version import __version__
 
 _EXPORTS = {
     "CalibrationConfig": ("monarchify.config", "CalibrationConfig"),

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from monarchify.errors import ConfigError
+from monarchify.version import __version__
 
 RECIPE_VERSION = 2
 """Version of the recipe dictionary (``MonarchConfig.to_dict``), not of the weight format.
@@ -65,8 +66,6 @@ def _check_pattern(pattern: str, what: str) -> None:
 
 
 def _upgrade_hint() -> str:
-    from monarchify import __version__  # late: this module loads while the package does
-
     return f"this monarchify ({__version__}), which reads recipe versions {', '.join(map(str, READS_RECIPE_VERSIONS))}: upgrade monarchify"
 
 

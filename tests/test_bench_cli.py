@@ -18,6 +18,7 @@ from torch import nn
 from monarchify import bench, convert
 from monarchify.cli.app import main
 from monarchify.config import MonarchConfig
+from monarchify.hf import model_bench
 from monarchify.monarch import MonarchLinear, kernels
 from tests.conftest import tiny_bert
 
@@ -166,7 +167,7 @@ def test_densified_twin_computes_the_same_function():
     torch.manual_seed(0)
     model = tiny_bert()
     convert(model, MonarchConfig(nblocks=2))
-    dense = bench.densified(model)
+    dense = model_bench.densified(model)
     assert not any(isinstance(m, MonarchLinear) for m in dense.modules())
     x = torch.randint(0, 200, (2, 7))
     with torch.no_grad():
@@ -218,10 +219,10 @@ def _tiny_vit():
 def test_model_inputs_follow_what_the_model_reads(build, expected):
     """Encoder-decoder models need decoder ids, vision models images; both must benchmark."""
     model = build()
-    inputs = bench._sample_inputs(model, 2, 8, torch.device("cpu"), 0)
+    inputs = model_bench._sample_inputs(model, 2, 8, torch.device("cpu"), 0)
     assert set(inputs) == expected
-    dense, monarch = bench.model_pair(model, nblocks=2)
-    result = bench.models_benchmark(dense, monarch, batch=2, seq_len=8, warmup=1, repeat=1, device="cpu")
+    dense, monarch = model_bench.model_pair(model, nblocks=2)
+    result = model_bench.models_benchmark(dense, monarch, batch=2, seq_len=8, warmup=1, repeat=1, device="cpu")
     assert result["monarch_layers"] > 0 and result["train_step"]["monarch_ms"] > 0
 
 
@@ -229,8 +230,8 @@ def test_model_inputs_refuse_a_sequence_longer_than_the_positions():
     from monarchify.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sequence length 65 is longer than the model's 64 positions"):
-        bench._sample_inputs(tiny_bert(), 1, 65, torch.device("cpu"), 0)
-    assert bench._sample_inputs(tiny_bert(), 1, 64, torch.device("cpu"), 0)["input_ids"].shape == (1, 64)
+        model_bench._sample_inputs(tiny_bert(), 1, 65, torch.device("cpu"), 0)
+    assert model_bench._sample_inputs(tiny_bert(), 1, 64, torch.device("cpu"), 0)["input_ids"].shape == (1, 64)
 
 
 # --- causal language models: prefill and decoding ------------------------------------------
@@ -276,7 +277,7 @@ def test_decoding_makes_exactly_the_new_tokens_asked_for_on_both_models(monkeypa
     counts every call up to its announced total."""
     from tests.conftest import tiny_llama
 
-    dense, monarch = bench.model_pair(tiny_llama(), nblocks=2)
+    dense, monarch = model_bench.model_pair(tiny_llama(), nblocks=2)
     seen = []
     for name, model in (("dense", dense), ("monarch", monarch)):
         original = model.generate
@@ -288,9 +289,9 @@ def test_decoding_makes_exactly_the_new_tokens_asked_for_on_both_models(monkeypa
 
         monkeypatch.setattr(model, "generate", spy)
     ticks = []
-    result = bench.models_benchmark(dense, monarch, batch=2, seq_len=8, device="cpu", train=True, warmup=1, repeat=1,
-                                    generation=bench.Generation(prompt_tokens=6, new_tokens=5, batches=(3,)),
-                                    progress=lambda stage, done, total: ticks.append((stage, done, total)))
+    result = model_bench.models_benchmark(dense, monarch, batch=2, seq_len=8, device="cpu", train=True, warmup=1, repeat=1,
+                                          generation=model_bench.Generation(prompt_tokens=6, new_tokens=5, batches=(3,)),
+                                          progress=lambda stage, done, total: ticks.append((stage, done, total)))
     assert {s[0] for s in seen} == {"dense", "monarch"} and len(seen) == 2 * 3
     assert all(s[1:] == (False, True, (3, 8), (3, 13)) for s in seen), seen
     assert result["decode"][0]["new_tokens_per_sequence"] == 5 and result["decode"][0]["tokens"] == 15
@@ -303,12 +304,12 @@ def test_decoding_makes_exactly_the_new_tokens_asked_for_on_both_models(monkeypa
 def test_decoding_that_stops_early_is_refused(monkeypatch):
     from tests.conftest import tiny_llama
 
-    dense, monarch = bench.model_pair(tiny_llama(), nblocks=2)
+    dense, monarch = model_bench.model_pair(tiny_llama(), nblocks=2)
     for model in (dense, monarch):
         monkeypatch.setattr(model, "generate", lambda input_ids, **kw: input_ids[:, :-1])
-    with pytest.raises(bench.ConfigError, match="generation made \\[-1\\] new tokens per sequence, not 4"):
-        bench.models_benchmark(dense, monarch, batch=1, seq_len=8, device="cpu", train=False, warmup=0, repeat=1,
-                               generation=bench.Generation(prompt_tokens=4, new_tokens=4, batches=(1,)))
+    with pytest.raises(model_bench.ConfigError, match="generation made \\[-1\\] new tokens per sequence, not 4"):
+        model_bench.models_benchmark(dense, monarch, batch=1, seq_len=8, device="cpu", train=False, warmup=0, repeat=1,
+                                     generation=model_bench.Generation(prompt_tokens=4, new_tokens=4, batches=(1,)))
 
 
 def test_causal_lm_table_and_no_generation_for_other_models(capsys, llama_folder, bert_folder):

@@ -11,19 +11,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monarchify.pipeline.allocate import (
+from monarchify.pipeline.allocate import plan_budget, resolved_config
+from monarchify.pipeline.knapsack import GRID, BudgetError, solve
+from monarchify.pipeline.pricing import (
     CANDIDATES,
     DENSE,
-    GRID,
     PRICING_ORDER,
-    BudgetError,
+    LayerChoices,
     Option,
     candidate_errors,
     candidate_nblocks,
     layer_choices,
-    plan_budget,
-    resolved_config,
-    solve,
 )
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
@@ -270,8 +268,6 @@ def test_the_even_objective_spreads_what_the_plain_sum_concentrates():
     """Two equal layers, 25 of their 40 parameters: the plain sum keeps one dense and crushes
     the other (0.5 < 0.3 + 0.3); the sum of squares takes both to the middle (0.18 < 0.25)."""
     from types import SimpleNamespace
-
-    from monarchify.pipeline.allocate import LayerChoices
 
     options = [Option(8, 5, 0.5), Option(4, 10, 0.3), Option(DENSE, 20, 0.0)]
     layers = [SimpleNamespace(name=name) for name in ("a", "b")]

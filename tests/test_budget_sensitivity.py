@@ -16,9 +16,10 @@ from monarchify.config import CalibrationConfig, MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.hf.convert import convert_pretrained
 from monarchify.pipeline import convert
-from monarchify.pipeline.allocate import DENSE, plan_budget
+from monarchify.pipeline.allocate import plan_budget
 from monarchify.pipeline.observe import output_sensitivity
 from monarchify.pipeline.plan import plan
+from monarchify.pipeline.pricing import DENSE
 
 from conftest import tiny_bert
 from test_calibration import SENTENCES, write
@@ -57,7 +58,30 @@ def test_the_sensitivity_of_a_linear_model_is_its_closed_form():
     assert model.training  # left as it was
 
 
-def test_padded_positions_are_left_out_and_the_model_is_unchanged(bert_tokenizer):
+class GarbageWherePadded(TwoBranches):
+    """A :class:`TwoBranches` whose output at padded positions is ``garbage`` (a head's logits
+    there mean nothing): the layers' outputs, and so the noise, do not depend on it."""
+
+    def __init__(self, garbage: float) -> None:
+        super().__init__()
+        self.garbage = garbage
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + (1 - attention_mask)[..., None] * self.garbage
+
+
+def test_padded_positions_are_left_out():
+    torch.manual_seed(0)
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[1, 6:], mask[3, 2:] = 0, 0
+    batches = [{"x": torch.randn(4, 10, 16), "attention_mask": mask} for _ in range(3)]
+    clean, noisy = GarbageWherePadded(0.0), GarbageWherePadded(1e3)
+    noisy.load_state_dict(clean.state_dict())
+    weights = output_sensitivity(clean, {"a": clean.a, "b": clean.b}, batches)
+    assert output_sensitivity(noisy, {"a": noisy.a, "b": noisy.b}, batches) == pytest.approx(weights, rel=1e-6)
+
+
+def test_measuring_leaves_the_model_unchanged_and_repeats(bert_tokenizer):
     from monarchify.samples import tokenize
 
     model = tiny_bert(vocab_size=len(bert_tokenizer)).eval()

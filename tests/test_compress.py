@@ -146,12 +146,29 @@ def test_a_finished_output_is_not_replaced_without_force(tmp_path, bert_folder, 
     assert (tmp_path / "small" / "keep.txt").read_text() == "mine" and not (tmp_path / "small.stages").exists()
 
 
-def test_the_recipe_carries_the_output_order(tmp_path, bert_folder, data):
-    assert options(tmp_path, bert_folder, data).recipe.output_order == "blocked"
-    assert options(tmp_path, bert_folder, data, output_order="interleaved").recipe.output_order == "interleaved"
-    assert options(tmp_path, bert_folder, data).recipe.budget_objective == "layers"
-    recipe = options(tmp_path, bert_folder, data, budget_objective="output").recipe
-    assert recipe.budget_objective == "output" and recipe.calibration is not None
+class StopAfterConverting(Exception):
+    pass
+
+
+def test_the_conversion_stage_builds_the_layers_and_budget_asked_for(tmp_path, bert_folder, data, monkeypatch):
+    """The output order and the budget's objective reach the converted folder (stage 3 is cut off:
+    what it trains is not the point here)."""
+    import monarchify.glue.train
+
+    def stop(*args, **kwargs):
+        raise StopAfterConverting
+
+    monkeypatch.setattr(monarchify.glue.train, "finetune", stop)
+    for order, objective in (("interleaved", "output"), ("blocked", "layers")):
+        opts = options(tmp_path, bert_folder, data, out=tmp_path / order, finetuned=True, output_order=order,
+                       budget_objective=objective)
+        with pytest.raises(StopAfterConverting):
+            compress(opts)
+        model = monarchify.load(opts.stages / CONVERTED)
+        layers = [m for m in model.modules() if isinstance(m, monarchify.MonarchLinear)]
+        assert layers and {m.output_order for m in layers} == {order}
+        budget = monarchify.read_report(opts.stages / CONVERTED).meta["budget"]
+        assert ("sensitivity" in budget) is (objective == "output")
 
 
 @pytest.mark.slow

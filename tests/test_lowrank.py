@@ -17,9 +17,8 @@ from monarchify.monarch.lowrank import check_rank, covariance_factor, fit_lowran
 from monarchify.monarch.projection import assemble
 from monarchify.monarch.whitening import diagonal_blocks, padded_covariance, project_whitened
 from monarchify.pipeline import convert
-from monarchify.pipeline.allocate import (
-    DENSE, candidate_errors, candidate_lowrank_errors, layer_choices, plan_budget, resolved_config,
-)
+from monarchify.pipeline.allocate import plan_budget, resolved_config
+from monarchify.pipeline.pricing import DENSE, candidate_errors, candidate_lowrank_errors, layer_choices
 from monarchify.pipeline.densify import dense_linear, densify_
 from monarchify.pipeline.plan import plan
 
@@ -293,7 +292,7 @@ def test_layer_choices_price_low_rank_options_and_pins():
 def test_budget_with_ranks_never_does_worse_and_converts_as_planned():
     model = tiny_bert(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
     # Built in the order the budget prices in, so that built and priced errors compare.
-    from monarchify.pipeline.allocate import PRICING_ORDER
+    from monarchify.pipeline.pricing import PRICING_ORDER
 
     without = MonarchConfig(budget=0.35, output_order=PRICING_ORDER)
     with_ranks = MonarchConfig(budget=0.35, budget_ranks=[2, 4, 8], output_order=PRICING_ORDER)

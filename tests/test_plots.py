@@ -116,12 +116,17 @@ def converted(tmp_path, bert_folder) -> Path:
     return folder
 
 
-def test_report_plot_writes_the_picture(capsys, tmp_path, converted):
+def test_report_plot_writes_the_picture(capsys, tmp_path, converted, monkeypatch):
+    drawn = []
+    save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda figure, path: (drawn.append(figure), save(figure, path))[1])
     picture = tmp_path / "layers.png"
     code, out, err = run(capsys, "report", converted, "--plot", picture)
     assert code == 0, err
-    width, height = png_size(picture)
-    assert (width, height) == (round(max(6.0, 0.28 * 12 + 2.0) * plots.DPI), round(5.6 * plots.DPI))  # 12 layers
+    (figure,) = drawn
+    top, bottom = figure.axes
+    assert len(top.patches) == len(bottom.patches) == len(bottom.get_xticklabels()) == 12  # the report's 12 layers
+    assert png_size(picture) == tuple(round(inches * plots.DPI) for inches in figure.get_size_inches())  # that figure, saved
     assert "saved" in err and str(picture) in err.replace("\n", "")
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from monarchify import speed_gate as gate_module
+from monarchify.pipeline import speed_gate as gate_module
 from monarchify.cli.app import main
 from monarchify.config import MonarchConfig, SpeedGateConfig
 from monarchify.monarch import MonarchLinear
-from monarchify.speed_gate import SpeedGate, SpeedVerdict
+from monarchify.pipeline.speed_gate import SpeedGate, SpeedVerdict
 from monarchify.pipeline import convert
 from tests.conftest import tiny_bert
 
@@ -107,15 +107,43 @@ def test_cli_table_says_which_layers_stay_dense_and_why(tmp_path, capsys, bert_f
     assert stdout.count("not faster") == 8 and stdout.count("dense") >= 8
 
 
-def test_real_timer_decisions_are_consistent_with_their_ratios(capsys, bert_folder):
+def test_a_layer_that_loses_only_its_backward_pass_stays_dense(monkeypatch):
+    """Measured ratios by shape, through the gate, the allocation and the report: the wide-in
+    layer wins forward but loses forward+backward, the wide-out one wins both, the square ones
+    lose forward only."""
+    ratios = {(48, 48): (0.7, 1.3), (48, 100): (1.6, 1.2), (100, 48): (1.4, 0.9)}
+
+    def fake_benchmark(d_in, d_out, nblocks, tokens, **kwargs):
+        fwd, fb = ratios[(d_in, d_out)]
+        return {"forward": {"ratio": fwd}, "forward_backward": {"ratio": fb}}
+
+    monkeypatch.setattr(gate_module, "layer_benchmark", fake_benchmark)
+    model = tiny_bert()
+    report = convert(model, MonarchConfig(nblocks=2, speed_gate=SpeedGateConfig(tokens=16)))
+    for layer in report.layers:
+        fwd, fb = ratios[(layer.shape[1], layer.shape[0])]
+        converted = isinstance(model.get_submodule(layer.name), MonarchLinear)
+        assert converted is (tuple(layer.shape) == (100, 48)) and layer.kept_dense is not converted, layer.name
+        assert layer.extra["speed"]["forward_ratio"] == fwd and layer.extra["speed"]["forward_backward_ratio"] == fb
+        if not converted:
+            assert f"fwd {fwd:.2f}×, fwd+bwd {fb:.2f}×" in layer.reason
+
+
+def test_real_timer_decisions_follow_the_measured_ratios(capsys, bert_folder):
+    """With the real clock: one measurement per shape, and a layer converted exactly when both
+    of its measured ratios are above 1."""
     code, stdout, err = run(capsys, "convert", bert_folder, "-b", "2", "--only-if-faster", "--tokens", "8", "--dry-run", "--json")
     assert code == 0, err
     layers = json.loads(stdout)["layers"]
     assert len(layers) == 12
+    by_shape = {}
     for layer in layers:
         speed = layer["extra"]["speed"]
-        assert speed["forward_ratio"] > 0 and speed["forward_backward_ratio"] > 0
-        assert layer["kept_dense"] is (not speed["faster"])
+        fwd, fb = speed["forward_ratio"], speed["forward_backward_ratio"]
+        assert 0 < fwd < float("inf") and 0 < fb < float("inf")
+        assert by_shape.setdefault(tuple(layer["shape"]), (fwd, fb)) == (fwd, fb)  # each shape timed once
+        assert layer["kept_dense"] is not (fwd > 1 and fb > 1), layer
+        assert (layer["params_monarch"] < layer["params_dense"]) is not layer["kept_dense"]
 
 
 def test_tokens_without_the_gate_is_a_one_line_error(capsys, bert_folder, tmp_path):

@@ -146,6 +146,7 @@ def model(
       monarchify bench model smollm2-monarch --threads 1 --no-train --gen-batch 1 --gen-batch 8
     """
     from monarchify import bench as lib
+    from monarchify.hf import model_bench
 
     if plot is not None:  # a bad file name or no matplotlib: say so before minutes of timing
         from monarchify.plots import check_picture_path, pyplot
@@ -155,12 +156,12 @@ def model(
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     set_threads(threads)
-    generation = lib.Generation(prompt_tokens, new_tokens, tuple(gen_batch or (1, 8))) if generate else None
+    generation = model_bench.Generation(prompt_tokens, new_tokens, tuple(gen_batch or (1, 8))) if generate else None
     with progress_bar(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
     ) as progress:
         task = progress.add_task(f"loading {folder}", total=None)
-        result = lib.model_benchmark(
+        result = model_bench.model_benchmark(
             folder, nblocks=nblocks, batch=batch, seq_len=seq_len, dtype=lib.parse_dtype(dtype),
             device=lib.resolve_device(device), train=train, generation=generation, warmup=warmup, repeat=repeat,
             progress=lambda stage, done, total: progress.update(task, description=f"timing {stage}", completed=done, total=total),

@@ -108,7 +108,7 @@ def run_environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    from monarchify import __version__
+    from monarchify.version import __version__
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {

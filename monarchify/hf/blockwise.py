@@ -39,10 +39,11 @@ from monarchify.errors import ConfigError
 from monarchify.hf.loading import empty_model, short_error
 from monarchify.hf.tensorfiles import read_tensor
 from monarchify.pipeline import Events, count_params
-from monarchify.pipeline.allocate import Allocation, LayerChoices, allocate, price_layer
+from monarchify.pipeline.allocate import Allocation, allocate
 from monarchify.pipeline.apply import apply
 from monarchify.pipeline.observe import Collector, InputStatistics, Observation, calibration_batches
 from monarchify.pipeline.plan import PlannedLayer, block_index, block_list, plan
+from monarchify.pipeline.pricing import LayerChoices, price_layer
 from monarchify.pipeline.project import Projected, default_projector, project_layers
 from monarchify.pipeline.report import build_report
 from monarchify.report import ConversionReport

@@ -19,15 +19,14 @@ from monarchify.hf.guard import add_load_guard
 from monarchify.hf.loading import sentence_transformers_files
 from monarchify.hf.plugin import MonarchQuantizationConfig
 from monarchify.report import ConversionReport
+from monarchify.version import __version__
 
 REPORT_FILE = "monarchify_report.json"
 DEFAULT_SHARD_SIZE = "2GB"
 
 
 def monarchify_version() -> str:
-    """The version a saved folder records (imported late: this module loads while the package does)."""
-    from monarchify import __version__
-
+    """The version a saved folder records."""
     return __version__
 
 
