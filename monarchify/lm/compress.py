@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
@@ -214,8 +214,6 @@ def check_against_uniform(options: TextCompressOptions, converted: Path, data: T
     from monarchify.hf.convert import convert_pretrained
     from monarchify.hf.loading import load_model
     from monarchify.hf.stored_report import read_report
-
-    from dataclasses import replace
 
     blocks = uniform_rival(read_report(str(converted)), options.budget)
     if blocks is None:
