@@ -100,7 +100,7 @@ class CompressOptions:
         if reserved & set(self.finetune):
             raise ConfigError(f"finetune settings may not set {', '.join(sorted(reserved & set(self.finetune)))}")
         if self.restart_from is not None and self.restart_from not in STAGES:
-            raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}")
+            raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}", field="restart_from")
         # Build each part once so that a bad setting fails here, before any stage runs.
         self.recipe  # noqa: B018 - building the recipe checks the budget
         DistillConfig(str(self.model), **self.distill)
