@@ -185,7 +185,7 @@ def test_sequential_needs_blocks_and_no_budget(tmp_path, tokenizers, capsys):
     src = source(tmp_path, tokenizers, "bert")
     data = text_file(tmp_path)
     capsys.readouterr()
-    code = main(["convert", str(src), "--calibrate", str(data), "--sequential", "--include", "pooler\\.dense", "-o", str(tmp_path / "o")])
+    code = main(["convert", str(src), "--text", str(data), "--sequential", "--include", "pooler\\.dense", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "sequential calibration runs one block at a time" in err
     assert not (tmp_path / "o").exists()
