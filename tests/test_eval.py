@@ -172,7 +172,7 @@ def test_cli_table_and_progress_for_people(capsys, llama_folder, text_file):
         (("--max-length", 24, "--max-tokens", 20), "the text has 20 tokens, fewer than one window of 24"),
         (("--max-length", 32, "--bos"), "longer than the model's 32 positions"),
         (("--max-length", 8, "--stride", 9), "--stride between 1 and --max-length"),
-        (("--max-tokens", 0), "max_tokens must be >= 1"),
+        (("--max-tokens", 0), "--max-tokens must be >= 1"),
         (("--threads", 0), "--threads must be >= 1"),
     ],
 )

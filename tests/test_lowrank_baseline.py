@@ -176,7 +176,7 @@ def test_ranks_pin_a_lowrank_layer():
 @pytest.mark.parametrize("args, message", [
     (["--structure", "lowrank", "--only-if-faster"], "--only-if-faster times Monarch layers"),
     (["--structure", "blocks"], "structure must be one of monarch, lowrank"),
-    (["--structure", "lowrank", "--stream"], "cannot stream this conversion: structure 'lowrank'"),
+    (["--structure", "lowrank", "--stream"], "cannot stream this conversion: --structure 'lowrank'"),
 ])
 def test_cli_refuses_what_lowrank_cannot_do(tmp_path, capsys, args, message):
     folder = tmp_path / "dense"
