@@ -296,8 +296,8 @@ def run_cli(capsys, *args):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--densify-at", "0.5"], "monarch"),
-        (["-b", "4", "--densify-at", "1.5"], "densify_at"),
+        (["--densify-at", "0.5"], "train with a Monarch recipe (--nblocks)"),
+        (["-b", "4", "--densify-at", "1.5"], "--densify-at must be a fraction"),
         (["-b", "4", "--densify-at", "50"], "only 8 steps"),
         (["--width", "30", "--heads", "4"], "not a multiple"),
         (["--text-column", "sentence"], "not a TSV"),
