@@ -398,7 +398,7 @@ def test_the_closing_line_names_the_metric_and_the_difference_in_points():
 @pytest.mark.slow
 def test_the_command_shows_what_the_conversion_stage_chose_and_the_named_metric(tmp_path, bert_folder, data, capsys):
     capsys.readouterr()
-    code = main(["compress", "-t", "sst2", "-m", str(bert_folder), "--budget", "0.6", "-o", str(tmp_path / "small"),
+    code = main(["compress", "-t", "sst2", str(bert_folder), "--budget", "0.6", "-o", str(tmp_path / "small"),
                  "--data-dir", str(data), "--epochs", "1", "--batch-size", "16", "--calibration-samples", "16"])
     out, err = capsys.readouterr()
     assert code == 0, err

@@ -229,8 +229,8 @@ def test_cli_refuses_to_convert_a_monarch_folder_twice(tmp_path, capsys, bert_fo
     converted = tmp_path / "bert-monarch"
     convert_pretrained(bert_folder, converted, MonarchConfig(nblocks=2), check=False)
     data = write_sst2(tmp_path / "glue", n_train=8, n_dev=4)
-    code, err = run_cli(capsys, "finetune", "-t", "sst2", "-m", converted, "--data-dir", data, "-o", tmp_path / "out", "-b", "2")
-    assert_one_line_error(code, err, "already has Monarch layers")
+    code, err = run_cli(capsys, "finetune", "-t", "sst2", converted, "--data-dir", data, "-o", tmp_path / "out", "-b", "2")
+    assert_one_line_error(code, err, "already has Monarch layers", "without a Monarch recipe (--nblocks)")
 
 
 def test_resume_after_an_interruption(tmp_path, bert_folder):
