@@ -199,6 +199,8 @@ def config_only(tmp_path):
 ERRORS = [
     (["finetune", "{tmp}/m", "-t", "sst2", "-o", "{tmp}/o", "--lr", "-1"], "--lr must be positive", "learning_rate"),
     (["train", "-a", "gpt2", "--text", "{tmp}/t", "-o", "{tmp}/o", "--lr", "-1"], "--lr must be positive", "learning_rate"),
+    (["compress", "{tmp}/m", "-t", "sst2", "--budget", "0.5", "-o", "{tmp}/o", "--teacher-lr", "-1"],
+     "--teacher-lr must be positive", "learning_rate|teacher_lr"),
     (["heal", "{tmp}/m", "--teacher", "t", "--text", "d", "-o", "{tmp}/o", "--lr", "0"], "--lr must be positive", "(?<!-)lr must"),
     (["convert", "{tmp}/m", "-o", "{tmp}/o", "--output-order", "sideways"], "--output-order must be one of", "output_order"),
     (["compress", "{tmp}/m", "-t", "sst2", "--budget", "0.5", "-o", "{tmp}/o", "--output-order", "x"],
