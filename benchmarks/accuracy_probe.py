@@ -7,7 +7,7 @@ type, and the end-to-end relative difference of the final hidden states, for
 * ``plain``: the Frobenius-optimal projection;
 * ``whitened``: block-diagonal whitening (closed form);
 * ``refined``: whitened plus ``--sweeps`` of full-covariance refinement (what ``convert
-  --calibrate`` does by default);
+  --text`` does by default);
 * ``sequential`` (with ``--sequential``): whitened, calibrated layer group after layer group
   on the partially converted model's own activations (GPTQ-style); experiment only.
 

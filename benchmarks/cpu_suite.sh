@@ -16,7 +16,7 @@ for shape in "768 3072" "3072 768"; do
     > "$OUT/layer-$1-$2.json"
 done
 
-monarchify bench model "$MINILM" --nblocks 4 --batch 8 --seq-len 128 --repeat 10 --json > "$OUT/minilm-nb4.json"
+monarchify bench model "$MINILM" --nblocks 4 --batch-size 8 --seq-len 128 --repeat 10 --json > "$OUT/minilm-nb4.json"
 python - "$OUT/minilm-nb4.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -16,41 +16,41 @@ export TOKENIZERS_PARALLELISM=false
 [ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
 
 # The converted folders (calibrated on MRPC *train* pairs only; dev stays unseen).
-[ -d runs/minilm-b4-cal ] || monarchify convert "$MINILM" -b 4 --calibrate $GLUE/MRPC/train.tsv -o runs/minilm-b4-cal
-[ -d runs/minilm-budget-cal ] || monarchify convert "$MINILM" --budget 0.37622 --calibrate $GLUE/MRPC/train.tsv -o runs/minilm-budget-cal
-[ -d runs/minilm-budget2-cal ] || monarchify convert "$MINILM" --budget 0.7505 --calibrate $GLUE/MRPC/train.tsv -o runs/minilm-budget2-cal
-[ -d runs/minilm-best4-healed ] || monarchify heal runs/minilm-budget-cal --teacher "$MINILM" --data $GLUE/MRPC/train.tsv -o runs/minilm-best4-healed
+[ -d runs/minilm-b4-cal ] || monarchify convert "$MINILM" -b 4 --text $GLUE/MRPC/train.tsv -o runs/minilm-b4-cal
+[ -d runs/minilm-budget-cal ] || monarchify convert "$MINILM" --budget 0.37622 --text $GLUE/MRPC/train.tsv -o runs/minilm-budget-cal
+[ -d runs/minilm-budget2-cal ] || monarchify convert "$MINILM" --budget 0.7505 --text $GLUE/MRPC/train.tsv -o runs/minilm-budget2-cal
+[ -d runs/minilm-best4-healed ] || monarchify heal runs/minilm-budget-cal --teacher "$MINILM" --text $GLUE/MRPC/train.tsv -o runs/minilm-best4-healed
 
-run() {  # NAME, then finetune arguments
+run() {  # NAME, then finetune arguments (the model first)
   local name=$1; shift
   [ -f "$RUNS/$name/eval_results.json" ] && return 0
-  monarchify finetune --task mrpc --data-dir $GLUE --out "$RUNS/$name" "$@" > "$RUNS/logs/$name.log" 2>&1
+  monarchify finetune "$@" --task mrpc --data-dir $GLUE --out "$RUNS/$name" > "$RUNS/logs/$name.log" 2>&1
 }
 
 jobs_list() {
   for seed in 0 1 2; do
-    echo "dense-lr1e-4-s$seed --model $MINILM --lr 1e-4 --seed $seed"
-    echo "nb2-lr1e-4-s$seed --model $MINILM -b 2 --lr 1e-4 --seed $seed"
-    echo "nb4-lr5e-5-s$seed --model $MINILM -b 4 --lr 5e-5 --seed $seed"
-    echo "budget2-lr1e-4-s$seed --model runs/minilm-budget2-cal --lr 1e-4 --seed $seed"
-    echo "budget4-lr5e-5-s$seed --model runs/minilm-budget-cal --lr 5e-5 --seed $seed"
+    echo "dense-lr1e-4-s$seed $MINILM --lr 1e-4 --seed $seed"
+    echo "nb2-lr1e-4-s$seed $MINILM -b 2 --lr 1e-4 --seed $seed"
+    echo "nb4-lr5e-5-s$seed $MINILM -b 4 --lr 5e-5 --seed $seed"
+    echo "budget2-lr1e-4-s$seed runs/minilm-budget2-cal --lr 1e-4 --seed $seed"
+    echo "budget4-lr5e-5-s$seed runs/minilm-budget-cal --lr 5e-5 --seed $seed"
   done
   # Seed-0 probes of the other levers.
-  echo "cal4-lr5e-5-s0 --model runs/minilm-b4-cal --lr 5e-5 --seed 0"
-  echo "healed4-lr5e-5-s0 --model runs/minilm-best4-healed --lr 5e-5 --seed 0"
+  echo "cal4-lr5e-5-s0 runs/minilm-b4-cal --lr 5e-5 --seed 0"
+  echo "healed4-lr5e-5-s0 runs/minilm-best4-healed --lr 5e-5 --seed 0"
 }
 
 export -f run
 export RUNS GLUE
 jobs_list | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
 # Distillation needs the dense seed-0 run as its teacher, so it goes last.
-run kd4-lr5e-5-s0 --model runs/minilm-budget-cal --lr 5e-5 --seed 0 --distill-from "$RUNS/dense-lr1e-4-s0"
+run kd4-lr5e-5-s0 runs/minilm-budget-cal --lr 5e-5 --seed 0 --teacher "$RUNS/dense-lr1e-4-s0"
 
 # Issue 10: compress the fine-tuned dense seed-0 model (stage 1 is skipped: it is the teacher).
 compress() {  # NAME SEED, then extra compress arguments
   local name=$1 seed=$2; shift 2
   [ -f "$RUNS/$name/eval_results.json" ] && return 0
-  monarchify compress --task mrpc --model "$RUNS/dense-lr1e-4-s0" --budget 0.37622 --data-dir $GLUE \
+  monarchify compress "$RUNS/dense-lr1e-4-s0" --task mrpc --budget 0.37622 --data-dir $GLUE \
     --out "$RUNS/$name" --seed "$seed" "$@" > "$RUNS/logs/$name.log" 2>&1
 }
 # The compress-kd runs are interleaved: compress's default when they ran.

@@ -18,13 +18,13 @@ export TOKENIZERS_PARALLELISM=false
 BUDGET="--epochs 1 --max-train-samples 20000"
 
 # The dense teacher: what `compress` trains as its stage 1 from the pretrained model.
-[ -f "$RUNS/dense-s0/eval_results.json" ] || monarchify finetune --task sst2 --model "$MINILM" --data-dir "$GLUE" \
+[ -f "$RUNS/dense-s0/eval_results.json" ] || monarchify finetune "$MINILM" --task sst2 --data-dir "$GLUE" \
   --out "$RUNS/dense-s0" --lr 1e-4 --seed 0 $BUDGET > "$RUNS/logs/dense-s0.log" 2>&1
 
 student() {  # NAME, then extra compress arguments
   local name=$1; shift
   [ -f "$RUNS/$name/eval_results.json" ] && return 0
-  monarchify compress --task sst2 --model "$RUNS/dense-s0" --budget 0.37622 --data-dir "$GLUE" \
+  monarchify compress "$RUNS/dense-s0" --task sst2 --budget 0.37622 --data-dir "$GLUE" \
     --out "$RUNS/$name" $BUDGET "$@" > "$RUNS/logs/$name.log" 2>&1
 }
 export -f student
@@ -46,7 +46,7 @@ export RUNS GLUE BUDGET
 # sentences (2,000 more held out), then let compress resume at stage 3 from the healed folder.
 HEALED="$RUNS/compress-healed-s0.stages/2-converted"
 [ -f "$HEALED/config.json" ] || monarchify heal "$RUNS/compress-cal1024-s0.stages/2-converted" --teacher "$RUNS/dense-s0" \
-  --data "$GLUE/SST-2/train.tsv" --samples 8000 --steps 600 --eval-every 100 --json -o "$HEALED" > "$RUNS/logs/heal-s0.log" 2>&1
+  --text "$GLUE/SST-2/train.tsv" --max-train-samples 8000 --max-steps 600 --eval-steps 100 --json -o "$HEALED" > "$RUNS/logs/heal-s0.log" 2>&1
 student compress-healed-s0 --seed 0
 
 python benchmarks/mrpc_table.py "$RUNS" --only dense compress-cal256 compress-cal1024 compress-cal2048 compress-cal1024-lr1e-4 \

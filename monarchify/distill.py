@@ -4,7 +4,7 @@ Two signals, both free once the dense model exists:
 
 * the teacher's **logits** (knowledge distillation): the soft targets say how wrong each wrong
   answer is, which carries more information per example than a hard label; used while
-  fine-tuning on a task (``finetune --distill-from``);
+  fine-tuning on a task (``finetune --teacher``);
 * the teacher's **hidden states**, layer by layer: every layer of the student gets told what
   its output should be, which is what a projection that lost accuracy needs most; used during
   task fine-tuning (optionally) and by the task-agnostic healing pass (``monarchify heal``).

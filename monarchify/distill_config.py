@@ -29,11 +29,11 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"distill alpha must be between 0 and 1, got {self.alpha}")
+            raise ConfigError(f"distill.alpha must be between 0 and 1, got {self.alpha}", field="distill.alpha")
         if not self.temperature > 0:
-            raise ConfigError(f"distill temperature must be positive, got {self.temperature}")
+            raise ConfigError(f"distill.temperature must be positive, got {self.temperature}", field="distill.temperature")
         if self.hidden_weight < 0:
-            raise ConfigError(f"distill hidden_weight must not be negative, got {self.hidden_weight}")
+            raise ConfigError(f"distill.hidden_weight must not be negative, got {self.hidden_weight}", field="distill.hidden_weight")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,7 +10,22 @@ from __future__ import annotations
 
 
 class MonarchifyError(Exception):
-    """A failure caused by the input, explained in one line."""
+    """A failure caused by the input, explained in one line.
+
+    ``field``: the setting (a recipe or option field, e.g. ``"learning_rate"``, or dotted,
+    ``"speed_gate.tokens"``), or several, that the message names as written. The library
+    speaks of fields; a front end that knows which of its own flags sets each field can name
+    that flag instead (the CLI does), which it could not do by guessing from the text.
+    """
+
+    def __init__(self, *args: object, field: str | tuple[str, ...] | None = None) -> None:
+        super().__init__(*args)
+        self.fields: tuple[str, ...] = (field,) if isinstance(field, str) else tuple(field or ())
+
+    @property
+    def field(self) -> str | None:
+        """The first field the message names, or None."""
+        return self.fields[0] if self.fields else None
 
 
 class ConfigError(MonarchifyError, ValueError):

@@ -44,22 +44,22 @@ class HealConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ConfigError(f"steps must be at least 1, got {self.steps}")
+            raise ConfigError(f"steps must be at least 1, got {self.steps}", field="steps")
         if self.eval_every is not None and (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1):
-            raise ConfigError(f"eval_every must be a positive number of steps, got {self.eval_every!r}")
+            raise ConfigError(f"eval_every must be a positive number of steps, got {self.eval_every!r}", field="eval_every")
         if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+            raise ConfigError(f"lr must be positive, got {self.lr}", field="lr")
         if not 0 <= self.warmup < 1:
-            raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+            raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}", field="warmup")
         if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must not be negative, got {self.weight_decay}")
+            raise ConfigError(f"weight_decay must not be negative, got {self.weight_decay}", field="weight_decay")
         if self.hidden_weight < 0 or self.logit_weight < 0 or not self.hidden_weight + self.logit_weight > 0:
             raise ConfigError(f"hidden_weight and logit_weight must not be negative, and one must be positive "
                               f"(got {self.hidden_weight} and {self.logit_weight})")
         if not self.temperature > 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+            raise ConfigError(f"temperature must be positive, got {self.temperature}", field="temperature")
         if self.save_every is not None and (isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 1):
-            raise ConfigError(f"save_every must be a positive number of steps, got {self.save_every!r}")
+            raise ConfigError(f"save_every must be a positive number of steps, got {self.save_every!r}", field="save_every")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

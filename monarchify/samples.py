@@ -86,7 +86,7 @@ class TextSamples:
 
 def _check_count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SampleError(f"{what} must be a positive integer, got {value!r}")
+        raise SampleError(f"{what} must be a positive integer, got {value!r}", field=what if what.isidentifier() else None)
     return value
 
 

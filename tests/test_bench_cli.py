@@ -140,7 +140,7 @@ def test_layer_bad_input_is_one_line(capsys, args, fragment):
 
 
 def test_model_on_a_dense_folder_converts_in_memory(capsys, bert_folder, fake_clock):
-    code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch", "2", "--seq-len", "8", "--json", *QUICK)
+    code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch-size", "2", "--seq-len", "8", "--json", *QUICK)
     assert code == 0, err
     result = json.loads(out)
     assert result["monarch_layers"] == 12 and result["params"]["monarch"] < result["params"]["dense"]
@@ -155,10 +155,10 @@ def test_model_on_a_monarch_checkpoint_against_its_multiplied_out_twin(capsys, b
     out_dir = tmp_path / "mon"
     code, _, err = run(capsys, "convert", bert_folder, "-b", "2", "-o", out_dir, "--no-check")
     assert code == 0, err
-    code, out, err = run(capsys, "bench", "model", out_dir, "--batch", "2", "--seq-len", "8", "--no-train", *QUICK)
+    code, out, err = run(capsys, "bench", "model", out_dir, "--batch-size", "2", "--seq-len", "8", "--no-train", *QUICK)
     assert code == 0, err
     assert "12 Monarch layers" in out and "inference" in out and "train step" not in out
-    code, out, err = run(capsys, "bench", "model", out_dir, "--batch", "2", "--seq-len", "8", "--no-train", "--json", *QUICK)
+    code, out, err = run(capsys, "bench", "model", out_dir, "--batch-size", "2", "--seq-len", "8", "--no-train", "--json", *QUICK)
     assert code == 0, err
     assert json.loads(out)["config"]["converted_in_memory"] is False
 
@@ -236,7 +236,7 @@ def test_model_inputs_refuse_a_sequence_longer_than_the_positions():
 
 # --- causal language models: prefill and decoding ------------------------------------------
 
-GEN = ("--batch", "1", "--seq-len", "8", "--prompt-tokens", "8", "--new-tokens", "3", "--gen-batch", "1", "--gen-batch", "2")
+GEN = ("--batch-size", "1", "--seq-len", "8", "--prompt-tokens", "8", "--new-tokens", "3", "--gen-batch-size", "1", "--gen-batch-size", "2")
 
 
 @pytest.fixture
@@ -316,7 +316,7 @@ def test_causal_lm_table_and_no_generation_for_other_models(capsys, llama_folder
     code, out, err = run(capsys, "bench", "model", llama_folder, "--nblocks", "2", "--no-train", *GEN, *QUICK)
     assert code == 0, err
     assert "tokens per second: prefill of 8 tokens" in out and "decode, batch 2" in out and "monarch / dense" in out
-    code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch", "1", "--seq-len", "8",
+    code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch-size", "1", "--seq-len", "8",
                          "--no-train", "--json", *QUICK)
     assert code == 0, err
     assert "prefill" not in json.loads(out) and "decode" not in json.loads(out)
@@ -328,7 +328,7 @@ def test_causal_lm_table_and_no_generation_for_other_models(capsys, llama_folder
 @pytest.mark.parametrize("args,fragment", [
     (("--new-tokens", "30"), "decoding 30 tokens (new_tokens) after a prompt of 8 is longer than the model's 32 positions"),
     (("--prompt-tokens", "33"), "a prompt of 33 tokens (prompt_tokens) is longer than the model's 32 positions"),
-    (("--gen-batch", "0"), "every generation batch must be >= 1"),
+    (("--gen-batch-size", "0"), "every generation batch must be >= 1"),
 ])
 def test_generation_that_cannot_run_is_one_line(capsys, llama_folder, args, fragment):
     code, _, err = run(capsys, "bench", "model", llama_folder, "--no-train", "--seq-len", "8", "--prompt-tokens", "8", *args, *QUICK)

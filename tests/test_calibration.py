@@ -268,11 +268,11 @@ def test_a_text_for_a_recipe_that_does_not_calibrate_is_refused(bert_folder, tmp
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--calibrate", "{tmp}/missing.txt"], "does not exist"),
-        (["--calibrate", "{tmp}/empty.txt"], "has no samples"),
-        (["--calibrate", "{tmp}/numbers.tsv"], "no text columns"),
-        (["--calibrate", "{tmp}/ok.txt", "--calibration-samples", "0"], "positive integer"),
-        (["--calibration-samples", "8"], "need --calibrate"),
+        (["--text", "{tmp}/missing.txt"], "does not exist"),
+        (["--text", "{tmp}/empty.txt"], "has no samples"),
+        (["--text", "{tmp}/numbers.tsv"], "no text columns"),
+        (["--text", "{tmp}/ok.txt", "--calibration-samples", "0"], "positive integer"),
+        (["--calibration-samples", "8"], "need --text"),
         (["--budget", "1.5"], "between 0 and 1"),
         (["--budget", "0.01"], "below what the candidates allow"),
     ],
@@ -293,7 +293,7 @@ def test_cli_bad_calibration_or_budget_fails_cleanly(bert_folder, tmp_path, caps
 def test_cli_calibrated_budget_conversion(bert_folder, tmp_path, capsys):
     calib = write(tmp_path / "calib.txt", "\n".join(SENTENCES * 2))
     out = tmp_path / "out"
-    args = ["convert", str(bert_folder), "-o", str(out), "--calibrate", str(calib), "--calibration-samples", "12",
+    args = ["convert", str(bert_folder), "-o", str(out), "--text", str(calib), "--calibration-samples", "12",
             "--refine-sweeps", "0", "--budget", "0.5", "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
@@ -305,11 +305,11 @@ def test_cli_calibrated_budget_conversion(bert_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("how", [[], ["--dry-run"], ["--stream"]], ids=["memory", "dry-run", "streaming"])
 def test_cli_calibrate_calibrates(bert_folder, tmp_path, capsys, how):
-    """--calibrate sets the recipe's calibration with its text: the library's refusal of a text
+    """--text sets the recipe's calibration with its text: the library's refusal of a text
     without one never reaches a person."""
     calib = write(tmp_path / "calib.txt", "\n".join(SENTENCES * 2))
     out = tmp_path / "out"
-    args = ["convert", str(bert_folder), "--calibrate", str(calib), "--calibration-samples", "12",
+    args = ["convert", str(bert_folder), "--text", str(calib), "--calibration-samples", "12",
             "--refine-sweeps", "0", "--json", *how]
     capsys.readouterr()
     assert main(args if how == ["--dry-run"] else [*args, "-o", str(out)]) == 0, capsys.readouterr().err

@@ -144,7 +144,7 @@ def test_the_output_order_flag_reaches_the_checkpoint_and_a_bad_one_is_refused(t
     assert recipe["recipe"]["output_order"] == "interleaved"
     assert {spec["output_order"] for spec in recipe["modules"].values()} == {"interleaved"}
     code, _, err = run(capsys, "convert", bert_folder, "--output-order", "sideways", "--out", tmp_path / "bad")
-    assert_one_line_error(code, err, "output_order", "sideways")
+    assert_one_line_error(code, err, "--output-order must be one of", "sideways")
     assert not (tmp_path / "bad").exists()
 
 

@@ -137,7 +137,7 @@ def test_bench_is_quiet_on_an_idle_machine(capsys, monkeypatch, fake_clock):
         ("convert", "{tmp}/missing", "-b", "4", "-o", "{tmp}/out"),
         ("densify", "{file}", "-o", "{tmp}/out"),
         ("report", "{file}"),
-        ("heal", "{file}", "--teacher", "{file}", "--data", "{tmp}/missing.txt", "-o", "{tmp}/out"),
+        ("heal", "{file}", "--teacher", "{file}", "--text", "{tmp}/missing.txt", "-o", "{tmp}/out"),
     ],
     ids=lambda args: " ".join(args[:2]),
 )

@@ -96,6 +96,20 @@ def test_gpt2_conv1d_weights_are_stored_in_their_own_layout(tmp_path):
     assert is_conv1d(dense.transformer.h[0].attn.c_attn)  # (in, out), as GPT-2 keeps it
 
 
+def test_densify_json_names_the_layers_it_multiplied_out(tmp_path, capsys):
+    """``--json``, as every command has: stdout holds only the JSON, the layers are the
+    Monarch layers the folder's report lists, and the bytes are the weights written."""
+    _, folder = monarch_folder(tmp_path, "bert", torch.float32)
+    capsys.readouterr()
+    assert main(["densify", str(folder), "-o", str(tmp_path / "dense"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    monarch_layers = [row["name"] for row in json.loads((folder / "monarchify_report.json").read_text())["layers"]]
+    assert sorted(result["layers"]) == sorted(monarch_layers) and len(monarch_layers) == 12
+    weights = sum(path.stat().st_size for path in (tmp_path / "dense").glob("*.safetensors"))
+    assert 0 < result["bytes_written"] <= weights
+    assert result["out"] == str(tmp_path / "dense") and result["source"] == str(folder)
+
+
 def test_report_and_convert_recognise_a_densified_folder(tmp_path, capsys):
     _, folder = monarch_folder(tmp_path, "bert", torch.float32)
     assert main(["densify", str(folder), "-o", str(tmp_path / "dense")]) == 0

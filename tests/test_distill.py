@@ -1,5 +1,5 @@
 """Distillation: the losses against float64 brute force, the trainer's loss mixing, and
-``finetune --distill-from`` end to end and on bad input."""
+``finetune --teacher`` end to end and on bad input."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_hidden_state_loss_refuses_other_architectures():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"alpha": 1.5}, "distill alpha"), ({"temperature": 0.0}, "distill temperature"), ({"hidden_weight": -1}, "distill hidden_weight")],
+    [({"alpha": 1.5}, "distill.alpha"), ({"temperature": 0.0}, "distill.temperature"), ({"hidden_weight": -1}, "distill.hidden_weight")],
 )
 def test_distill_config_is_checked(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -144,27 +144,27 @@ def test_finetune_distills_a_monarch_student_from_a_finetuned_teacher(tmp_path, 
 
 def test_cli_distillation_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
     data = write_sst2(tmp_path / "glue", n_train=8, n_dev=4)
-    base = ["finetune", "-t", "sst2", "--model", bert_folder, "--data-dir", data, "--out", tmp_path / "out"]
+    base = ["finetune", "-t", "sst2", bert_folder, "--data-dir", data, "--out", tmp_path / "out"]
 
-    code, err = run_cli(capsys, *base, "--distill-from", bert_folder)  # a base model: no task head
+    code, err = run_cli(capsys, *base, "--teacher", bert_folder)  # a base model: no task head
     assert_one_line_error(code, err, "has no fine-tuned classification head", "fine-tune the dense model on sst2 first")
 
     three = tmp_path / "three-labels"
     tiny_bert(vocab_size=len(bert_tokenizer), with_head=True, num_labels=3).save_pretrained(three)
-    code, err = run_cli(capsys, *base, "--distill-from", three)
+    code, err = run_cli(capsys, *base, "--teacher", three)
     assert_one_line_error(code, err, "has 3 outputs; sst2 needs 2")
 
     other_vocab = tmp_path / "other-vocab"
     tiny_bert(vocab_size=len(bert_tokenizer) + 7, with_head=True).save_pretrained(other_vocab)
-    code, err = run_cli(capsys, *base, "--distill-from", other_vocab)
+    code, err = run_cli(capsys, *base, "--teacher", other_vocab)
     assert_one_line_error(code, err, "vocab_size")
 
-    code, err = run_cli(capsys, *base, "--distill-from", tmp_path / "missing")
+    code, err = run_cli(capsys, *base, "--teacher", tmp_path / "missing")
     assert_one_line_error(code, err, "missing", "does not exist")
 
     code, err = run_cli(capsys, *base, "--distill-alpha", "0.3")
-    assert_one_line_error(code, err, "--distill-from")
+    assert_one_line_error(code, err, "--teacher")
 
-    code, err = run_cli(capsys, *base, "--distill-from", three, "--distill-alpha", "2")
-    assert_one_line_error(code, err, "distill alpha must be between 0 and 1")
+    code, err = run_cli(capsys, *base, "--teacher", three, "--distill-alpha", "2")
+    assert_one_line_error(code, err, "--distill-alpha must be between 0 and 1")
     assert not (tmp_path / "out").exists()

@@ -91,28 +91,28 @@ def inputs(tmp_path_factory):
 
 
 def finetune_args(i, out, batch):
-    return ["finetune", "--task", "sst2", "--model", i["bert"], "--data-dir", i["glue"], "--out", out, "--batch-size", batch,
-            "--epochs", "2", "--lr", "2e-3", "--warmup", "0", "--seed", "0", "--no-save-checkpoints"]
+    return ["finetune", "--task", "sst2", i["bert"], "--data-dir", i["glue"], "--out", out, "--batch-size", batch,
+            "--epochs", "2", "--lr", "2e-3", "--warmup-steps", "0", "--seed", "0", "--no-save-checkpoints"]
 
 
 def compress_task_args(i, out, batch):
-    return ["compress", "--task", "sst2", "--model", i["bert"], "--budget", "0.6", "--data-dir", i["glue"], "--out", out,
+    return ["compress", "--task", "sst2", i["bert"], "--budget", "0.6", "--data-dir", i["glue"], "--out", out,
             "--epochs", "1", "--batch-size", batch, "--calibration-samples", "16", "--teacher-lr", "2e-3", "--student-lr", "2e-3"]
 
 
 def heal_args(i, out, batch):
-    return ["heal", i["converted"], "--teacher", i["bert"], "--data", i["text"], "--out", out, "--steps", "10", "--lr", "1e-3",
-            "--batch-size", batch, "--samples", "32"]
+    return ["heal", i["converted"], "--teacher", i["bert"], "--text", i["text"], "--out", out, "--max-steps", "10", "--lr", "1e-3",
+            "--batch-size", batch, "--max-train-samples", "32"]
 
 
 def compress_text_args(i, out, batch):
-    return ["compress", "--model", i["lm"], "--text", i["text"], "--budget", "0.5", "--out", out, "--max-length", "16",
-            "--calibration-samples", "24", "--batch-size", batch, "--heal-steps", "12", "--save-every", "5", "--eval-every", "6"]
+    return ["compress", i["lm"], "--text", i["text"], "--budget", "0.5", "--out", out, "--max-length", "16",
+            "--calibration-samples", "24", "--batch-size", batch, "--heal-steps", "12", "--save-steps", "5", "--eval-steps", "6"]
 
 
 def train_args(i, out, batch, *extra):
-    return ["train", "-a", i["arch"], "-t", i["text"], "-o", out, "--block-size", "16", "--vocab-size", "300", "--batch-size", batch,
-            "--max-steps", "8", "--lr", "3e-3", "--warmup", "0", "--eval-steps", "4", "--save-steps", "2", "--logging-steps", "1",
+    return ["train", "-a", i["arch"], "--text", i["text"], "-o", out, "--max-length", "16", "--vocab-size", "300", "--batch-size", batch,
+            "--max-steps", "8", "--lr", "3e-3", "--warmup-steps", "0", "--eval-steps", "4", "--save-steps", "2", "--logging-steps", "1",
             "--seed", "0", "-b", "4", *extra]
 
 

@@ -31,7 +31,7 @@ EXPENSIVE = {
     r"^monarchify (finetune|compress|heal|train) ": "trains a model: minutes (tests/test_finetune.py, test_compress.py, "
                                                     "test_heal.py and test_train.py train tiny ones)",
     r"^monarchify bench ": "times real layers or models for seconds to minutes (tests/test_bench_cli.py uses a fake clock)",
-    r"^monarchify convert \S+ .*--calibrate": "a calibrated conversion: minutes on the real model",
+    r"^monarchify convert \S+ .*--text": "a calibrated conversion: minutes on the real model",
     r"^monarchify (report|bench model) runs/": "reads a run folder of the real model, made by the commands above it",
     r"^monarchify eval ": "scores a causal language model on text: minutes on the real one (tests/test_eval.py scores a tiny one)",
     r"^monarchify convert smollm2-135m ": "converts the real SmolLM2-135M, which the tests do not have",

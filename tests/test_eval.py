@@ -120,7 +120,7 @@ def test_text_keeps_blank_lines_and_joins_files_with_newlines(tmp_path):
 
 
 def test_cli_agrees_with_the_hand_loop_on_the_folder_s_tokens(capsys, llama_folder, text_file, tokenizer):
-    code, out, err = run(capsys, "eval", llama_folder, "--text", text_file, "--window", WINDOW, "--json")
+    code, out, err = run(capsys, "eval", llama_folder, "--text", text_file, "--max-length", WINDOW, "--json")
     assert code == 0, err
     result = json.loads(out)
     from transformers import AutoModelForCausalLM
@@ -138,7 +138,7 @@ def test_cli_on_a_monarch_folder_is_the_monarch_model_s_perplexity(capsys, llama
     out_dir = tmp_path / "monarch"
     code, _, err = run(capsys, "convert", llama_folder, "-b", "2", "-o", out_dir, "--no-check")
     assert code == 0, err
-    code, out, err = run(capsys, "eval", out_dir, "--text", text_file, "--window", WINDOW, "--stride", 8, "--bos", "--json")
+    code, out, err = run(capsys, "eval", out_dir, "--text", text_file, "--max-length", WINDOW, "--stride", 8, "--bos", "--json")
     assert code == 0, err
     monarch = json.loads(out)
 
@@ -153,13 +153,13 @@ def test_cli_on_a_monarch_folder_is_the_monarch_model_s_perplexity(capsys, llama
     expected = brute_force(model, ids, 8, tokenizer.bos_token_id)
     assert monarch["tokens"] == len(ids) == expected.numel()
     assert monarch["nll"] == pytest.approx(float(expected.mean()), rel=1e-5)
-    code, out, err = run(capsys, "eval", llama_folder, "--text", text_file, "--window", WINDOW, "--stride", 8, "--bos", "--json")
+    code, out, err = run(capsys, "eval", llama_folder, "--text", text_file, "--max-length", WINDOW, "--stride", 8, "--bos", "--json")
     assert code == 0, err
     assert abs(json.loads(out)["nll"] - monarch["nll"]) > 1e-3  # the Monarch model was scored, not a dense one
 
 
 def test_cli_table_and_progress_for_people(capsys, llama_folder, text_file):
-    code, out, err = run(capsys, "eval", llama_folder, "--text", text_file, "--window", WINDOW, "--max-tokens", 3 * WINDOW,
+    code, out, err = run(capsys, "eval", llama_folder, "--text", text_file, "--max-length", WINDOW, "--max-tokens", 3 * WINDOW,
                          "--threads", 1)
     assert code == 0, err
     assert "perplexity" in out and f"{3 * WINDOW - 3} tokens" in out and f"3 windows of {WINDOW} tokens, no BOS" in out
@@ -169,10 +169,10 @@ def test_cli_table_and_progress_for_people(capsys, llama_folder, text_file):
     "args,fragment",
     [
         (("--text", "MISSING"), "does not exist"),
-        (("--window", 24, "--max-tokens", 20), "the text has 20 tokens, fewer than one window of 24"),
-        (("--window", 32, "--bos"), "longer than the model's 32 positions"),
-        (("--window", 8, "--stride", 9), "stride between 1 and the window"),
-        (("--max-tokens", 0), "max_tokens must be >= 1"),
+        (("--max-length", 24, "--max-tokens", 20), "the text has 20 tokens, fewer than one window of 24"),
+        (("--max-length", 32, "--bos"), "longer than the model's 32 positions"),
+        (("--max-length", 8, "--stride", 9), "--stride between 1 and --max-length"),
+        (("--max-tokens", 0), "--max-tokens must be >= 1"),
         (("--threads", 0), "--threads must be >= 1"),
     ],
 )

@@ -55,13 +55,13 @@ def test_train_and_a_densified_run_write_0644(tmp_path):
     corpus.write_text("\n".join(SENTENCES * 20) + "\n", encoding="utf-8")
     for name, extra in (("monarch", []), ("densified", ["--densify-at", 2])):
         run("train", "--arch", tmp_path / "arch", "--text", corpus, "--out", tmp_path / name, "-b", 4, "--max-steps", 4,
-            "--block-size", 16, "--vocab-size", 300, "--batch-size", 8, *extra)
+            "--max-length", 16, "--vocab-size", 300, "--batch-size", 8, *extra)
     assert_all_0644(tmp_path / "monarch", tmp_path / "densified")
 
 
 def test_finetune_writes_0644(tmp_path, bert_folder):
     data = write_sst2(tmp_path / "glue")
-    run("finetune", "--task", "sst2", "--model", bert_folder, "--data-dir", data, "-b", 4, "--max-steps", 2,
+    run("finetune", "--task", "sst2", bert_folder, "--data-dir", data, "-b", 4, "--max-steps", 2,
         "--no-save-checkpoints", "--out", tmp_path / "ft")
     assert_all_0644(tmp_path / "ft")
 

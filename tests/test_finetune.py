@@ -198,7 +198,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 def test_cli_bad_input(tmp_path, capsys, bert_folder):
     data = write_sst2(tmp_path / "glue", n_train=8, n_dev=4)
-    base = ["finetune", "--model", bert_folder, "--data-dir", data, "--out", tmp_path / "out"]
+    base = ["finetune", bert_folder, "--data-dir", data, "--out", tmp_path / "out"]
 
     code, err = run_cli(capsys, *base, "--task", "sst3")
     assert_one_line_error(code, err, "unknown GLUE task 'sst3'", "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
@@ -206,7 +206,7 @@ def test_cli_bad_input(tmp_path, capsys, bert_folder):
     code, err = run_cli(capsys, *base, "--task", "mrpc")
     assert_one_line_error(code, err, "MRPC/train.tsv", "MRPC/dev.tsv")
 
-    code, err = run_cli(capsys, "finetune", "--task", "sst2", "--model", tmp_path / "no-such-model", "--data-dir", data, "--out", tmp_path / "o2")
+    code, err = run_cli(capsys, "finetune", "--task", "sst2", tmp_path / "no-such-model", "--data-dir", data, "--out", tmp_path / "o2")
     assert_one_line_error(code, err, "no-such-model", "does not exist")
 
     code, err = run_cli(capsys, *base, "--task", "sst2", "--exclude", "query")
@@ -229,8 +229,8 @@ def test_cli_refuses_to_convert_a_monarch_folder_twice(tmp_path, capsys, bert_fo
     converted = tmp_path / "bert-monarch"
     convert_pretrained(bert_folder, converted, MonarchConfig(nblocks=2), check=False)
     data = write_sst2(tmp_path / "glue", n_train=8, n_dev=4)
-    code, err = run_cli(capsys, "finetune", "-t", "sst2", "-m", converted, "--data-dir", data, "-o", tmp_path / "out", "-b", "2")
-    assert_one_line_error(code, err, "already has Monarch layers")
+    code, err = run_cli(capsys, "finetune", "-t", "sst2", converted, "--data-dir", data, "-o", tmp_path / "out", "-b", "2")
+    assert_one_line_error(code, err, "already has Monarch layers", "without a Monarch recipe (--nblocks)")
 
 
 def test_resume_after_an_interruption(tmp_path, bert_folder):
@@ -288,8 +288,8 @@ def test_resume_with_other_options_is_refused_naming_the_option(tmp_path, bert_f
                    eval_each_epoch=False)
     finetune(opts, progress_bar=False)
     assert (opts.checkpoints / "checkpoint-1").is_dir()
-    base = ["finetune", "--task", "sst2", "--model", bert_folder, "--data-dir", data, "--out", opts.out, "--resume",
-            "--epochs", "2", "--max-steps", "1", "--seed", "0", "--batch-size", "16", "--warmup", "0"]
+    base = ["finetune", "--task", "sst2", bert_folder, "--data-dir", data, "--out", opts.out, "--resume",
+            "--epochs", "2", "--max-steps", "1", "--seed", "0", "--batch-size", "16", "--warmup-steps", "0"]
     code, err = run_cli(capsys, *base, "--lr", "0.001")
     assert_one_line_error(code, err, "learning_rate (was 0.002, now 0.001)")
     # what only changes where the run writes or how often it logs may differ
@@ -324,7 +324,7 @@ def test_max_steps_must_be_positive_or_minus_one(tmp_path, steps):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_without_a_gpu_is_refused_before_anything_loads(tmp_path, capsys, precision):
-    code = main(["finetune", "--task", "mrpc", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+    code = main(["finetune", "--task", "mrpc", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
                  "--precision", precision])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1] == f"Error: precision {precision} needs a CUDA GPU; this machine has none (use fp32)"

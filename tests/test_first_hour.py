@@ -87,14 +87,14 @@ def test_without_network_finetune_fails_at_once_with_one_line(tmp_path, capsys, 
 
     monkeypatch.setattr(datasets, "load_dataset", no_load)
     start = time.perf_counter()
-    code, _, err = run(capsys, "finetune", "--task", "mrpc", "--model", bert_folder, "--out", tmp_path / "out")
+    code, _, err = run(capsys, "finetune", "--task", "mrpc", bert_folder, "--out", tmp_path / "out")
     line = one_error_line(err)
     assert code == 1 and time.perf_counter() - start < 10
     assert "could not get GLUE 'mrpc'" in line and "cannot be reached" in line and "MRPC/train.tsv" in line
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: not even the probe
     monkeypatch.setattr(glue_data, "hub_reachable", no_load)
-    code, _, err = run(capsys, "finetune", "--task", "mrpc", "--model", bert_folder, "--out", tmp_path / "out")
+    code, _, err = run(capsys, "finetune", "--task", "mrpc", bert_folder, "--out", tmp_path / "out")
     assert code == 1 and "offline mode is on" in one_error_line(err)
 
 
@@ -143,7 +143,7 @@ def interrupt_at(monkeypatch, step: int) -> None:
 
 def finetune_args(tmp_path: Path, bert_folder: Path) -> list:
     data = write_sst2(tmp_path / "glue", n_train=8, n_dev=4)
-    return ["finetune", "--task", "sst2", "--model", bert_folder, "--data-dir", data, "--out", tmp_path / "out",
+    return ["finetune", "--task", "sst2", bert_folder, "--data-dir", data, "--out", tmp_path / "out",
             "--batch-size", "4", "--epochs", "2", "--no-eval-each-epoch"]
 
 
@@ -200,12 +200,12 @@ def test_budget_without_calibration_warns(tmp_path, capsys, bert_folder):
     code, out, err = run(capsys, "convert", bert_folder, "--budget", "0.5", "--dry-run", "--no-check")
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "--calibrate" in warnings[0]
+    assert len(warnings) == 1 and "--text" in warnings[0]
 
     text = tmp_path / "sentences.txt"
     text.write_text("\n".join(" ".join(WORDS[i:i + 9]) for i in range(0, 80, 3)) + "\n", encoding="utf-8")
     code, out, err = run(capsys, "convert", bert_folder, "--budget", "0.5", "--dry-run", "--no-check",
-                         "--calibrate", text, "--calibration-samples", "16")
+                         "--text", text, "--calibration-samples", "16")
     assert code == 0, err
     assert UNCALIBRATED_BUDGET not in err.replace("\n", " ") and "warning:" not in err
 

@@ -92,8 +92,8 @@ def test_cli_heals_a_converted_folder(tmp_path, capsys, bert_folder):
     convert_pretrained(bert_folder, converted, MonarchConfig(nblocks=4), check=False)
     text = write_sentences(tmp_path / "text.txt")
     out = tmp_path / "healed"
-    code = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--data", text, "-o", out,
-                   "--steps", "30", "--lr", "3e-4", "--batch-size", "8", "--samples", "48")[0]
+    code = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--text", text, "-o", out,
+                   "--max-steps", "30", "--lr", "3e-4", "--batch-size", "8", "--max-train-samples", "48")[0]
     assert code == 0
     report = json.loads((out / "monarchify_report.json").read_text())
     heal = report["meta"]["heal"]
@@ -120,7 +120,7 @@ def test_cli_heal_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
     convert_pretrained(bert_folder, converted, MonarchConfig(nblocks=2), check=False)
     text = write_sentences(tmp_path / "text.txt", n=20)
     out = tmp_path / "out"
-    base = ["--data", text, "-o", out, "--steps", "2"]
+    base = ["--text", text, "-o", out, "--max-steps", "2"]
 
     code, err = run_cli(capsys, "heal", bert_folder, "--teacher", bert_folder, *base)
     assert_one_line_error(code, err, "is not a Monarch checkpoint")
@@ -133,7 +133,7 @@ def test_cli_heal_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
     code, err = run_cli(capsys, "heal", converted, "--teacher", converted, *base)
     assert_one_line_error(code, err, "has Monarch layers: the teacher is the dense original")
 
-    code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--data", tmp_path / "none.txt", "-o", out)
+    code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--text", tmp_path / "none.txt", "-o", out)
     assert_one_line_error(code, err, "none.txt", "does not exist")
 
     code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, *base, "--lr", "0")

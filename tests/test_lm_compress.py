@@ -146,7 +146,7 @@ def test_cli_compress_text_prints_the_perplexities_and_refuses_task_flags(tmp_pa
 
     text = _text(tmp_path / "train.txt", seed=2)
     out = tmp_path / "cli-out"
-    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", text, "--budget", "0.5", "--out", out,
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "--budget", "0.5", "--out", out,
                         "--heal-steps", "4", "--max-length", "16", "--batch-size", "4", "--calibration-samples", "16",
                         "--json")
     assert code == 0, err
@@ -154,12 +154,12 @@ def test_cli_compress_text_prints_the_perplexities_and_refuses_task_flags(tmp_pa
     assert results["heal"]["steps"] == 4 and results["heldout"]["window"] == 16
     assert [p["step"] for p in results["heal"]["curve"]] == [0, 1, 2, 3, 4]  # default: every steps // 4
 
-    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", text, "--budget", "0.5", "--out",
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "--budget", "0.5", "--out",
                         tmp_path / "o2", "--epochs", "2")
     assert_one_line_error(code, err, "--epochs belong to --task compression")
-    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--budget", "0.5", "--out", tmp_path / "o3")
+    code, err = run_cli(capsys, "compress", lm_folder, "--budget", "0.5", "--out", tmp_path / "o3")
     assert_one_line_error(code, err, "give --task", "or --text")
-    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", tmp_path / "missing.txt", "--budget", "0.5",
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", tmp_path / "missing.txt", "--budget", "0.5",
                         "--out", tmp_path / "o4")
     assert_one_line_error(code, err, "missing.txt", "does not exist")
     assert not (tmp_path / "o4").exists() and not (tmp_path / "o4.stages").exists()
@@ -170,7 +170,7 @@ def test_cli_compress_text_at_a_block_count_with_sequential_calibration(tmp_path
 
     text = _text(tmp_path / "train.txt", seed=3)
     out = tmp_path / "b2"
-    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", text, "-b", "2", "--sequential", "--out", out,
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "2", "--sequential", "--out", out,
                         "--heal-steps", "0", "--max-length", "16", "--calibration-samples", "16")
     assert code == 0, err
     results = json.loads((out / "eval_results.json").read_text())
@@ -178,9 +178,9 @@ def test_cli_compress_text_at_a_block_count_with_sequential_calibration(tmp_path
     assert "budget" not in results["recipe"] or results["recipe"]["budget"] is None
     assert results["heal"] == {"steps": 0} and results["perplexity"]["compressed"] == results["perplexity"]["converted"]
 
-    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--text", text, "-b", "2", "--budget", "0.5", "--out", tmp_path / "x")
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "2", "--budget", "0.5", "--out", tmp_path / "x")
     assert_one_line_error(code, err, "--budget FRACTION or --nblocks N")
-    code, err = run_cli(capsys, "compress", "--model", lm_folder, "--task", "sst2", "-b", "2", "--out", tmp_path / "y")
+    code, err = run_cli(capsys, "compress", lm_folder, "--task", "sst2", "-b", "2", "--out", tmp_path / "y")
     assert_one_line_error(code, err, "--task compression needs --budget")
 
 

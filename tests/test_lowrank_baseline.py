@@ -176,7 +176,7 @@ def test_ranks_pin_a_lowrank_layer():
 @pytest.mark.parametrize("args, message", [
     (["--structure", "lowrank", "--only-if-faster"], "--only-if-faster times Monarch layers"),
     (["--structure", "blocks"], "structure must be one of monarch, lowrank"),
-    (["--structure", "lowrank", "--stream"], "cannot stream this conversion: structure 'lowrank'"),
+    (["--structure", "lowrank", "--stream"], "cannot stream this conversion: --structure 'lowrank'"),
 ])
 def test_cli_refuses_what_lowrank_cannot_do(tmp_path, capsys, args, message):
     folder = tmp_path / "dense"
@@ -190,7 +190,7 @@ def test_cli_refuses_what_lowrank_cannot_do(tmp_path, capsys, args, message):
 def test_config_records_structure_only_when_lowrank():
     assert "structure" not in MonarchConfig().to_dict()
     assert MonarchConfig.from_dict(MonarchConfig(structure="lowrank").to_dict()).structure == "lowrank"
-    with pytest.raises(ConfigError, match="speed gate"):
+    with pytest.raises(ConfigError, match="speed_gate times Monarch layers"):
         MonarchConfig(structure="lowrank", speed_gate={})
     assert CompressOptions(task="sst2", model="m", out="o", budget=0.5, structure="lowrank").recipe.structure == "lowrank"
 

@@ -149,7 +149,7 @@ def test_bench_model_plot(capsys, monkeypatch, tmp_path, bert_folder, fake_clock
     drawn = []
     monkeypatch.setattr(plots, "bench_figure", lambda *a, **k: drawn.append(bench_figure(*a, **k)) or drawn[-1])
     picture = tmp_path / "bench.svg"
-    code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch", "2", "--seq-len", "8",
+    code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch-size", "2", "--seq-len", "8",
                          "--plot", picture, "--json", *QUICK)
     assert code == 0, err
     text = picture.read_text(encoding="utf-8")

@@ -179,13 +179,13 @@ def test_sequential_needs_blocks_and_no_budget(tmp_path, tokenizers, capsys):
         MonarchConfig(budget=0.5, calibration=SEQUENTIAL)
     with pytest.raises(ConfigError, match="sequential"):
         monarchify.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), MonarchConfig(calibration=SEQUENTIAL), samples=["a"])
-    with pytest.raises(ConfigError, match="calibration sequential must be true or false"):
+    with pytest.raises(ConfigError, match=r"calibration\.sequential must be true or false"):
         CalibrationConfig(sequential="yes")
     assert "sequential" not in MonarchConfig(calibration=CalibrationConfig()).to_dict()["calibration"]
     src = source(tmp_path, tokenizers, "bert")
     data = text_file(tmp_path)
     capsys.readouterr()
-    code = main(["convert", str(src), "--calibrate", str(data), "--sequential", "--include", "pooler\\.dense", "-o", str(tmp_path / "o")])
+    code = main(["convert", str(src), "--text", str(data), "--sequential", "--include", "pooler\\.dense", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and "sequential calibration runs one block at a time" in err
     assert not (tmp_path / "o").exists()

@@ -150,7 +150,7 @@ def test_the_path_is_chosen_by_size_recipe_and_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_convert, "STREAM_ABOVE", 0)
     convert_pretrained(src, tmp_path / "b", MonarchConfig(), check=False)  # big: streams on its own
     assert paths == ["stream"]
-    with pytest.raises(ConfigError, match="cannot stream this conversion: the speed gate"):
+    with pytest.raises(ConfigError, match="cannot stream this conversion: speed_gate is not available"):
         convert_pretrained(src, tmp_path / "c", MonarchConfig(speed_gate=SpeedGateConfig()), stream=True)
     with pytest.raises(ConfigError, match="budget"):
         convert_pretrained(src, tmp_path / "c", MonarchConfig(budget=0.5), stream=True)

@@ -149,7 +149,7 @@ def test_layers_outside_one_list_of_blocks_are_one_line(tmp_path, tokenizers, mo
     src = source(tmp_path, tokenizers, "bert")
     data = text_file(tmp_path)
     capsys.readouterr()
-    code = main(["convert", str(src), "--stream", "--calibrate", str(data), "--include", "pooler\\.dense", "-o", str(tmp_path / "o")])
+    code = main(["convert", str(src), "--stream", "--text", str(data), "--include", "pooler\\.dense", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and err.startswith("Error: cannot stream this conversion: layer "
                                                                       "'pooler.dense' is outside the repeated blocks")
@@ -186,7 +186,7 @@ def test_bad_calibration_text_is_one_line_before_any_work(tmp_path, tokenizers, 
     if problem == "empty":
         data.write_text("\n  \n", encoding="utf-8")
     capsys.readouterr()
-    code = main(["convert", str(src), "--stream", "--calibrate", str(data), "-o", str(tmp_path / "out")])
+    code = main(["convert", str(src), "--stream", "--text", str(data), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("Error:") and len(err.splitlines()) == 1
     assert ("does not exist" if problem == "missing" else "no samples") in err
@@ -217,7 +217,7 @@ def test_each_block_announces_itself_before_it_calibrates(tmp_path, tokenizers):
 
 def test_the_command_line_streams_a_calibrated_conversion(tmp_path, tokenizers, capsys):
     src = source(tmp_path, tokenizers, "llama")
-    code = main(["convert", str(src), "--stream", "--calibrate", str(text_file(tmp_path, lines=40)), "--json",
+    code = main(["convert", str(src), "--stream", "--text", str(text_file(tmp_path, lines=40)), "--json",
                  "-o", str(tmp_path / "out")])
     assert code == 0
     report = json.loads(capsys.readouterr().out)

@@ -47,10 +47,10 @@ def command_line(name: str, tmp_path) -> list[str]:
     """The shortest valid command line of each training command (the run itself is replaced)."""
     text = write_sentences(tmp_path / "text.txt", n=8)
     return {
-        "finetune": ["finetune", "--task", "sst2", "--model", tmp_path / "model", "--out", tmp_path / "out"],
+        "finetune": ["finetune", "--task", "sst2", tmp_path / "model", "--out", tmp_path / "out"],
         "train": ["train", "--arch", "gpt2", "--text", text, "--out", tmp_path / "out"],
-        "compress": ["compress", "--task", "sst2", "--model", tmp_path / "model", "--budget", "0.5", "--out", tmp_path / "out"],
-        "heal": ["heal", tmp_path / "model", "--teacher", tmp_path / "dense", "--data", text, "--out", tmp_path / "out"],
+        "compress": ["compress", "--task", "sst2", tmp_path / "model", "--budget", "0.5", "--out", tmp_path / "out"],
+        "heal": ["heal", tmp_path / "model", "--teacher", tmp_path / "dense", "--text", text, "--out", tmp_path / "out"],
     }[name]
 
 
@@ -120,7 +120,7 @@ def test_a_busy_machine_is_warned_about_once_when_training_starts(capsys, tmp_pa
         ("finetune", ["--task", "sst3"], "unknown GLUE task"),
         ("compress", ["--task", "sst3"], "unknown GLUE task"),
         ("train", ["--text", "{tmp}/none.txt"], "does not exist"),
-        ("heal", ["--data", "{tmp}/none.txt"], "does not exist"),
+        ("heal", ["--text", "{tmp}/none.txt"], "does not exist"),
     ],
 )
 def test_a_refused_command_on_a_busy_machine_prints_its_error_alone(capsys, tmp_path, monkeypatch, preset_threads, command, bad, message):
@@ -169,7 +169,7 @@ def test_threads_below_one_is_a_one_line_error_before_anything_runs(capsys, tmp_
 def test_finetune_records_its_threads(capsys, tmp_path, bert_folder, preset_threads):
     data = write_sst2(tmp_path / "glue", n_train=16, n_dev=8)
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "finetune", "--task", "sst2", "--model", bert_folder, "--data-dir", data, "--out", out,
+    code, _, err = run_cli(capsys, "finetune", "--task", "sst2", bert_folder, "--data-dir", data, "--out", out,
                            "--max-steps", "2", "--batch-size", "8", "--no-eval-each-epoch", "--no-save-checkpoints",
                            "--threads", "1")
     assert code == 0, err
@@ -183,7 +183,7 @@ def test_train_records_its_threads(capsys, tmp_path, preset_threads):
     text = write_sentences(tmp_path / "text.txt", n=60)
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--arch", arch, "--text", text, "--out", out, "--max-steps", "2",
-                           "--block-size", "16", "--vocab-size", "300", "--batch-size", "4", "--threads", "1")
+                           "--max-length", "16", "--vocab-size", "300", "--batch-size", "4", "--threads", "1")
     assert code == 0, err
     results = json.loads((out / "train_results.json").read_text())
     assert results["environment"]["cpu_threads"] == 1
@@ -194,8 +194,8 @@ def test_heal_records_its_threads(capsys, tmp_path, bert_folder, preset_threads)
     convert_pretrained(bert_folder, converted, MonarchConfig(nblocks=2), check=False)
     text = write_sentences(tmp_path / "text.txt", n=20)
     out = tmp_path / "healed"
-    code, _, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--data", text, "--out", out,
-                           "--steps", "2", "--samples", "8", "--batch-size", "4", "--threads", "1")
+    code, _, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, "--text", text, "--out", out,
+                           "--max-steps", "2", "--max-train-samples", "8", "--batch-size", "4", "--threads", "1")
     assert code == 0, err
     report = json.loads((out / "monarchify_report.json").read_text())
     assert report["meta"]["heal"]["cpu_threads"] == 1

@@ -247,7 +247,7 @@ def test_train_densify_at_on_the_command_line_writes_a_gpt2_folder_that_loads_as
 
     monkeypatch.setattr(lm_train, "_save", keep_model)
     code, err = run_cli(capsys, "train", "--arch", arch, "--text", corpus, "--out", tmp_path / "o", "-b", 4,
-                        "--include", "attn\\.c_proj", "--densify-at", 2, "--max-steps", 4, "--block-size", 16,
+                        "--include", "attn\\.c_proj", "--densify-at", 2, "--max-steps", 4, "--max-length", 16,
                         "--vocab-size", 300, "--batch-size", 8)
     assert code == 0, err
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
@@ -296,18 +296,18 @@ def run_cli(capsys, *args):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--densify-at", "0.5"], "monarch"),
-        (["-b", "4", "--densify-at", "1.5"], "densify_at"),
+        (["--densify-at", "0.5"], "train with a Monarch recipe (--nblocks)"),
+        (["-b", "4", "--densify-at", "1.5"], "--densify-at must be a fraction"),
         (["-b", "4", "--densify-at", "50"], "only 8 steps"),
         (["--width", "30", "--heads", "4"], "not a multiple"),
         (["--text-column", "sentence"], "not a TSV"),
         (["--resume"], "resume"),
-        (["--block-size", "64"], "exceeds"),
+        (["--max-length", "64"], "exceeds"),
         (["--objective", "nope"], "objective"),
     ],
 )
 def test_bad_input_is_refused_in_one_line(capsys, tmp_path, corpus, arch, extra, message):
-    code, err = run_cli(capsys, "train", "--arch", arch, "--text", corpus, "--max-steps", 8, "--block-size", 16,
+    code, err = run_cli(capsys, "train", "--arch", arch, "--text", corpus, "--max-steps", 8, "--max-length", 16,
                         "--vocab-size", 300, "--out", tmp_path / "o", *extra)
     assert code != 0
     lines = err.strip().splitlines()
@@ -344,7 +344,7 @@ def test_resume_checks_the_run_manifest_and_names_the_option_that_changed(tmp_pa
     assert manifest.stages["train"].options["seed"] == 0 and not manifest.stages["train"].done
     with pytest.raises(ConfigError, match=r"seed \(was 0, now 1\)"):
         train(options(tmp_path, corpus, arch, "cut", seed=1, resume=True), progress_bar=False)
-    code, err = run_cli(capsys, "train", "--arch", arch, "--text", corpus, "--out", cut.out, "--block-size", 16,
+    code, err = run_cli(capsys, "train", "--arch", arch, "--text", corpus, "--out", cut.out, "--max-length", 16,
                         "--vocab-size", 300, "--max-steps", 8, "--seed", 0, "-b", 2, "--resume")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "monarch.nblocks (was 4, now 2)" in err, err
     # a checkpoint folder of an earlier version (the options themselves in the file) still resumes

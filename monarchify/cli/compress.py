@@ -18,7 +18,7 @@ from monarchify.glue.tasks import TASK_NAMES, get_task
 
 
 def compress(
-    model: Annotated[str, typer.Option("--model", "-m", help="A dense model folder (or Hub id): for --task pretrained or already fine-tuned on it; for --text a causal language model.")],
+    model: Annotated[str, typer.Argument(help="A dense model folder (or Hub id): for --task pretrained or already fine-tuned on it; for --text a causal language model.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the compressed model and eval_results.json. Stages go to OUT.stages.")],
     budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Fraction of the converted linears' dense parameters to keep (0.376 is MiniLM's count of 4 blocks everywhere; 0.5 is 4 blocks on square layers). Required with --task; with --text, --budget or --nblocks.")] = None,
     task: Annotated[str | None, typer.Option("--task", "-t", help=f"GLUE task: {', '.join(TASK_NAMES)}. Give --task or --text.")] = None,
@@ -34,8 +34,8 @@ def compress(
     nblocks: Annotated[int | None, typer.Option("--nblocks", "-b", help="--text: every selected layer at this block count instead of a --budget.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="--text with --nblocks: calibrate each block on the inputs the already converted blocks produce (see convert --sequential).")] = False,
     heal_steps: Annotated[int, typer.Option("--heal-steps", metavar="N", help="--text: healing steps after the conversion (0: none, the training-free result).")] = 200,
-    eval_every: Annotated[int | None, typer.Option("--eval-every", metavar="N", help="--text: also measure held-out perplexity every N healing steps (default: four times in the run).")] = None,
-    save_every: Annotated[int, typer.Option("--save-every", metavar="N", help="--text: keep a resumable healing state every N steps.")] = 50,
+    eval_every: Annotated[int | None, typer.Option("--eval-steps", metavar="N", help="--text: also measure held-out perplexity every N healing steps (default: four times in the run).")] = None,
+    save_every: Annotated[int, typer.Option("--save-steps", metavar="N", help="--text: keep a resumable healing state every N steps.")] = 50,
     distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels in stage 3, 0..1.")] = 0.5,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the logit term.")] = 2.0,
     distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states in stage 3 (0: off).")] = 0.0,
@@ -60,9 +60,9 @@ def compress(
 
     \b
     Examples:
-      monarchify compress --task mrpc --model ./minilm --budget 0.376 --data-dir glue --out runs/mrpc-small
-      monarchify compress --task sst2 --model runs/sst2-dense --budget 0.5 --data-dir glue --out runs/sst2-small
-      monarchify compress --model ./smollm2 --text wiki.valid.txt --budget 0.75 --heal-steps 400 --out runs/smol-75
+      monarchify compress ./minilm --task mrpc --budget 0.376 --data-dir glue --out runs/mrpc-small
+      monarchify compress runs/sst2-dense --task sst2 --budget 0.5 --data-dir glue --out runs/sst2-small
+      monarchify compress ./smollm2 --text wiki.valid.txt --budget 0.75 --heal-steps 400 --out runs/smol-75
     """
     if (task is None) == (text is None):
         raise ConfigError("give --task (a GLUE task) or --text (language-model compression), one of the two")

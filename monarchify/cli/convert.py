@@ -87,17 +87,17 @@ def convert(
     force: ForceFlag = False,
     only_if_faster: Annotated[bool, typer.Option("--only-if-faster", help="Time every selected layer on this device (dense vs Monarch, forward and forward+backward) and keep it dense unless Monarch wins both.")] = False,
     tokens: Annotated[int | None, typer.Option("--tokens", help=f"Rows per timed call for --only-if-faster (default {DEFAULT_SPEED_TOKENS}).")] = None,
-    calibrate: Annotated[str | None, typer.Option("--calibrate", metavar="DATA", help="Activation-aware projection: minimise each layer's output error on these samples (a text file with one per line, a GLUE .tsv, a saved datasets folder or hf:NAME[:CONFIG[:SPLIT]]).")] = None,
-    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help=f"Samples fitted with --calibrate (default {DEFAULT_CALIBRATION_SAMPLES}); a quarter more are held out to measure the output error.")] = None,
-    refine_sweeps: Annotated[int | None, typer.Option("--refine-sweeps", metavar="N", help=f"With --calibrate: sweeps of full-covariance refinement after the closed-form whitened projection (default {DEFAULT_SWEEPS}; 0: closed form only).")] = None,
-    sequential: Annotated[bool, typer.Option("--sequential", help="With --calibrate: fit each transformer block on the inputs the already converted blocks before it produce, to reproduce the dense block's outputs (slower; not with --budget; worse perplexity on SmolLM2-135M, see docs/accuracy.md).")] = False,
+    text: Annotated[str | None, typer.Option("--text", metavar="DATA", help="Calibration text, for activation-aware projection: minimise each layer's output error on its samples (a text file with one per line, a GLUE .tsv, a saved datasets folder or hf:NAME[:CONFIG[:SPLIT]]).")] = None,
+    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help=f"Samples fitted with --text (default {DEFAULT_CALIBRATION_SAMPLES}); a quarter more are held out to measure the output error.")] = None,
+    refine_sweeps: Annotated[int | None, typer.Option("--refine-sweeps", metavar="N", help=f"With --text: sweeps of full-covariance refinement after the closed-form whitened projection (default {DEFAULT_SWEEPS}; 0: closed form only).")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="With --text: fit each transformer block on the inputs the already converted blocks before it produce, to reproduce the dense block's outputs (slower; not with --budget; worse perplexity on SmolLM2-135M, see docs/accuracy.md).")] = False,
     budget: Annotated[float | None, typer.Option("--budget", metavar="FRACTION", help="Choose every layer's block count (or keep it dense) to minimise the total error within this fraction of the selected layers' dense parameters; --override pins layers, --nblocks is ignored.")] = None,
     budget_dense: Annotated[bool, typer.Option("--budget-dense/--no-budget-dense", help="Whether --budget may keep a layer dense (error 0, full price).")] = True,
     budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term (K·(d_in+d_out) parameters, fitted to what Monarch misses) next to its blocks, e.g. 8,16,32. With --structure lowrank: the ranks --budget chooses among (default: those matching each block count).")] = None,
     budget_objective: BudgetObjective = "layers",
-    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Convert tensor by tensor without loading the model (local safetensors folders; --calibrate runs one block at a time; no budget or speed gate; no functional check). Default: stream folders over 2 GB of weights when the recipe allows.")] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Convert tensor by tensor without loading the model (local safetensors folders; --text runs one block at a time; no budget or speed gate; no functional check). Default: stream folders over 2 GB of weights when the recipe allows.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted streaming conversion into the same --out, keeping its finished shards (implies --stream).")] = False,
-    device: Annotated[str, typer.Option("--device", help="Where a streaming conversion projects (and runs --calibrate's blocks): cpu or cuda (cuda implies --stream).")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="Where a streaming conversion projects (and runs --text's blocks): cpu or cuda (cuda implies --stream).")] = "cpu",
     sort: Annotated[str, typer.Option(help=f"Table order: {', '.join(SORT_KEYS)}.")] = "model",
     threads: Threads = None,
     json_out: JsonFlag = False,
@@ -110,11 +110,11 @@ def convert(
       monarchify convert bert-base-uncased -b 4 --override 'intermediate\\.dense=8' -o out
       monarchify convert gpt2 --include 'mlp\\..*' --dry-run
       monarchify convert ./bert-folder -b 4 --only-if-faster --tokens 4096 -o out
-      monarchify convert ./bert-folder -b 4 --calibrate glue/MRPC/train.tsv -o out
-      monarchify convert ./llama-folder -b 4 --calibrate wiki.txt --sequential -o out
-      monarchify convert ./bert-folder --budget 0.4 --calibrate sentences.txt -o out
-      monarchify convert ./bert-folder --budget 0.4 --budget-ranks 8,16,32 --calibrate sentences.txt -o out
-      monarchify convert ./bert-folder --structure lowrank -b 4 --calibrate sentences.txt -o out
+      monarchify convert ./bert-folder -b 4 --text glue/MRPC/train.tsv -o out
+      monarchify convert ./llama-folder -b 4 --text wiki.txt --sequential -o out
+      monarchify convert ./bert-folder --budget 0.4 --text sentences.txt -o out
+      monarchify convert ./bert-folder --budget 0.4 --budget-ranks 8,16,32 --text sentences.txt -o out
+      monarchify convert ./bert-folder --structure lowrank -b 4 --text sentences.txt -o out
     """
     if sort not in SORT_KEYS:
         raise ConfigError(f"--sort must be one of {', '.join(SORT_KEYS)}")
@@ -127,10 +127,10 @@ def convert(
         raise ConfigError("--budget-ranks needs --budget FRACTION")
     if budget_objective != "layers" and budget is None:
         raise ConfigError(f"--budget-objective {budget_objective} needs --budget FRACTION")
-    if budget_objective == "output" and calibrate is None:
-        raise ConfigError("--budget-objective output needs --calibrate DATA (it measures the model's output on it)")
-    if calibrate is None and (calibration_samples is not None or refine_sweeps is not None or sequential):
-        raise ConfigError("--calibration-samples, --refine-sweeps and --sequential need --calibrate DATA")
+    if budget_objective == "output" and text is None:
+        raise ConfigError("--budget-objective output needs --text DATA (it measures the model's output on it)")
+    if text is None and (calibration_samples is not None or refine_sweeps is not None or sequential):
+        raise ConfigError("--calibration-samples, --refine-sweeps and --sequential need --text DATA")
     if sequential and budget is not None:
         raise ConfigError("--sequential calibrates one block after another and --budget compares every layer before "
                           "choosing: use one or the other")
@@ -146,7 +146,7 @@ def convert(
             samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             sweeps=DEFAULT_SWEEPS if refine_sweeps is None else refine_sweeps,
             sequential=sequential,
-        ) if calibrate is not None else None,
+        ) if text is not None else None,
         speed_gate=SpeedGateConfig(tokens=DEFAULT_SPEED_TOKENS if tokens is None else tokens) if only_if_faster else None,
     )
     if resume and stream is False:
@@ -156,7 +156,7 @@ def convert(
     from monarchify.hf.convert import convert_pretrained
 
     with conversion_progress() as events:
-        result = convert_pretrained(model, out, config, calibration_data=calibrate, force=force, dry=dry_run,
+        result = convert_pretrained(model, out, config, calibration_data=text, force=force, dry=dry_run,
                                     check=check, events=events, stream=stream, resume=resume, device=device)
     if json_out:
         print_json(result.report.to_dict())

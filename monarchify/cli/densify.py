@@ -7,14 +7,15 @@ from typing import Annotated
 
 import typer
 
-from monarchify.cli.options import ForceFlag
-from monarchify.cli.render import err_console, progress_bar
+from monarchify.cli.options import ForceFlag, JsonFlag
+from monarchify.cli.render import err_console, print_json, progress_bar
 
 
 def densify(
     folder: Annotated[Path, typer.Argument(help="A Monarch folder (written by convert, finetune or compress).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the dense folder.")],
     force: ForceFlag = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Turn every Monarch layer back into a dense one; the result loads with stock transformers, without monarchify.
 
@@ -25,6 +26,7 @@ def densify(
     \b
     Examples:
       monarchify densify bert-monarch -o bert-dense
+      monarchify densify bert-monarch -o bert-dense --json
     """
     from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -37,6 +39,9 @@ def densify(
             progress.update(task, total=total, completed=done, description=f"densifying {name}")
 
         result = densify_folder(folder, out, force=force, on_tensor=on_tensor)
+    if json_out:
+        print_json({"source": str(folder), "out": str(out), "layers": result.layers, "bytes_written": result.bytes_written})
+        return
     err_console.print(
         f"densified {len(result.layers)} Monarch layers; saved [bold]{out}[/] "
         f"({result.bytes_written / 1e6:,.1f} MB of weights, loads without monarchify)"

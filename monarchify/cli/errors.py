@@ -8,8 +8,10 @@ anything. Unexpected exceptions are bugs: they keep a one-line summary plus that
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
+from typing import Any
 
 import typer
 
@@ -38,9 +40,62 @@ FLAG_HINTS = {OutputNotEmptyError: "pass --force to replace it", NothingToResume
 library names recipe fields, only the CLI knows its flags."""
 
 
+FIELD_PARAMETERS = {
+    "monarch": ("nblocks",),
+    "speed_gate": ("only_if_faster",),
+    "speed_gate.tokens": ("tokens",),
+    "calibration": ("text",),
+    "calibration.sweeps": ("refine_sweeps",),
+    "distill": ("teacher",),
+    "distill.hidden_weight": ("distill_hidden",),
+    "steps": ("heal_steps",),
+    "lr": ("student_lr",),
+    "block_size": ("max_length",),
+}
+"""Library fields set by a command parameter of another name. Any other field is set by the
+parameter of its own name (dots as underscores: ``calibration.samples`` is
+``calibration_samples``), which is how every command names its parameters."""
+
+
 def _with_hint(exc: MonarchifyError) -> str:
     hint = next((text for kind, text in FLAG_HINTS.items() if isinstance(exc, kind)), None)
     return f"{exc} ({hint})" if hint else str(exc)
+
+
+def command_flags(command: Any) -> dict[str, str]:
+    """``{parameter name: the flag that sets it}`` for a Click command's visible options."""
+    flags = {}
+    for param in command.params:
+        names = [name for name in getattr(param, "opts", ()) if name.startswith("--")]
+        if param.param_type_name == "option" and names and not getattr(param, "hidden", False):
+            flags[param.name] = names[0]
+    return flags
+
+
+def name_flags(message: str, fields: tuple[str, ...], command: Any) -> str:
+    """``message`` with each field it names written as the flag of ``command`` that sets that
+    field (the library speaks of fields: ``learning_rate must be positive`` is ``--lr must be
+    positive`` to someone who typed ``--lr -1``). A field no flag of this command sets stays."""
+    flags = command_flags(command)
+    for field in sorted(fields, key=len, reverse=True):  # speed_gate.tokens before speed_gate
+        candidates = (field, field.replace(".", "_"), *FIELD_PARAMETERS.get(field, ()))
+        flag = next((flags[name] for name in candidates if name in flags), None)
+        if flag is not None:
+            message = re.sub(rf"(?<![\w.-]){re.escape(field)}(?![\w-]|\.\w)", flag, message)
+    return message
+
+
+def invoked_command(group: Any, args: list[str]) -> Any:
+    """The (sub)command ``args`` name: the group's options take no values, so the first words
+    that are command names lead to it."""
+    command = group
+    for arg in args:
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is not None:
+            command = sub
+        elif not arg.startswith("-"):
+            break
+    return command
 
 
 def _fail(message: str, code: int, *, every_process: bool = False) -> int:
@@ -57,8 +112,8 @@ def _fail(message: str, code: int, *, every_process: bool = False) -> int:
     return code
 
 
-def run(app: typer.Typer, args: list[str] | None = None) -> int:
-    """Run the app and map every failure to an exit code.
+def run(app: Any, args: list[str] | None = None) -> int:
+    """Run the app (the Click group Typer builds) and map every failure to an exit code.
 
     Only Typer's public exceptions are used (``TyperException`` is the base of its usage
     errors, with ``exit_code`` and ``format_message``): Typer moved its Click internals
@@ -87,7 +142,10 @@ def run(app: typer.Typer, args: list[str] | None = None) -> int:
     except MonarchifyError as exc:
         if debug:
             traceback.print_exc()
-        return _fail(_with_hint(exc), EXIT_ERROR)
+        message = _with_hint(exc)
+        if exc.fields:
+            message = name_flags(message, exc.fields, invoked_command(app, sys.argv[1:] if args is None else args))
+        return _fail(message, EXIT_ERROR)
     except KeyboardInterrupt:
         return _fail(_on_interrupt[0], EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: say so briefly, keep the traceback one variable away

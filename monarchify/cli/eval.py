@@ -17,10 +17,10 @@ def evaluate(
         list[Path],
         typer.Option("--text", metavar="FILE", help="Plain text, one document per line (repeatable; read in order)."),
     ],
-    window: Annotated[int, typer.Option("--window", help="Tokens per window (perplexities compare only at equal windows).")] = 256,
+    window: Annotated[int, typer.Option("--max-length", help="Tokens per window (perplexities compare only at equal windows).")] = 256,
     stride: Annotated[
         int | None,
-        typer.Option("--stride", help="Tokens between window starts; below --window, windows overlap and score only their new tokens (default: the window)."),
+        typer.Option("--stride", help="Tokens between window starts; below --max-length, windows overlap and score only their new tokens (default: the window)."),
     ] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Score only the text's first N tokens.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
@@ -41,7 +41,7 @@ def evaluate(
     \b
     Examples:
       monarchify eval smollm2-monarch --text wikitext-2/test.txt --max-tokens 32768
-      monarchify eval smollm2 --text test.txt --window 1024 --stride 512 --json
+      monarchify eval smollm2 --text test.txt --max-length 1024 --stride 512 --json
     """
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

@@ -90,8 +90,8 @@ def print_results(results: dict[str, Any], out: Path, hint: str = FINETUNE_HINT)
 
 
 def finetune(
+    model: Annotated[str, typer.Argument(help="A dense or converted model folder, or a Hub id (needs network).")],
     task: Annotated[str, typer.Option("--task", "-t", help=f"GLUE task: {', '.join(TASK_NAMES)}.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="A dense or converted model folder, or a Hub id (needs network).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the fine-tuned model and eval_results.json.")],
     data_dir: Annotated[
         Path | None,
@@ -106,9 +106,9 @@ def finetune(
     allow_structural_zeros: AllowZeros = False,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then linear decay).")] = 5e-5,
     monarch_lr: Annotated[float | None, typer.Option("--monarch-lr", help="Learning rate of the Monarch factors L, R (default: --lr).")] = None,
-    distill_from: Annotated[
+    teacher: Annotated[
         str | None,
-        typer.Option("--distill-from", help="Learn also from this dense model, already fine-tuned on the task (its logits; see --distill-hidden)."),
+        typer.Option("--teacher", help="Learn also from this dense model, already fine-tuned on the task (its logits; see --distill-hidden)."),
     ] = None,
     distill_alpha: Annotated[
         float | None, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels, 0..1 (default 0.5).")
@@ -125,7 +125,7 @@ def finetune(
     max_steps: Annotated[int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs; -1: off).")] = -1,
     max_length: Annotated[int, typer.Option("--max-length", help="Truncate inputs to this many tokens (padding is per batch).")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the new head, data order and dropout.")] = 42,
-    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up: a fraction of the steps (<1) or a number of steps.")] = 0.1,
+    warmup: Annotated[float, typer.Option("--warmup-steps", help="Warm-up: a fraction of the steps (<1) or a number of steps.")] = 0.1,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases and LayerNorm).")] = 0.01,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
     precision: Annotated[str, typer.Option("--precision", help=f"{', '.join(PRECISIONS)} (mixed precision via Trainer).")] = "fp32",
@@ -137,7 +137,7 @@ def finetune(
     keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Do not delete the checkpoints after a successful run.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Resume from the latest checkpoint in the checkpoint folder.")] = False,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder, if the model folder has none.")] = None,
-    gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Gradual replacement: each Monarch layer stands in for its dense original with a probability that rises to 1 over this share of the steps (the originals: the model before --nblocks, or the --distill-from teacher).")] = None,
+    gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Gradual replacement: each Monarch layer stands in for its dense original with a probability that rises to 1 over this share of the steps (the originals: the model before --nblocks, or the --teacher teacher).")] = None,
     gradual_start: Annotated[float, typer.Option("--gradual-start", help="The probability gradual replacement starts at.")] = 0.5,
     threads: Threads = None,
     force: ForceFlag = False,
@@ -149,11 +149,11 @@ def finetune(
 
     \b
     Examples:
-      monarchify finetune --task mrpc --model minilm-monarch --data-dir glue --out runs/mrpc
-      monarchify finetune --task mrpc --model ./bert --nblocks 4 --data-dir glue --out runs/mrpc-nb4
-      monarchify finetune --task mrpc --model ./bert --data-dir glue --out runs/mrpc-dense
-      monarchify finetune --task mrpc --model minilm-monarch --distill-from runs/mrpc-dense --out runs/mrpc-kd
-      torchrun --nproc-per-node 4 -m monarchify.cli.app finetune --task mnli --model ./bert -b 4 --out runs/mnli
+      monarchify finetune minilm-monarch --task mrpc --data-dir glue --out runs/mrpc
+      monarchify finetune ./bert --task mrpc --nblocks 4 --data-dir glue --out runs/mrpc-nb4
+      monarchify finetune ./bert --task mrpc --data-dir glue --out runs/mrpc-dense
+      monarchify finetune minilm-monarch --task mrpc --teacher runs/mrpc-dense --out runs/mrpc-kd
+      torchrun --nproc-per-node 4 -m monarchify.cli.app finetune ./bert --task mnli -b 4 --out runs/mnli
     """
     config = None
     if nblocks is not None:
@@ -162,10 +162,10 @@ def finetune(
         raise ConfigError("--include/--exclude/--override choose layers to convert: pass --nblocks too")
     distill = None
     tuning = {"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden}
-    if distill_from is not None:
-        distill = DistillConfig(distill_from, **{k: v for k, v in tuning.items() if v is not None})
+    if teacher is not None:
+        distill = DistillConfig(teacher, **{k: v for k, v in tuning.items() if v is not None})
     elif any(v is not None for v in tuning.values()):
-        raise ConfigError("--distill-alpha/--distill-temperature/--distill-hidden tune distillation: pass --distill-from too")
+        raise ConfigError("--distill-alpha/--distill-temperature/--distill-hidden tune distillation: pass --teacher too")
     options = FinetuneOptions(
         task=task, model=model, out=out, data_dir=data_dir, tokenizer=tokenizer, monarch=config,
         learning_rate=learning_rate, monarch_lr=monarch_lr, distill=distill, batch_size=batch_size, eval_batch_size=eval_batch_size,

@@ -17,16 +17,16 @@ from monarchify.samples import DEFAULT_MAX_LENGTH
 def heal(
     model: Annotated[str, typer.Argument(help="A converted folder (monarchify convert).")],
     teacher: Annotated[str, typer.Option("--teacher", help="The dense model it was converted from (folder or Hub id).")],
-    data: Annotated[str, typer.Option("--data", metavar="DATA", help="Unlabeled text: a text file (one sample per line), a GLUE .tsv, a saved datasets folder or hf:NAME[:CONFIG[:SPLIT]].")],
+    text: Annotated[str, typer.Option("--text", metavar="DATA", help="Unlabeled text: a text file (one sample per line), a GLUE .tsv, a saved datasets folder or hf:NAME[:CONFIG[:SPLIT]].")],
     out: OutDir,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")] = HealConfig.steps,
+    steps: Annotated[int, typer.Option("--max-steps", help="Optimiser steps.")] = HealConfig.steps,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, linear warm-up then decay).")] = HealConfig.lr,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.")] = DEFAULT_HEAL_BATCH,
-    samples: Annotated[int, typer.Option("--samples", help="Samples read from DATA for training; a quarter more are held out to measure the error.")] = DEFAULT_HEAL_SAMPLES,
+    samples: Annotated[int, typer.Option("--max-train-samples", metavar="N", help="Samples read from DATA for training (at most); a quarter more are held out to measure the error.")] = DEFAULT_HEAL_SAMPLES,
     max_length: Annotated[int, typer.Option("--max-length", help="Truncate samples to this many tokens.")] = DEFAULT_MAX_LENGTH,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the order of the batches.")] = HealConfig.seed,
     eval_every: Annotated[
-        int | None, typer.Option("--eval-every", metavar="N", help="Also measure the held-out error every N steps (the report keeps the curve).")
+        int | None, typer.Option("--eval-steps", metavar="N", help="Also measure the held-out error every N steps (the report keeps the curve).")
     ] = None,
     threads: Threads = None,
     force: ForceFlag = False,
@@ -40,8 +40,8 @@ def heal(
 
     \b
     Examples:
-      monarchify heal minilm-monarch --teacher ./minilm --data sentences.txt -o minilm-healed
-      monarchify heal minilm-monarch --teacher ./minilm --data glue/MRPC/train.tsv --steps 300 -o healed
+      monarchify heal minilm-monarch --teacher ./minilm --text sentences.txt -o minilm-healed
+      monarchify heal minilm-monarch --teacher ./minilm --text glue/MRPC/train.tsv --max-steps 300 -o healed
     """
     config = HealConfig(steps=steps, lr=lr, seed=seed, eval_every=eval_every)
     busy_check = threads_for_training(threads, on_gpu=False)  # heal runs where the model loads: on the CPU
@@ -57,7 +57,7 @@ def heal(
             busy_check()  # after the first step: everything is checked by then, and most steps are to come
             progress.update(task, completed=step, description=f"healing  loss {loss:.4f}")
 
-        run = heal_pretrained(model, teacher, data, out, config, samples=samples, batch_size=batch_size,
+        run = heal_pretrained(model, teacher, text, out, config, samples=samples, batch_size=batch_size,
                               max_length=max_length, force=force, progress=advance)
     if json_out:
         print_json(describe(run))

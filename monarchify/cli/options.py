@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,6 +77,77 @@ Threads = Annotated[
         "work keeps the machine busy; fewer threads are then often many times faster.",
     ),
 ]
+
+
+MODEL = None
+"""In :data:`DEPRECATED`: the old flag now is the command's first argument, ``MODEL``."""
+
+DEPRECATED: dict[str, dict[str, str | None]] = {
+    "convert": {"--calibrate": "--text"},
+    "heal": {"--data": "--text", "--samples": "--max-train-samples", "--steps": "--max-steps", "--eval-every": "--eval-steps"},
+    "finetune": {"--model": MODEL, "-m": MODEL, "--distill-from": "--teacher", "--warmup": "--warmup-steps"},
+    "compress": {"--model": MODEL, "-m": MODEL, "--eval-every": "--eval-steps", "--save-every": "--save-steps"},
+    "train": {"-t": "--text", "--block-size": "--max-length", "--warmup": "--warmup-steps"},
+    "eval": {"--window": "--max-length"},
+    "bench model": {"--batch": "--batch-size", "--gen-batch": "--gen-batch-size"},
+}
+"""Old spellings that still work for one release, per command: ``{old: new}`` (docs/cli.md's
+vocabulary table has the words). They are hidden (no help lists them) and each use prints one
+``warning:`` line naming the new spelling. Rewritten before Click parses, so a command sees
+only its own options, and an old spelling that is another command's current one (``--warmup``,
+untimed calls in ``bench``) means what it means there."""
+
+
+def replace_deprecated(args: list[str], aliases: dict[str, str | None], command: str) -> list[str]:
+    """``args`` with every old spelling of ``aliases`` replaced by the new one (``--old=V`` and
+    ``-oV`` included; nothing after ``--``), warning once per old spelling used."""
+    out: list[str] = []
+    warned: set[str] = set()
+    for index, arg in enumerate(args):
+        if arg == "--":
+            out += args[index:]
+            break
+        old, value = arg, None
+        if arg.startswith("--") and "=" in arg:
+            old, value = arg.split("=", 1)
+        elif len(arg) > 2 and arg[0] == "-" and arg[1] != "-" and arg[:2] in aliases:
+            old, value = arg[:2], arg[2:]
+        if old not in aliases:
+            out.append(arg)
+            continue
+        new = aliases[old]
+        if old not in warned:
+            warned.add(old)
+            _warn_deprecated(old, f"give the model as the first argument: monarchify {command} MODEL ..." if new is MODEL
+                             else f"use {new}")
+        if new is MODEL:
+            out += [] if value is None else [value]  # the value that follows becomes the argument
+        else:
+            out.append(new if value is None else f"{new}={value}")
+    return out
+
+
+def _warn_deprecated(old: str, instead: str) -> None:
+    from monarchify.distributed import is_main
+
+    if is_main():
+        print(f"warning: {old} is deprecated and will be removed in the next release; {instead}", file=sys.stderr)
+
+
+def add_deprecated_aliases(group: Any, path: tuple[str, ...] = ()) -> Any:
+    """Make the old spellings of :data:`DEPRECATED` work in ``group``'s commands (a Click group
+    as Typer builds it), by rewriting each command's own arguments before it parses them."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            add_deprecated_aliases(command, (*path, name))
+            continue
+        where = " ".join((*path, name))
+        aliases = DEPRECATED.get(where)
+        if aliases:
+            parse = command.parse_args
+            command.parse_args = lambda ctx, args, parse=parse, aliases=aliases, where=where: parse(
+                ctx, replace_deprecated(args, aliases, where))
+    return group
 
 
 def build_config(

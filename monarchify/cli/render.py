@@ -170,9 +170,9 @@ def totals_lines(totals: dict[str, Any]) -> list[str]:
 
 
 UNCALIBRATED_BUDGET = (
-    "--budget without --calibrate weighs every layer by its weight error alone, which says little about the "
+    "--budget without --text weighs every layer by its weight error alone, which says little about the "
     "model's outputs (on MiniLM at 0.376 the outputs changed more than with 4 blocks everywhere: relative "
-    "difference 1.03 against 0.96); add --calibrate DATA (text like the task's) so the budget weighs what "
+    "difference 1.03 against 0.96); add --text DATA (text like the task's) so the budget weighs what "
     "each layer does to them"
 )
 
@@ -184,7 +184,7 @@ def budget_warning(report: ConversionReport) -> str | None:
     return UNCALIBRATED_BUDGET if budget and not calibrated else None
 
 
-OUTPUT_CHANGE_ADVICE = "fine-tune it (monarchify finetune / compress), or use fewer blocks, --calibrate or a larger --budget"
+OUTPUT_CHANGE_ADVICE = "fine-tune it (monarchify finetune / compress), or use fewer blocks, --text or a larger --budget"
 
 
 def output_verdict(cosine: float) -> str:

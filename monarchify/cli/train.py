@@ -39,14 +39,14 @@ def _recipe(nblocks: int | None, include: Any, exclude: Any, override: Any, zero
 
 def train(
     arch: Arch,
-    text: Annotated[list[Path], typer.Option("--text", "-t", help="Training text: a plain-text file (one document per line) or a TSV file with a header (repeatable).")],
+    text: Annotated[list[Path], typer.Option("--text", help="Training text: a plain-text file (one document per line) or a TSV file with a header (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help=f"Output folder: the trained model, its tokenizer and {RESULTS_FILE}.")],
     text_column: Annotated[list[str] | None, typer.Option("--text-column", help="TSV column(s) to read (repeatable; default: the usual sentence columns, e.g. 'sentence', '#1 String').")] = None,
     objective: Annotated[str | None, typer.Option("--objective", help=f"{' or '.join(OBJECTIVES)} LM (default: masked for BERT-like models, causal otherwise).")] = None,
     layers: Layers = None,
     width: Width = None,
     heads: Heads = None,
-    block_size: Annotated[int, typer.Option("--block-size", help="Tokens per training sequence (text is packed, no padding).")] = 128,
+    block_size: Annotated[int, typer.Option("--max-length", help="Tokens per training sequence (text is packed, no padding).")] = 128,
     nblocks: NBlocksOrDense = None,
     include: Include = None,
     exclude: Exclude = None,
@@ -62,7 +62,7 @@ def train(
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", help="Evaluation batch size per device.")] = 32,
     epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training text.")] = 1.0,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Stop after this many steps (overrides --epochs; -1: off).")] = -1,
-    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up: a fraction of the steps (<1) or a number of steps.")] = 0.05,
+    warmup: Annotated[float, typer.Option("--warmup-steps", help="Warm-up: a fraction of the steps (<1) or a number of steps.")] = 0.05,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (not on biases and LayerNorm).")] = 0.01,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.")] = 1,
     precision: Annotated[str, typer.Option("--precision", help=f"{', '.join(PRECISIONS)} (mixed precision via Trainer).")] = "fp32",
@@ -83,10 +83,10 @@ def train(
 
     \b
     Examples:
-      monarchify train -a gpt2 --layers 4 --width 384 --heads 6 -t corpus.txt --max-steps 2000 -o runs/dense
-      monarchify train -a gpt2 --layers 4 --width 384 --heads 6 -t corpus.txt --max-steps 2000 -b 4 -o runs/nb4
+      monarchify train -a gpt2 --layers 4 --width 384 --heads 6 --text corpus.txt --max-steps 2000 -o runs/dense
+      monarchify train -a gpt2 --layers 4 --width 384 --heads 6 --text corpus.txt --max-steps 2000 -b 4 -o runs/nb4
       monarchify train -a gpt2 ... -b 4 --densify-at 0.8 -o runs/nb4-dense       # Monarch, then dense
-      monarchify train -a bert --layers 4 --width 256 --heads 4 -t glue/SST-2/train.tsv -b 4 -o runs/bert
+      monarchify train -a bert --layers 4 --width 256 --heads 4 --text glue/SST-2/train.tsv -b 4 -o runs/bert
       monarchify train ... --resume                                # same command: continue a stopped run
     """
     options = TrainOptions(

@@ -100,7 +100,10 @@ class CompressOptions:
         if reserved & set(self.finetune):
             raise ConfigError(f"finetune settings may not set {', '.join(sorted(reserved & set(self.finetune)))}")
         if self.restart_from is not None and self.restart_from not in STAGES:
-            raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}")
+            raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}", field="restart_from")
+        for name in ("teacher_lr", "student_lr"):  # checked here to be named: each becomes a stage's learning_rate
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
         # Build each part once so that a bad setting fails here, before any stage runs.
         self.recipe  # noqa: B018 - building the recipe checks the budget
         DistillConfig(str(self.model), **self.distill)

@@ -89,7 +89,7 @@ def _check_files(task: GlueTask, folder: Path, splits: list[str]) -> dict[str, P
     if missing:
         raise DataError(
             f"missing GLUE file(s) {', '.join(missing)}: the data folder (data_dir) must hold {task.describe_layout()} "
-            "as the GLUE download script lays them out"
+            "as the GLUE download script lays them out", field="data_dir",
         )
     return files
 
@@ -266,7 +266,7 @@ def hub_cached(task: GlueTask) -> bool:
 def _hub_error(task: GlueTask, why: str) -> DataError:
     return DataError(
         f"could not get GLUE '{task.name}' from the Hugging Face Hub ({why}): "
-        f"pass a data folder (data_dir) holding the GLUE TSV files {task.describe_layout()}"
+        f"pass a data folder (data_dir) holding the GLUE TSV files {task.describe_layout()}", field="data_dir",
     )
 
 

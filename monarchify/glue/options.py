@@ -80,26 +80,26 @@ class FinetuneOptions:
         self.checkpoint_dir = Path(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
         if self.monarch_lr is not None and not self.monarch_lr > 0:
-            raise ConfigError(f"monarch_lr must be positive, got {self.monarch_lr}")
+            raise ConfigError(f"monarch_lr must be positive, got {self.monarch_lr}", field="monarch_lr")
         for name in ("batch_size", "eval_batch_size", "max_length", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
+                raise ConfigError(f"{name} must be at least 1, got {value}", field=name)
         if self.warmup < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup and weight_decay must not be negative")
+            raise ConfigError("warmup and weight_decay must not be negative", field=("warmup", "weight_decay"))
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}", field="precision")
         if self.max_steps != -1 and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be at least 1 (or -1 for none), got {self.max_steps}")
+            raise ConfigError(f"max_steps must be at least 1 (or -1 for none), got {self.max_steps}", field="max_steps")
         if self.gradual is not None and not 0 < self.gradual <= 1:
-            raise ConfigError(f"gradual must be a fraction of the training steps in (0, 1], got {self.gradual}")
+            raise ConfigError(f"gradual must be a fraction of the training steps in (0, 1], got {self.gradual}", field="gradual")
         if not 0 <= self.gradual_start < 1:
-            raise ConfigError(f"gradual_start must be in [0, 1), got {self.gradual_start}")
+            raise ConfigError(f"gradual_start must be in [0, 1), got {self.gradual_start}", field="gradual_start")
 
     @property
     def checkpoints(self) -> Path:

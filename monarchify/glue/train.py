@@ -427,7 +427,7 @@ def _load_models(options: FinetuneOptions, task: GlueTask) -> _Models:
         if has_monarch_layers(model):
             raise ConfigError(
                 f"'{options.model}' already has Monarch layers: fine-tune it without a Monarch recipe (monarch), "
-                "or start from the dense model"
+                "or start from the dense model", field="monarch",
             )
         dry_run(model, options.monarch)  # a pattern that matches nothing fails here, before any output
     tokenizer = load_tokenizer(options.tokenizer or options.model)
@@ -508,7 +508,8 @@ def _gradual(options: FinetuneOptions, models: _Models, originals: nn.Module | N
 
     originals = originals if originals is not None else models.teacher
     if originals is None:
-        raise ConfigError("gradual replacement needs the dense originals: convert on the fly (monarch) or distil from the dense model")
+        raise ConfigError("gradual replacement needs the dense originals: convert on the fly (monarch) or distil from the dense model",
+                          field="monarch")
     wrap(models.model, originals, options.gradual_start)
     return [GradualCallback(options.gradual, options.gradual_start)]
 

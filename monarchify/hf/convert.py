@@ -27,7 +27,7 @@ from monarchify.hf.plugin import QUANT_METHODS
 from monarchify.hf.densify import DENSIFIED, densified_note
 from monarchify.hf.saving import save_model
 from monarchify.hf.streaming import (
-    STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes,
+    BLOCKER_FIELDS, STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes,
 )
 from monarchify.hf.blockwise import blocks_problem, convert_blockwise
 from monarchify.pipeline import Events, calibration_text, check_calibration_text, convert, dry_run
@@ -97,7 +97,7 @@ def choose_streaming(
     reason = reason or checkpoint.problem or calibration_problem(checkpoint, config)
     if reason is not None:
         if stream:
-            raise ConfigError(f"cannot stream this conversion: {reason}")
+            raise ConfigError(f"cannot stream this conversion: {reason}", field=BLOCKER_FIELDS)
         return False, None
     return True, checkpoint
 

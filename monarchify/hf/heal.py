@@ -55,7 +55,7 @@ def heal_pretrained(
     writes ``out``, and the others wait until it has.
     """
     if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}", field="batch_size")
     distributed.init()
     check_sharding()
     text = read_samples(data, samples)

@@ -176,12 +176,16 @@ def _match(checkpoint: Checkpoint) -> str | None:
     return None
 
 
+BLOCKER_FIELDS = ("budget", "speed_gate", "structure")
+"""The recipe fields :func:`streaming_blocker`'s reasons name (an error's ``field``)."""
+
+
 def streaming_blocker(config: MonarchConfig) -> str | None:
     """Why this recipe needs the whole model in memory, or None."""
     if config.budget is not None:
         return "a budget compares every layer's errors before choosing"
     if config.speed_gate is not None:
-        return "the speed gate is not available when streaming"
+        return "speed_gate is not available when streaming"
     if config.structure != "monarch":  # the stream writes Monarch factors only
         return f"structure '{config.structure}' is not available when streaming"
     if config.ranks:  # the stream writes L and R only (Monarch plus low rank is not streamed yet)
@@ -330,7 +334,7 @@ def convert_streaming(
     folder = Path(os.fspath(source)).expanduser()
     blocker = streaming_blocker(config)
     if blocker is not None:
-        raise ConfigError(f"cannot stream this conversion: {blocker}")
+        raise ConfigError(f"cannot stream this conversion: {blocker}", field=BLOCKER_FIELDS)
     check_output_dir(out, force, inputs=(source,))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{device}' was asked for, but torch sees no CUDA device here")

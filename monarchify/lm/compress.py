@@ -75,15 +75,15 @@ class TextCompressOptions:
         self.out = Path(self.out)
         self.text = [Path(p) for p in self.text]
         if not self.text:
-            raise ConfigError("text needs at least one file")
+            raise ConfigError("text needs at least one file", field="text")
         for name in ("block_size", "calibration_samples", "batch_size", "max_heldout_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
         if not 0 < self.eval_fraction <= 0.5:
-            raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}", field="eval_fraction")
         if self.restart_from is not None and self.restart_from not in STAGES:
-            raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}")
+            raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}", field="restart_from")
         self.conversion  # noqa: B018 - building the recipe checks it before any stage runs
 
     @property

@@ -98,38 +98,39 @@ class TrainOptions:
         if not self.text:
             raise ConfigError("no training text: give at least one text or TSV file")
         if self.objective is not None and self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}", field="objective")
         for name in ("layers", "width", "heads", "max_lines"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
+                raise ConfigError(f"{name} must be at least 1, got {value}", field=name)
         for name in ("block_size", "batch_size", "eval_batch_size", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}", field=name)
         if self.vocab_size < 256 + 8:
-            raise ConfigError(f"vocab_size must be at least 264 (256 bytes and the special tokens), got {self.vocab_size}")
+            raise ConfigError(f"vocab_size must be at least 264 (256 bytes and the special tokens), got {self.vocab_size}", field="vocab_size")
         for name in ("learning_rate", "epochs", "eval_steps", "save_steps"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
         if not 0 < self.eval_fraction <= 0.5:
-            raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}", field="eval_fraction")
         if not 0 < self.mlm_probability < 1:
-            raise ConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
+            raise ConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}", field="mlm_probability")
         if self.warmup < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup and weight_decay must not be negative")
+            raise ConfigError("warmup and weight_decay must not be negative", field=("warmup", "weight_decay"))
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}", field="precision")
         if self.max_steps != -1 and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be at least 1 (or -1 for none), got {self.max_steps}")
+            raise ConfigError(f"max_steps must be at least 1 (or -1 for none), got {self.max_steps}", field="max_steps")
         for name in ("eval_steps", "save_steps"):
             value = getattr(self, name)
             if value is not None and value >= 1 and value != int(value):
-                raise ConfigError(f"{name} must be a fraction below 1 or a whole number of steps, got {value}")
+                raise ConfigError(f"{name} must be a fraction below 1 or a whole number of steps, got {value}", field=name)
         if self.densify_at is not None:
             if self.monarch is None:
-                raise ConfigError("densify_at switches Monarch layers to dense: train with a Monarch recipe (monarch)")
+                raise ConfigError("densify_at switches Monarch layers to dense: train with a Monarch recipe (monarch)",
+                                  field=("densify_at", "monarch"))
             if not self.densify_at > 0 or (self.densify_at >= 1 and self.densify_at != int(self.densify_at)):
-                raise ConfigError(f"densify_at must be a fraction in (0, 1) or a whole step number, got {self.densify_at}")
+                raise ConfigError(f"densify_at must be a fraction in (0, 1) or a whole step number, got {self.densify_at}", field="densify_at")
         if self.monarch is not None and (self.monarch.budget is not None or self.monarch.calibration is not None):
             raise ConfigError("a budget or calibration needs trained weights; a model trained from scratch has none")
 

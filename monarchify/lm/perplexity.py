@@ -91,7 +91,8 @@ def plan_windows(n: int, window: int, stride: int, *, bos: bool) -> list[Window]
     """The windows over ``n`` tokens; the last one may be shorter. Every token but those with
     nothing before them is scored exactly once."""
     if window < 1 or not 1 <= stride <= window:
-        raise ConfigError(f"window must be >= 1 and stride between 1 and the window; got window {window}, stride {stride}")
+        raise ConfigError(f"window must be >= 1 and stride between 1 and window; got window {window}, stride {stride}",
+                          field=("window", "stride"))
     if n < window:
         raise ConfigError(f"the text has {n} tokens, fewer than one window of {window}")
     windows, scored_to, begin = [], 0, 0
@@ -133,9 +134,9 @@ def perplexity(
     if not is_causal_lm(model):
         raise ConfigError(f"{type(model).__name__} is not a causal language model; perplexity needs one (e.g. a *ForCausalLM)")
     if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
     if max_tokens is not None and max_tokens < 1:
-        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}", field="max_tokens")
     stride = window if stride is None else stride
     ids = ids.reshape(-1)[:max_tokens]
     bos = bos_id is not None
