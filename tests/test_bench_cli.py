@@ -332,3 +332,10 @@ def test_causal_lm_table_and_no_generation_for_other_models(capsys, llama_folder
 def test_generation_that_cannot_run_is_one_line(capsys, llama_folder, args, fragment):
     code, _, err = run(capsys, "bench", "model", llama_folder, "--no-train", "--seq-len", "8", "--prompt-tokens", "8", *args, *QUICK)
     assert one_line_error(code, err, fragment), err
+
+
+def test_layer_at_one_token_times_the_decoding_path_for_inference(capsys, fake_clock):
+    code, out, err = run(capsys, "bench", "layer", "--d-in", "64", "--d-out", "96", "--tokens", "1", "--json", *QUICK)
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["implementation"], result["implementation_train"]) == ("small", "strided")
