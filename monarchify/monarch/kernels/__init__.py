@@ -2,8 +2,11 @@
 
 * ``triton``: fused kernels (both block products and the permutations in one pass),
   used automatically for CUDA tensors when Triton is importable and the shape fits;
-* ``small``: for CPU inference over at most :data:`SMALL_BATCH_TOKENS` rows (decoding), two
-  batched products over factors pre-arranged once by the layer (:mod:`.small`);
+* ``native``: for CPU inference over at most :data:`.native.MAX_TOKENS` rows (decoding), one
+  compiled C call that streams the factors once (:mod:`.native`, built on first use);
+* ``small``: for CPU inference over at most :data:`SMALL_BATCH_TOKENS` rows, or where the
+  native kernel is not available, two batched products over factors pre-arranged once by the
+  layer (:mod:`.small`);
 * ``strided``: strided BLAS calls with a hand-written backward (:mod:`.strided`), used on
   the CPU and as the fallback anywhere else;
 * ``reference``: the plain two-``bmm`` version (:mod:`.reference`), the yardstick.
@@ -24,11 +27,12 @@ from functools import lru_cache
 
 import torch
 
+from monarchify.monarch.kernels import native
 from monarchify.monarch.kernels.reference import monarch_reference
 from monarchify.monarch.kernels.small import arrange, monarch_small
 from monarchify.monarch.kernels.strided import monarch_strided, needs_grad
 
-IMPLEMENTATIONS = ("auto", "triton", "small", "strided", "reference")
+IMPLEMENTATIONS = ("auto", "triton", "native", "small", "strided", "reference")
 SMALL_BATCH_TOKENS = 8
 """Up to this many rows the small path beats the strided one on the CPU, at every LLM shape
 measured (576->192 to 4096->11008); at 16 they are even (``docs/performance.md``)."""
@@ -55,15 +59,15 @@ def triton_available() -> bool:
 
 def auto_choice(x: torch.Tensor, *, inference: bool = False) -> str:
     """What ``auto`` runs for this input: the fused kernel on CUDA when possible; on the CPU
-    the small path for ``inference`` (no gradient wanted, arranged factors on offer) over a
-    few rows, else the strided one."""
+    for ``inference`` (no gradient wanted, arranged factors on offer) the native kernel or
+    the small path over a few rows, else the strided one."""
     if x.is_cuda and triton_available():
         from monarchify.monarch.kernels import triton_monarch
 
         if triton_monarch.supports(x):
             return "triton"
     if inference and x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_TOKENS:
-        return "small"
+        return "native" if native.supports(x) else "small"
     return "strided"
 
 
@@ -100,6 +104,10 @@ def monarch_matmul(
         name = _choice.get()
         if name == "auto":
             name = auto_choice(x, inference=arranged is not None)
+    if name == "native":
+        if native.supports(x) and not needs_grad(x, R, L, bias):
+            return native.monarch_native(x, R, L, bias, blocked=blocked)
+        name = "small"  # what it cannot take (gradients, more rows, no compiler): the same product in torch
     if name == "small":
         Rt, Lt = arranged() if arranged is not None else arrange(R, L)
         return monarch_small(x, Rt, Lt, bias, blocked=blocked)
@@ -114,6 +122,6 @@ def monarch_matmul(
 
 
 __all__ = [
-    "IMPLEMENTATIONS", "SMALL_BATCH_TOKENS", "arrange", "auto_choice", "monarch_matmul", "monarch_reference", "monarch_small",
+    "IMPLEMENTATIONS", "SMALL_BATCH_TOKENS", "arrange", "native", "auto_choice", "monarch_matmul", "monarch_reference", "monarch_small",
     "monarch_strided", "needs_grad", "triton_available", "use",
 ]
