@@ -66,7 +66,7 @@ def auto_choice(x: torch.Tensor, *, inference: bool = False) -> str:
 
         if triton_monarch.supports(x):
             return "triton"
-    if inference and x.device.type == "cpu" and x.shape[0] <= SMALL_BATCH_TOKENS:
+    if inference and x.is_cpu and x.shape[0] <= SMALL_BATCH_TOKENS:
         return "native" if native.supports(x) else "small"
     return "strided"
 
@@ -87,7 +87,7 @@ def monarch_matmul(
     the product runs with autocast off, so forward and backward see one dtype (the arranged
     factors, in the parameters' dtype, are not used there).
     """
-    device_type = x.device.type
+    device_type = "cpu" if x.is_cpu else x.device.type  # (is_cpu: a decoding step asks 200 times)
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, R, L = x.to(dtype), R.to(dtype), L.to(dtype)
@@ -104,6 +104,8 @@ def monarch_matmul(
         name = _choice.get()
         if name == "auto":
             name = auto_choice(x, inference=arranged is not None)
+            if name == "native":  # auto has checked what the kernel takes
+                return native.monarch_native(x, R, L, bias, blocked=blocked)
     if name == "native":
         if native.supports(x) and not needs_grad(x, R, L, bias):
             return native.monarch_native(x, R, L, bias, blocked=blocked)

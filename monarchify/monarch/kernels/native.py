@@ -154,14 +154,15 @@ def library() -> ctypes.CDLL | None:
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernel takes this input (CPU, float32/float64, at most :data:`MAX_TOKENS`
     rows) and has been built."""
-    return x.device.type == "cpu" and x.dtype in FUNCTIONS and 1 <= x.shape[0] <= MAX_TOKENS and library() is not None
+    return x.is_cpu and x.dtype in FUNCTIONS and 1 <= x.shape[0] <= MAX_TOKENS and library() is not None
 
 
 def monarch_native(
     x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True
 ) -> torch.Tensor:
     """``M x + bias`` for ``x`` of shape ``(N, b·p)`` (see :func:`supports`); no autograd."""
-    if not all(t is None or (t.dtype == x.dtype and t.device.type == "cpu") for t in (R, L, bias)):
+    dtype = x.dtype
+    if not (R.dtype == dtype and L.dtype == dtype and R.is_cpu and L.is_cpu and (bias is None or (bias.dtype == dtype and bias.is_cpu))):
         raise RuntimeError(f"the native Monarch kernel needs the input and the factors on the CPU in one dtype, got {x.dtype} and "
                            f"{R.dtype}/{L.dtype}")
     b, q, p = R.shape
