@@ -93,8 +93,9 @@ class MonarchLinear(nn.Module):
 
         The product itself is :func:`monarch_matmul`: a fused Triton kernel for CUDA tensors,
         strided BLAS calls with a hand-written backward elsewhere, and for CPU inference on a
-        few tokens (decoding) two products over factors pre-arranged once (see ``kernels/``
-        and :meth:`_arranged`). The low-rank term is two thin GEMMs added onto it.
+        few tokens (decoding) a compiled C kernel or two products over factors pre-arranged
+        once (see ``kernels/`` and :meth:`_arranged`). The low-rank term is two thin GEMMs
+        added onto it.
         """
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
@@ -126,8 +127,9 @@ class MonarchLinear(nn.Module):
 
         Kept rather than made per call because making them reads and writes every weight,
         which is what a decoding step's product costs in the first place. The price is
-        memory: an evaluating model that decodes holds its Monarch factors twice (still less
-        than the dense layers at 4 blocks). Training mode drops the copies.
+        memory: an evaluating model that takes this path (batched decoding, 5 to 8 rows, or
+        any few rows where the native kernel cannot be built) holds its Monarch factors twice
+        (still less than the dense layers at 4 blocks). Training mode drops the copies.
         """
         R, L = self.R, self.L
         key = (R._version, L._version, R.data_ptr(), L.data_ptr(), R.dtype, R.device)
