@@ -48,7 +48,7 @@ class Spy:
             return run
 
         monkeypatch.setattr(kernels, "monarch_small", counting("small", kernels.monarch_small))
-        monkeypatch.setattr(native, "monarch_native", counting("native", native.monarch_native))
+        monkeypatch.setattr(native, "call", counting("native", native.call))
 
     @property
     def total(self) -> int:
@@ -235,3 +235,27 @@ def test_the_native_library_is_built_into_the_cache_or_given_up_cleanly(monkeypa
             assert [p.suffix for p in (tmp_path / "monarchify").iterdir()] == [".so"]  # no temporary left behind
     finally:
         native.library.cache_clear()
+
+
+@needs_native
+def test_the_layers_direct_native_route_respects_forced_paths_and_autocast(monkeypatch):
+    """``forward`` calls the native kernel before any reshaping; a forced implementation,
+    autocast, gradients, padding or a low-rank term send it the general way."""
+    torch.manual_seed(0)
+    layer = MonarchLinear(64, 96, 4).eval()
+    x = torch.randn(2, 1, 64)
+    spy = Spy(monkeypatch)
+    with torch.no_grad():
+        direct = layer(x)
+        assert spy.calls == {"native": 1, "small": 0} and direct.shape == (2, 1, 96)
+        with kernels.use("small"):
+            forced = layer(x)
+        assert spy.calls == {"native": 1, "small": 1}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        assert spy.calls["native"] == 1
+        padded = MonarchLinear(30, 17, 4).eval()
+        padded(torch.randn(1, 30))
+        assert spy.calls["native"] == 2  # through monarch_matmul, after padding
+    torch.testing.assert_close(direct, forced, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(direct, x @ layer.to_dense().T + layer.bias.detach(), rtol=2e-5, atol=2e-5)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monarchify.errors import ConfigError
-from monarchify.monarch.kernels import arrange, monarch_matmul
+from monarchify.monarch.kernels import arrange, decode_native, monarch_matmul
 from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.lowrank import check_rank
 from monarchify.monarch.projection import assemble
@@ -56,6 +56,9 @@ class MonarchLinear(nn.Module):
         self.out_features = out_features
         self.nblocks = nblocks
         self.rank = check_rank(rank, in_features, out_features)
+        self._plain = not (self._pad_in or self._pad_out or self.rank)
+        """Neither padded nor with a low-rank term: a decoding step may take the native kernel
+        straight from ``forward``."""
         factory = {"device": device, "dtype": dtype}
         self.R = nn.Parameter(torch.empty(self.layout.r_shape, **factory))
         self.L = nn.Parameter(torch.empty(self.layout.l_shape, **factory))
@@ -97,6 +100,13 @@ class MonarchLinear(nn.Module):
         once (see ``kernels/`` and :meth:`_arranged`). The low-rank term is two thin GEMMs
         added onto it.
         """
+        if self._plain and not (self.training or torch.is_grad_enabled()):
+            # Parameters read from _parameters: nn.Module's attribute lookup is Python time
+            # that a decoding step pays once per factor per layer.
+            params = self._parameters
+            y = decode_native(x, params["R"], params["L"], params.get("bias"), self.out_features, self._blocked)
+            if y is not None:
+                return y
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         unpadded = x

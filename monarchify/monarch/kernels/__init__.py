@@ -71,6 +71,33 @@ def auto_choice(x: torch.Tensor, *, inference: bool = False) -> str:
     return "strided"
 
 
+def decode_native(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                  blocked: bool) -> torch.Tensor | None:
+    """What :func:`monarch_matmul` would return through ``auto`` for a decoding step's input
+    (any leading shape, no padding, no gradient wanted: the caller checks those), computed by
+    the native kernel; None when ``auto`` would not pick it.
+
+    The same choice as ``monarch_matmul`` makes, with the checks in the order that rejects
+    fastest and no reshapes: a decoding step pays this 200 times, and the general route's
+    Python costs as much as a small layer's product (``docs/performance.md``).
+    """
+    width = x.shape[-1]
+    if not (x.is_cpu and x.numel() <= native.MAX_TOKENS * width and x.dtype in native.FUNCTIONS and x.is_contiguous()
+            and _choice.get() == "auto" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
+        return None
+    dtype = x.dtype
+    fn = native.function(dtype)
+    if fn is None or x.numel() == 0 or not all(
+        t is None or (t.dtype == dtype and t.is_cpu and t.is_contiguous()) for t in (R, L, bias)
+    ):  # (what torch would refuse or copy: the general route says so, or copies)
+        return None
+    b, q, p = R.shape
+    s = L.shape[1]
+    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    native.call(fn, x, width, R, L, bias, y, b, p, q, s, blocked)
+    return y
+
+
 def monarch_matmul(
     x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True,
     arranged: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -124,6 +151,6 @@ def monarch_matmul(
 
 
 __all__ = [
-    "IMPLEMENTATIONS", "SMALL_BATCH_TOKENS", "arrange", "native", "auto_choice", "monarch_matmul", "monarch_reference", "monarch_small",
+    "IMPLEMENTATIONS", "SMALL_BATCH_TOKENS", "arrange", "native", "auto_choice", "decode_native", "monarch_matmul", "monarch_reference", "monarch_small",
     "monarch_strided", "needs_grad", "triton_available", "use",
 ]

@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -157,6 +158,24 @@ def supports(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype in FUNCTIONS and 1 <= x.shape[0] <= MAX_TOKENS and library() is not None
 
 
+def function(dtype: torch.dtype) -> Any | None:
+    """The kernel for this dtype, or None (another dtype, or no library)."""
+    lib = library()
+    name = FUNCTIONS.get(dtype)
+    return None if lib is None or name is None else getattr(lib, name)
+
+
+def call(fn: Any, x: torch.Tensor, ldx: int, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+         b: int, p: int, q: int, s: int, blocked: bool) -> None:
+    """Run ``fn`` on rows ``ldx`` apart in ``x`` into contiguous ``y`` (``b·s`` wide); the
+    factors must be contiguous, everything in ``fn``'s dtype on the CPU (unchecked here)."""
+    n = y.numel() // (b * s)
+    status = fn(x.data_ptr(), ldx, R.data_ptr(), L.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                b * s, n, b, p, q, s, 1 if blocked else 0)
+    if status != 0:
+        raise MemoryError("the native Monarch kernel could not allocate its middle buffer")
+
+
 def monarch_native(
     x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True
 ) -> torch.Tensor:
@@ -172,9 +191,5 @@ def monarch_native(
     if bias is not None:
         bias = bias.contiguous()
     y = torch.empty(n, b * s, dtype=x.dtype)
-    fn = getattr(library(), FUNCTIONS[x.dtype])
-    status = fn(x.data_ptr(), x.stride(0), R.data_ptr(), L.data_ptr(), None if bias is None else bias.data_ptr(),
-                y.data_ptr(), b * s, n, b, p, q, s, int(blocked))
-    if status != 0:
-        raise MemoryError("the native Monarch kernel could not allocate its middle buffer")
+    call(getattr(library(), FUNCTIONS[x.dtype]), x, x.stride(0), R, L, bias, y, b, p, q, s, blocked)
     return y
