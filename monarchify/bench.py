@@ -246,7 +246,7 @@ def layer_benchmark(
                    "dtype": str(dtype).removeprefix("torch."), "bias": bias, "warmup": warmup, "repeat": repeat,
                    **({"rank": rank} if rank else {})},
         "environment": _environment(device),
-        "implementation": kernels.auto_choice(x, inference=True),
+        "implementation": kernels.auto_choice(x, inference=True, weights=monarch.R.numel() + monarch.L.numel()),
         "implementation_train": kernels.auto_choice(x),
         "params": {"dense": sum(p.numel() for p in dense.parameters()), "monarch": sum(p.numel() for p in monarch.parameters())},
         "flops_ratio": (d_in * d_out) / (monarch.layout.weight_params + rank * (d_in + d_out)),

@@ -170,6 +170,7 @@ def test_auto_chooses_the_decoding_paths_only_for_cpu_inference_over_few_rows(mo
     assert kernels.auto_choice(one, inference=True) == "native"
     assert kernels.auto_choice(one.to(torch.bfloat16), inference=True) == "small"
     assert kernels.auto_choice(torch.zeros(native.MAX_TOKENS + 1, 4), inference=True) == "small"
+    assert kernels.auto_choice(one, inference=True, weights=native.MAX_WEIGHTS + 1) == "small"  # MKL streams big ones faster
     monkeypatch.setattr(native, "library", lambda: None)  # no compiler, or MONARCHIFY_NATIVE=0
     assert kernels.auto_choice(one, inference=True) == "small"
 
@@ -259,3 +260,15 @@ def test_the_layers_direct_native_route_respects_forced_paths_and_autocast(monke
         assert spy.calls["native"] == 2  # through monarch_matmul, after padding
     torch.testing.assert_close(direct, forced, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(direct, x @ layer.to_dense().T + layer.bias.detach(), rtol=2e-5, atol=2e-5)
+
+
+@needs_native
+def test_big_layers_decode_through_torch(monkeypatch):
+    """Past ``MAX_WEIGHTS`` factor entries the layer's direct route and ``auto`` both leave
+    the product to the torch small path."""
+    monkeypatch.setattr(native, "MAX_WEIGHTS", 1000)
+    layer = MonarchLinear(64, 96, 4).eval()  # 4·16·(16 + 24) = 2560 entries
+    spy = Spy(monkeypatch)
+    with torch.no_grad():
+        layer(torch.randn(1, 64))
+    assert spy.calls == {"native": 0, "small": 1}

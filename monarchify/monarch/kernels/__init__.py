@@ -57,17 +57,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def auto_choice(x: torch.Tensor, *, inference: bool = False) -> str:
+def auto_choice(x: torch.Tensor, *, inference: bool = False, weights: int = 0) -> str:
     """What ``auto`` runs for this input: the fused kernel on CUDA when possible; on the CPU
-    for ``inference`` (no gradient wanted, arranged factors on offer) the native kernel or
-    the small path over a few rows, else the strided one."""
+    for ``inference`` (no gradient wanted, arranged factors on offer) over a few rows the
+    native kernel for layers of at most :data:`.native.MAX_WEIGHTS` factor entries
+    (``weights``) or the small path, else the strided one."""
     if x.is_cuda and triton_available():
         from monarchify.monarch.kernels import triton_monarch
 
         if triton_monarch.supports(x):
             return "triton"
     if inference and x.is_cpu and x.shape[0] <= SMALL_BATCH_TOKENS:
-        return "native" if native.supports(x) else "small"
+        return "native" if weights <= native.MAX_WEIGHTS and native.supports(x) else "small"
     return "strided"
 
 
@@ -82,7 +83,7 @@ def decode_native(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch
     Python costs as much as a small layer's product (``docs/performance.md``).
     """
     width = x.shape[-1]
-    if not (x.is_cpu and x.numel() <= native.MAX_TOKENS * width and x.dtype in native.FUNCTIONS and x.is_contiguous()
+    if not (x.is_cpu and x.numel() <= native.MAX_TOKENS * width and R.numel() + L.numel() <= native.MAX_WEIGHTS and x.dtype in native.FUNCTIONS and x.is_contiguous()
             and _choice.get() == "auto" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
         return None
     dtype = x.dtype
@@ -130,7 +131,7 @@ def monarch_matmul(
     else:
         name = _choice.get()
         if name == "auto":
-            name = auto_choice(x, inference=arranged is not None)
+            name = auto_choice(x, inference=arranged is not None, weights=R.numel() + L.numel())
             if name == "native":  # auto has checked what the kernel takes
                 return native.monarch_native(x, R, L, bias, blocked=blocked)
     if name == "native":
