@@ -10,6 +10,9 @@
 2. Layers, bf16, nblocks 4: dense vs Monarch (fused kernel, the automatic choice), with
    the plain two-bmm path and the strided path alongside; forward and forward+backward;
    16,384 tokens (the issue's targets) and 256 tokens (small batches, launch-bound).
+   Decoding: the same without autograd at 1 and 8 tokens, LLM shapes (the kernel's
+   inference launch and its 16-row tiles), then SmolLM2-135M (``--decode-model``) converted
+   at nblocks 4: prefill and greedy decoding tokens per second at batch 1 and 8.
 3. BERT-base classifier (random weights, batch 32×128, bf16): inference and a training
    step (forward, backward, AdamW), dense vs converted at nblocks 4.
 4. Training from scratch (``monarchify train``'s code path), GPT-2 small (12 layers, 768
@@ -43,6 +46,8 @@ from monarchify.monarch.kernels import check
 
 LAYER_SHAPES = [(768, 3072), (3072, 768), (768, 768), (4096, 14336)]
 TOKENS = [16384, 256]
+DECODE_SHAPES = [(576, 1536), (4096, 11008), (4096, 4096), (4096, 1024)]  # SmolLM2's MLP, Llama-7B's MLP and attention (GQA k/v)
+DECODE_TOKENS = [1, 8]
 TARGETS = {  # from the issue: (forward, forward+backward) at 16,384 tokens, bf16, nblocks 4
     (768, 3072): (2.0, 1.5),
     (3072, 768): (2.0, 1.5),
@@ -50,7 +55,8 @@ TARGETS = {  # from the issue: (forward, forward+backward) at 16,384 tokens, bf1
 
 
 def correctness(device: str) -> tuple[bool, list[dict]]:
-    results = check.run(check.GPU_CASES, (torch.float32, torch.float16, torch.bfloat16), device)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    results = check.run(check.GPU_CASES, dtypes, device) + check.run(check.GPU_DECODE_CASES, dtypes, device, inference=True)
     rows = [r.to_dict() for r in results]
     print("\n== correctness: fused kernel vs float64 (relative Frobenius error; outputs poisoned) ==")
     for r in results:
@@ -91,6 +97,37 @@ def layers(device: torch.device, warmup: int, repeat: int) -> list[dict]:
             r["target"] = None if target is None else {"forward": target[0], "forward_backward": target[1], "met": met == "met"}
             rows.append(r)
     return rows
+
+
+def decode(device: torch.device, warmup: int, repeat: int, model_folder: Path | None,
+           generation: bench.Generation = bench.Generation(prompt_tokens=128, new_tokens=48, batches=(1, 8))) -> dict:
+    """Decoding: single layers at one and eight tokens (inference, the launch-bound case), then
+    a causal LM's prefill and greedy decoding against its dense twin, bf16."""
+    rows = []
+    print("\n== decoding: layers at LLM shapes, bfloat16, nblocks 4, forward without autograd ==")
+    print(f"  {'shape':<12} {'tokens':>6} | {'dense ms':>9} {'fused ms':>9} {'ratio':>6} {'strided':>7}")
+    for d_in, d_out in DECODE_SHAPES:
+        for tokens in DECODE_TOKENS:
+            r = bench.layer_benchmark(d_in, d_out, 4, tokens, dtype=torch.bfloat16, device=device, backward=False,
+                                      implementations=("strided",), warmup=warmup, repeat=repeat)
+            f = r["forward"]
+            print(f"  {d_in}→{d_out:<7} {tokens:>6} | {f['dense_ms']:9.4f} {f['monarch_ms']:9.4f} {f['ratio']:5.2f}× "
+                  f"{f['ratio_strided']:6.2f}×")
+            rows.append(r)
+    result: dict = {"layers": rows}
+    if model_folder is None or not model_folder.is_dir():
+        print(f"  (no causal LM at {model_folder}: model decoding skipped)")
+        return result
+    model = bench.model_benchmark(model_folder, nblocks=4, batch=1, seq_len=generation.prompt_tokens, dtype=torch.bfloat16,
+                                  device=device, train=False,
+                                  generation=generation, warmup=max(2, warmup // 3), repeat=max(5, repeat // 5))
+    print(f"== {model['model']} at nblocks 4, bfloat16: tokens per second (Monarch / dense) ==")
+    for stage in ("prefill", "decode"):
+        for row in model[stage]:
+            print(f"  {stage:<7} batch {row['batch']}: dense {row['dense_tokens_per_s']:10.1f}  Monarch "
+                  f"{row['monarch_tokens_per_s']:10.1f}  ratio {row['ratio']:.2f}×")
+    result["model"] = model
+    return result
 
 
 def bert_base(device: torch.device, warmup: int, repeat: int) -> tuple[dict, dict]:
@@ -218,6 +255,8 @@ def main() -> int:
                         help="depth of the Llama-2-7B-shaped streaming conversion (0: skip it; 32 is the real model)")
     parser.add_argument("--llama7b-budget-s", type=float, default=300,
                         help="time budget of that step in seconds (writing ~13.5 GB, converting, reloading)")
+    parser.add_argument("--decode-model", type=Path, default=Path(__file__).resolve().parents[2] / "models" / "smollm2-135m",
+                        help="dense causal LM folder for the decoding section (converted in memory; absent: layers only)")
     parser.add_argument("--llama7b-work", type=Path, default=Path("runs/gpu_check_llama7b"), help="scratch folder (deleted after)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -231,13 +270,14 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
     ok, correct = correctness("cuda")
     layer_rows = layers(device, warmup, repeat)
+    decoding = decode(device, warmup, repeat, args.decode_model)
     model, agreement = bert_base(device, warmup=max(3, warmup // 2), repeat=max(5, repeat // 3))
     ok = ok and agreement["ok"]
     training = gpt2_small_training(args.glue, args.train_steps, args.train_out) if args.train_steps > 0 else []
     llama7b = llama7b_streaming(args.llama7b_layers, args.llama7b_budget_s, args.llama7b_work) if args.llama7b_layers > 0 else {}
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-                   "correctness": correct, "model_agreement": agreement, "layers": layer_rows, "bert_base": model,
+                   "correctness": correct, "model_agreement": agreement, "layers": layer_rows, "decode": decoding, "bert_base": model,
                    "gpt2_small_training": training, "llama7b_streaming": llama7b},
                   handle, indent=2)
     print(f"\nall numbers written to {args.out}; correctness {'passed' if ok else 'FAILED'}")

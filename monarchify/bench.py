@@ -196,8 +196,9 @@ def layer_benchmark(
     rank: int = 0,
 ) -> dict[str, Any]:
     """``nn.Linear`` vs ``MonarchLinear`` at one shape (with a rank-``rank`` low-rank term when
-    ``rank > 0``): forward (no autograd) and
-    forward+backward (gradients for the input and every parameter, as inside a model).
+    ``rank > 0``): forward (inference: eval mode, no autograd, as when generating) and
+    forward+backward (training mode, gradients for the input and every parameter, as inside
+    a model).
 
     ``monarch`` is what the layer picks by itself (see :mod:`monarchify.monarch.kernels`).
     ``reference`` also times the plain two-``bmm`` path, to show what the fast paths gain
@@ -216,6 +217,7 @@ def layer_benchmark(
 
     def forward(layer: nn.Module, impl: str = "auto") -> Callable[[], Any]:
         def run() -> Any:
+            layer.eval()
             with torch.no_grad(), kernels.use(impl):
                 return layer(x)
 
@@ -223,6 +225,7 @@ def layer_benchmark(
 
     def train(layer: nn.Module, impl: str = "auto") -> Callable[[], Any]:
         def run() -> None:
+            layer.train()
             with kernels.use(impl):
                 layer(x_grad).backward(grad_out)
             x_grad.grad = None
@@ -242,7 +245,8 @@ def layer_benchmark(
                    "dtype": str(dtype).removeprefix("torch."), "bias": bias, "warmup": warmup, "repeat": repeat,
                    **({"rank": rank} if rank else {})},
         "environment": _environment(device),
-        "implementation": kernels.auto_choice(x),
+        "implementation": kernels.auto_choice(x, inference=True, weights=monarch.R.numel() + monarch.L.numel()),
+        "implementation_train": kernels.auto_choice(x),
         "params": {"dense": sum(p.numel() for p in dense.parameters()), "monarch": sum(p.numel() for p in monarch.parameters())},
         "flops_ratio": (d_in * d_out) / (monarch.layout.weight_params + rank * (d_in + d_out)),
     }

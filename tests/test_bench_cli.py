@@ -333,3 +333,27 @@ def test_causal_lm_table_and_no_generation_for_other_models(capsys, llama_folder
 def test_generation_that_cannot_run_is_one_line(capsys, llama_folder, args, fragment):
     code, _, err = run(capsys, "bench", "model", llama_folder, "--no-train", "--seq-len", "8", "--prompt-tokens", "8", *args, *QUICK)
     assert one_line_error(code, err, fragment), err
+
+
+def test_layer_at_one_token_times_the_decoding_path_for_inference(capsys, fake_clock):
+    code, out, err = run(capsys, "bench", "layer", "--d-in", "64", "--d-out", "96", "--tokens", "1", "--json", *QUICK)
+    assert code == 0, err
+    result = json.loads(out)
+    from monarchify.monarch.kernels import native
+
+    decoding = "native" if native.library() is not None else "small"
+    assert (result["implementation"], result["implementation_train"]) == (decoding, "strided")
+
+
+def test_prefill_computes_logits_for_the_last_position_only_as_generate_does():
+    """A user waits for the prompt's pass and its last position's logits (``generate`` asks for
+    no more); the other positions' logits are vocabulary x prompt of work nobody waits for."""
+    from tests.conftest import tiny_llama
+
+    dense, monarch = bench.model_pair(tiny_llama(), nblocks=2)
+    seen = []
+    for model in (dense, monarch):
+        model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    bench.models_benchmark(dense, monarch, batch=2, seq_len=8, device="cpu", train=False, warmup=0, repeat=1,
+                           generation=bench.Generation(prompt_tokens=6, new_tokens=2, batches=(3,)))
+    assert (3, 1) in seen and (3, 6) not in seen

@@ -36,11 +36,14 @@ def test_a_wrapped_layer_runs_monarch_with_probability_p_and_always_in_eval():
     assert isinstance(layer, GradualLinear) and not any(p.requires_grad for p in layer.dense.parameters())
     x = torch.randn(3, 48)
     with torch.no_grad():
-        as_monarch, as_dense = layer.monarch(x), dense.get_submodule(name)(x)
+        # Each mode's own Monarch output: evaluation on a few rows takes the decoding path,
+        # which rounds differently from the training one (docs/performance.md).
         layer.train()
+        as_monarch, as_dense = layer.monarch(x), dense.get_submodule(name)(x)
         torch.testing.assert_close(layer(x), as_dense, rtol=0, atol=0)  # p = 0: the original
         layer.eval()
-        torch.testing.assert_close(layer(x), as_monarch, rtol=0, atol=0)  # evaluation: always Monarch
+        torch.testing.assert_close(layer(x), layer.monarch(x), rtol=0, atol=0)  # evaluation: always Monarch
+        torch.testing.assert_close(layer(x), as_monarch, rtol=1e-5, atol=1e-6)
         layer.train()
         layer.p = 0.3
         torch.manual_seed(0)

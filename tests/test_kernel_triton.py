@@ -36,9 +36,13 @@ def interpreted():
 @pytest.mark.slow
 def test_interpreter_covers_every_case_and_dtype(interpreted):
     _, results = interpreted
-    assert len(results) == len(check.INTERPRETER_CASES) * 3 * 2  # dtypes × output orders
+    cases = len(check.INTERPRETER_CASES) + len(check.INTERPRETER_DECODE_CASES)
+    assert len(results) == cases * 3 * 2  # dtypes × output orders
     assert {r["dtype"] for r in results} == {"float32", "float16", "bfloat16"}
-    assert all(set(r["errors"]) == {"y", "dx", "dR", "dL", "dbias"} for r in results)
+    decoding = [r for r in results if r["shape"].endswith("inference")]
+    assert len(decoding) == len(check.INTERPRETER_DECODE_CASES) * 3 * 2
+    assert all(set(r["errors"]) == {"y"} for r in decoding)
+    assert all(set(r["errors"]) == {"y", "dx", "dR", "dL", "dbias"} for r in results if r not in decoding)
 
 
 @pytest.mark.slow
@@ -106,6 +110,19 @@ def test_only_cuda_tensors_and_divisible_layouts_go_to_the_kernel():
     assert triton_monarch.layout_supported(R, torch.zeros(4, 8, 8))
     assert not triton_monarch.layout_supported(torch.zeros(4, 6, 16), torch.zeros(4, 6, 6))  # q % b != 0
     assert not triton_monarch.layout_supported(torch.zeros(4, 2, 16), torch.zeros(4, 2, 2))  # q < b
+
+
+def test_inference_launches_the_kernel_without_the_autograd_function(monkeypatch):
+    """Decoding is launch-bound on a GPU: without gradients the forward kernel is launched
+    bare (no Function context, no middle kept); with them the Function runs."""
+    launches = []
+    monkeypatch.setattr(triton_monarch, "_forward", lambda x, R, L, bias, keep, blocked: launches.append(keep) or (x, None))
+    monkeypatch.setattr(triton_monarch.TritonMonarch, "apply", lambda *args: launches.append("function") or args[0])
+    R, L, x = torch.zeros(4, 8, 16), torch.zeros(4, 8, 8), torch.zeros(1, 64)
+    with torch.no_grad():
+        triton_monarch.monarch_triton(x, R, L)
+    triton_monarch.monarch_triton(x, R.requires_grad_(), L)
+    assert launches == [False, "function"]
 
 
 def test_layouts_the_kernel_skips_fall_back_to_the_strided_path():

@@ -245,3 +245,14 @@ def test_other_families_round_trip_through_stock_loading(tmp_path, model_type):
     assert sum(isinstance(m, MonarchLinear) for m in loaded.modules()) == len(report.layers)
     assert torch.equal(first_output(loaded, batch), expected)
     assert [layer.name for layer in monarchify.read_report(tmp_path / "out").layers] == [layer.name for layer in report.layers]
+
+
+def test_loaded_factors_own_aligned_memory(tmp_path):
+    """A memory-mapped safetensors file leaves tensors at arbitrary offsets; the CPU product
+    would copy such factors on every call, so loading copies them once to aligned memory."""
+    model = tiny_llama()
+    monarchify.convert(model, MonarchConfig(nblocks=4))
+    monarchify.save(model, tmp_path / "out")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    params = [p for m in loaded.modules() if isinstance(m, MonarchLinear) for p in m.parameters()]
+    assert params and all(p.data_ptr() % 64 == 0 for p in params)

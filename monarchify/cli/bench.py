@@ -100,8 +100,11 @@ def layer(
     if json_out:
         print_json(result)
         return
+    paths = f"{result['implementation']} path"
+    if backward and result["implementation_train"] != result["implementation"]:
+        paths = f"{result['implementation']} path forward, {result['implementation_train']} path training"
     title = (f"{d_in}→{d_out}, {nblocks} blocks{f' + rank {rank}' if rank else ''} ({output_order}), {tokens} tokens, {dtype} "
-             f"({result['implementation']} path; FLOPs ÷{result['flops_ratio']:.1f})")
+             f"({paths}; FLOPs ÷{result['flops_ratio']:.1f})")
     rows = {k: result[k] for k in ("forward", "forward_backward") if k in result}
     console.print(_table(title, rows, "reference" if reference else None))
     console.print(f"medians of {repeat} interleaved runs on {_environment_line(result)}")

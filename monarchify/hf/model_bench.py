@@ -10,6 +10,7 @@ gate uses too. Plain library code: the ``monarchify bench model`` command and th
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ def _throughput(dense: Stat, monarch: Stat, batch: int, tokens: int) -> dict[str
 
 def _generation_stages(models: dict[str, nn.Module], generation: Generation, device: torch.device, seed: int,
                        time_stage: Callable[..., dict[str, Stat]]) -> dict[str, list[dict[str, float]]]:
-    """Prefill (one forward pass over the prompt, filling the KV cache) and decoding
+    """Prefill (one forward pass over the prompt, filling the KV cache, as ``generate`` makes
+    it) and decoding
     (``generate``, greedy, exactly ``new_tokens`` per sequence) at each batch size."""
     dense = models["dense"]
     pad = getattr(dense.config, "pad_token_id", None)
@@ -117,13 +119,16 @@ def _generation_stages(models: dict[str, nn.Module], generation: Generation, dev
         eos = getattr(dense.config, "eos_token_id", None)
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     result: dict[str, list[dict[str, float]]] = {"prefill": [], "decode": []}
+    # As generate() runs it: logits for the last position only, where the model can (computing
+    # them for the whole prompt is vocabulary x prompt of work no user waits for).
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(dense.forward).parameters else {}
     for batch in generation.batches:
         prompt = random_inputs(dense, batch, generation.prompt_tokens, seed)["input_ids"].to(device)
 
         def prefill(model: nn.Module) -> Callable[[], Any]:
             def run() -> Any:
                 with torch.no_grad():
-                    return model(input_ids=prompt, use_cache=True)
+                    return model(input_ids=prompt, use_cache=True, **last_only)
 
             return run
 

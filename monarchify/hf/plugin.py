@@ -32,6 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from monarchify.errors import ConfigError, ModelLoadError
 from monarchify.hf.guard import ignore_patterns
 from monarchify.monarch import LowRankLinear, MonarchLinear
+from monarchify.monarch.kernels.strided import aligned
 from monarchify.monarch.layout import INTERLEAVED, OUTPUT_ORDERS
 from monarchify.monarch.lowrank import check_rank
 from monarchify.pipeline.apply import replace_module, resolve_name
@@ -250,6 +251,20 @@ class MonarchHfQuantizer(HfQuantizer):
         prefix = getattr(model, "base_model_prefix", "") or ""
         names = [t[len(prefix) + 1:] if prefix and t.startswith(prefix + ".") else t for t in targets]
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignore_patterns(names)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        """Give the structured layers' parameters storage of their own at aligned addresses.
+
+        Loaded from a memory-mapped safetensors file they sit wherever the file puts them, and
+        the CPU product copies misaligned factors on every call (:func:`~monarchify.monarch.kernels.strided.aligned`:
+        MKL rounds differently by address): a decoding step would read every factor twice
+        more. One copy here, at load, instead.
+        """
+        for module in model.modules():
+            if isinstance(module, (MonarchLinear, LowRankLinear)):
+                for param in module.parameters():
+                    param.data = aligned(param.data)
         return model
 
     def is_serializable(self) -> bool:

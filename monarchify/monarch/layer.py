@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monarchify.errors import ConfigError
-from monarchify.monarch.kernels import monarch_matmul
+from monarchify.monarch.kernels import arrange, decode_native, monarch_matmul
 from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.lowrank import check_rank
 from monarchify.monarch.projection import assemble
@@ -47,10 +47,18 @@ class MonarchLinear(nn.Module):
         super().__init__()
         self.layout = MonarchLayout(in_features, out_features, nblocks, output_order)
         self.layout.check_structure(allow_structural_zeros)
+        # Read on every call: the layout's properties recompute them (Python time a decoding
+        # step pays once per layer).
+        self._pad_in = self.layout.n_in - in_features
+        self._pad_out = self.layout.n_out - out_features
+        self._blocked = self.layout.blocked
         self.in_features = in_features
         self.out_features = out_features
         self.nblocks = nblocks
         self.rank = check_rank(rank, in_features, out_features)
+        self._plain = not (self._pad_in or self._pad_out or self.rank)
+        """Neither padded nor with a low-rank term: a decoding step may take the native kernel
+        straight from ``forward``."""
         factory = {"device": device, "dtype": dtype}
         self.R = nn.Parameter(torch.empty(self.layout.r_shape, **factory))
         self.L = nn.Parameter(torch.empty(self.layout.l_shape, **factory))
@@ -87,20 +95,33 @@ class MonarchLinear(nn.Module):
         """``x @ to_dense().T + bias`` over the last dimension of ``x``.
 
         The product itself is :func:`monarch_matmul`: a fused Triton kernel for CUDA tensors,
-        strided BLAS calls with a hand-written backward elsewhere (see ``kernels/``). The
-        low-rank term is two thin GEMMs added onto it.
+        strided BLAS calls with a hand-written backward elsewhere, and for CPU inference on a
+        few tokens (decoding) a compiled C kernel or two products over factors pre-arranged
+        once (see ``kernels/`` and :meth:`_arranged`). The low-rank term is two thin GEMMs
+        added onto it.
         """
-        lay = self.layout
+        if self._plain and not (self.training or torch.is_grad_enabled()):
+            # Parameters read from _parameters: nn.Module's attribute lookup is Python time
+            # that a decoding step pays once per factor per layer.
+            params = self._parameters
+            y = decode_native(x, params["R"], params["L"], params.get("bias"), self.out_features, self._blocked)
+            if y is not None:
+                return y
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         unpadded = x
-        if lay.n_in != self.in_features:
-            x = F.pad(x, (0, lay.n_in - self.in_features))
+        if self._pad_in:
+            x = F.pad(x, (0, self._pad_in))
         bias = self.bias
-        if bias is not None and lay.n_out != self.out_features:
-            bias = F.pad(bias, (0, lay.n_out - self.out_features))
-        y = monarch_matmul(x, self.R, self.L, bias, blocked=lay.blocked)
-        if lay.n_out != self.out_features:
+        if bias is not None and self._pad_out:
+            bias = F.pad(bias, (0, self._pad_out))
+        if self.training:  # the weights are moving: no arranged copy is kept (or offered)
+            self.__dict__.pop("_arranged_cache", None)
+            arranged = None
+        else:
+            arranged = self._arranged
+        y = monarch_matmul(x, self.R, self.L, bias, blocked=self._blocked, arranged=arranged)
+        if self._pad_out:
             y = y[:, : self.out_features].contiguous()
         if self.rank:
             # In place: an out-of-place addmm's fresh (N, out) buffer cost more than both GEMMs
@@ -108,6 +129,26 @@ class MonarchLinear(nn.Module):
             low = F.linear(unpadded, self.V)
             y = y.addmm_(low.to(y.dtype), self.U.t().to(y.dtype))
         return y.reshape(*lead, self.out_features)
+
+    def _arranged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``R`` and ``L`` transposed into contiguous copies for the small-batch path
+        (:mod:`~monarchify.monarch.kernels.small`), made on first use and kept until the
+        factors change, keyed like :attr:`weight`'s product.
+
+        Kept rather than made per call because making them reads and writes every weight,
+        which is what a decoding step's product costs in the first place. The price is
+        memory: an evaluating model that takes this path (batched decoding, 5 to 8 rows, or
+        any few rows where the native kernel cannot be built) holds its Monarch factors twice
+        (still less than the dense layers at 4 blocks). Training mode drops the copies.
+        """
+        R, L = self.R, self.L
+        key = (R._version, L._version, R.data_ptr(), L.data_ptr(), R.dtype, R.device)
+        cached = self.__dict__.get("_arranged_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, arrange(R.detach(), L.detach()))
+            self.__dict__["_arranged_cache"] = cached
+        return cached[1]
 
     @property
     def output_order(self) -> str:

@@ -2,6 +2,11 @@
 
 * ``triton``: fused kernels (both block products and the permutations in one pass),
   used automatically for CUDA tensors when Triton is importable and the shape fits;
+* ``native``: for CPU inference over at most :data:`.native.MAX_TOKENS` rows (decoding), one
+  compiled C call that streams the factors once (:mod:`.native`, built on first use);
+* ``small``: for CPU inference over at most :data:`SMALL_BATCH_TOKENS` rows, or where the
+  native kernel is not available, two batched products over factors pre-arranged once by the
+  layer (:mod:`.small`);
 * ``strided``: strided BLAS calls with a hand-written backward (:mod:`.strided`), used on
   the CPU and as the fallback anywhere else;
 * ``reference``: the plain two-``bmm`` version (:mod:`.reference`), the yardstick.
@@ -17,15 +22,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 import torch
 
+from monarchify.monarch.kernels import native
 from monarchify.monarch.kernels.reference import monarch_reference
-from monarchify.monarch.kernels.strided import monarch_strided
+from monarchify.monarch.kernels.small import arrange, monarch_small
+from monarchify.monarch.kernels.strided import monarch_strided, needs_grad
 
-IMPLEMENTATIONS = ("auto", "triton", "strided", "reference")
+IMPLEMENTATIONS = ("auto", "triton", "native", "small", "strided", "reference")
+SMALL_BATCH_TOKENS = 8
+"""Up to this many rows the small path beats the strided one on the CPU, at every LLM shape
+measured (576->192 to 4096->11008); at 16 they are even (``docs/performance.md``)."""
 _choice: contextvars.ContextVar[str] = contextvars.ContextVar("monarch_impl", default="auto")
 
 
@@ -47,32 +57,73 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def auto_choice(x: torch.Tensor) -> str:
-    """What ``auto`` runs for this input: the fused kernel on CUDA when possible."""
+def auto_choice(x: torch.Tensor, *, inference: bool = False, weights: int = 0) -> str:
+    """What ``auto`` runs for this input: the fused kernel on CUDA when possible; on the CPU
+    for ``inference`` (no gradient wanted, arranged factors on offer) over a few rows the
+    native kernel for layers of at most :data:`.native.MAX_WEIGHTS` factor entries
+    (``weights``) or the small path, else the strided one."""
     if x.is_cuda and triton_available():
         from monarchify.monarch.kernels import triton_monarch
 
         if triton_monarch.supports(x):
             return "triton"
+    if inference and x.is_cpu and x.shape[0] <= SMALL_BATCH_TOKENS:
+        return "native" if weights <= native.MAX_WEIGHTS and native.supports(x) else "small"
     return "strided"
 
 
+def decode_native(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                  blocked: bool) -> torch.Tensor | None:
+    """What :func:`monarch_matmul` would return through ``auto`` for a decoding step's input
+    (any leading shape, no padding, no gradient wanted: the caller checks those), computed by
+    the native kernel; None when ``auto`` would not pick it.
+
+    The same choice as ``monarch_matmul`` makes, with the checks in the order that rejects
+    fastest and no reshapes: a decoding step pays this 200 times, and the general route's
+    Python costs as much as a small layer's product (``docs/performance.md``).
+    """
+    width = x.shape[-1]
+    if not (x.is_cpu and x.numel() <= native.MAX_TOKENS * width and R.numel() + L.numel() <= native.MAX_WEIGHTS and x.dtype in native.FUNCTIONS and x.is_contiguous()
+            and _choice.get() == "auto" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
+        return None
+    dtype = x.dtype
+    fn = native.function(dtype)
+    if fn is None or x.numel() == 0 or not all(
+        t is None or (t.dtype == dtype and t.is_cpu and t.is_contiguous()) for t in (R, L, bias)
+    ):  # (what torch would refuse or copy: the general route says so, or copies)
+        return None
+    b, q, p = R.shape
+    s = L.shape[1]
+    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    native.call(fn, x, width, R, L, bias, y, b, p, q, s, blocked)
+    return y
+
+
 def monarch_matmul(
-    x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True
+    x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True,
+    arranged: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """``M x + bias`` for a 2-D ``x`` of width ``b·p``; returns ``(N, b·s)`` with outputs in
     the blocked (``o = l·s + r``) or interleaved (``o = r·b + l``) order.
 
+    ``arranged()``, when given, returns ``R`` and ``L`` pre-arranged for the small path
+    (:func:`.small.arrange`, kept by the caller across calls): ``auto`` takes that path only
+    then, and only when no gradient is wanted, since the arranged copies are detached. Without
+    it a forced ``small`` arranges them per call, differentiably.
+
     Under autocast the inputs are cast to the autocast dtype first (as ``nn.Linear`` is) and
-    the product runs with autocast off, so forward and backward see one dtype.
+    the product runs with autocast off, so forward and backward see one dtype (the arranged
+    factors, in the parameters' dtype, are not used there).
     """
-    device_type = x.device.type
+    device_type = "cpu" if x.is_cpu else x.device.type  # (is_cpu: a decoding step asks 200 times)
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, R, L = x.to(dtype), R.to(dtype), L.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return monarch_matmul(x, R, L, bias, blocked=blocked)
+    if arranged is not None and needs_grad(x, R, L, bias):
+        arranged = None
     if torch.compiler.is_compiling():
         # Under torch.compile the compiler fuses the plain path's copies itself; the
         # hand-written paths (out= views, Triton launches) are for eager mode.
@@ -80,7 +131,16 @@ def monarch_matmul(
     else:
         name = _choice.get()
         if name == "auto":
-            name = auto_choice(x)
+            name = auto_choice(x, inference=arranged is not None, weights=R.numel() + L.numel())
+            if name == "native":  # auto has checked what the kernel takes
+                return native.monarch_native(x, R, L, bias, blocked=blocked)
+    if name == "native":
+        if native.supports(x) and not needs_grad(x, R, L, bias):
+            return native.monarch_native(x, R, L, bias, blocked=blocked)
+        name = "small"  # what it cannot take (gradients, more rows, no compiler): the same product in torch
+    if name == "small":
+        Rt, Lt = arranged() if arranged is not None else arrange(R, L)
+        return monarch_small(x, Rt, Lt, bias, blocked=blocked)
     if name == "triton":
         from monarchify.monarch.kernels import triton_monarch
 
@@ -91,4 +151,7 @@ def monarch_matmul(
     return monarch_strided(x, R, L, bias, blocked=blocked)
 
 
-__all__ = ["IMPLEMENTATIONS", "auto_choice", "monarch_matmul", "monarch_reference", "monarch_strided", "triton_available", "use"]
+__all__ = [
+    "IMPLEMENTATIONS", "SMALL_BATCH_TOKENS", "arrange", "native", "auto_choice", "decode_native", "monarch_matmul", "monarch_reference", "monarch_small",
+    "monarch_strided", "needs_grad", "triton_available", "use",
+]

@@ -68,9 +68,10 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_case(
     impl: str, b: int, p: int, s: int, n: int, dtype: torch.dtype, device: str | torch.device, seed: int,
-    output_order: str = "blocked",
+    output_order: str = "blocked", inference: bool = False,
 ) -> CaseResult:
-    """Forward and backward of ``impl`` on one shape and output order, against float64."""
+    """Forward and backward of ``impl`` on one shape and output order, against float64;
+    ``inference``: the forward pass alone, without autograd (the path decoding takes)."""
     from monarchify.monarch import kernels
     from monarchify.monarch.kernels import strided
     from monarchify.monarch.layout import MonarchLayout
@@ -88,11 +89,15 @@ def check_case(
     bias64 = torch.randn(b * s, generator=gen, dtype=torch.float64)
     x64 = torch.randn(n, b * p, generator=gen, dtype=torch.float64)
     upstream = torch.randn(n, b * s, generator=gen, dtype=torch.float64)
-    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (x64, R64, L64, bias64)]
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_(not inference) for t in (x64, R64, L64, bias64)]
     x, R, L, bias = leaves
     with poisoned(*modules), kernels.use(impl):
-        y = kernels.monarch_matmul(x, R, L, bias, blocked=output_order == "blocked")
-        (y.float() * upstream.to(device=device, dtype=torch.float32)).sum().backward()
+        if inference:
+            with torch.no_grad():
+                y = kernels.monarch_matmul(x, R, L, bias, blocked=output_order == "blocked")
+        else:
+            y = kernels.monarch_matmul(x, R, L, bias, blocked=output_order == "blocked")
+            (y.float() * upstream.to(device=device, dtype=torch.float32)).sum().backward()
 
     # The reference runs in float64 on the same device (fast on a GPU), from the same
     # (rounded) inputs the kernel saw.
@@ -103,8 +108,9 @@ def check_case(
     (ref * upstream.to(device=device, dtype=torch.float32).double()).sum().backward()
     errors = {"y": _rel(y, ref)}
     for name, got, want in zip(("dx", "dR", "dL", "dbias"), leaves, ref_leaves):
-        errors[name] = _rel(got.grad, want.grad)
-    shape = f"{b}x{p} -> {b}x{s}, N={n}, {output_order}"
+        if not inference:
+            errors[name] = _rel(got.grad, want.grad)
+    shape = f"{b}x{p} -> {b}x{s}, N={n}, {output_order}" + (", inference" if inference else "")
     return CaseResult(impl, str(dtype).removeprefix("torch."), shape, errors, TOLERANCE[dtype])
 
 
@@ -114,13 +120,17 @@ def check_case(
 INTERPRETER_CASES = [(3, 12, 6, 7), (2, 48, 40, 19), (4, 16, 64, 33), (4, 64, 16, 5)]
 # What a GPU session checks: the issue's shapes (b = 4, BERT-base widths) and an LLM-like one.
 GPU_CASES = [(4, 192, 768, 4096), (4, 768, 192, 4096), (4, 192, 192, 256), (4, 1024, 3584, 1024)]
+# Decoding (inference, one to a few tokens: the launch without autograd, 16-row tiles mostly
+# masked): tiny for the interpreter; SmolLM2's 576->1536 and Llama-7B-like widths on a GPU.
+INTERPRETER_DECODE_CASES = [(4, 16, 64, 1), (2, 48, 40, 3), (3, 12, 6, 1)]
+GPU_DECODE_CASES = [(4, 144, 384, 1), (4, 1024, 2752, 1), (4, 1024, 1024, 8), (4, 1024, 256, 1)]
 
 
-def run(cases, dtypes, device, impl: str = "triton") -> list[CaseResult]:
+def run(cases, dtypes, device, impl: str = "triton", inference: bool = False) -> list[CaseResult]:
     from monarchify.monarch.layout import OUTPUT_ORDERS
 
     return [
-        check_case(impl, b, p, s, n, dtype, device, seed=i, output_order=order)
+        check_case(impl, b, p, s, n, dtype, device, seed=i, output_order=order, inference=inference)
         for i, (b, p, s, n) in enumerate(cases)
         for dtype in dtypes
         for order in OUTPUT_ORDERS
@@ -129,8 +139,9 @@ def run(cases, dtypes, device, impl: str = "triton") -> list[CaseResult]:
 
 def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cases = GPU_CASES if device == "cuda" else INTERPRETER_CASES
-    results = run(cases, (torch.float32, torch.float16, torch.bfloat16), device)
+    cases, decode = (GPU_CASES, GPU_DECODE_CASES) if device == "cuda" else (INTERPRETER_CASES, INTERPRETER_DECODE_CASES)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    results = run(cases, dtypes, device) + run(decode, dtypes, device, inference=True)
     print(json.dumps([r.to_dict() for r in results], indent=2))
     return 0 if all(r.ok for r in results) else 1
 

@@ -53,7 +53,7 @@ def _forward(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tens
     return y.view(n, b * s), h
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
+def aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or a copy when its data is not 64-byte aligned.
 
     MKL picks alignment-dependent kernels for small token counts, so the same weights at
@@ -69,7 +69,7 @@ class StridedMonarch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, R, L, bias, blocked):  # noqa: D401 - autograd signature
-        R, L = _aligned(R), _aligned(L)
+        R, L = aligned(R), aligned(L)
         y, h = _forward(x, R, L, bias, blocked)
         ctx.save_for_backward(x, R, L, h)
         ctx.has_bias = bias is not None
@@ -120,9 +120,20 @@ def _output_blocks(grad_y: torch.Tensor, b: int, s: int, blocked: bool) -> torch
     return g
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want gradients through a product of these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def monarch_strided(
     x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None = None, *, blocked: bool = True
 ) -> torch.Tensor:
     """``M x + bias`` for ``x`` of shape ``(N, b·p)``; ``bias`` has ``b·s`` entries or is None.
-    ``blocked``: the output order (see :class:`~monarchify.monarch.layout.MonarchLayout`)."""
-    return StridedMonarch.apply(x.contiguous(), R, L, bias, blocked)
+    ``blocked``: the output order (see :class:`~monarchify.monarch.layout.MonarchLayout`).
+
+    Without autograd the forward pass runs bare: the ``Function`` machinery (a context,
+    saved tensors) costs more than a one-token product's arithmetic."""
+    x = x.contiguous()
+    if not needs_grad(x, R, L, bias):
+        return _forward(x, aligned(R), aligned(L), bias, blocked)[0]
+    return StridedMonarch.apply(x, R, L, bias, blocked)

@@ -121,10 +121,13 @@ def _configs() -> list[triton.Config]:
 
     ``BLOCK_T`` 64 covers a whole pair (t = 48 at BERT-base widths, b = 4) in one middle
     tile, so each input tile is loaded once per input block; 16 and 32 avoid padding it.
-    ``BLOCK_J`` 256 covers a whole output block of 192 (no recomputed middle).
+    ``BLOCK_J`` 256 covers a whole output block of 192 (no recomputed middle). The 16-row
+    tiles are for decoding (one to a few tokens; ``tl.dot``'s minimum): there a 64-row tile
+    would be 63 rows of masked work, and small column tiles give the GPU enough programs.
     """
     configs = []
     for bm, bj, bt, bi, warps, stages in [
+        (16, 64, 16, 64, 4, 2), (16, 128, 32, 64, 4, 3), (16, 32, 16, 128, 2, 2),
         (64, 128, 16, 64, 4, 3), (64, 256, 16, 64, 8, 3), (128, 128, 16, 64, 8, 3),
         (128, 256, 16, 32, 8, 3), (64, 64, 32, 64, 4, 3), (128, 64, 32, 64, 4, 4),
         (32, 64, 16, 64, 4, 2), (64, 256, 32, 32, 8, 3), (128, 128, 32, 32, 8, 4),
@@ -263,7 +266,11 @@ def monarch_triton(
 
         return monarch_strided(x, R, L, bias, blocked=blocked)
     R, L = R.contiguous(), L.contiguous()
+    x, bias = x.contiguous(), None if bias is None else bias.contiguous()
     # The weight gradients need the middle: keep it only when a backward pass can follow
     # (decided out here: inside Function.forward grad mode is always off).
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, R, L, bias))
-    return TritonMonarch.apply(x.contiguous(), R, L, None if bias is None else bias.contiguous(), training, blocked)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, R, L, bias))):
+        # Inference (decoding: a launch-bound step per token): the launch alone, without the
+        # autograd Function's context and saved tensors around it.
+        return _forward(x, R, L, bias, False, blocked)[0]
+    return TritonMonarch.apply(x, R, L, bias, True, blocked)
