@@ -348,12 +348,13 @@ def test_layer_at_one_token_times_the_decoding_path_for_inference(capsys, fake_c
 def test_prefill_computes_logits_for_the_last_position_only_as_generate_does():
     """A user waits for the prompt's pass and its last position's logits (``generate`` asks for
     no more); the other positions' logits are vocabulary x prompt of work nobody waits for."""
+    from monarchify.hf import model_bench
     from tests.conftest import tiny_llama
 
-    dense, monarch = bench.model_pair(tiny_llama(), nblocks=2)
+    dense, monarch = model_bench.model_pair(tiny_llama(), nblocks=2)
     seen = []
     for model in (dense, monarch):
         model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
-    bench.models_benchmark(dense, monarch, batch=2, seq_len=8, device="cpu", train=False, warmup=0, repeat=1,
-                           generation=bench.Generation(prompt_tokens=6, new_tokens=2, batches=(3,)))
+    model_bench.models_benchmark(dense, monarch, batch=2, seq_len=8, device="cpu", train=False, warmup=0, repeat=1,
+                           generation=model_bench.Generation(prompt_tokens=6, new_tokens=2, batches=(3,)))
     assert (3, 1) in seen and (3, 6) not in seen
