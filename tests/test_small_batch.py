@@ -20,6 +20,11 @@ from test_speed_kernels import F64, ORDERS, dense_from_factors, factors
 SHAPES = [(4, 8, 8), (4, 6, 16), (4, 16, 6), (4, 16, 4), (4, 3, 12), (1, 5, 7), (3, 4, 4)]
 
 
+def reference(x, R, L, bias, blocked):
+    """The layer's output through its dense matrix, what every decoding path must reproduce."""
+    return x @ dense_from_factors(R, L, blocked).T + (0 if bias is None else bias)
+
+
 @ORDERS
 @pytest.mark.parametrize("b,p,s", SHAPES)
 @pytest.mark.parametrize("tokens", [1, 3, 8])
@@ -28,7 +33,7 @@ def test_small_path_matches_the_float64_dense_matrix(b, p, s, tokens, with_bias,
     R, L, bias = factors(b, p, s)
     bias = bias if with_bias else None
     x = torch.randn(tokens, b * p, dtype=F64)
-    expected = x @ dense_from_factors(R, L, blocked).T + (0 if bias is None else bias)
+    expected = reference(x, R, L, bias, blocked)
     Rt, Lt = small.arrange(R, L)
     torch.testing.assert_close(small.monarch_small(x, Rt, Lt, bias, blocked=blocked), expected, rtol=1e-12, atol=1e-12)
 
@@ -187,7 +192,7 @@ def test_native_kernel_matches_the_float64_dense_matrix(b, p, s, tokens, with_bi
     R, L, bias = factors(b, p, s)
     bias = bias if with_bias else None
     x = torch.randn(tokens, b * p, dtype=F64)
-    expected = x @ dense_from_factors(R, L, blocked).T + (0 if bias is None else bias)
+    expected = reference(x, R, L, bias, blocked)
     torch.testing.assert_close(native.monarch_native(x, R, L, bias, blocked=blocked), expected, rtol=1e-12, atol=1e-12)
 
 

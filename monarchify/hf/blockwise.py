@@ -27,7 +27,7 @@ import ctypes
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -430,7 +430,7 @@ def price_blockwise(model: nn.Module, layers: list[PlannedLayer], config: Monarc
             release(layer.name)
 
     everything = Allocation(nblocks={layer.name: layer.nblocks for layer in layers})
-    pricing = BlockwiseCalibration(model, layers, everything, replace(config, speed_gate=None), samples, tokenizer,
+    pricing = BlockwiseCalibration(model, layers, everything, config, samples, tokenizer,
                                    on_block=on_block, price=price)
     for index in range(len(pricing.blocks)):
         pricing._run_block(index, project=True)

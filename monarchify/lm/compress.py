@@ -229,12 +229,9 @@ def check_against_uniform(options: TextCompressOptions, converted: Path, data: T
     scores = {name: window_perplexity(load_model(str(folder)), data.heldout, options.batch_size)
               for name, folder in (("budget", converted), ("uniform", rival))}
     chosen = "uniform" if scores["uniform"] < scores["budget"] else "budget"
-    if chosen == "uniform":
-        kept = converted.with_name(converted.name + ".budget-plan")
-        _reset([kept])
-        converted.rename(kept)
+    if chosen == "uniform":  # a stop in between leaves the stage unfinished in the manifest: it is redone
+        shutil.rmtree(converted)
         rival.rename(converted)
-        shutil.rmtree(kept)
     else:
         shutil.rmtree(rival)
     events.done(f"held-out perplexity: the budget's plan {scores['budget']:.2f}, uniform {blocks} blocks "
