@@ -37,7 +37,7 @@ CALIBRATION_RECORDS = ("source", "kind", "columns", "method")
 from, the method used), not as settings: read and dropped."""
 OUTPUT_ORDERS = ("blocked", "interleaved")
 """How a Monarch layer orders its outputs (:class:`monarchify.monarch.layout.MonarchLayout`)."""
-BUDGET_OBJECTIVES = ("layers", "output", "even")
+BUDGET_OBJECTIVES = ("layers", "output", "even", "fisher")
 """What a budget minimises (``MonarchConfig.budget_objective``)."""
 STRUCTURES = ("monarch", "lowrank")
 """What a converted layer becomes (``MonarchConfig.structure``)."""
@@ -188,7 +188,12 @@ class MonarchConfig:
       the output weighting tells apart the layers whose errors the rest of the model amplifies.
       ``"even"``: the sum of the squared relative errors, which spreads the errors over the
       layers: errors compound through a deep stack, and the plain sum lets a few layers take
-      far more than the rest when their calibrated error looks small.
+      far more than the rest when their calibrated error looks small. ``"fisher"``: each
+      option's error in the model's own loss, every output channel of a layer weighted by the
+      squared gradient the model's output distribution puts on it (one backward pass over the
+      calibration text; :func:`monarchify.pipeline.observe.output_fisher`): the layers' errors
+      in one unit, summed as the estimated divergence from the dense model. Needs calibration;
+      plain Monarch options only.
     * ``ranks``: ``{regex: rank}``, a low-rank term for matching layers (last wins; 0 removes
       it). A budgeted checkpoint records its choices here, as exact names.
     * ``calibration``: project on real activations (the text is an argument of ``convert``).
@@ -259,9 +264,12 @@ class MonarchConfig:
         if self.calibration is not None and self.calibration.sequential and self.budget is not None:
             raise ConfigError("sequential calibration runs block by block, and a budget compares every layer's errors "
                               "before any is projected: use one or the other", field=("calibration.sequential", "budget"))
-        if self.budget_objective == "output" and self.budget is None:
-            raise ConfigError("budget_objective 'output' weighs a budget's layers: it needs a budget (and calibration)",
-                              field="budget_objective")
+        if self.budget_objective in ("output", "fisher") and self.budget is None:
+            raise ConfigError(f"budget_objective '{self.budget_objective}' weighs a budget's layers: it needs a budget "
+                              "(and calibration)", field="budget_objective")
+        if self.budget_objective == "fisher" and (self.structure != "monarch" or self.budget_ranks):
+            raise ConfigError("budget_objective 'fisher' prices plain Monarch block counts: not with structure "
+                              f"'{self.structure}' or budget_ranks", field=("budget_objective", "budget_ranks"))
         self.ranks = dict(self.ranks)
         for pattern, rank in self.ranks.items():
             _check_pattern(pattern, "rank pattern")

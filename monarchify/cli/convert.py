@@ -127,8 +127,8 @@ def convert(
         raise ConfigError("--budget-ranks needs --budget FRACTION")
     if budget_objective != "layers" and budget is None:
         raise ConfigError(f"--budget-objective {budget_objective} needs --budget FRACTION")
-    if budget_objective == "output" and text is None:
-        raise ConfigError("--budget-objective output needs --text DATA (it measures the model's output on it)")
+    if budget_objective in ("output", "fisher") and text is None:
+        raise ConfigError(f"--budget-objective {budget_objective} needs --text DATA (it measures the model's output on it)")
     if text is None and (calibration_samples is not None or refine_sweeps is not None or sequential):
         raise ConfigError("--calibration-samples, --refine-sweeps and --sequential need --text DATA")
     if sequential and budget is not None:

@@ -55,7 +55,9 @@ BudgetObjective = Annotated[
         help="What --budget minimises: layers (the sum of the layers' relative output errors), even (the sum of "
         "their squares: spreads the errors, no layer compressed far harder than the rest) or output (each "
         "layer's error weighted by how far it moves the model's output, measured on the calibration text: one "
-        "forward pass per layer on 128 samples).",
+        "forward pass per layer on 128 samples) or fisher (every layer's error in the model's own loss: each output "
+        "weighted by the gradient the model's output distribution puts on it, one forward and backward pass on 64 "
+        "samples; the sum is the estimated divergence from the dense model).",
     ),
 ]
 Structure = Annotated[

@@ -41,7 +41,10 @@ from monarchify.hf.tensorfiles import read_tensor
 from monarchify.pipeline import Events, count_params
 from monarchify.pipeline.allocate import Allocation, allocate
 from monarchify.pipeline.apply import apply
-from monarchify.pipeline.observe import Collector, InputStatistics, Observation, calibration_batches
+from monarchify.pipeline.allocate import needs_fisher
+from monarchify.pipeline.observe import (
+    FISHER_SAMPLES, Collector, InputStatistics, Observation, first_samples, calibration_batches, output_fisher,
+)
 from monarchify.pipeline.plan import PlannedLayer, block_index, block_list, plan
 from monarchify.pipeline.pricing import LayerChoices, price_layer
 from monarchify.pipeline.project import Projected, default_projector, project_layers
@@ -419,14 +422,23 @@ def price_blockwise(model: nn.Module, layers: list[PlannedLayer], config: Monarc
     layer's prices before it chooses any block count; prices are a few numbers a layer, while
     the statistics they come from are a block's worth of ``d_in²`` matrices, so pricing in a
     pass of its own keeps memory at one block's, and the projecting pass runs the blocks again
-    (their forward is a small part of the conversion's time)."""
+    (their forward is a small part of the conversion's time). With
+    ``budget_objective="fisher"`` the whole model runs forward and backward first, on the first
+    fitting samples: the gradients that weigh each layer's outputs come from the head, through
+    every block (:func:`~monarchify.pipeline.observe.output_fisher`)."""
     damping = config.calibration.damping
     priced: dict[str, LayerChoices] = {}
+    row_weights = None
+    if needs_fisher(layers, config):
+        batches, _ = calibration_batches(model, samples, tokenizer, config.calibration)
+        row_weights = output_fisher(model, {layer.name: layer.module for layer in layers},
+                                    first_samples(batches["fit"], FISHER_SAMPLES))
 
     def price(block_layers: list[PlannedLayer], stats: InputStatistics) -> None:
         release = _Release(block_layers, {"fit": stats})
         for layer in block_layers:
-            priced[layer.name] = price_layer(layer, config, stats.covariance(layer.name), damping)
+            priced[layer.name] = price_layer(layer, config, stats.covariance(layer.name), damping,
+                                             row_weights[layer.name] if row_weights is not None and not layer.pinned else None)
             release(layer.name)
 
     everything = Allocation(nblocks={layer.name: layer.nblocks for layer in layers})

@@ -27,7 +27,7 @@ from torch import nn
 
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
-from monarchify.pipeline.allocate import Allocation, allocate, needs_sensitivity
+from monarchify.pipeline.allocate import Allocation, allocate, needs_fisher, needs_sensitivity
 from monarchify.pipeline.apply import apply
 from monarchify.pipeline.observe import Observation, observe
 from monarchify.pipeline.plan import FilterFn, PlannedLayer, plan
@@ -85,7 +85,7 @@ def _observe(
         return None
     events.observing(len(text.fit) + len(text.heldout))
     return observe(model, {layer.name: layer.module for layer in layers}, text, tokenizer, config.calibration,
-                   sensitivity=needs_sensitivity(layers, config))
+                   sensitivity=needs_sensitivity(layers, config), fisher=needs_fisher(layers, config))
 
 
 def _decide(
@@ -96,7 +96,8 @@ def _decide(
     observation = _observe(model, layers, config, samples, tokenizer, events)
     covariance = observation.fit.covariance if observation is not None else None
     weights = observation.sensitivity if observation is not None else None
-    return layers, observation, allocate(layers, config, covariance=covariance, weights=weights)
+    row_weights = observation.fisher if observation is not None else None
+    return layers, observation, allocate(layers, config, covariance=covariance, weights=weights, row_weights=row_weights)
 
 
 def dry_run(

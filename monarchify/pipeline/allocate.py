@@ -10,7 +10,8 @@ relative squared error). ``budget=0.5`` keeps at most half of the selected layer
 parameters. The objective is the errors' sum, or with ``budget_objective="output"`` their
 sum weighted by each layer's output sensitivity (measured by the observe stage,
 :func:`monarchify.pipeline.observe.output_sensitivity`), or with ``"even"`` the sum of their
-squares. The plain sum is indifferent between one layer at error 0.6 and two at 0.3; a deep
+squares, or with ``"fisher"`` each option's error in the model's loss (every output channel
+weighted by its Fisher information, :func:`monarchify.pipeline.observe.output_fisher`). The plain sum is indifferent between one layer at error 0.6 and two at 0.3; a deep
 stack is not (each layer's error feeds the next), and on SmolLM2 the plain sum sent three
 down projections to 16 blocks to keep others at 2.
 
@@ -58,6 +59,8 @@ class BudgetPlan:
     weighted errors."""
     even: bool = False
     """``budget_objective="even"``: ``choices`` hold the squared errors."""
+    fisher: bool = False
+    """``budget_objective="fisher"``: ``choices`` hold Fisher-weighted absolute errors."""
     structure: str = "monarch"
     """``"lowrank"``: the options were ranks of a low-rank layer (their ``nblocks`` is the
     layer's planned block count, unused)."""
@@ -80,7 +83,8 @@ class BudgetPlan:
             "params_used": self.params_used,
             "params_dense": self.params_dense,
             "total_error": self.error,
-            "error_kind": ("squared " if self.even else "") + ("output-sensitivity-weighted " if self.sensitivity else "")
+            "error_kind": "Fisher-weighted activation-weighted squared (estimated loss)" if self.fisher else
+            ("squared " if self.even else "") + ("output-sensitivity-weighted " if self.sensitivity else "")
             + ("activation-weighted relative squared" if self.weighted else "relative squared (Frobenius)"),
             "kept_dense": self.dense_layers(),
             "uniform": {str(b): v for b, v in self.uniform.items()},
@@ -104,6 +108,7 @@ def plan_budget(
     damping: float = DEFAULT_DAMPING,
     weights: Mapping[str, float] | None = None,
     priced: Mapping[str, LayerChoices] | None = None,
+    row_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> BudgetPlan:
     """Choose every planned layer's block count under ``config.budget``.
 
@@ -112,13 +117,15 @@ def plan_budget(
     given, weighs errors by the layer's calibration activations; ``weights[name]`` multiplies
     a layer's errors (its output sensitivity, ``budget_objective="output"``). ``priced``: the
     layers' options already priced (:func:`price_layer`, calibrated), instead of ``covariance``.
+    ``row_weights[name]``: the layer's output channels' Fisher weights (``budget_objective="fisher"``).
     """
     if config.budget is None:
         raise ConfigError("the recipe has no budget")
     lowrank = config.structure == "lowrank"
     choices = [
         priced[layer.name] if priced is not None else
-        price_layer(layer, config, covariance(layer.name) if covariance else None, damping)
+        price_layer(layer, config, covariance(layer.name) if covariance else None, damping,
+                    row_weights[layer.name] if row_weights is not None and not layer.pinned else None)
         for layer in layers
     ]
     if weights is not None:
@@ -141,7 +148,7 @@ def plan_budget(
         config.budget, budget, params_dense,
         {layer.name: layer.options[k] for layer, k in zip(choices, picks)}, weighted=covariance is not None or priced is not None,
         ranks=list(config.budget_ranks) if not lowrank else [], sensitivity=dict(weights) if weights is not None else None,
-        structure=config.structure, even=config.budget_objective == "even",
+        structure=config.structure, even=config.budget_objective == "even", fisher=config.budget_objective == "fisher",
     )
     for b in CANDIDATES:
         chosen = [next((o for o in layer.options if o.nblocks == b and not o.rank), None) for layer in choices]
@@ -217,13 +224,21 @@ def needs_sensitivity(layers: Sequence[PlannedLayer], config: MonarchConfig) -> 
     return config.budget_objective == "output" and not all(layer.pinned for layer in layers)
 
 
+def needs_fisher(layers: Sequence[PlannedLayer], config: MonarchConfig) -> bool:
+    """Whether the budget will price these layers by their outputs' Fisher weights (as
+    :func:`needs_sensitivity`, for ``budget_objective="fisher"``)."""
+    return config.budget is not None and config.budget_objective == "fisher" and not all(layer.pinned for layer in layers)
+
+
 def allocate(
     layers: Sequence[PlannedLayer], config: MonarchConfig, *, covariance: CovarianceOf | None = None,
     weights: Mapping[str, float] | None = None, priced: Mapping[str, LayerChoices] | None = None,
+    row_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Allocation:
     """Decide every planned layer: the budget first, then the speed gate on what it converts.
     ``weights``: the budget's per-layer error weights (``budget_objective="output"``);
-    ``priced``: the budget's options, priced already (see :func:`plan_budget`).
+    ``priced``: the budget's options, priced already (see :func:`plan_budget`); ``row_weights``:
+    the Fisher weights of every layer's outputs (``budget_objective="fisher"``).
 
     Layouts are checked here (a block count that leaves structural zeros is refused unless the
     recipe allows it), naming the layer, before any projection starts.
@@ -234,8 +249,12 @@ def allocate(
         if weights is None and needs_sensitivity(layers, config):
             raise ConfigError("budget_objective 'output' weighs each layer by its effect on the model's output, "
                               "measured on calibration text: calibrate the conversion")
+        if row_weights is None and priced is None and needs_fisher(layers, config):
+            raise ConfigError("budget_objective 'fisher' weighs each layer's outputs by the model's gradients on "
+                              "calibration text: calibrate the conversion", field="budget_objective")
         allocation.budget = plan_budget(layers, config, covariance=covariance, damping=damping, priced=priced,
-                                        weights=weights if config.budget_objective == "output" else None)
+                                        weights=weights if config.budget_objective == "output" else None,
+                                        row_weights=row_weights)
         reason = f"kept dense by the budget ({config.budget:g})"
         for name, option in allocation.budget.choices.items():
             if option.nblocks is DENSE:

@@ -230,12 +230,105 @@ def output_sensitivity(
     return weights
 
 
+FISHER_SAMPLES = 64
+"""Fitting samples :func:`output_fisher` runs (one forward and one backward pass each)."""
+FISHER_ROWS = 4
+"""Samples per backward pass: a language model's logits are ``rows × tokens × vocabulary``."""
+
+
+def _sampled_log_likelihood(output: Any, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """The log-likelihood, under the model's own output distribution, of an output drawn from
+    it: categorical over the logits of a classifier or language model, unit Gaussian around a
+    single score or hidden states. Its gradient ``g`` has ``E[g gᵀ]`` = the Fisher information
+    of that distribution: the curvature of the divergence from the dense model's output."""
+    logits = getattr(output, "logits", None)
+    z = (logits if logits is not None else _first_output(output)).float()
+    keep = torch.ones(z.shape[:-1], dtype=torch.bool, device=z.device)
+    if mask is not None and mask.shape == keep.shape:
+        keep = mask
+    if logits is not None and z.shape[-1] > 1:
+        logp = torch.log_softmax(z, dim=-1)
+        with torch.no_grad():
+            drawn = torch.multinomial(logp.exp().reshape(-1, z.shape[-1]), 1, generator=generator).view(z.shape[:-1])
+        picked = logp.gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+        return picked[keep].sum()
+    with torch.no_grad():  # Gaussian: d log p / dz at a drawn z' is the drawn deviation itself
+        deviation = torch.randn(z.shape, generator=generator, device=z.device)
+    return (z * deviation)[keep].sum()
+
+
+def output_fisher(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Per output channel ``j`` of every layer: ``s_j``, the mean over real tokens of the squared
+    gradient of the model's sampled log-likelihood (:func:`_sampled_log_likelihood`) with
+    respect to that layer's output.
+
+    A layer's weight error ``ΔW`` on inputs with second moment ``C`` then moves the model's
+    output distribution (its KL divergence from the dense one, to second order) by about
+    ``½ Σ_j s_j (ΔW C ΔWᵀ)_jj`` per token, the diagonal Fisher approximation that FWSVD-style
+    methods use. The estimate is in one unit for every layer, so a budget can add it up across
+    layers: what the *model* loses, not each layer's relative error, which on a language model
+    is dominated by a few tokens of enormous activation. One forward and backward pass per batch
+    of the dense model; weights get no gradients."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+
+    def capture(name: str):
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                def accumulate(grad: torch.Tensor) -> None:
+                    square = grad.detach().to(torch.float64).reshape(-1, grad.shape[-1]).square().sum(dim=0)
+                    sums[name] = sums[name] + square if name in sums else square
+                out.register_hook(accumulate)
+        return hook
+
+    def leaf(_module: nn.Module, _args: Any, out: Any) -> Any:  # gradients start here, none reach the weights
+        return out.detach().requires_grad_(True) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        raise SampleError("the Fisher weights need the model's input embeddings (get_input_embeddings)")
+    needed = {p: p.requires_grad for p in model.parameters()}
+    handles = [module.register_forward_hook(capture(name)) for name, module in modules.items()]
+    handles.append(embeddings.register_forward_hook(leaf))
+    try:
+        for p in needed:
+            p.requires_grad_(False)
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            rows = len(next(iter(batch.values())))
+            for start in range(0, rows, FISHER_ROWS):
+                part = {k: v[start:start + FISHER_ROWS] for k, v in batch.items()}
+                mask = _mask(part.get("attention_mask"))
+                with torch.enable_grad():
+                    _sampled_log_likelihood(model(**part), mask, generator).backward()
+                tokens += int(mask.sum()) if mask is not None else part["input_ids"].numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in needed.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    missing = [name for name in modules if name not in sums]
+    if missing:
+        raise SampleError(f"no gradient reached layer '{missing[0]}' on the calibration text")
+    return {name: total / max(tokens, 1) for name, total in sums.items()}
+
+
 def _mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Which positions are real tokens (``None``: all of them)."""
     return attention_mask.bool() if attention_mask is not None else None
 
 
-def _first_samples(batches: list[dict[str, torch.Tensor]], samples: int) -> list[dict[str, torch.Tensor]]:
+def first_samples(batches: list[dict[str, torch.Tensor]], samples: int) -> list[dict[str, torch.Tensor]]:
     """Leading batches holding at least ``samples`` samples (all when there are fewer)."""
     taken, count = [], 0
     for batch in batches:
@@ -258,6 +351,9 @@ class Observation:
     seconds: float
     sensitivity: dict[str, float] | None = None
     """Per-layer output sensitivity (:func:`output_sensitivity`), when the budget weighs by it."""
+    fisher: dict[str, torch.Tensor] | None = None
+    """Per-layer, per-output-channel Fisher weights (:func:`output_fisher`), when the budget
+    prices by them."""
 
     def record(self) -> dict[str, Any]:
         """What the saved recipe says about how the factors were obtained (enough to repeat it)."""
@@ -281,16 +377,19 @@ def calibration_batches(
 
 def observe(
     model: nn.Module, modules: dict[str, nn.Module], samples: TextSamples, tokenizer: Any, config: CalibrationConfig,
-    *, sensitivity: bool = False,
+    *, sensitivity: bool = False, fisher: bool = False,
 ) -> Observation:
     """Run the dense model on the fitting and the held-out samples, collecting the inputs of
-    ``modules`` (and with ``sensitivity``, how far each one's output errors move the model's)."""
+    ``modules`` (and with ``sensitivity``, how far each one's output errors move the model's;
+    with ``fisher``, the Fisher weights of their output channels)."""
     start = time.perf_counter()
     batches, tokens = calibration_batches(model, samples, tokenizer, config)
     stats = {part: collect(model, modules, part_batches) for part, part_batches in batches.items()}
-    weights = (output_sensitivity(model, modules, _first_samples(batches["fit"], SENSITIVITY_SAMPLES))
+    weights = (output_sensitivity(model, modules, first_samples(batches["fit"], SENSITIVITY_SAMPLES))
                if sensitivity else None)
-    return Observation(samples, config, stats["fit"], stats["heldout"], tokens, time.perf_counter() - start, weights)
+    channels = output_fisher(model, modules, first_samples(batches["fit"], FISHER_SAMPLES)) if fisher else None
+    return Observation(samples, config, stats["fit"], stats["heldout"], tokens, time.perf_counter() - start, weights,
+                       channels)
 
 
 def _position_limit(model: nn.Module, tokenizer: Any) -> int:

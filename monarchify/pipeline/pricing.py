@@ -98,18 +98,34 @@ def candidate_errors(
     *,
     damping: float = DEFAULT_DAMPING,
     output_order: str = BLOCKED,
+    row_weights: torch.Tensor | None = None,
 ) -> dict[int, float]:
     """Relative squared error of the optimal projection for every ``nblocks``, from singular
     values only: Frobenius without ``cov``, the whitened surrogate with it (relative to
-    ``tr(W C_bd Wᵀ)`` with the same damped block-diagonal covariance)."""
+    ``tr(W C_bd Wᵀ)`` with the same damped block-diagonal covariance).
+
+    With ``row_weights`` (``s``, one per output): the *absolute* error of that same projection
+    with output ``j``'s squared error counted ``s_j`` times, ``Σ_j s_j ((W - M) C_bd (W - M)ᵀ)_jj``
+    (the Fisher-weighted error of :func:`monarchify.pipeline.observe.output_fisher`). A row of a
+    sub-block's discarded part ``U Σ Vᵀ`` has squared norm ``Σ_i U_ri² σ_i²`` over the discarded
+    ``i``, so the left singular vectors give it without forming the residual."""
     w = weight.detach().to(torch.float64)
     errors = {}
     for b in nblocks:
         layout = MonarchLayout(w.shape[1], w.shape[0], b, output_order)
         blocks = sub_blocks(w, layout) if cov is None else whitened_sub_blocks(w, cov, layout, damping)[0]
-        sigma2 = batched_svd(blocks, values_only=True).square()
+        if row_weights is None:
+            sigma2 = batched_svd(blocks, values_only=True).square()
+        else:
+            u, sigma, _ = batched_svd(blocks)
+            sigma2 = sigma.square()
         keep = torch.tensor(layout.pair_ranks, device=sigma2.device)
         discarded = torch.where(torch.arange(sigma2.shape[-1], device=sigma2.device) >= keep[..., None], sigma2, 0.0)
+        if row_weights is not None:
+            rows = (u.square() * discarded.unsqueeze(-2)).sum(dim=(1, 3))  # (l, s): summed over input blocks k
+            per_output = layout.rows_from_blocks(rows)[: layout.d_out]
+            errors[b] = float((per_output * row_weights.to(per_output)).sum())
+            continue
         total = float(sigma2.sum())
         errors[b] = float(discarded.sum()) / total if total > 0 else 0.0
     return errors
@@ -200,9 +216,11 @@ def layer_choices(
     output_order: str = BLOCKED,
     ranks: Sequence[int] = (),
     pinned_rank: int = 0,
+    row_weights: torch.Tensor | None = None,
 ) -> LayerChoices:
     """Every option of one layer with its price and error (``pinned``: only that ``nblocks``,
-    with ``pinned_rank``; otherwise every candidate plain and with each of ``ranks``)."""
+    with ``pinned_rank``; otherwise every candidate plain and with each of ``ranks``).
+    ``row_weights``: errors are Fisher-weighted (:func:`candidate_errors`); plain options only."""
     d_out, d_in = weight.shape
     bias = d_out if has_bias else 0
     blocks = [pinned] if pinned is not None else candidate_nblocks(d_in, d_out, candidates, allow_structural_zeros)
@@ -216,8 +234,11 @@ def layer_choices(
         ranks = [k for k in ranks if 0 < k <= min(d_in, d_out)]
     options = []
     if plain:
-        errors = candidate_errors(weight, blocks, cov, damping=damping, output_order=output_order)
+        errors = candidate_errors(weight, blocks, cov, damping=damping, output_order=output_order, row_weights=row_weights)
         options += [Option(b, MonarchLayout(d_in, d_out, b).weight_params + bias, errors[b]) for b in blocks]
+    if ranks and row_weights is not None:
+        raise ConfigError("Fisher-weighted prices cover plain Monarch options only, not low-rank terms",
+                          field=("budget_objective", "budget_ranks"))
     if ranks:
         lowrank = candidate_lowrank_errors(weight, blocks, ranks, cov, damping=damping, output_order=output_order)
         options += [
@@ -277,9 +298,10 @@ def lowrank_rank(layer: PlannedLayer, config: MonarchConfig) -> int:
 
 
 def price_layer(layer: PlannedLayer, config: MonarchConfig, cov: torch.Tensor | None = None,
-                damping: float = DEFAULT_DAMPING) -> LayerChoices:
+                damping: float = DEFAULT_DAMPING, row_weights: torch.Tensor | None = None) -> LayerChoices:
     """Every option the budget may give ``layer``, priced (with ``cov``, its calibration
-    covariance, in the activation-weighted metric). A layer an override pinned has only its
+    covariance, in the activation-weighted metric; with ``row_weights``, its outputs' Fisher
+    weights, in the model's loss). A layer an override pinned has only its
     own. Apart from :func:`~monarchify.pipeline.allocate.plan_budget` so a block-by-block conversion can price each block
     while its statistics exist, and solve once every block is priced."""
     if config.structure == "lowrank":
@@ -292,6 +314,7 @@ def price_layer(layer: PlannedLayer, config: MonarchConfig, cov: torch.Tensor | 
         layer.name, layer.weight, layer.has_bias, cov=cov, pinned=layer.nblocks if layer.pinned else None,
         allow_dense=config.budget_keep_dense, allow_structural_zeros=config.allow_structural_zeros, damping=damping,
         output_order=PRICING_ORDER, ranks=config.budget_ranks, pinned_rank=rank_of(layer.name, config) if layer.pinned else 0,
+        row_weights=row_weights,
     )
 
 
