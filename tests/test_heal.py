@@ -99,6 +99,7 @@ def test_cli_heals_a_converted_folder(tmp_path, capsys, bert_folder):
     heal = report["meta"]["heal"]
     assert heal["steps"] == 30 and heal["data"]["samples"] == 48 and heal["data"]["heldout"] == 12
     assert heal["heldout_hidden_error_after"] < heal["heldout_hidden_error_before"]
+    assert 0 < heal["median_step_ms"] <= 1000 * heal["seconds"]  # one step's median, within the loop's time
     assert report["meta"]["recipe"]["nblocks"] == 4 and len(report["layers"]) == 12
 
     healed = AutoModel.from_pretrained(out).eval()
