@@ -6,8 +6,8 @@ medians; ratios are ``dense time / Monarch time`` (above 1: Monarch is faster). 
 synchronise the device around every call, so launch overhead counts, as it does for a
 user.
 
-Torch and :mod:`monarchify.monarch` only, so the pipeline's speed gate can time layers with
-it; whole models are timed in :mod:`monarchify.hf.model_bench` on the same clock. Plain library
+Torch, :mod:`monarchify.monarch` and the training core's load reading only, so the pipeline's
+speed gate can time layers with it; whole models are timed in :mod:`monarchify.hf.model_bench` on the same clock. Plain library
 code: the ``monarchify bench`` command and the scripts in ``benchmarks/`` call it; it knows
 nothing of either.
 """
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monarchify import training
 from monarchify.errors import ConfigError
 from monarchify.monarch import MonarchLinear, kernels
 
@@ -74,8 +75,10 @@ def describe_device(device: torch.device) -> str:
 
 
 def load_average() -> float | None:
-    """The 1-minute load average (runnable processes, this one included), where the OS has one."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    """The 1-minute load average (runnable processes, this one included), where the OS has one:
+    the first of the training core's reading, which every run records."""
+    loads = training.load_average()
+    return loads[0] if loads else None
 
 
 def is_busy(load: float | None, threads: int) -> bool:

@@ -30,6 +30,7 @@ from monarchify.distill import hidden_state_loss, logit_loss
 from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
 from monarchify.samples import model_device
+from monarchify.training import StepTimer, check_resume, median_ms, recorded
 
 __all__ = ["HealConfig", "HealResult", "check_sharding", "heal_", "healing_loss", "hidden_error"]
 
@@ -46,6 +47,13 @@ class HealResult:
     """``(step, held-out value)`` from step 0 to the last, every ``config.eval_every`` steps
     (only the two ends without it); empty with nothing to measure."""
     seconds: float = 0.0
+    """Wall time of the loop, the held-out measurements left out (a resumed run's: the whole run's)."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall time of every optimisation step (the training core's :class:`StepTimer`)."""
+
+    @property
+    def median_step_ms(self) -> float | None:
+        return median_ms(self.step_seconds)
 
 
 def _states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -198,12 +206,15 @@ def heal_(
         result.curve.append((0, result.heldout_before))
     measuring = 0.0
     start = time.perf_counter() - result.seconds
+    timer = StepTimer(result.step_seconds)
+    result.step_seconds = timer.step_seconds  # one list: what a saved state records is the timer's
     generator = torch.Generator().manual_seed(config.seed)
     epochs = (torch.randperm(len(batches), generator=generator).tolist() for _ in itertools.count())
     schedule = itertools.chain.from_iterable(epochs)  # every batch once per pass, reshuffled each pass
     for _ in range(first):
         next(schedule)  # a resumed run sees the batches the uninterrupted one would have
     for step in range(first, config.steps):
+        timer.begin()
         batch, weight = batches[next(schedule)], 1.0
         if parallel:
             batch, weight = share(batch, rank, world)
@@ -214,6 +225,7 @@ def heal_(
         optimizer.step()
         scheduler.step()
         result.losses.append(distributed.all_reduce_sum(loss.item() * weight / world) if parallel else loss.item())
+        timer.end()
         done = step + 1
         if measure is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             began = time.perf_counter()
@@ -314,6 +326,8 @@ def _like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 STATE_WEIGHTS, STATE_OPTIMIZER, STATE_RECORD = "heal_weights.safetensors", "heal_optimizer.safetensors", "heal_state.json"
+STAGE = "heal"
+"""The healing steps, as the state's record of the settings is checked (:func:`monarchify.training.check_resume`)."""
 
 
 class HealState:
@@ -333,8 +347,9 @@ class HealState:
         from safetensors.torch import load_file
 
         record = json.loads(record_file.read_text(encoding="utf-8"))
-        if record.get("config") != self.config.to_dict():
-            raise ConfigError(f"the healing state in '{self.folder}' was written with other settings; start over")
+        check_resume(self.folder, STAGE, self.config.to_dict(), what="the healing steps",
+                     manifest=recorded(self.folder, STAGE, record.get("config") or {}),
+                     advice="heal with the settings they were made with, or remove the state folder to start over")
         weights = load_file(self.folder / STATE_WEIGHTS)
         moments = load_file(self.folder / STATE_OPTIMIZER)
         with torch.no_grad():
@@ -353,6 +368,7 @@ class HealState:
         result.heldout_before = record["heldout_before"]
         result.curve = [(int(s), float(v)) for s, v in record["curve"]]
         result.seconds = float(record["seconds"])
+        result.step_seconds = [float(s) for s in record.get("step_seconds", [])]  # none in an earlier version's state
         return step
 
     def save(self, step: int, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer, result: HealResult) -> None:
@@ -366,7 +382,7 @@ class HealState:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         record = {"step": step, "config": self.config.to_dict(), "losses": result.losses, "heldout_before": result.heldout_before,
-                  "curve": result.curve, "seconds": result.seconds}
+                  "curve": result.curve, "seconds": result.seconds, "step_seconds": result.step_seconds}
         (self.folder / STATE_RECORD).unlink(missing_ok=True)  # incomplete until the new record lands
         for name, tensors in ((STATE_WEIGHTS, weights), (STATE_OPTIMIZER, moments)):
             tmp = self.folder / f".{name}.tmp"

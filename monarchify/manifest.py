@@ -31,6 +31,7 @@ from monarchify.errors import ConfigError
 
 MANIFEST_FILE = "monarchify_run.json"
 MANIFEST_VERSION = 1
+RESUME_ADVICE = "resume with the options they were made with, or start over without resume"
 
 
 def canonical(options: dict[str, Any]) -> str:
@@ -157,17 +158,17 @@ class RunManifest:
             return []
         return _differences("", record.options, _normal(options))
 
-    def check_resume(self, stage: str, options: dict[str, Any], what: str = "the checkpoints") -> str:
+    def check_resume(self, stage: str, options: dict[str, Any], what: str = "the checkpoints", advice: str = RESUME_ADVICE) -> str:
         """:meth:`check` for a run asked to continue ``stage``'s work (``resume``): a stage made
         with other options is refused in one line naming them, since continuing it would
         train one run's checkpoints under another's options. Returns the stage's status
-        otherwise (``"new"``: nothing recorded, the caller decides)."""
+        otherwise (``"new"``: nothing recorded, the caller decides). ``advice`` ends the line:
+        what the user can do instead (a run that resumes on its own has no ``resume`` to drop)."""
         status = self.check(stage, options)
         if status != "stale":
             return status
         changed = self.changes(stage, options) or ["an earlier stage"]
-        raise ConfigError(f"resume: {what} in '{self.folder}' were made with other options: {'; '.join(changed)}; "
-                          "resume with the options they were made with, or start over without resume")
+        raise ConfigError(f"resume: {what} in '{self.folder}' were made with other options: {'; '.join(changed)}; {advice}")
 
     def start(self, stage: str, options: dict[str, Any]) -> None:
         """Record that ``stage`` begins with ``options`` (it is not done until :meth:`finish`);

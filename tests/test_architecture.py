@@ -21,14 +21,15 @@ LIGHT = [
     "__init__.py", "errors.py", "version.py", "config.py", "report.py", "samples.py", "tsv.py", "atomic.py",
     "distill_config.py", "heal_config.py", "hf/registration.py", "glue/options.py", "glue/tasks.py", "glue/compress.py",
     "lm/__init__.py", "lm/options.py",
-    "plots.py",
+    "plots.py", "manifest.py", "training.py",
 ]
 
 
 LAYERS = (
     ("monarchify.errors", "monarchify.version", "monarchify.tsv", "monarchify.report", "monarchify.distributed"),
     ("monarchify.config", "monarchify.atomic", "monarchify.samples", "monarchify.distill_config",
-     "monarchify.heal_config", "monarchify.model_inputs", "monarchify.plots", "monarchify.manifest"),
+     "monarchify.heal_config", "monarchify.model_inputs", "monarchify.plots", "monarchify.manifest",
+     "monarchify.training"),
     ("monarchify.monarch",),
     ("monarchify.bench",),
     ("monarchify.pipeline",),

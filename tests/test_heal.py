@@ -99,6 +99,7 @@ def test_cli_heals_a_converted_folder(tmp_path, capsys, bert_folder):
     heal = report["meta"]["heal"]
     assert heal["steps"] == 30 and heal["data"]["samples"] == 48 and heal["data"]["heldout"] == 12
     assert heal["heldout_hidden_error_after"] < heal["heldout_hidden_error_before"]
+    assert 0 < heal["median_step_ms"] <= 1000 * heal["seconds"]  # one step's median, within the loop's time
     assert report["meta"]["recipe"]["nblocks"] == 4 and len(report["layers"]) == 12
 
     healed = AutoModel.from_pretrained(out).eval()
@@ -197,8 +198,11 @@ def test_a_stopped_healing_run_resumes_to_the_same_result(tmp_path):
     assert result.losses == pytest.approx(straight.losses, rel=1e-5)
     for (name, a), b in zip(students[0].state_dict().items(), fresh.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
-    with pytest.raises(ConfigError, match="other settings"):
-        heal_(copy.deepcopy(students[1]), teacher, batches, HealConfig(steps=9, lr=2e-3, save_every=4), state_dir=tmp_path)
+    assert len(result.step_seconds) == 9 and result.median_step_ms > 0  # the stopped session's steps carried over
+    other = HealConfig(steps=9, lr=2e-3, save_every=4, hidden_weight=0.5, logit_weight=1.0)
+    with pytest.raises(ConfigError) as refused:  # the record of the run that wrote the state names what changed
+        heal_(copy.deepcopy(students[1]), teacher, batches, other, state_dir=tmp_path)
+    assert "\n" not in str(refused.value) and "lr (was 0.001, now 0.002)" in str(refused.value), refused.value
 
 
 def test_logit_healing_matches_next_token_distributions():

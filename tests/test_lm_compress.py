@@ -63,6 +63,7 @@ def test_compress_text_heals_and_records_perplexities(tmp_path, lm_folder):
     assert abs(ppl["compressed"] - ppl["dense"]) < abs(ppl["converted"] - ppl["dense"]), ppl
     assert [point["step"] for point in saved["heal"]["curve"]] == [0, 6, 12]
     assert saved["heal"]["tokens"] == 12 * 4 * 16
+    assert 0 < saved["heal"]["median_step_ms"] <= 1000 * saved["heal"]["seconds"] + 10  # seconds are rounded to 0.01
     assert saved["params"]["compressed"] < saved["params"]["dense"]
     allocation = saved["allocation"]  # the budget's plan was checked against a uniform one
     assert allocation["chosen"] in ("budget", "uniform")

@@ -11,6 +11,7 @@ from monarchify.config import MonarchConfig
 from monarchify.distill_config import DistillConfig
 from monarchify.errors import ConfigError
 from monarchify.report import ConversionReport
+from monarchify.training import PRECISIONS, RunEvents
 
 if TYPE_CHECKING:
     from torch import nn
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
 RESULTS_FILE = "eval_results.json"
 CURVES_FILE = "training_curves.png"
 """Loss and evaluation curves, drawn from the results' history (when matplotlib is installed)."""
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 NOT_DECIDING = ("out", "force", "resume", "logging_steps", "checkpoint_dir", "keep_checkpoints", "save_checkpoints",
@@ -119,17 +119,9 @@ class FinetuneOptions:
         return data
 
 
-class FinetuneEvents:
-    """Hooks for a front end; every method is optional."""
-
-    def stage(self, message: str) -> None:
-        """A long step starts (only after the input was checked: an error ends with one line)."""
-
-    def done(self, message: str) -> None:
-        """A step finished, e.g. what was loaded."""
-
-    def note(self, message: str) -> None:
-        """Something the user should know (a new head, skipped rows...)."""
+class FinetuneEvents(RunEvents):
+    """What a fine-tuning run (or ``compress``, which runs three) tells its front end: every
+    run's events, and one of its own."""
 
     def converted(self, report: ConversionReport) -> None:
         """A conversion inside the run finished (``compress``'s stage 2): what it chose and how

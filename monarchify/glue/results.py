@@ -5,19 +5,18 @@ The results file is what runs are compared by (``benchmarks/mrpc_table.py``, the
 training is wired. :func:`build_results` is the only place that names them: the training code
 hands over what it measured in the small records below, and gets the dictionary back.
 
-Torch-free to import: the environment record imports torch and transformers when it is taken.
+Torch-free to import. The machine's record (versions, device, load) is the training core's
+(:mod:`monarchify.training`), the same for every run that trains.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from monarchify.training import load_average
 
 if TYPE_CHECKING:
     from monarchify.glue.data import GlueData
@@ -84,44 +83,6 @@ class Evaluation:
     examples: dict[str, int]
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Split -> the trivial baseline (:func:`monarchify.glue.baseline.trivial_baseline`)."""
-
-
-def load_average() -> list[float] | None:
-    """The machine's load average (``None`` where the system has none): a busy machine explains
-    a slow run."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def source_fingerprint() -> str:
-    """A hash of monarchify's own source files: which code produced a result, even uncommitted."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def run_environment() -> dict[str, Any]:
-    """Versions, device and parallelism of this run. Taken when the run starts, so the source
-    hash describes the code the run imported, not code edited while it trained."""
-    import torch
-    import transformers
-
-    from monarchify.version import __version__
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {
-        "monarchify": __version__,
-        "monarchify_source_sha256": source_fingerprint(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "cuda_devices": torch.cuda.device_count(),
-        "cpu_threads": torch.get_num_threads(),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-    }
 
 
 def history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -50,17 +50,16 @@ from monarchify.glue.data import GlueData, load_glue
 from monarchify.glue.baseline import trivial_baseline
 from monarchify.glue.metrics import compute_metrics_fn, predictions_from_logits
 from monarchify.glue.options import CURVES_FILE, RESULTS_FILE, FinetuneEvents, FinetuneOptions, FinetuneResult
-from monarchify.glue.results import Conversion, Earlier, Evaluation, Training, build_results, load_average, run_environment
+from monarchify.glue.results import Conversion, Earlier, Evaluation, Training, build_results
 from monarchify.glue.tasks import GlueTask, get_task
 from monarchify.hf.loading import load_model, load_tokenizer, mismatched_keys
 from monarchify.hf.saving import recipe_of, save_model
 from monarchify.hf.teacher import has_monarch_layers, load_task_teacher
-from monarchify.hf.training_arguments import resuming_line
-from monarchify.hf.training_arguments import shared_training_arguments
+from monarchify.hf.training_arguments import StepTimerCallback, resuming_line, shared_training_arguments
 from monarchify.monarch import STRUCTURED_LAYERS, LowRankLinear, MonarchLinear
 from monarchify.pipeline import convert, dry_run
-from monarchify.manifest import RunManifest
 from monarchify.report import ConversionReport
+from monarchify.training import StepTimer, check_precision, check_resume, load_average, record_run, run_environment
 
 STAGE = "finetune"
 """The run's one stage in the checkpoint folder's run manifest (:mod:`monarchify.manifest`)."""
@@ -162,22 +161,6 @@ class MonarchTrainer(Trainer):
             if outer:
                 self._evaluating = False
                 self.eval_seconds += time.perf_counter() - start
-
-
-class StepTimer(TrainerCallback):
-    """Wall time inside optimisation steps only (forward, backward, optimizer step)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._start: float | None = None
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._start is not None:
-            self.seconds += time.perf_counter() - self._start
-            self._start = None
 
 
 class RunClock(TrainerCallback):
@@ -294,16 +277,6 @@ def _inputs(options: FinetuneOptions) -> tuple[str | Path, ...]:
     return (options.model, *((options.tokenizer,) if options.tokenizer else ()), *data, *teacher)
 
 
-def _check_precision(precision: str) -> None:
-    """Mixed precision needs a GPU (Trainer would refuse later, after loading everything)."""
-    if precision == "fp32":
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError(f"precision {precision} needs a CUDA GPU; this machine has none (use fp32)")
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("precision bf16 needs a GPU with bf16 support (use fp16 or fp32)")
-
-
 def _check_request(options: FinetuneOptions) -> tuple[GlueTask, bool]:
     """The task, and whether the checkpoint folder existed before this run.
 
@@ -313,7 +286,7 @@ def _check_request(options: FinetuneOptions) -> tuple[GlueTask, bool]:
     checkpoint folder existed decides later whether this run may delete it.
     """
     task = get_task(options.task)
-    _check_precision(options.precision)
+    check_precision(options.precision)
     if not options.resume:
         check_output_dir(options.out, options.force, inputs=_inputs(options))
     checkpoints_existed = options.checkpoints.exists()
@@ -324,7 +297,7 @@ def _check_request(options: FinetuneOptions) -> tuple[GlueTask, bool]:
             f"resume: checkpoint folder '{options.checkpoints}' holds no checkpoint (the run stopped before its first one)"
         )
     if options.resume:
-        RunManifest.load(options.checkpoints).check_resume(STAGE, options.deciding())
+        check_resume(options.checkpoints, STAGE, options.deciding())
     return task, checkpoints_existed
 
 
@@ -343,11 +316,8 @@ def _record_run(options: FinetuneOptions) -> None:
     """Write the options that decide this run into the checkpoint folder's run manifest, so
     a later resume can check it continues the same run (:func:`_check_request`). A resume of
     checkpoints an earlier version wrote (no manifest) records them now."""
-    if not options.save_checkpoints:
-        return
-    manifest = RunManifest.load(options.checkpoints)
-    manifest.check(STAGE, options.deciding())
-    manifest.start(STAGE, options.deciding())
+    if options.save_checkpoints:
+        record_run(options.checkpoints, STAGE, options.deciding())
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -531,8 +501,8 @@ def _build_trainer(
     replacement) change training, not what is shown.
     """
     train_ds, eval_ds = datasets
-    timer = StepTimer()
-    clock = RunClock(timer)
+    timer = StepTimerCallback()
+    clock = RunClock(timer.timer)
     trainer = MonarchTrainer(
         model=models.model,
         args=training_arguments(options, progress_bar=progress_bar and not callbacks),

@@ -80,6 +80,7 @@ def heal_pretrained(
         "heldout_hidden_error_after": result.heldout_after,
         "heldout_hidden_error_curve": [[step, error] for step, error in result.curve],
         "seconds": round(result.seconds, 2),
+        "median_step_ms": result.median_step_ms,
         "cpu_threads": torch.get_num_threads(),  # a slow run on a busy machine explains itself
         "world_size": distributed.world_size(),
         "global_batch": batch_size,

@@ -1,5 +1,6 @@
-"""The ``TrainingArguments`` every monarchify training run shares (GLUE fine-tuning and
-training from scratch), so that the two commands behave alike where they should: linear decay
+"""The ``TrainingArguments`` every monarchify ``Trainer`` run shares (GLUE fine-tuning and
+training from scratch), and the training core's step timer as a ``Trainer`` callback
+(:mod:`monarchify.training` holds the rest of what every run shares), so that the two commands behave alike where they should: linear decay
 after warm-up, one checkpoint kept, logging from the first step, one seed for the model and the
 data order, mixed precision through ``Trainer``, and no reporting integrations or tqdm bars of
 transformers' own (the CLI draws its own progress).
@@ -16,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from monarchify import distributed
+from monarchify.training import StepTimer
 
 
 def shared_training_arguments(options: Any, *, progress_bar: bool) -> dict[str, Any]:
@@ -67,3 +70,17 @@ def resuming_line(checkpoint: Path) -> str:
         return f"resuming from {checkpoint.name} (step {state['global_step']} of {state['max_steps']})"
     except (OSError, ValueError, KeyError, TypeError):
         return f"resuming from {checkpoint.name}"
+
+
+class StepTimerCallback(TrainerCallback):
+    """Times ``Trainer``'s optimisation steps with the training core's :class:`StepTimer`
+    (the one the hand-written healing loop uses), so every run's step times mean the same."""
+
+    def __init__(self, timer: StepTimer | None = None) -> None:
+        self.timer = timer if timer is not None else StepTimer()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.timer.begin()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.timer.end()

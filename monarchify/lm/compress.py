@@ -251,13 +251,13 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     import torch
 
     from monarchify.atomic import atomic_write_text, check_output_dir
-    from monarchify.glue.results import run_environment
     from monarchify.heal import check_sharding, heal_
     from monarchify.hf.convert import convert_pretrained
     from monarchify.hf.loading import load_model, load_tokenizer
     from monarchify.hf.saving import recipe_of, save_model
     from monarchify.hf.stored_report import read_report
     from monarchify.manifest import RunManifest
+    from monarchify.training import run_environment
 
     from monarchify import distributed
 
@@ -351,7 +351,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             **heal.to_dict(), "batch_size": options.batch_size, "tokens": heal.steps * tokens_per_step,
             "perplexity_before": healed.heldout_before, "perplexity_after": healed.heldout_after,
             "curve": [{"step": s, "tokens": s * tokens_per_step, "perplexity": v} for s, v in healed.curve],
-            "seconds": round(healed.seconds, 2), "final_loss": healed.losses[-1] if healed.losses else None,
+            "seconds": round(healed.seconds, 2), "median_step_ms": healed.median_step_ms, "final_loss": healed.losses[-1] if healed.losses else None,
             "world_size": distributed.world_size(), "global_batch": options.batch_size, "sharded": distributed.sharded(),
         }
         compressed_ppl = healed.heldout_after

@@ -15,6 +15,7 @@ from typing import Any
 
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
+from monarchify.training import PRECISIONS
 
 RESULTS_FILE = "train_results.json"
 PRESETS = {
@@ -23,7 +24,6 @@ PRESETS = {
 }
 """Named architectures: GPT-2 small and BERT-base shapes, resized by ``layers``/``width``/``heads``."""
 OBJECTIVES = ("causal", "masked")
-PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_EVALUATIONS = 10
 """By default a run evaluates and checkpoints this many times (every tenth of it)..."""
 MIN_DEFAULT_INTERVAL = 50

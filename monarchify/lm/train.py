@@ -19,14 +19,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -36,20 +33,21 @@ from transformers.trainer_utils import get_last_checkpoint
 from monarchify import distributed
 from monarchify.atomic import check_output_dir
 from monarchify.errors import ConfigError, ModelLoadError, OutputExistsError
-from monarchify.glue.options import FinetuneEvents
-from monarchify.glue.results import load_average, run_environment
 from monarchify.hf.densify import DENSIFIED, densified_record
 from monarchify.hf.fresh import build_model, default_objective, model_class_for
 from monarchify.hf.loading import load_tokenizer, tensor_shapes
 from monarchify.hf.saving import save_model
-from monarchify.hf.training_arguments import resuming_line, shared_training_arguments
+from monarchify.hf.training_arguments import StepTimerCallback, resuming_line, shared_training_arguments
 from monarchify.lm.build import arch_config, sized_config
 from monarchify.lm.options import RESULTS_FILE, SAME_RUN, TrainOptions, perplexity, same_run
-from monarchify.manifest import MANIFEST_FILE, RunManifest, StageRecord, fingerprint
+from monarchify.manifest import MANIFEST_FILE, RunManifest
 from monarchify.lm.switch import DensifyCallback, monarch_layers
 from monarchify.lm.text import Blocks, Collator, fixed_masking, pack, read_lines, train_tokenizer
 from monarchify.pipeline.densify import densify_
 from monarchify.report import ConversionReport
+from monarchify.training import (
+    RunEvents, StepTimer, check_precision, check_resume, load_average, median_ms, record_run, recorded, run_environment,
+)
 
 STAGE = "train"
 """The run's one stage in the checkpoint folder's run manifest (:mod:`monarchify.manifest`),
@@ -57,37 +55,31 @@ which records the options a resume must match (:data:`~monarchify.lm.options.SAM
 LOG_FILE = "monarchify_log.json"
 """In each checkpoint: step times, the loss against time and the switch record up to it."""
 TOKENIZER_DIR = "tokenizer"
-WARMUP_STEPS_IGNORED = 3
-"""Step-time medians skip the first steps of each phase (allocator and cache warm-up)."""
 
 
 # ---------------------------------------------------------------------------------- callbacks
 
 
-class RunLog(TrainerCallback):
-    """Wall time of every optimisation step, the loss against that time, and the switch.
+class RunLog(StepTimerCallback):
+    """Wall time of every optimisation step (the training core's :class:`StepTimer`), the loss
+    against that time, and the switch.
 
     Only time inside steps counts (evaluation and checkpointing are left out), so a curve of
     loss against this time compares how fast each variant trains, not how often it evaluated.
     """
 
     def __init__(self, densify: DensifyCallback | None = None) -> None:
-        self.step_seconds: list[float] = []
+        super().__init__()
         self.curve: list[dict[str, float]] = []
         self.densify = densify
-        self._start: float | None = None
+
+    @property
+    def step_seconds(self) -> list[float]:
+        return self.timer.step_seconds
 
     @property
     def seconds(self) -> float:
-        return sum(self.step_seconds)
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._start is not None:
-            self.step_seconds.append(time.perf_counter() - self._start)
-            self._start = None
+        return self.timer.seconds
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:
@@ -115,7 +107,7 @@ class RunLog(TrainerCallback):
         if not path.is_file():
             return
         data = json.loads(path.read_text(encoding="utf-8"))
-        self.step_seconds = list(data.get("step_seconds", []))
+        self.timer = StepTimer(data.get("step_seconds", []))
         self.curve = list(data.get("curve", []))
         if self.densify is not None and data.get("switch"):
             self.densify.record = data["switch"]
@@ -124,16 +116,9 @@ class RunLog(TrainerCallback):
 # ---------------------------------------------------------------------------------- pieces
 
 
-def _check_precision(precision: str) -> None:
-    if precision == "fp32":
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError(f"precision {precision} needs a CUDA GPU; this machine has none (use fp32)")
-
-
 def _check_request(options: TrainOptions) -> None:
     """Everything the options alone show to be impossible, before any text is read."""
-    _check_precision(options.precision)
+    check_precision(options.precision)
     if options.densify_at is not None and distributed.sharded():
         raise ConfigError(
             "the switch to dense (densify_at) cannot run on a sharded (FSDP) model: each process holds only pieces of "
@@ -142,7 +127,7 @@ def _check_request(options: TrainOptions) -> None:
         )
     inputs = (*options.text, *((options.tokenizer,) if options.tokenizer else ()), options.arch)
     if options.resume:
-        if _manifest(options.checkpoints).check_resume(STAGE, same_run(options)) == "new":
+        if check_resume(options.checkpoints, STAGE, same_run(options), manifest=_manifest(options.checkpoints)) == "new":
             raise ConfigError(f"resume: '{options.checkpoints}' holds no checkpoints of a training run")
         return
     check_output_dir(options.out, options.force, inputs=inputs)
@@ -167,8 +152,7 @@ def _manifest(folder: Path) -> RunManifest:
             saved = None
         if not isinstance(saved, dict) or "arch" not in saved:
             raise
-        options = {name: saved[name] for name in SAME_RUN if name in saved}
-        return RunManifest(folder, {STAGE: StageRecord(fingerprint(options), options)})
+        return recorded(folder, STAGE, {name: saved[name] for name in SAME_RUN if name in saved})
 
 
 def _tokenizer(options: TrainOptions, train_lines: Sequence[str], objective: str) -> tuple[Any, str]:
@@ -222,18 +206,13 @@ def _training_arguments(options: TrainOptions, max_steps: int, progress_bar: boo
     )
 
 
-def _median_ms(values: Sequence[float]) -> float | None:
-    kept = list(values[WARMUP_STEPS_IGNORED:]) or list(values)
-    return 1000 * statistics.median(kept) if kept else None
-
-
 def _phases(step_seconds: list[float], switch: dict[str, Any] | None) -> dict[str, Any]:
     """Median step time of the whole run and, with a switch, of each side of it."""
-    timing: dict[str, Any] = {"median_step_ms": _median_ms(step_seconds)}
+    timing: dict[str, Any] = {"median_step_ms": median_ms(step_seconds)}
     if switch is not None:
         cut = switch["step"]
-        timing["median_step_ms_monarch"] = _median_ms(step_seconds[:cut])
-        timing["median_step_ms_dense"] = _median_ms(step_seconds[cut:])
+        timing["median_step_ms_monarch"] = median_ms(step_seconds[:cut])
+        timing["median_step_ms_dense"] = median_ms(step_seconds[cut:])
     return timing
 
 
@@ -257,7 +236,7 @@ class TrainResult:
 def train(
     options: TrainOptions,
     *,
-    events: FinetuneEvents | None = None,
+    events: RunEvents | None = None,
     callbacks: Sequence[TrainerCallback] = (),
     progress_bar: bool = True,
     argv: Sequence[str] | None = None,
@@ -268,7 +247,7 @@ def train(
     caller stops a run early (``control.should_training_stop``), e.g. to test resuming.
     """
     distributed.init()  # the main process prepares the checkpoint folder while the others wait
-    events = (events or FinetuneEvents()) if distributed.is_main() else FinetuneEvents()  # one process speaks
+    events = (events or RunEvents()) if distributed.is_main() else RunEvents()  # one process speaks
     environment = run_environment()
     _check_request(options)
     distributed.barrier()  # every process has checked the folders before the main one writes into them
@@ -308,9 +287,7 @@ def train(
     elif distributed.is_main():
         options.checkpoints.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(options.checkpoints / TOKENIZER_DIR))
-        manifest = RunManifest.load(options.checkpoints)
-        manifest.check(STAGE, same_run(options))
-        manifest.start(STAGE, same_run(options))
+        record_run(options.checkpoints, STAGE, same_run(options))
 
     trainer = Trainer(
         model=model,
