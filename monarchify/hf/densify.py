@@ -30,6 +30,7 @@ from monarchify.hf.guard import is_guard
 from monarchify.hf.loading import empty_model, local_folder, read_config, short_error
 from monarchify.hf.plugin import FORMAT_VERSION, LOWRANK, QUANT_METHODS, check_recipe
 from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, copy_sentence_transformers, monarchify_version
+from monarchify.hf.stored_layers import first_factor, stored_layers
 from monarchify.hf.tensorfiles import (
     INDEX_FILE, Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names,
     write_index,
@@ -64,7 +65,7 @@ class DenseLayer:
     @property
     def first(self) -> str:
         """The stored factor whose place the dense weight takes (``L``, or ``U`` when low rank)."""
-        return "U" if self.lowrank else "L"
+        return first_factor(self.spec)
 
 
 @dataclass
@@ -102,19 +103,6 @@ def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> st
     return f"'{source}' is a densified Monarch model: its {layers} were multiplied back into dense ones (monarchify densify)"
 
 
-def _stored_prefix(tensors: dict[str, StoredTensor], name: str, first: str = "L") -> str | None:
-    """The key prefix of module ``name``'s factors (``<prefix>.<first>``), allowing a base-model
-    prefix on either side."""
-    if f"{name}.{first}" in tensors:
-        return name
-    for key in tensors:
-        if key.endswith(f".{first}"):
-            prefix = key[:-2]
-            if prefix.endswith("." + name) or name.endswith("." + prefix):
-                return prefix
-    return None
-
-
 def _conv1d_names(folder: Path, names: list[str]) -> set[str]:
     """Which Monarch layers replaced a GPT-2 style ``Conv1D`` (its dense weight is stored
     transposed): the dense model is built on the meta device to see."""
@@ -147,12 +135,11 @@ def read_monarch_folder(folder: Path) -> tuple[dict[str, Any], dict[str, StoredT
     tensors = checkpoint_tensors(folder)
     conv1d = _conv1d_names(folder, list(modules))
     layers = []
-    for name, spec in modules.items():
-        lowrank = spec.get("structure") == LOWRANK
-        prefix = _stored_prefix(tensors, name, "U" if lowrank else "L")
-        if prefix is None or f"{prefix}.{'V' if lowrank else 'R'}" not in tensors:
-            raise ModelLoadError(f"'{folder}': the weights of Monarch layer '{name}' are missing (or stored under renamed keys)")
-        layers.append(DenseLayer(name, prefix, spec, name in conv1d))
+    for name, stored in stored_layers(folder, tensors, modules).items():
+        second = "V" if modules[name].get("structure") == LOWRANK else "R"
+        if stored is None or second not in stored.keys:
+            raise ModelLoadError(f"'{folder}': the weights of Monarch layer '{name}' are missing")
+        layers.append(DenseLayer(name, stored.prefix, modules[name], name in conv1d))
     return config, tensors, layers
 
 
