@@ -9,8 +9,10 @@ import pytest
 import monarchify
 from monarchify.config import CalibrationConfig, MonarchConfig
 from monarchify.hf.saving import REPORT_FILE, save_model
+from monarchify.hf.stored_report import read_report
 from monarchify.report import ConversionReport, LayerReport
 from monarchify.samples import read_samples
+from monarchify.version import __version__
 
 from conftest import WORDS, tiny_bert, tiny_llama
 
@@ -54,6 +56,10 @@ def test_a_saved_report_reads_back_as_it_was_written(name, tmp_path, bert_tokeni
     assert again.to_dict() == saved
     assert again.layers == report.layers  # the objects too, not only their JSON
     assert (again.model_params_before, again.model_params_after) == (report.model_params_before, report.model_params_after)
+    # ``report`` on the folder: the saved report, checked against the tensors, plus the version
+    # config.json records.
+    read = read_report(tmp_path / "out").to_dict()
+    assert read == {**saved, "meta": {**saved["meta"], "monarchify_version": __version__}}
 
 
 def test_a_dry_run_report_round_trips(bert_tokenizer):
