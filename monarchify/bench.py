@@ -160,7 +160,9 @@ def compare(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: 
     return {name: Stat(r) for name, r in runs.items()}
 
 
-def _pair(dense: Stat, monarch: Stat, extra: dict[str, Stat] | None = None) -> dict[str, float]:
+def pair(dense: Stat, monarch: Stat, extra: dict[str, Stat] | None = None) -> dict[str, float]:
+    """A result row: both medians in milliseconds and their ratio (dense / Monarch: above 1, Monarch
+    is faster), and the same for each ``extra`` contender."""
     row = {"dense_ms": dense.median, "monarch_ms": monarch.median, "ratio": dense.median / monarch.median}
     for name, stat in (extra or {}).items():
         row[f"{name}_ms"] = stat.median
@@ -168,7 +170,9 @@ def _pair(dense: Stat, monarch: Stat, extra: dict[str, Stat] | None = None) -> d
     return row
 
 
-def _environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result records of where it was measured: the device, torch, and on a CPU its
+    threads and load (a busy machine's timings are not to be trusted)."""
     env = {"device": str(device), "device_name": describe_device(device), "torch": torch.__version__}
     if device.type == "cpu":
         env["threads"] = torch.get_num_threads()
@@ -247,17 +251,17 @@ def layer_benchmark(
         "config": {"d_in": d_in, "d_out": d_out, "nblocks": nblocks, "output_order": output_order, "tokens": tokens,
                    "dtype": str(dtype).removeprefix("torch."), "bias": bias, "warmup": warmup, "repeat": repeat,
                    **({"rank": rank} if rank else {})},
-        "environment": _environment(device),
+        "environment": environment(device),
         "implementation": kernels.auto_choice(x, inference=True, weights=monarch.R.numel() + monarch.L.numel()),
         "implementation_train": kernels.auto_choice(x),
         "params": {"dense": sum(p.numel() for p in dense.parameters()), "monarch": sum(p.numel() for p in monarch.parameters())},
         "flops_ratio": (d_in * d_out) / (monarch.layout.weight_params + rank * (d_in + d_out)),
     }
     stats = compare(fwd, device, warmup=warmup, repeat=repeat)
-    result["forward"] = _pair(stats["dense"], stats["monarch"], {k: stats[k] for k in extras})
+    result["forward"] = pair(stats["dense"], stats["monarch"], {k: stats[k] for k in extras})
     if backward:
         bwd = {"dense": train(dense), "monarch": train(monarch)}
         bwd.update({name: train(monarch, name) for name in extras})
         stats = compare(bwd, device, warmup=warmup, repeat=repeat)
-        result["forward_backward"] = _pair(stats["dense"], stats["monarch"], {k: stats[k] for k in extras})
+        result["forward_backward"] = pair(stats["dense"], stats["monarch"], {k: stats[k] for k in extras})
     return result

@@ -8,7 +8,7 @@ and read back by ``monarchify report``. A conversion builds it in exactly one pl
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -85,6 +85,28 @@ class LayerReport:
         data["flops_monarch"] = self.flops_monarch
         return data
 
+    @classmethod
+    def from_dict(cls, data: Any) -> LayerReport:
+        """The row :meth:`to_dict` wrote, so ``from_dict(row).to_dict() == row``.
+
+        The FLOPs it adds are derived, so they are dropped; fields that rows written before
+        they existed lack (``rank``, ``structure``...) take their defaults. Every field is
+        type-checked, because a saved report is a file someone may have edited: a malformed
+        row raises ``ValueError`` naming the field instead of surfacing later as a wrong sum."""
+        if not isinstance(data, dict):
+            raise ValueError("a layer row is not an object")
+        values = {}
+        for spec in fields(cls):
+            if spec.name not in data:
+                if spec.default is MISSING and spec.default_factory is MISSING:
+                    raise ValueError(f"a layer row has no '{spec.name}'")
+                continue
+            value = data[spec.name]
+            if not _LAYER_FIELDS[spec.name](value):
+                raise ValueError(f"layer row '{data.get('name')}' has a malformed '{spec.name}': {value!r}")
+            values[spec.name] = value
+        return cls(**values)
+
 
 @dataclass
 class ConversionReport:
@@ -138,3 +160,49 @@ class ConversionReport:
             "functional_check": self.functional_check,
             "meta": self.meta,
         }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ConversionReport:
+        """The report :meth:`to_dict` wrote (``monarchify_report.json``), so
+        ``from_dict(d).to_dict() == d``: the totals are recomputed from the rows, and only the
+        two model parameter counts, which no row holds, are read from them. Raises
+        ``ValueError`` for anything that is not such a report."""
+        if not isinstance(data, dict):
+            raise ValueError("a report is not an object")
+        layers, totals = data.get("layers"), data.get("totals")
+        if not isinstance(layers, list) or not isinstance(totals, dict):
+            raise ValueError("a report's layers or totals are malformed")
+        counts = [totals.get(key) for key in ("model_params_before", "model_params")]
+        if not all(_is_int(count) for count in counts):
+            raise ValueError("a report's totals have no model parameter counts")
+        check, meta = data.get("functional_check"), data.get("meta", {})
+        if not isinstance(check, (dict, type(None))) or not isinstance(meta, dict):
+            raise ValueError("a report's functional_check or meta are malformed")
+        return cls([LayerReport.from_dict(row) for row in layers], counts[0], counts[1], check, meta)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_LAYER_FIELDS = {
+    "name": lambda v: isinstance(v, str),
+    "kind": lambda v: isinstance(v, str),
+    "shape": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(d) for d in v),
+    "nblocks": _is_int,
+    "padded": lambda v: isinstance(v, bool),
+    "bias": lambda v: isinstance(v, bool),
+    "params_dense": _is_int,
+    "params_monarch": _is_int,
+    "rel_error": lambda v: v is None or _is_number(v),
+    "kept_dense": lambda v: isinstance(v, bool),
+    "reason": lambda v: v is None or isinstance(v, str),
+    "extra": lambda v: isinstance(v, dict),
+    "rank": _is_int,
+    "structure": lambda v: isinstance(v, str),
+}
+"""What each :class:`LayerReport` field may hold in a saved row."""

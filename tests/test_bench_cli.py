@@ -7,6 +7,7 @@ and one real-clock test checks that the timer measures work at all.
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -20,7 +21,7 @@ from monarchify.cli.app import main
 from monarchify.config import MonarchConfig
 from monarchify.hf import model_bench
 from monarchify.monarch import MonarchLinear, kernels
-from tests.conftest import tiny_bert
+from tests.conftest import tiny_bert, tiny_gpt2
 
 QUICK = ("--warmup", "1", "--repeat", "2")
 COST_MS = {"dense": 3.0, "monarch": 1.0, "reference": 2.0}
@@ -174,6 +175,22 @@ def test_densified_twin_computes_the_same_function():
         torch.testing.assert_close(dense(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
+def test_the_densified_twin_is_what_densify_makes():
+    """One densify: GPT-2's twin gets its Conv1D layers back (the architecture's own), with the
+    bits ``densify_`` computes."""
+    from monarchify.pipeline.densify import densify_
+
+    model = tiny_gpt2()
+    convert(model, MonarchConfig(nblocks=2, allow_structural_zeros=True))
+    twin = model_bench.densified(model)
+    reference = copy.deepcopy(model)
+    densify_(reference)
+    assert [type(m) for m in twin.modules()] == [type(m) for m in reference.modules()]
+    assert type(twin.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    for (name, a), (_, b) in zip(twin.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_model_folder_that_does_not_exist(capsys, tmp_path):
     code, _, err = run(capsys, "bench", "model", tmp_path / "nope")
     assert one_line_error(code, err, "does not exist"), err
@@ -187,7 +204,7 @@ def test_stats_are_the_timed_calls_summarised_by_median_and_best(monkeypatch):
     stats = bench.compare({name: (lambda it=it: next(it)) for name, it in returns.items()}, torch.device("cpu"),
                           warmup=0, repeat=3)
     assert stats["a"].runs == [5, 1, 1000] and stats["a"].median == 5 and stats["a"].best == 1
-    assert bench._pair(stats["b"], stats["a"])["ratio"] == pytest.approx(2 / 5)  # the outlier does not move it
+    assert bench.pair(stats["b"], stats["a"])["ratio"] == pytest.approx(2 / 5)  # the outlier does not move it
 
 
 def test_compare_interleaves_and_counts_every_run():

@@ -13,6 +13,7 @@ import transformers
 
 import monarchify
 from monarchify import MonarchConfig
+from monarchify.hf.densify import densify_folder
 from monarchify.monarch import MonarchLinear
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
@@ -134,6 +135,12 @@ def test_an_architecture_saved_under_renamed_keys_round_trips_and_reports(tmp_pa
     again = monarchify.read_report(tmp_path / "out")
     assert [layer.name for layer in again.layers] == [layer.name for layer in report.layers]
     assert [layer.params_monarch for layer in again.layers] == [layer.params_monarch for layer in report.layers]
+    # densify finds each layer's tensors by the same rule, and writes them back under the stored names.
+    densify_folder(tmp_path / "out", tmp_path / "dense")
+    dense = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "dense").eval()
+    assert not any(isinstance(m, MonarchLinear) for m in dense.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(dense(pixel_values=pixels).logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_report_counts_parameters_not_the_buffers_saved_beside_them(tmp_path):

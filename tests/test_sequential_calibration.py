@@ -158,7 +158,8 @@ def test_sequential_calibration_moves_the_final_states_less_on_held_out_text(tmp
 def test_streaming_and_resuming_a_sequential_run_give_the_in_memory_factors(tmp_path, tokenizers):
     from test_streaming import Interrupt
 
-    from monarchify.hf.streaming import _staging, convert_streaming
+    from monarchify.hf.stream_state import staging_folder
+    from monarchify.hf.streaming import convert_streaming
 
     src = source(tmp_path, tokenizers, "llama")
     data = text_file(tmp_path)
@@ -168,7 +169,7 @@ def test_streaming_and_resuming_a_sequential_run_give_the_in_memory_factors(tmp_
     out = tmp_path / "stream"
     with pytest.raises(KeyboardInterrupt):
         convert_streaming(src, out, config, samples=samples, max_shard_size="15KB", events=Interrupt(after=12))
-    assert list(_staging(out).glob("*.safetensors"))
+    assert list(staging_folder(out).glob("*.safetensors"))
     resumed = convert_streaming(src, out, config, samples=samples, max_shard_size="15KB", resume=True, events=Interrupt(10**9))
     assert resumed.meta["recipe"]["calibration"]["sequential"] is True
     assert_same_tensors(tmp_path / "memory", out)

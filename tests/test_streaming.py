@@ -16,7 +16,8 @@ from monarchify.errors import ConfigError, ModelLoadError, OutputNotEmptyError
 from monarchify.hf.convert import ConvertEvents, convert_pretrained
 from monarchify.hf.loading import load_model
 from monarchify.hf.stored_report import read_report
-from monarchify.hf.streaming import STATE_FILE, _staging, convert_streaming
+from monarchify.hf.stream_state import STATE_FILE, staging_folder
+from monarchify.hf.streaming import convert_streaming
 from monarchify.hf.tensorfiles import Planned, ShardWriter, read_header, read_tensor
 
 MAKERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
@@ -90,7 +91,7 @@ def test_an_interrupted_run_leaves_no_output_and_resumes_from_its_finished_shard
     events = Interrupt(after=20)
     with pytest.raises(KeyboardInterrupt):
         convert_streaming(src, out, config, max_shard_size="15KB", events=events)
-    staging = _staging(out)
+    staging = staging_folder(out)
     assert not out.exists() and (staging / STATE_FILE).is_file()
     finished = sorted(p.name for p in staging.glob("*.safetensors"))
     assert finished and not list(staging.glob("*.tmp")) and "resume" in events.notes[-1]
@@ -123,7 +124,7 @@ def test_resume_refuses_another_recipe_and_a_fresh_run_starts_over(tmp_path):
         convert_streaming(src, out, MonarchConfig(nblocks=2), max_shard_size="15KB", resume=True)
     convert_streaming(src, out, MonarchConfig(nblocks=2), max_shard_size="15KB")  # no resume: starts over
     assert json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]["nblocks"] == 2
-    assert not _staging(out).exists()
+    assert not staging_folder(out).exists()
 
 
 def test_output_folder_rules_hold_when_streaming(tmp_path):
@@ -183,7 +184,7 @@ def test_a_truncated_shard_is_one_line(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ModelLoadError, match="not a valid safetensors file"):
         convert_streaming(src, tmp_path / "out", MonarchConfig())
-    assert not (tmp_path / "out").exists() and not _staging(tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not staging_folder(tmp_path / "out").exists()
 
 
 def test_shard_writer_files_read_back_with_the_safetensors_library(tmp_path):
@@ -234,7 +235,7 @@ def test_a_failed_final_rename_keeps_the_staging_folder_and_resume_finishes(tmp_
     config = MonarchConfig(nblocks=4)
     convert_streaming(src, tmp_path / "whole", config, max_shard_size="15KB")
     out = tmp_path / "out"
-    staging = _staging(out)
+    staging = staging_folder(out)
     real_rename = Path.rename
 
     def rename(self, target):
@@ -266,4 +267,4 @@ def test_resume_on_another_device_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="another device"):
         convert_streaming(src, out, MonarchConfig(nblocks=4), max_shard_size="15KB", resume=True, device="cuda")
-    assert _staging(out).is_dir()  # the refusal keeps the finished shards for a resume on the CPU
+    assert staging_folder(out).is_dir()  # the refusal keeps the finished shards for a resume on the CPU

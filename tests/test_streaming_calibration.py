@@ -17,7 +17,8 @@ from monarchify.config import CalibrationConfig, MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.hf import blockwise
 from monarchify.hf.convert import convert_pretrained
-from monarchify.hf.streaming import _staging, convert_streaming
+from monarchify.hf.stream_state import staging_folder
+from monarchify.hf.streaming import convert_streaming
 from monarchify.pipeline.plan import plan
 from monarchify.samples import read_samples
 
@@ -131,7 +132,7 @@ def test_an_interrupted_calibrated_run_resumes_to_the_same_output(tmp_path, toke
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         convert_streaming(src, out, config, samples=samples, max_shard_size="15KB", events=Interrupt(after=12))
-    finished = list(_staging(out).glob("*.safetensors"))
+    finished = list(staging_folder(out).glob("*.safetensors"))
     assert finished and not out.exists()
     resumed = convert_streaming(src, out, config, samples=samples, max_shard_size="15KB", resume=True, events=Interrupt(10**9))
     assert_same_tensors(tmp_path / "whole", out)
@@ -190,7 +191,7 @@ def test_bad_calibration_text_is_one_line_before_any_work(tmp_path, tokenizers, 
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.startswith("Error:") and len(err.splitlines()) == 1
     assert ("does not exist" if problem == "missing" else "no samples") in err
-    assert not (tmp_path / "out").exists() and not _staging(tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not staging_folder(tmp_path / "out").exists()
 
 
 def test_each_block_announces_itself_before_it_calibrates(tmp_path, tokenizers):

@@ -26,8 +26,9 @@ from monarchify.hf.loading import load_model, load_tokenizer, read_config, sente
 from monarchify.hf.plugin import QUANT_METHODS
 from monarchify.hf.densify import DENSIFIED, densified_note
 from monarchify.hf.saving import save_model
+from monarchify.hf.checkpoint import open_checkpoint, weights_bytes
 from monarchify.hf.streaming import (
-    BLOCKER_FIELDS, STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, open_checkpoint, streaming_blocker, weights_bytes,
+    BLOCKER_FIELDS, STREAM_ABOVE, StreamEvents, calibration_problem, convert_streaming, streaming_blocker,
 )
 from monarchify.hf.blockwise import blocks_problem, convert_blockwise
 from monarchify.pipeline import Events, calibration_text, check_calibration_text, convert, dry_run

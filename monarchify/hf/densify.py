@@ -8,13 +8,15 @@ weights. Each Monarch layer's factors are read on their own, multiplied out by
 Monarch recipe leaves ``config.json`` (so transformers loads the result without monarchify)
 and a small :data:`DENSIFIED` record takes its place, so ``report`` and ``convert`` know what
 the folder is. Memory: one layer's factors and its dense product at a time.
+
+A layer's stored tensors are found by :mod:`.stored_layers`' rule, the one ``report`` follows,
+and everything but the weights is written by :func:`~monarchify.hf.saving.write_folder_files`,
+as for every saved folder.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +31,10 @@ from monarchify.errors import ModelLoadError
 from monarchify.hf.guard import is_guard
 from monarchify.hf.loading import empty_model, local_folder, read_config, short_error
 from monarchify.hf.plugin import FORMAT_VERSION, LOWRANK, QUANT_METHODS, check_recipe
-from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, copy_sentence_transformers, monarchify_version
+from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, monarchify_version, write_folder_files
+from monarchify.hf.stored_layers import first_factor, stored_layers
 from monarchify.hf.tensorfiles import (
     INDEX_FILE, Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names,
-    write_index,
 )
 from monarchify.monarch import LowRankLinear, MonarchLinear
 from monarchify.monarch.layout import INTERLEAVED
@@ -64,7 +66,7 @@ class DenseLayer:
     @property
     def first(self) -> str:
         """The stored factor whose place the dense weight takes (``L``, or ``U`` when low rank)."""
-        return "U" if self.lowrank else "L"
+        return first_factor(self.spec)
 
 
 @dataclass
@@ -102,19 +104,6 @@ def densified_note(source: str | os.PathLike[str], record: dict[str, Any]) -> st
     return f"'{source}' is a densified Monarch model: its {layers} were multiplied back into dense ones (monarchify densify)"
 
 
-def _stored_prefix(tensors: dict[str, StoredTensor], name: str, first: str = "L") -> str | None:
-    """The key prefix of module ``name``'s factors (``<prefix>.<first>``), allowing a base-model
-    prefix on either side."""
-    if f"{name}.{first}" in tensors:
-        return name
-    for key in tensors:
-        if key.endswith(f".{first}"):
-            prefix = key[:-2]
-            if prefix.endswith("." + name) or name.endswith("." + prefix):
-                return prefix
-    return None
-
-
 def _conv1d_names(folder: Path, names: list[str]) -> set[str]:
     """Which Monarch layers replaced a GPT-2 style ``Conv1D`` (its dense weight is stored
     transposed): the dense model is built on the meta device to see."""
@@ -147,12 +136,11 @@ def read_monarch_folder(folder: Path) -> tuple[dict[str, Any], dict[str, StoredT
     tensors = checkpoint_tensors(folder)
     conv1d = _conv1d_names(folder, list(modules))
     layers = []
-    for name, spec in modules.items():
-        lowrank = spec.get("structure") == LOWRANK
-        prefix = _stored_prefix(tensors, name, "U" if lowrank else "L")
-        if prefix is None or f"{prefix}.{'V' if lowrank else 'R'}" not in tensors:
-            raise ModelLoadError(f"'{folder}': the weights of Monarch layer '{name}' are missing (or stored under renamed keys)")
-        layers.append(DenseLayer(name, prefix, spec, name in conv1d))
+    for name, stored in stored_layers(folder, tensors, modules).items():
+        second = "V" if modules[name].get("structure") == LOWRANK else "R"
+        if stored is None or second not in stored.keys:
+            raise ModelLoadError(f"'{folder}': the weights of Monarch layer '{name}' are missing")
+        layers.append(DenseLayer(name, stored.prefix, modules[name], name in conv1d))
     return config, tensors, layers
 
 
@@ -233,16 +221,15 @@ def densify_folder(
             except BaseException:
                 writer.abort()
                 raise
-        if len(names) > 1:
-            write_index(staging, weight_map, sum(planned.nbytes for shard in shards for _, planned, _ in shard))
         quantization = config.pop("quantization_config")
         config[DENSIFIED] = densified_record(
             len(layers), quantization.get("recipe"), converted_by=quantization.get("monarchify_version"),
             format_version=quantization.get("format_version", FORMAT_VERSION),
         )
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for item in folder.iterdir():  # tokenizer, generation config and the like
-            if item.is_file() and item.name not in ("config.json", REPORT_FILE, INDEX_FILE) and item.suffix != ".safetensors":
-                shutil.copy2(item, staging / item.name)
-        copy_sentence_transformers(folder, staging)  # and its module folders (1_Pooling...)
+        kept = [item.name for item in folder.iterdir()  # tokenizer, generation config and the like
+                if item.is_file() and item.name not in ("config.json", REPORT_FILE, INDEX_FILE) and item.suffix != ".safetensors"]
+        write_folder_files(  # the Monarch report describes layers this folder no longer has
+            staging, config=config, weight_map=weight_map, weights_size=sum(planned.nbytes for _, planned, _ in plan),
+            copy_from=folder, copied=kept, sentence_transformers_from=folder,
+        )
     return DensifyResult(Path(out), [layer.name for layer in layers], sum(planned.nbytes for _, planned, _ in plan))

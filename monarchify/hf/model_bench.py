@@ -19,26 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from monarchify.bench import Stat, _environment, _pair, calls, compare, resolve_device
+from monarchify.bench import Stat, calls, compare, environment, pair, resolve_device
 from monarchify.errors import ConfigError
 from monarchify.model_inputs import is_causal_lm, position_limit, random_inputs
 from monarchify.monarch import MonarchLinear
+from monarchify.pipeline.densify import densify_
 
 
 def densified(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``MonarchLinear`` multiplied out into an ``nn.Linear``:
-    the dense model a Monarch checkpoint competes with (same architecture, same numbers)."""
+    """A copy of ``model`` with every Monarch (or low-rank) layer multiplied out into the dense
+    layer it replaced (:func:`~monarchify.pipeline.densify.densify_`, what ``densify`` and the
+    switch to dense use): the dense model a Monarch checkpoint competes with (same
+    architecture, same numbers)."""
     dense = copy.deepcopy(model)
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, MonarchLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.L.device, dtype=module.L.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(module.to_dense())
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent) if parent else dense, child, linear)
+    densify_(dense)
     return dense
 
 
@@ -102,7 +96,7 @@ class Generation:
 def _throughput(dense: Stat, monarch: Stat, batch: int, tokens: int) -> dict[str, float]:
     """A pair of timings with the tokens per second they mean; ``ratio`` (dense time ÷ Monarch
     time) is also Monarch's tokens per second ÷ dense's."""
-    row = {"batch": batch, "tokens": tokens, **_pair(dense, monarch)}
+    row = {"batch": batch, "tokens": tokens, **pair(dense, monarch)}
     row["dense_tokens_per_s"] = tokens / (dense.median / 1e3)
     row["monarch_tokens_per_s"] = tokens / (monarch.median / 1e3)
     return row
@@ -210,7 +204,7 @@ def models_benchmark(
         model.eval()
     result: dict[str, Any] = {
         "config": {"batch": batch, "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "warmup": warmup, "repeat": repeat},
-        "environment": _environment(device),
+        "environment": environment(device),
         "model": type(dense).__name__,
         "params": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
         "monarch_layers": sum(isinstance(m, MonarchLinear) for m in monarch.modules()),
@@ -219,7 +213,7 @@ def models_benchmark(
         result["config"]["generation"] = {"prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
                                           "decode_prompt_tokens": DECODE_PROMPT_TOKENS, "batches": list(generation.batches)}
     stats = time_stage({name: infer(m) for name, m in models.items()}, "inference")
-    result["inference"] = _pair(stats["dense"], stats["monarch"])
+    result["inference"] = pair(stats["dense"], stats["monarch"])
     if generation is not None:  # before training, which changes the weights and the mode
         result.update(_generation_stages(models, generation, device, seed, time_stage))
     if train:
@@ -235,7 +229,7 @@ def models_benchmark(
 
             steps[name] = step
         stats = time_stage(steps, "training step")
-        result["train_step"] = _pair(stats["dense"], stats["monarch"])
+        result["train_step"] = pair(stats["dense"], stats["monarch"])
     return result
 
 

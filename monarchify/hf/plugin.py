@@ -200,11 +200,6 @@ class MonarchQuantizationConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.padding = padding
 
-    @classmethod
-    def from_model(cls, model: nn.Module, recipe: dict[str, Any], version: str) -> MonarchQuantizationConfig:
-        modules = {name: spec for name, m in model.named_modules() if (spec := module_spec(m)) is not None}
-        return cls(modules=modules, recipe=recipe, monarchify_version=version)
-
     def to_dict(self) -> dict[str, Any]:
         """What ``config.json`` gets: the method under its stored name (:data:`STORED_METHOD`)."""
         data = super().to_dict()

@@ -1,7 +1,8 @@
 """Converting a safetensors folder tensor by tensor: the model is never in memory.
 
 The plan needs only module names and shapes, so the model is built on the ``meta`` device
-from ``config.json`` (no weights) and the ordinary plan and allocate stages run on it. Then
+from ``config.json`` (no weights; :mod:`.checkpoint` opens the folder) and the ordinary plan
+and allocate stages run on it. Then
 every tensor of the checkpoint is read on its own (:mod:`.tensorfiles`), a selected weight is
 projected by the same projector the in-memory path uses (so the factors are the same, bit for
 bit) and every other tensor is copied, and output shards are written as they fill. Memory is
@@ -11,9 +12,11 @@ depth of the model.
 Output shards are laid out before any work starts (every output shape follows from the plan),
 and written into a staging folder beside the output that survives an interruption: a shard
 exists under its final name only once it is complete, and ``resume`` reuses the finished ones
-when the source files, the recipe and the device are those of the interrupted run. The staging
-folder is renamed to the output at the very end, so a half-written folder never stands where a
-finished one should (a failed rename keeps it, for ``resume`` to finish).
+when the source files, the recipe and the device are those of the interrupted run
+(:mod:`.stream_state`). Everything but the weights is written by the writer every saved folder
+shares (:func:`monarchify.hf.saving.write_folder_files`). The staging folder is renamed to the
+output at the very end, so a half-written folder never stands where a finished one should (a
+failed rename keeps it, for ``resume`` to finish).
 
 A calibrating recipe streams too: the text runs through one block at a time
 (:mod:`.blockwise`), output tensors are laid out block by block, and each block's layers are
@@ -28,14 +31,12 @@ selected layers are not all in one list of repeated blocks.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,15 @@ from torch import nn
 
 from monarchify.atomic import check_output_dir, move_into_place
 from monarchify.config import MonarchConfig
-from monarchify.errors import ConfigError, ModelLoadError
-from monarchify.hf.guard import HINT_KEY, guard_tensors
-from monarchify.hf.loading import empty_model, load_tokenizer, read_config, sentence_transformers_base, short_error
-from monarchify.hf.plugin import MonarchQuantizationConfig, layer_spec
-from monarchify.hf.saving import DEFAULT_SHARD_SIZE, REPORT_FILE, copy_sentence_transformers, monarchify_version
-from monarchify.hf.tensorfiles import (
-    Planned, ShardWriter, StoredTensor, checkpoint_tensors, pack_shards, parse_size, read_tensor, shard_names, write_index,
-)
+from monarchify.errors import ConfigError
 from monarchify.hf.blockwise import BlockwiseCalibration, blocks_problem
+from monarchify.hf.checkpoint import Checkpoint, open_checkpoint
+from monarchify.hf.guard import HINT_KEY, guard_tensors
+from monarchify.hf.loading import load_tokenizer
+from monarchify.hf.plugin import layer_spec
+from monarchify.hf.saving import DEFAULT_SHARD_SIZE, monarchify_version, quantization_config, write_folder_files
+from monarchify.hf.stream_state import STATE_FILE, StreamState, fingerprint
+from monarchify.hf.tensorfiles import Planned, ShardWriter, pack_shards, parse_size, read_tensor, shard_names
 from monarchify.pipeline import calibration_text, count_params
 from monarchify.pipeline.allocate import Allocation, allocate
 from monarchify.pipeline.observe import Observation
@@ -63,9 +64,6 @@ from monarchify.pipeline.report import build_report
 from monarchify.report import ConversionReport
 from monarchify.samples import TextSamples
 
-STATE_FILE = ".monarchify-stream.json"
-"""Inside the staging folder: what the run is converting, and which shards are finished."""
-STATE_VERSION = 2
 STREAM_ABOVE = 2 * 10**9
 """Bytes of weights above which ``convert`` streams on its own (below, the in-memory path is
 fast and adds the functional check)."""
@@ -99,81 +97,6 @@ class Unit:
     layer: PlannedLayer | None = None
     nbytes: int = 0
     """Bytes of source data read for it (progress)."""
-
-
-@dataclass
-class Checkpoint:
-    """A local safetensors folder, opened for streaming: its config and the meta-device model."""
-
-    folder: Path
-    config: transformers.PretrainedConfig
-    model: nn.Module
-    dtype: torch.dtype
-    tensors: dict[str, StoredTensor]
-    problem: str | None = None
-    """Why streaming cannot convert it (tensor names that are not the model's), or None."""
-    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
-    """The dtype each tensor has once loaded, as ``from_pretrained`` would cast it."""
-
-
-def weights_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-
-
-def _model_dtype(config: transformers.PretrainedConfig, tensors: dict[str, StoredTensor]) -> torch.dtype:
-    """The dtype ``from_pretrained`` loads in (its default ``dtype="auto"``): the config's, else
-    the first floating tensor's."""
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), torch.float32)
-
-
-def open_checkpoint(folder: Path) -> Checkpoint:
-    """Read the config and the tensor headers, build the model on the meta device, and check
-    that the tensors are the model's own."""
-    base = sentence_transformers_base(folder, read_config(folder))
-    tensors = checkpoint_tensors(folder)
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-        if base is not None:  # its weights are the base model's (see load_model)
-            config.architectures = [base]
-        dtype = _model_dtype(config, tensors)
-        model = empty_model(config, dtype)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"could not build the model of '{folder}' from its config.json: {short_error(exc)}") from None
-    model.eval()
-    checkpoint = Checkpoint(folder, model.config, model, dtype, tensors)
-    checkpoint.problem = _match(checkpoint)
-    return checkpoint
-
-
-def _match(checkpoint: Checkpoint) -> str | None:
-    """Whether every stored tensor is a tensor of the model under the same name, and every
-    parameter is stored (under one of its tied names); records their loaded dtypes."""
-    model, tensors = checkpoint.model, checkpoint.tensors
-    state = model.state_dict()
-    foreign = [name for name in tensors if name not in state]
-    if foreign:
-        return f"its tensor names are not the model's own (e.g. '{foreign[0]}')"
-    names_of: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    missing = sorted(names[0] for names in names_of.values() if not any(n in tensors for n in names))
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ModelLoadError(f"'{checkpoint.folder}' has no weights for {', '.join(missing[:3])}{more}")
-    for name, stored in tensors.items():
-        wanted = state[name].dtype
-        checkpoint.dtypes[name] = wanted if stored.dtype.is_floating_point and wanted.is_floating_point else stored.dtype
-        if tuple(state[name].shape) != stored.shape:
-            raise ModelLoadError(
-                f"could not load '{checkpoint.folder}': tensor '{name}' has shape {list(stored.shape)} "
-                f"but its config.json describes {list(state[name].shape)}"
-            )
-    return None
 
 
 BLOCKER_FIELDS = ("budget", "speed_gate", "structure")
@@ -230,40 +153,6 @@ def _units(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Alloc
     if first_layer is not None:
         units[first_layer].outputs.append(Planned(HINT_KEY, units[first_layer].outputs[0].dtype, (0,)))
     return units
-
-
-def _fingerprint(checkpoint: Checkpoint, config: MonarchConfig, shards: list[list[Unit]], version: str,
-                 samples: TextSamples | None, device: str) -> str:
-    """What a resumed run must share with the interrupted one: the same source files (names,
-    sizes, modification times), recipe, calibration text, monarchify version, shard layout and
-    device. The device too: a projection on CUDA does not give the CPU's factors bit for bit,
-    and a folder whose first shards came from one and the rest from the other would match
-    neither run."""
-    files = sorted({t.file for t in checkpoint.tensors.values()})
-    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    layout = [[(t.name, str(t.dtype), t.shape) for unit in shard for t in unit.outputs] for shard in shards]
-    text_used = [samples.fit, samples.heldout] if samples is not None else None
-    text = json.dumps([stats, config.to_dict(), version, layout, text_used, str(torch.device(device))], default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _staging(out: Path) -> Path:
-    dest = out.resolve()
-    return dest.parent / f".{dest.name}.partial-stream"
-
-
-def _read_state(staging: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads((staging / STATE_FILE).read_text(encoding="utf-8"))
-        return state if isinstance(state, dict) and state.get("version") == STATE_VERSION else None
-    except (OSError, ValueError):
-        return None
-
-
-def _write_state(staging: Path, state: dict[str, Any]) -> None:
-    tmp = staging / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state), encoding="utf-8")
-    tmp.replace(staging / STATE_FILE)
 
 
 def _shard_bytes(shard: list[Unit]) -> int:
@@ -355,31 +244,11 @@ def convert_streaming(
     units = _units(checkpoint, layers, allocation, calibration.block_of if calibration is not None else None)
     shards = pack_shards(units, lambda unit: sum(t.nbytes for t in unit.outputs), parse_size(max_shard_size))
     names = shard_names(len(shards))
-    version = monarchify_version()
-    fingerprint = _fingerprint(checkpoint, config, shards, version, samples, device)
-
-    staging = _staging(Path(out))
-    state = _read_state(staging) if staging.is_dir() else None
-    if staging.exists() and not (resume and state is not None and state.get("fingerprint") == fingerprint):
-        if resume and state is not None:
-            raise ConfigError(
-                f"the unfinished conversion in '{staging}' was started from other files, with another recipe or on another device; "
-                "start over without resuming (its finished shards are then discarded)"
-            )
-        if resume:
-            events.note(f"nothing to resume in '{staging}': starting over")
-        shutil.rmtree(staging)
-        state = None
-    elif resume and state is None:
-        events.note("nothing to resume: starting from the first shard")
-    staging.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        state = {"version": STATE_VERSION, "fingerprint": fingerprint, "source": str(folder), "done": {}}
-        _write_state(staging, state)
-    done: dict[str, dict[str, Any]] = {
-        name: errors for name, errors in state["done"].items()
-        if (staging / name).is_file() and name in names
-    }
+    layout = [[t for unit in shard for t in unit.outputs] for shard in shards]
+    run = fingerprint(checkpoint, config, layout, monarchify_version(), samples, device)
+    state = StreamState.open(Path(out), run, folder, resume, events.note)
+    staging = state.staging
+    done = state.finished(names)
     if done:
         events.note(f"resuming: {len(done)} of {len(shards)} shards are finished")
 
@@ -416,14 +285,16 @@ def convert_streaming(
                     writer.abort()
                     raise
                 errors.update(shard_errors)
-                state["done"][name] = shard_errors
-                _write_state(staging, state)
+                state.mark_finished(name, shard_errors)
         for shard, name in zip(shards, names):
             weight_map.update(dict.fromkeys((t.name for unit in shard for t in unit.outputs), name))
         observation = calibration.observation() if calibration is not None else None
         report = _report(checkpoint, layers, allocation, config, errors, folder, observation)
-        _finish(staging, checkpoint, allocation, layers, report, tokenizer, names, weight_map,
-                sum(_shard_bytes(shard) for shard in shards))
+        write_folder_files(  # everything but the weights, as every saved folder gets it
+            staging, config=_monarch_config(checkpoint, allocation, layers, report.meta["recipe"]), weight_map=weight_map,
+            weights_size=sum(_shard_bytes(shard) for shard in shards), copy_from=checkpoint.folder, copied=SIDE_FILES,
+            tokenizer=tokenizer, sentence_transformers_from=checkpoint.folder, report=report,
+        )
         move_into_place(staging, out)  # a failed rename keeps the staging folder, and its state, to resume
         (Path(out) / STATE_FILE).unlink(missing_ok=True)
         completed = True
@@ -461,25 +332,15 @@ def _report(checkpoint: Checkpoint, layers: list[PlannedLayer], allocation: Allo
     return report
 
 
-def _finish(staging: Path, checkpoint: Checkpoint, allocation: Allocation, layers: list[PlannedLayer],
-            report: ConversionReport, tokenizer: Any, names: list[str], weight_map: dict[str, str], total: int) -> None:
-    """Everything but the weights: config with the Monarch recipe, index, side files, tokenizer, report."""
+def _monarch_config(checkpoint: Checkpoint, allocation: Allocation, layers: list[PlannedLayer],
+                    recipe: dict[str, Any]) -> transformers.PretrainedConfig:
+    """The source's config, with the Monarch layers and the recipe, as the loaded model's would be."""
     modules = {
         layer.name: layer_spec(layer.d_in, layer.d_out, allocation.nblocks[layer.name], layer.has_bias, allocation.output_order)
         for layer in layers if layer.name in allocation.nblocks
     }
     config = copy.deepcopy(checkpoint.config)
-    config.quantization_config = MonarchQuantizationConfig(modules=modules, recipe=report.meta["recipe"], monarchify_version=monarchify_version())
+    config.quantization_config = quantization_config(modules, recipe)
     config.architectures = [type(checkpoint.model).__name__]
     config.dtype = checkpoint.dtype
-    config.save_pretrained(str(staging))
-    if len(names) > 1:
-        write_index(staging, weight_map, total)
-    for name in SIDE_FILES:
-        if (checkpoint.folder / name).is_file():
-            shutil.copy2(checkpoint.folder / name, staging / name)
-    copy_sentence_transformers(checkpoint.folder, staging)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(staging))
-    (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-
+    return config
