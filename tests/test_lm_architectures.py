@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 from monarchify.heal_config import HealConfig
 from monarchify.lm.compress import TextCompressOptions, compress_text
 
-WORDS = "the of and to in a is was for on as with by at from his her an were which that are be".split()
+from test_lm_compress import _text
 
 SMALL = dict(vocab_size=None, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=64)
@@ -43,13 +42,6 @@ def _config(family: str, vocab: int):
 
 
 FAMILIES = ["gpt2", "qwen2", "mistral", "gemma", "phi3", "phi"]
-
-
-def _text(path, lines=200, seed=0):
-    rng = random.Random(seed)
-    path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(8, 30))) for _ in range(lines)) + "\n",
-                    encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
