@@ -201,3 +201,19 @@ def test_the_fisher_objective_needs_a_budget_calibration_and_plain_monarch():
         MonarchConfig(budget=0.5, budget_objective="fisher", structure="lowrank")
     with pytest.raises(ConfigError, match="calibrate the conversion"):
         convert(tiny_llama(), MonarchConfig(budget=0.5, budget_objective="fisher"))
+
+
+def test_a_model_without_input_embeddings_is_a_clean_error():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+
+        def forward(self, input_ids):
+            return self.layer(input_ids.float())
+
+    from monarchify.samples import SampleError
+
+    model = Bare()
+    with pytest.raises(SampleError, match="input embeddings"):
+        output_fisher(model, {"layer": model.layer}, [{"input_ids": torch.ones(2, 4, dtype=torch.long)}])

@@ -293,8 +293,11 @@ def output_fisher(
     def leaf(_module: nn.Module, _args: Any, out: Any) -> Any:  # gradients start here, none reach the weights
         return out.detach().requires_grad_(True) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is None:
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    if not isinstance(embeddings, nn.Module):
         raise SampleError("the Fisher weights need the model's input embeddings (get_input_embeddings)")
     needed = {p: p.requires_grad for p in model.parameters()}
     handles = [module.register_forward_hook(capture(name)) for name, module in modules.items()]
