@@ -164,6 +164,11 @@ def test_cli_compress_text_prints_the_perplexities_and_refuses_task_flags(tmp_pa
                         "--out", tmp_path / "o4")
     assert_one_line_error(code, err, "missing.txt", "does not exist")
     assert not (tmp_path / "o4").exists() and not (tmp_path / "o4.stages").exists()
+    for task in (["--text", text], ["--task", "mrpc"]):  # a zero rate is refused, not swapped for the default
+        code, err = run_cli(capsys, "compress", lm_folder, *task, "--budget", "0.5", "--out", tmp_path / "o5",
+                            "--student-lr", "0")
+        assert_one_line_error(code, err, "--student-lr", "positive")
+        assert not (tmp_path / "o5").exists() and not (tmp_path / "o5.stages").exists()
 
 
 def test_cli_compress_text_at_a_block_count_with_sequential_calibration(tmp_path, lm_folder, capsys):

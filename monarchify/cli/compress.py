@@ -85,7 +85,7 @@ def compress(
 
         if heal_steps < 0:
             raise ConfigError(f"--heal-steps must not be negative, got {heal_steps}")
-        heal = HealConfig(steps=heal_steps, lr=student_lr or 1e-4, seed=seed, hidden_weight=0.0, logit_weight=1.0,
+        heal = HealConfig(steps=heal_steps, lr=1e-4 if student_lr is None else student_lr, seed=seed, hidden_weight=0.0, logit_weight=1.0,
                           save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4)) if heal_steps else None
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,
@@ -100,7 +100,7 @@ def compress(
     shared = {"epochs": epochs, "batch_size": batch_size or 32, "max_length": max_length or 128,
               "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
     options = CompressOptions(
-        task=task, model=model, out=out, budget=budget, data_dir=data_dir, teacher_lr=teacher_lr, student_lr=student_lr or 5e-5,
+        task=task, model=model, out=out, budget=budget, data_dir=data_dir, teacher_lr=teacher_lr, student_lr=5e-5 if student_lr is None else student_lr,
         calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, force=force, output_order=output_order,
         distill={"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden},
         finetune=shared, budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
