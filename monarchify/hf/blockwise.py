@@ -39,11 +39,10 @@ from monarchify.errors import ConfigError
 from monarchify.hf.loading import empty_model, short_error
 from monarchify.hf.tensorfiles import read_tensor
 from monarchify.pipeline import Events, count_params
-from monarchify.pipeline.allocate import Allocation, allocate
+from monarchify.pipeline.allocate import Allocation, allocate, needs_fisher
 from monarchify.pipeline.apply import apply
-from monarchify.pipeline.allocate import needs_fisher
 from monarchify.pipeline.observe import (
-    FISHER_SAMPLES, Collector, InputStatistics, Observation, first_samples, calibration_batches, output_fisher,
+    FISHER_SAMPLES, Collector, InputStatistics, Observation, calibration_batches, first_samples, output_fisher,
 )
 from monarchify.pipeline.plan import PlannedLayer, block_index, block_list, plan
 from monarchify.pipeline.pricing import LayerChoices, price_layer
@@ -438,7 +437,7 @@ def price_blockwise(model: nn.Module, layers: list[PlannedLayer], config: Monarc
         release = _Release(block_layers, {"fit": stats})
         for layer in block_layers:
             priced[layer.name] = price_layer(layer, config, stats.covariance(layer.name), damping,
-                                             row_weights[layer.name] if row_weights is not None and not layer.pinned else None)
+                                             row_weights[layer.name] if row_weights is not None else None)
             release(layer.name)
 
     everything = Allocation(nblocks={layer.name: layer.nblocks for layer in layers})

@@ -125,7 +125,7 @@ def plan_budget(
     choices = [
         priced[layer.name] if priced is not None else
         price_layer(layer, config, covariance(layer.name) if covariance else None, damping,
-                    row_weights[layer.name] if row_weights is not None and not layer.pinned else None)
+                    row_weights[layer.name] if row_weights is not None else None)
         for layer in layers
     ]
     if weights is not None:

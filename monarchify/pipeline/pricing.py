@@ -302,7 +302,7 @@ def price_layer(layer: PlannedLayer, config: MonarchConfig, cov: torch.Tensor | 
     """Every option the budget may give ``layer``, priced (with ``cov``, its calibration
     covariance, in the activation-weighted metric; with ``row_weights``, its outputs' Fisher
     weights, in the model's loss). A layer an override pinned has only its
-    own. Apart from :func:`~monarchify.pipeline.allocate.plan_budget` so a block-by-block conversion can price each block
+    own, priced unweighted: there is no choice to weigh. Apart from :func:`~monarchify.pipeline.allocate.plan_budget` so a block-by-block conversion can price each block
     while its statistics exist, and solve once every block is priced."""
     if config.structure == "lowrank":
         return lowrank_choices(
@@ -314,7 +314,7 @@ def price_layer(layer: PlannedLayer, config: MonarchConfig, cov: torch.Tensor | 
         layer.name, layer.weight, layer.has_bias, cov=cov, pinned=layer.nblocks if layer.pinned else None,
         allow_dense=config.budget_keep_dense, allow_structural_zeros=config.allow_structural_zeros, damping=damping,
         output_order=PRICING_ORDER, ranks=config.budget_ranks, pinned_rank=rank_of(layer.name, config) if layer.pinned else 0,
-        row_weights=row_weights,
+        row_weights=None if layer.pinned else row_weights,
     )
 
 
