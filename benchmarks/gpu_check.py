@@ -6,15 +6,17 @@
 1. Correctness: the fused Triton kernel against float64 (forward, dx, dR, dL, dbias) on
    fresh random inputs with every kernel buffer poisoned (NaN) beforehand, in float32,
    float16 and bfloat16, at BERT-base and LLM shapes; then a whole converted BERT-base run
-   through the kernel against the same model through the strided path.
-2. Layers, bf16, nblocks 4: dense vs Monarch (fused kernel, the automatic choice), with
-   the plain two-bmm path and the strided path alongside; forward and forward+backward;
-   16,384 tokens (the issue's targets) and 256 tokens (small batches, launch-bound).
-   Decoding: the same without autograd at 1 and 8 tokens, LLM shapes (the kernel's
-   inference launch and its 16-row tiles), then SmolLM2-135M (``--decode-model``) converted
-   at nblocks 4: prefill and greedy decoding tokens per second at batch 1 and 8.
+   through the kernel against the same model through the strided path. Each case launches one
+   of the autotuner's candidate tile configs (the first and the last by turns), not the
+   autotuned one: compiling every candidate of every variant would take minutes.
+2. Layers, bf16, nblocks 4: dense vs Monarch (the automatic choice: the strided path), with
+   the fused kernel, the strided and the plain two-bmm paths forced alongside; forward and
+   forward+backward; 16,384 tokens (the issue's targets) and 256 tokens (launch-bound).
+   Decoding: the same without autograd at 1, 8 and 64 tokens, LLM shapes, then a causal LM
+   (``--decode-model``; absent, a random model of SmolLM2-135M's shape) at nblocks 4: prefill
+   and greedy decoding tokens per second at batch 1 and 8, through each path.
 3. BERT-base classifier (random weights, batch 32×128, bf16): inference and a training
-   step (forward, backward, AdamW), dense vs converted at nblocks 4.
+   step (forward, backward, AdamW), dense vs converted at nblocks 4, through each path.
 4. Training from scratch (``monarchify train``'s code path), GPT-2 small (12 layers, 768
    wide), bf16, on the SST-2 and MRPC sentences: dense vs Monarch nblocks 4 vs Monarch then
    dense at 80 % of the steps, same data and steps; step-time ratio, held-out perplexity at
@@ -24,7 +26,9 @@
    memory, output size, reload-and-run; within ``--llama7b-budget-s`` (``--llama7b-layers 0``
    skips it; the scratch folder is deleted after).
 
-Exit status 1 if a correctness check fails. Ratios are dense time / Monarch time measured
+``--sections`` runs a subset, in the order given; a section that fails is reported and
+the rest still run; the JSON is rewritten after every section (a run stopped at a time limit
+keeps what it measured). Exit status 1 if a correctness check or a section fails. Ratios are dense time / Monarch time measured
 in the same run (medians of interleaved runs, device synchronised around each call).
 The first call of each shape autotunes the kernel; warm-up absorbs it.
 """
@@ -47,7 +51,9 @@ from monarchify.monarch.kernels import check
 LAYER_SHAPES = [(768, 3072), (3072, 768), (768, 768), (4096, 14336)]
 TOKENS = [16384, 256]
 DECODE_SHAPES = [(576, 1536), (4096, 11008), (4096, 4096), (4096, 1024)]  # SmolLM2's MLP, Llama-7B's MLP and attention (GQA k/v)
-DECODE_TOKENS = [1, 8]
+DECODE_TOKENS = [1, 8, 64]
+DECODE_PATHS = ("strided", "small")  # timed beside the automatic choice
+SECTIONS = ("correctness", "decode", "layers", "bert_base", "training", "llama7b")
 TARGETS = {  # from the issue: (forward, forward+backward) at 16,384 tokens, bf16, nblocks 4
     (768, 3072): (2.0, 1.5),
     (3072, 768): (2.0, 1.5),
@@ -80,54 +86,80 @@ def model_agreement(dense: torch.nn.Module, monarch: torch.nn.Module, device: to
 
 def layers(device: torch.device, warmup: int, repeat: int) -> list[dict]:
     rows = []
+    paths = ("triton", "strided", "reference")
     print("\n== layers, bfloat16, nblocks 4 (ratio = dense / Monarch; >1: Monarch faster) ==")
-    print(f"  {'shape':<12} {'tokens':>6} | {'fwd dense':>9} {'fused':>8} {'ratio':>6} {'plain':>6} {'strided':>7} |"
-          f" {'f+b dense':>9} {'fused':>8} {'ratio':>6} {'plain':>6} {'strided':>7} | target")
+    head = " ".join(f"{p:>9}" for p in paths)
+    print(f"  {'shape':<12} {'tokens':>6} | forward: {'dense ms':>9} {'auto':>6} {head} | forward+backward: {'dense ms':>9} "
+          f"{'auto':>6} {head} | target")
     for d_in, d_out in LAYER_SHAPES:
         for tokens in TOKENS:
             r = bench.layer_benchmark(d_in, d_out, 4, tokens, dtype=torch.bfloat16, device=device,
-                                      implementations=("reference", "strided"), warmup=warmup, repeat=repeat)
+                                      implementations=paths, warmup=warmup, repeat=repeat)
             f, fb = r["forward"], r["forward_backward"]
             target = TARGETS.get((d_in, d_out)) if tokens == 16384 else None
             met = "" if target is None else ("met" if f["ratio"] >= target[0] and fb["ratio"] >= target[1] else "MISSED")
-            print(f"  {d_in}→{d_out:<7} {tokens:>6} | {f['dense_ms']:9.3f} {f['monarch_ms']:8.3f} {f['ratio']:5.2f}× "
-                  f"{f['ratio_reference']:5.2f}× {f['ratio_strided']:6.2f}× | {fb['dense_ms']:9.3f} {fb['monarch_ms']:8.3f} "
-                  f"{fb['ratio']:5.2f}× {fb['ratio_reference']:5.2f}× {fb['ratio_strided']:6.2f}× | "
-                  f"{'' if target is None else f'≥{target[0]}× / ≥{target[1]}× {met}'}")
+            cells = [f"{row['dense_ms']:9.3f} {row['ratio']:5.2f}× " + " ".join(f"{row['ratio_' + p]:8.2f}×" for p in paths)
+                     for row in (f, fb)]
+            print(f"  {d_in}→{d_out:<7} {tokens:>6} | forward: {cells[0]} | forward+backward: {cells[1]} | "
+                  f"{'' if target is None else f'≥{target[0]}× / ≥{target[1]}× {met}'}", flush=True)
             r["target"] = None if target is None else {"forward": target[0], "forward_backward": target[1], "met": met == "met"}
             rows.append(r)
     return rows
 
 
 def decode(device: torch.device, warmup: int, repeat: int, model_folder: Path | None,
-           generation: bench.Generation = bench.Generation(prompt_tokens=128, new_tokens=48, batches=(1, 8))) -> dict:
-    """Decoding: single layers at one and eight tokens (inference, the launch-bound case), then
-    a causal LM's prefill and greedy decoding against its dense twin, bf16."""
+           generation: model_bench.Generation = model_bench.Generation(prompt_tokens=128, new_tokens=48, batches=(1, 8)),
+           paths: tuple[str, ...] = DECODE_PATHS) -> dict:
+    """Decoding: single layers at a few tokens (inference, the launch-bound case), then a causal
+    LM's prefill and greedy decoding against its dense twin, bf16; the automatic choice and each
+    of ``paths`` forced, so the table says which path the automatic choice should be."""
     rows = []
-    print("\n== decoding: layers at LLM shapes, bfloat16, nblocks 4, forward without autograd ==")
-    print(f"  {'shape':<12} {'tokens':>6} | {'dense ms':>9} {'fused ms':>9} {'ratio':>6} {'strided':>7}")
+    print("\n== decoding: layers at LLM shapes, bfloat16, nblocks 4, forward without autograd (dense / Monarch) ==")
+    print(f"  {'shape':<12} {'tokens':>6} | {'dense ms':>9} {'auto ms':>9} {'auto':>6} " + " ".join(f"{p:>9}" for p in paths))
     for d_in, d_out in DECODE_SHAPES:
         for tokens in DECODE_TOKENS:
             r = bench.layer_benchmark(d_in, d_out, 4, tokens, dtype=torch.bfloat16, device=device, backward=False,
-                                      implementations=("strided",), warmup=warmup, repeat=repeat)
+                                      implementations=paths, warmup=warmup, repeat=repeat)
             f = r["forward"]
             print(f"  {d_in}→{d_out:<7} {tokens:>6} | {f['dense_ms']:9.4f} {f['monarch_ms']:9.4f} {f['ratio']:5.2f}× "
-                  f"{f['ratio_strided']:6.2f}×")
+                  + " ".join(f"{f['ratio_' + p]:8.2f}×" for p in paths), flush=True)
             rows.append(r)
-    result: dict = {"layers": rows}
-    if model_folder is None or not model_folder.is_dir():
-        print(f"  (no causal LM at {model_folder}: model decoding skipped)")
-        return result
-    model = bench.model_benchmark(model_folder, nblocks=4, batch=1, seq_len=generation.prompt_tokens, dtype=torch.bfloat16,
-                                  device=device, train=False,
-                                  generation=generation, warmup=max(2, warmup // 3), repeat=max(5, repeat // 5))
-    print(f"== {model['model']} at nblocks 4, bfloat16: tokens per second (Monarch / dense) ==")
-    for stage in ("prefill", "decode"):
-        for row in model[stage]:
-            print(f"  {stage:<7} batch {row['batch']}: dense {row['dense_tokens_per_s']:10.1f}  Monarch "
-                  f"{row['monarch_tokens_per_s']:10.1f}  ratio {row['ratio']:.2f}×")
-    result["model"] = model
+    result: dict = {"layers": rows, "models": {}}
+    if model_folder is not None and model_folder.is_dir():
+        from monarchify.hf.loading import load_model
+
+        name, source = model_folder.name, load_model(model_folder)
+    else:
+        # Speed does not depend on the weights: a GPU machine without the real checkpoint
+        # times a random model of exactly its shape.
+        print(f"  (no causal LM at {model_folder}: a random model of SmolLM2-135M's shape instead)")
+        name, source = "SmolLM2-135M-shaped (random weights)", smollm2_shaped()
+    dense, monarch = model_bench.model_pair(source, nblocks=4)
+    timing = dict(batch=1, seq_len=generation.prompt_tokens, dtype=torch.bfloat16, device=device, train=False,
+                  generation=generation, warmup=max(2, warmup // 3), repeat=max(5, repeat // 5))
+    for path in ("auto", *paths):
+        with kernels.use(path):
+            model = model_bench.models_benchmark(dense, monarch, **timing)
+        model["model"], model["path"] = name, path
+        print(f"== {name} at nblocks 4, bfloat16, Monarch layers through {path}: tokens per second ==")
+        for stage in ("prefill", "decode"):
+            for row in model[stage]:
+                print(f"  {stage:<7} batch {row['batch']}: dense {row['dense_tokens_per_s']:10.1f}  Monarch "
+                      f"{row['monarch_tokens_per_s']:10.1f}  ratio {row['ratio']:.2f}×", flush=True)
+        result["models"][path] = model
     return result
+
+
+def smollm2_shaped() -> torch.nn.Module:
+    """LlamaForCausalLM with SmolLM2-135M's shape (30 layers, 576 wide, MLP 1536, 9 query and
+    3 key/value heads, 49,152-token tied vocabulary), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
 
 
 def bert_base(device: torch.device, warmup: int, repeat: int) -> tuple[dict, dict]:
@@ -139,12 +171,17 @@ def bert_base(device: torch.device, warmup: int, repeat: int) -> tuple[dict, dic
     dense, monarch = model_bench.model_pair(dense, nblocks=4)
     print(f"\n(converted BERT-base at nblocks 4 in {time.perf_counter() - start:.1f} s on {device})")
     agreement = model_agreement(dense, monarch, device)
-    result = model_bench.models_benchmark(dense, monarch, batch=32, seq_len=128, dtype=torch.bfloat16, device=device,
-                                    warmup=warmup, repeat=repeat)
-    inf, step = result["inference"], result["train_step"]
-    print("== BERT-base classifier, batch 32×128, bfloat16 (targets: inference ≥2×, train step ≥1.5×) ==")
-    print(f"  inference   dense {inf['dense_ms']:8.2f} ms  Monarch {inf['monarch_ms']:8.2f} ms  ratio {inf['ratio']:.2f}×")
-    print(f"  train step  dense {step['dense_ms']:8.2f} ms  Monarch {step['monarch_ms']:8.2f} ms  ratio {step['ratio']:.2f}×")
+    result = {}
+    for path in ("auto", "strided", "triton"):
+        with kernels.use(path):
+            result[path] = model_bench.models_benchmark(dense, monarch, batch=32, seq_len=128, dtype=torch.bfloat16,
+                                                        device=device, warmup=warmup, repeat=repeat)
+        inf, step = result[path]["inference"], result[path]["train_step"]
+        print(f"== BERT-base classifier, batch 32×128, bfloat16, Monarch layers through {path} "
+              "(targets: inference ≥2×, train step ≥1.5×) ==")
+        print(f"  inference   dense {inf['dense_ms']:8.2f} ms  Monarch {inf['monarch_ms']:8.2f} ms  ratio {inf['ratio']:.2f}×")
+        print(f"  train step  dense {step['dense_ms']:8.2f} ms  Monarch {step['monarch_ms']:8.2f} ms  ratio {step['ratio']:.2f}×",
+              flush=True)
     return result, agreement
 
 
@@ -258,7 +295,13 @@ def main() -> int:
     parser.add_argument("--decode-model", type=Path, default=Path(__file__).resolve().parents[2] / "models" / "smollm2-135m",
                         help="dense causal LM folder for the decoding section (converted in memory; absent: layers only)")
     parser.add_argument("--llama7b-work", type=Path, default=Path("runs/gpu_check_llama7b"), help="scratch folder (deleted after)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, run in this order: {', '.join(SECTIONS)}")
     args = parser.parse_args()
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available():
         print("no CUDA GPU here: this script is for a GPU session (the CI machine checks the kernel with "
               "TRITON_INTERPRET=1, see tests/test_kernel_triton.py)", file=sys.stderr)
@@ -267,20 +310,45 @@ def main() -> int:
 
     device = torch.device("cuda")
     warmup, repeat = (3, 10) if args.quick else (10, 50)
-    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
-    ok, correct = correctness("cuda")
-    layer_rows = layers(device, warmup, repeat)
-    decoding = decode(device, warmup, repeat, args.decode_model)
-    model, agreement = bert_base(device, warmup=max(3, warmup // 2), repeat=max(5, repeat // 3))
-    ok = ok and agreement["ok"]
-    training = gpt2_small_training(args.glue, args.train_steps, args.train_out) if args.train_steps > 0 else []
-    llama7b = llama7b_streaming(args.llama7b_layers, args.llama7b_budget_s, args.llama7b_work) if args.llama7b_layers > 0 else {}
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-                   "correctness": correct, "model_agreement": agreement, "layers": layer_rows, "decode": decoding, "bert_base": model,
-                   "gpt2_small_training": training, "llama7b_streaming": llama7b},
-                  handle, indent=2)
-    print(f"\nall numbers written to {args.out}; correctness {'passed' if ok else 'FAILED'}")
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    runs = {
+        "correctness": lambda: correctness("cuda"),
+        "layers": lambda: layers(device, warmup, repeat),
+        "decode": lambda: decode(device, warmup, repeat, args.decode_model),
+        "bert_base": lambda: bert_base(device, warmup=max(3, warmup // 2), repeat=max(5, repeat // 3)),
+        "training": lambda: gpt2_small_training(args.glue, args.train_steps, args.train_out) if args.train_steps > 0 else [],
+        "llama7b": lambda: (llama7b_streaming(args.llama7b_layers, args.llama7b_budget_s, args.llama7b_work)
+                            if args.llama7b_layers > 0 else {}),
+    }
+    results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+                     "seconds": {}, "errors": {}}
+    ok = True
+    for name in sections:
+        # A section that breaks is recorded and the rest still run: a GPU lease is short.
+        start = time.perf_counter()
+        try:
+            value = runs[name]()
+        except Exception as error:  # noqa: BLE001 - recorded, reported, and the exit status says so
+            import traceback
+
+            traceback.print_exc()
+            results["errors"][name] = f"{type(error).__name__}: {error}"
+            ok = False
+        else:
+            if name == "correctness":
+                passed, value = value
+                ok = ok and passed
+            elif name == "bert_base":
+                value, agreement = value
+                results["model_agreement"] = agreement
+                ok = ok and agreement["ok"]
+            results[name] = value
+        results["seconds"][name] = round(time.perf_counter() - start, 1)
+        print(f"  ({name}: {results['seconds'][name]} s)", flush=True)
+        # written after every section, so a run stopped at its time limit keeps what it measured
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    print(f"\nall numbers written to {args.out}; {'passed' if ok else 'FAILED (see above)'}")
     return 0 if ok else 1
 
 

@@ -130,3 +130,70 @@ def test_layouts_the_kernel_skips_fall_back_to_the_strided_path():
     R, L = torch.randn(4, 6, 5, generator=gen), torch.randn(4, 6, 6, generator=gen)
     x = torch.randn(3, 20, generator=gen)
     torch.testing.assert_close(triton_monarch.monarch_triton(x, R, L), strided.monarch_strided(x, R, L))
+
+
+def _tiles(config) -> tuple[int, int, int, int]:
+    return tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_J", "BLOCK_T", "BLOCK_I"))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 32, 64, 128, 4096, 16384])
+@pytest.mark.parametrize("dims", [(48, 192, 192), (48, 768, 192), (256, 2752, 1024), (2, 6, 12), (16, 16, 64)])
+def test_the_autotuner_times_only_configs_that_fit_the_shape(rows, dims):
+    """Every candidate is compiled before it is timed: the pruning keeps 16-row tiles for a
+    few tokens only, none for many, no tile wider than the dimension it covers where a
+    narrower one exists, and never nothing."""
+    t, out_block, in_block = dims
+    configs = triton_monarch._configs()
+    bucket = 1 << (rows - 1).bit_length()
+    kept = triton_monarch._prune(configs, {"n_bucket": bucket}, T=t, OUT_BLOCK=out_block, IN_BLOCK=in_block)
+    assert kept and all(c in configs for c in kept)
+    rows_kept = {_tiles(c)[0] for c in kept}
+    if bucket <= 16:
+        assert rows_kept == {16}
+    elif bucket <= 64:
+        assert max(rows_kept) <= 64
+    else:
+        assert min(rows_kept) > 16
+    caps = [max(16, 1 << (width - 1).bit_length()) for width in (out_block, t, in_block)]
+
+    def fits(config) -> bool:
+        return all(tile <= cap for tile, cap in zip(_tiles(config)[1:], caps))
+
+    if any(fits(c) for c in configs if _tiles(c)[0] in rows_kept):
+        assert all(fits(c) for c in kept)
+    assert len(kept) < len(configs)
+
+
+def test_a_pinned_config_is_one_of_the_pruned_candidates_and_restored_after():
+    assert triton_monarch._pinned is None
+    with triton_monarch.pinned(-1):
+        assert triton_monarch._pinned == -1
+        with triton_monarch.pinned(0):
+            assert triton_monarch._pinned == 0
+        assert triton_monarch._pinned == -1
+    assert triton_monarch._pinned is None
+
+
+def test_the_gpu_check_pins_first_and_last_configs_by_turns(monkeypatch):
+    """Correctness on a GPU covers different tile shapes without autotuning every variant."""
+    seen = []
+    monkeypatch.setattr(check, "check_case", lambda *a, **k: seen.append(triton_monarch._pinned) or None)
+    monkeypatch.setattr(torch, "device", lambda d: type("D", (), {"type": "cuda"})())
+    check.run([(2, 8, 8, 1), (2, 8, 8, 2)], (torch.float32, torch.bfloat16), "cuda")
+    assert len(seen) == 2 * 2 * 2 and set(seen) == {0, -1}
+    assert triton_monarch._pinned is None
+
+
+def test_a_forced_fused_kernel_hands_what_it_cannot_take_to_the_strided_path(monkeypatch):
+    """Without a GPU (and outside the interpreter) ``use("triton")`` still computes the product."""
+    from monarchify.monarch import kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_monarch, "monarch_triton", lambda *a, **k: pytest.fail("the kernel was launched"))
+    torch.manual_seed(0)
+    x, R, L = torch.randn(3, 16, dtype=torch.float64), torch.randn(4, 4, 4, dtype=torch.float64), torch.randn(4, 8, 4, dtype=torch.float64)
+    with kernels.use("triton"):
+        got = kernels.monarch_matmul(x, R, L)
+    with kernels.use("reference"):
+        want = kernels.monarch_matmul(x, R, L)
+    torch.testing.assert_close(got, want)

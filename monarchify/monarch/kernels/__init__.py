@@ -1,19 +1,20 @@
 """Which implementation computes a Monarch product, chosen per call.
 
-* ``triton``: fused kernels (both block products and the permutations in one pass),
-  used automatically for CUDA tensors when Triton is importable and the shape fits;
+* ``triton``: fused kernels (both block products and the permutations in one pass), on
+  request only: timed on an H200 it lost to the strided path at every shape and token count
+  tried, training and inference (``docs/performance.md``);
 * ``native``: for CPU inference over at most :data:`.native.MAX_TOKENS` rows (decoding), one
   compiled C call that streams the factors once (:mod:`.native`, built on first use);
 * ``small``: for CPU inference over at most :data:`SMALL_BATCH_TOKENS` rows, or where the
   native kernel is not available, two batched products over factors pre-arranged once by the
   layer (:mod:`.small`);
 * ``strided``: strided BLAS calls with a hand-written backward (:mod:`.strided`), used on
-  the CPU and as the fallback anywhere else;
+  the GPU, for training and many rows on the CPU, and as the fallback anywhere else;
 * ``reference``: the plain two-``bmm`` version (:mod:`.reference`), the yardstick.
 
 ``use("name")`` forces one inside a ``with`` block (benchmarks and tests compare them);
 the default ``auto`` picks as above. Under ``torch.compile`` the plain path is traced (the
-compiler fuses its copies itself). Triton is imported only when a CUDA tensor arrives, so
+compiler fuses its copies itself). Triton is imported only when the fused kernel is asked for, so
 importing monarchify never touches the GPU stack.
 """
 
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
 from collections.abc import Callable, Iterator
-from functools import lru_cache
 
 import torch
 
@@ -51,22 +50,13 @@ def use(name: str) -> Iterator[None]:
         _choice.reset(token)
 
 
-@lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """Whether Triton can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
 def auto_choice(x: torch.Tensor, *, inference: bool = False, weights: int = 0) -> str:
-    """What ``auto`` runs for this input: the fused kernel on CUDA when possible; on the CPU
-    for ``inference`` (no gradient wanted, arranged factors on offer) over a few rows the
-    native kernel for layers of at most :data:`.native.MAX_WEIGHTS` factor entries
-    (``weights``) or the small path, else the strided one."""
-    if x.is_cuda and triton_available():
-        from monarchify.monarch.kernels import triton_monarch
-
-        if triton_monarch.supports(x):
-            return "triton"
+    """What ``auto`` runs for this input: on the CPU for ``inference`` (no gradient wanted,
+    arranged factors on offer) over a few rows the native kernel for layers of at most
+    :data:`.native.MAX_WEIGHTS` factor entries (``weights``) or the small path, else (and on
+    any GPU) the strided one. The fused Triton kernel is not chosen: on an H200 in bf16 the
+    strided path beat it everywhere measured (1 to 16,384 tokens, 576 to 14,336 wide,
+    forward and backward; ``benchmarks/gpu_check.py``), by 1.3x to 9x."""
     if inference and x.is_cpu and x.shape[0] <= SMALL_BATCH_TOKENS:
         return "native" if weights <= native.MAX_WEIGHTS and native.supports(x) else "small"
     return "strided"
@@ -144,7 +134,9 @@ def monarch_matmul(
     if name == "triton":
         from monarchify.monarch.kernels import triton_monarch
 
-        return triton_monarch.monarch_triton(x, R, L, bias, blocked=blocked)
+        if triton_monarch.supports(x) or triton_monarch.interpreting():
+            return triton_monarch.monarch_triton(x, R, L, bias, blocked=blocked)
+        name = "strided"  # what it cannot take (a CPU tensor, float64): the same product in torch
     if name == "reference":
         y = monarch_reference(x, R, L, blocked=blocked)
         return y if bias is None else y + bias
@@ -153,5 +145,5 @@ def monarch_matmul(
 
 __all__ = [
     "IMPLEMENTATIONS", "SMALL_BATCH_TOKENS", "arrange", "native", "auto_choice", "decode_native", "monarch_matmul", "monarch_reference", "monarch_small",
-    "monarch_strided", "needs_grad", "triton_available", "use",
+    "monarch_strided", "needs_grad", "use",
 ]

@@ -28,7 +28,9 @@ float32 first: exact for bf16 values, and the same float32 accumulation the GPU 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -137,7 +139,38 @@ def _configs() -> list[triton.Config]:
     return configs
 
 
-_fused_tuned = triton.autotune(configs=_configs(), key=["NB", "IN_BLOCK", "OUT_BLOCK", "T", "n_bucket"])(_fused_kernel)
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs worth timing for one shape: every one is compiled before it is timed, and
+    compiling dominates a short GPU session. Row tiles follow the token count (16-row tiles
+    only for a few tokens, none for many), and no tile is wider than the (power-of-two
+    rounded) dimension it covers, where a narrower one exists."""
+    shape = {**named_args, **kwargs}
+    rows, dims = shape["n_bucket"], {"BLOCK_T": shape["T"], "BLOCK_J": shape["OUT_BLOCK"], "BLOCK_I": shape["IN_BLOCK"]}
+    row_fits = (lambda m: m == 16) if rows <= 16 else (lambda m: m <= 64) if rows <= 64 else (lambda m: m > 16)
+    kept = [c for c in configs if row_fits(c.kwargs["BLOCK_M"])
+            and all(c.kwargs[k] <= max(16, triton.next_power_of_2(n)) for k, n in dims.items())]
+    return kept or [c for c in configs if row_fits(c.kwargs["BLOCK_M"])] or configs
+
+
+_fused_tuned = triton.autotune(configs=_configs(), key=["NB", "IN_BLOCK", "OUT_BLOCK", "T", "n_bucket"],
+                               prune_configs_by={"early_config_prune": _prune})(_fused_kernel)
+
+
+_pinned: int | None = None
+"""Index into a shape's pruned configs to launch without autotuning (:func:`pinned`)."""
+
+
+@contextlib.contextmanager
+def pinned(index: int) -> Iterator[None]:
+    """Launch one config of each shape's pruned list (``0``: the first, ``-1``: the last)
+    instead of autotuning: a correctness check compiles one variant per case rather than
+    every candidate, and alternating indices covers different tile shapes."""
+    global _pinned
+    saved, _pinned = _pinned, index
+    try:
+        yield
+    finally:
+        _pinned = saved
 
 
 def _interpreter_blocks(in_block: int, out_block: int, t: int) -> dict[str, int]:
@@ -157,17 +190,22 @@ def _launch(inp_strides, inp, w1, w1_strides, w2, w2_strides, out, out_strides, 
     # float32 follows torch's own switch (off by default: full precision); 16-bit operands
     # ignore it, "tf32" is just Triton's default value there.
     precision = "ieee" if inp.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    n_bucket = triton.next_power_of_2(n_rows)  # the autotuner's key, not every batch size
     args = (
         inp, w1, w2, out, mid if mid is not None else out, bias if bias is not None else out,
-        n_rows, triton.next_power_of_2(n_rows),  # n_bucket: the autotuner's key, not every batch size
+        n_rows, n_bucket,
         *inp_strides, *w1_strides, *w2_strides, *out_strides, *mid_strides, *bias_strides,
     )
     flags = dict(NB=nb, IN_BLOCK=in_block, OUT_BLOCK=out_block, T=t, HAS_BIAS=bias is not None,
                  STORE_MID=mid is not None, UPCAST=upcast, PRECISION=precision)
-    if interpreting():
-        blocks = _interpreter_blocks(in_block, out_block, t)
+    if interpreting() or _pinned is not None:
+        if interpreting():
+            blocks, launch = _interpreter_blocks(in_block, out_block, t), {}
+        else:
+            config = _prune(_configs(), dict(n_bucket=n_bucket, IN_BLOCK=in_block, OUT_BLOCK=out_block, T=t))[_pinned]
+            blocks, launch = config.kwargs, dict(num_warps=config.num_warps, num_stages=config.num_stages)
         grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), nb, triton.cdiv(out_block, blocks["BLOCK_J"]))
-        _fused_kernel[grid](*args, **flags, **blocks)
+        _fused_kernel[grid](*args, **flags, **blocks, **launch)
     else:
         def grid(meta):
             return (triton.cdiv(n_rows, meta["BLOCK_M"]), nb, triton.cdiv(out_block, meta["BLOCK_J"]))
