@@ -39,6 +39,8 @@ OUTPUT_ORDERS = ("blocked", "interleaved")
 """How a Monarch layer orders its outputs (:class:`monarchify.monarch.layout.MonarchLayout`)."""
 BUDGET_OBJECTIVES = ("layers", "output", "even", "fisher")
 """What a budget minimises (``MonarchConfig.budget_objective``)."""
+BUDGET_SOLVERS = ("exact", "nested")
+"""How a budget picks its plan (``MonarchConfig.budget_solver``)."""
 STRUCTURES = ("monarch", "lowrank")
 """What a converted layer becomes (``MonarchConfig.structure``)."""
 """What a budget minimises (``MonarchConfig.budget_objective``)."""
@@ -194,6 +196,13 @@ class MonarchConfig:
       calibration text; :func:`monarchify.pipeline.observe.output_fisher`): the layers' errors
       in one unit, summed as the estimated divergence from the dense model. Needs calibration;
       plain Monarch options only.
+    * ``budget_solver``: how the budget picks its plan: ``"exact"``, the least summed error
+      that fits (:func:`monarchify.pipeline.knapsack.solve`), or ``"nested"``, layers moved up
+      their error-per-parameter curves in one order while steps fit
+      (:func:`~monarchify.pipeline.knapsack.solve_nested`): nearby budgets then give nearby
+      plans (on MiniLM 0.8 layers change per 0.0005 of budget, against 2.7 for the exact
+      plan, which reshuffles layers for a few thousand parameters more), for at most 0.6 %
+      more summed error there.
     * ``ranks``: ``{regex: rank}``, a low-rank term for matching layers (last wins; 0 removes
       it). A budgeted checkpoint records its choices here, as exact names.
     * ``calibration``: project on real activations (the text is an argument of ``convert``).
@@ -223,6 +232,7 @@ class MonarchConfig:
     budget_keep_dense: bool = True
     budget_ranks: list[int] = field(default_factory=list)
     budget_objective: str = "layers"
+    budget_solver: str = "exact"
     ranks: dict[str, int] = field(default_factory=dict)
     calibration: CalibrationConfig | None = None
     speed_gate: SpeedGateConfig | None = None
@@ -259,6 +269,12 @@ class MonarchConfig:
         if self.budget_objective not in BUDGET_OBJECTIVES:
             raise ConfigError(f"budget_objective must be one of {', '.join(BUDGET_OBJECTIVES)}, got {self.budget_objective!r}",
                               field="budget_objective")
+        if self.budget_solver not in BUDGET_SOLVERS:
+            raise ConfigError(f"budget_solver must be one of {', '.join(BUDGET_SOLVERS)}, got {self.budget_solver!r}",
+                              field="budget_solver")
+        if self.budget_solver != "exact" and self.budget is None:
+            raise ConfigError(f"budget_solver '{self.budget_solver}' picks a budget's plan: it needs a budget",
+                              field=("budget_solver", "budget"))
         if isinstance(self.calibration, dict):
             self.calibration = CalibrationConfig.from_dict(self.calibration)
         if self.calibration is not None and self.calibration.sequential and self.budget is not None:
@@ -287,7 +303,7 @@ class MonarchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data; ``speed_gate``, ``budget_ranks``, ``budget_objective``,
-        ``ranks``, ``structure`` and calibration's ``sequential`` appear only when set (recipes
+        ``budget_solver``, ``ranks``, ``structure`` and calibration's ``sequential`` appear only when set (recipes
         written before they existed stay byte-identical)."""
         data = asdict(self)
         if data["structure"] == "monarch":
@@ -297,6 +313,8 @@ class MonarchConfig:
                 del data[name]
         if data["budget_objective"] == "layers":
             del data["budget_objective"]
+        if data["budget_solver"] == "exact":
+            del data["budget_solver"]
         if data["calibration"] is not None and not data["calibration"]["sequential"]:
             del data["calibration"]["sequential"]
         return data

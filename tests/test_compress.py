@@ -121,6 +121,7 @@ def test_a_stopped_run_resumes_at_the_stage_it_stopped(tmp_path, bert_folder, da
         (["--epochs", "0"], "--epochs must be positive"),
         (["--output-order", "sideways"], "--output-order must be one of"),
         (["--budget-objective", "logits"], "--budget-objective must be one of"),
+        (["--budget-solver", "greedy"], "--budget-solver must be one of"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, bert_folder, data, capsys, extra, message):

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from monarchify.cli.finetune import RichEvents, print_results, warn_if_trivial
-from monarchify.cli.options import BudgetObjective, JsonFlag, OutputOrder, Structure, Threads, threads_for_training
+from monarchify.cli.options import BudgetObjective, BudgetSolver, JsonFlag, OutputOrder, Structure, Threads, threads_for_training
 from monarchify.cli.render import console, print_json
 from monarchify.config import parse_ranks
 from monarchify.errors import ConfigError
@@ -42,6 +42,7 @@ def compress(
     output_order: OutputOrder = "blocked",
     budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term next to its blocks, e.g. 8,16,32.")] = None,
     budget_objective: BudgetObjective = "layers",
+    budget_solver: BudgetSolver = "exact",
     structure: Structure = "monarch",
     gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Stage 3: Monarch layers take over from the teacher's dense layers gradually, over this share of the steps.")] = None,
     finetuned: Annotated[bool | None, typer.Option("--finetuned/--pretrained", help="Whether MODEL is already fine-tuned on the task (default: read from its config.json).")] = None,
@@ -66,7 +67,8 @@ def compress(
     """
     if (task is None) == (text is None):
         raise ConfigError("give --task (a GLUE task) or --text (language-model compression), one of the two")
-    recipe = {"output_order": output_order, "budget_objective": budget_objective, "structure": structure,
+    recipe = {"output_order": output_order, "budget_objective": budget_objective, "budget_solver": budget_solver,
+              "structure": structure,
               "budget_ranks": parse_ranks(budget_ranks) if budget_ranks is not None else []}
     if text is not None:
         if (budget is None) == (nblocks is None):
@@ -104,7 +106,7 @@ def compress(
         calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, force=force, output_order=output_order,
         distill={"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden},
         finetune=shared, budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
-        budget_objective=budget_objective, restart_from=restart_from, structure=structure,
+        budget_objective=budget_objective, budget_solver=budget_solver, restart_from=restart_from, structure=structure,
     )
     busy_check = threads_for_training(threads)
     import datasets

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from monarchify.cli.options import (
-    AllowZeros, BudgetObjective, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, Structure, Threads,
+    AllowZeros, BudgetObjective, BudgetSolver, Exclude, ForceFlag, Include, JsonFlag, NBlocks, OutDir, OutputOrder, Override, Structure, Threads,
     build_config, set_threads,
 )
 from monarchify.cli.render import SORT_KEYS, err_console, print_json, print_report, progress_bar
@@ -95,6 +95,7 @@ def convert(
     budget_dense: Annotated[bool, typer.Option("--budget-dense/--no-budget-dense", help="Whether --budget may keep a layer dense (error 0, full price).")] = True,
     budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term (K·(d_in+d_out) parameters, fitted to what Monarch misses) next to its blocks, e.g. 8,16,32. With --structure lowrank: the ranks --budget chooses among (default: those matching each block count).")] = None,
     budget_objective: BudgetObjective = "layers",
+    budget_solver: BudgetSolver = "exact",
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Convert tensor by tensor without loading the model (local safetensors folders; --text runs one block at a time; no budget or speed gate; no functional check). Default: stream folders over 2 GB of weights when the recipe allows.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted streaming conversion into the same --out, keeping its finished shards (implies --stream).")] = False,
     device: Annotated[str, typer.Option("--device", help="Where a streaming conversion projects (and runs --text's blocks): cpu or cuda (cuda implies --stream).")] = "cpu",
@@ -127,6 +128,8 @@ def convert(
         raise ConfigError("--budget-ranks needs --budget FRACTION")
     if budget_objective != "layers" and budget is None:
         raise ConfigError(f"--budget-objective {budget_objective} needs --budget FRACTION")
+    if budget_solver != "exact" and budget is None:
+        raise ConfigError(f"--budget-solver {budget_solver} needs --budget FRACTION")
     if budget_objective in ("output", "fisher") and text is None:
         raise ConfigError(f"--budget-objective {budget_objective} needs --text DATA (it measures the model's output on it)")
     if text is None and (calibration_samples is not None or refine_sweeps is not None or sequential):
@@ -142,6 +145,7 @@ def convert(
         nblocks, include, exclude, override, allow_structural_zeros,
         budget=budget, budget_keep_dense=budget_dense, output_order=output_order, structure=structure,
         budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [], budget_objective=budget_objective,
+        budget_solver=budget_solver,
         calibration=CalibrationConfig(
             samples=DEFAULT_CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples,
             sweeps=DEFAULT_SWEEPS if refine_sweeps is None else refine_sweeps,

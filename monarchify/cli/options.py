@@ -60,6 +60,15 @@ BudgetObjective = Annotated[
         "samples; the sum is the estimated divergence from the dense model).",
     ),
 ]
+BudgetSolver = Annotated[
+    str,
+    typer.Option(
+        "--budget-solver",
+        help="How --budget picks its plan: exact (the least summed error that fits; a budget a few thousand "
+        "parameters larger can reshuffle many layers) or nested (layers move up their error-per-parameter curves "
+        "in one order while steps fit: nearby budgets give nearby plans, for a fraction of a percent more error).",
+    ),
+]
 Structure = Annotated[
     str,
     typer.Option(

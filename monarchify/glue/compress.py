@@ -79,6 +79,8 @@ class CompressOptions:
     """Ranks of a low-rank term the budget may add to a layer (``MonarchConfig.budget_ranks``)."""
     budget_objective: str = "layers"
     """What the budget minimises (``MonarchConfig.budget_objective``)."""
+    budget_solver: str = "exact"
+    """How the budget picks its plan (``MonarchConfig.budget_solver``)."""
     structure: str = "monarch"
     """What the converted layers become (``MonarchConfig.structure``): ``"lowrank"`` runs the
     same recipe with the low-rank baseline, the budget choosing ranks."""
@@ -125,7 +127,8 @@ class CompressOptions:
         return MonarchConfig(
             budget=self.budget, calibration=CalibrationConfig(samples=self.calibration_samples or DEFAULT_CALIBRATION_SAMPLES),
             output_order=self.output_order,
-            budget_ranks=list(self.budget_ranks), budget_objective=self.budget_objective, structure=self.structure,
+            budget_ranks=list(self.budget_ranks), budget_objective=self.budget_objective, budget_solver=self.budget_solver,
+            structure=self.structure,
         )
 
     def finetune_options(self, model: str, out: Path, lr: float, **extra: Any) -> FinetuneOptions:

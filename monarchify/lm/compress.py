@@ -220,7 +220,7 @@ def check_against_uniform(options: TextCompressOptions, converted: Path, data: T
         return {"chosen": "budget", "uniform": None}
     rival = converted.with_name(UNIFORM)
     _reset([rival])
-    recipe = replace(options.conversion, budget=None, nblocks=blocks, budget_objective="layers", budget_ranks=[],
+    recipe = replace(options.conversion, budget=None, nblocks=blocks, budget_objective="layers", budget_solver="exact", budget_ranks=[],
                      budget_keep_dense=True)
     events.note(f"stage 1/2: converting uniform {blocks} blocks too, to check the budget's plan against it")
     with events.converting() as convert_events:

@@ -35,7 +35,7 @@ from monarchify.errors import ConfigError
 from monarchify.monarch.layout import BLOCKED, MonarchLayout
 from monarchify.monarch.lowrank import check_rank
 from monarchify.monarch.whitening import DEFAULT_DAMPING
-from monarchify.pipeline.knapsack import BudgetError, solve
+from monarchify.pipeline.knapsack import BudgetError, solve, solve_nested
 from monarchify.pipeline.plan import PlannedLayer
 from monarchify.pipeline.pricing import CANDIDATES, DENSE, LayerChoices, Option, lowrank_rank, price_layer, rank_of
 from monarchify.pipeline.speed_gate import SpeedGate
@@ -136,7 +136,7 @@ def plan_budget(
     params_dense = sum(layer.params_dense for layer in choices)
     budget = int(config.budget * params_dense)
     try:
-        picks = solve([layer.options for layer in choices], budget)
+        picks = (solve_nested if config.budget_solver == "nested" else solve)([layer.options for layer in choices], budget)
     except BudgetError:
         least = sum(min(o.params for o in layer.options) for layer in choices)
         smallest = "the smallest rank of the grid" if lowrank else f"nblocks up to {max(CANDIDATES)}"
