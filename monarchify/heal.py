@@ -151,6 +151,7 @@ def heal_(
     measure: Callable[[nn.Module], float] | None = None,
     progress: Callable[[int, float], None] | None = None,
     state_dir: Path | None = None,
+    measured: Callable[[int, float], None] | None = None,
 ) -> HealResult:
     """Train ``student`` in place to match ``teacher`` on ``batches`` (cycled), as ``config`` says.
 
@@ -159,7 +160,8 @@ def heal_(
     ``measure(student)`` is the held-out number recorded before, after, and every
     ``config.eval_every`` steps into ``curve`` (that time is not in ``seconds``); by default
     the hidden-state error on ``heldout`` batches, none without them. ``progress(step,
-    loss)`` is called after every step.
+    loss)`` is called after every step, ``measured(step, value)`` after every measurement (so
+    a front end can show the curve as it grows: a long healing run is hours).
 
     ``state_dir``: where a resumable state is written every ``config.save_every`` steps (the
     trainable weights, AdamW's moments and the record so far, in safetensors and JSON); a
@@ -204,6 +206,8 @@ def heal_(
     if measure is not None and first == 0:
         result.heldout_before = measure(model)
         result.curve.append((0, result.heldout_before))
+        if measured is not None:
+            measured(0, result.heldout_before)
     measuring = 0.0
     start = time.perf_counter() - result.seconds
     timer = StepTimer(result.step_seconds)
@@ -231,6 +235,8 @@ def heal_(
             began = time.perf_counter()
             result.curve.append((done, measure(model)))
             measuring += time.perf_counter() - began
+            if measured is not None:
+                measured(*result.curve[-1])
         if state is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
             result.seconds = time.perf_counter() - start - measuring
             state.save(done, named, optimizer, result)  # gathered in every process, written by the main one
@@ -243,6 +249,8 @@ def heal_(
     if measure is not None:
         result.heldout_after = measure(student)
         result.curve.append((config.steps, result.heldout_after))
+        if measured is not None:
+            measured(config.steps, result.heldout_after)
     return result
 
 

@@ -154,6 +154,11 @@ def test_cli_compress_text_prints_the_perplexities_and_refuses_task_flags(tmp_pa
     results = json.loads((out / "eval_results.json").read_text())
     assert results["heal"]["steps"] == 4 and results["heldout"]["window"] == 16
     assert [p["step"] for p in results["heal"]["curve"]] == [0, 1, 2, 3, 4]  # default: every steps // 4
+    # the curve is shown as it grows (a real healing run is hours), each point as recorded
+    shown = [line for line in err.splitlines() if line.startswith(("held-out perplexity before", "held-out perplexity after"))]
+    assert len(shown) == 5 and shown[0].startswith("held-out perplexity before healing: ")
+    for line, point in zip(shown[1:], results["heal"]["curve"][1:]):
+        assert line == f"held-out perplexity after step {point['step']}/4: {point['perplexity']:.2f}"
 
     code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "--budget", "0.5", "--out",
                         tmp_path / "o2", "--epochs", "2")

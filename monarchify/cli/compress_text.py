@@ -37,6 +37,10 @@ class HealBar:
         if step >= steps:
             self.stop()
 
+    def measured(self, step: int, steps: int, perplexity: float) -> None:
+        when = "before healing" if step == 0 else f"after step {step}/{steps}"
+        err_console.print(f"held-out perplexity {when}: {perplexity:.2f}")  # above the bar while it runs
+
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -69,7 +73,7 @@ def run_text_compress(options: Any, *, json_out: bool, argv: list[str], busy_che
     rich = RichEvents()
     bar = HealBar(busy_check)
     events = TextCompressEvents(stage=rich.stage, done=rich.done, note=rich.note, heal_step=bar,
-                                converting=conversion_progress)
+                                heal_measured=bar.measured, converting=conversion_progress)
     when_interrupted(f"interrupted; {options.stages} keeps the finished stages and the last healing state: "
                      "the same command again resumes from there")
     try:

@@ -122,6 +122,8 @@ class TextCompressEvents:
     done: Callable[[str], None] = lambda message: None
     note: Callable[[str], None] = lambda message: None
     heal_step: Callable[[int, int, float], None] = lambda step, steps, loss: None
+    heal_measured: Callable[[int, int, float], None] = lambda step, steps, perplexity: None
+    """Held-out perplexity after ``step`` of ``steps`` healing steps (0: before healing)."""
     converting: Callable[[], ContextManager[Any]] = nullcontext
     """A context for the conversion, yielding its progress hooks (``ConvertEvents``) or ``None``."""
 
@@ -345,7 +347,8 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             return window_perplexity(model, data.heldout, options.batch_size)
 
         healed = heal_(student, dense, batches, heal, measure=measure, state_dir=state_dir,
-                       progress=lambda step, loss: events.heal_step(step, heal.steps, loss))
+                       progress=lambda step, loss: events.heal_step(step, heal.steps, loss),
+                       measured=lambda step, perplexity: events.heal_measured(step, heal.steps, perplexity))
         tokens_per_step = options.batch_size * options.block_size
         result_heal = {
             **heal.to_dict(), "batch_size": options.batch_size, "tokens": heal.steps * tokens_per_step,
