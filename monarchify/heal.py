@@ -340,8 +340,11 @@ STAGE = "heal"
 
 class HealState:
     """The resumable state of a healing run in a folder: weights and AdamW moments as
-    safetensors (never pickle), the step and the record so far as JSON written last, so a
-    state is complete exactly when its JSON names its step."""
+    safetensors (never pickle) under names carrying their step, and the record so far as JSON,
+    replaced last and naming the files it goes with. A run stopped at any moment of a save
+    leaves the previous record and its files whole (an earlier layout deleted the record
+    before writing, so a stop in those seconds threw away the whole run: seen on a one-hour
+    healing run); files no record names are cleared after the next save."""
 
     def __init__(self, folder: Path, config: HealConfig) -> None:
         self.folder, self.config = Path(folder), config
@@ -358,8 +361,9 @@ class HealState:
         check_resume(self.folder, STAGE, self.config.to_dict(), what="the healing steps",
                      manifest=recorded(self.folder, STAGE, record.get("config") or {}),
                      advice="heal with the settings they were made with, or remove the state folder to start over")
-        weights = load_file(self.folder / STATE_WEIGHTS)
-        moments = load_file(self.folder / STATE_OPTIMIZER)
+        files = record.get("files") or {"weights": STATE_WEIGHTS, "optimizer": STATE_OPTIMIZER}  # (older states)
+        weights = load_file(self.folder / files["weights"])
+        moments = load_file(self.folder / files["optimizer"])
         with torch.no_grad():
             for name, param in named:
                 param.copy_(_like(weights[name], param))
@@ -389,13 +393,22 @@ class HealState:
         if not distributed.is_main():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
+        files = {kind: _step_name(name, step) for kind, name in (("weights", STATE_WEIGHTS), ("optimizer", STATE_OPTIMIZER))}
         record = {"step": step, "config": self.config.to_dict(), "losses": result.losses, "heldout_before": result.heldout_before,
-                  "curve": result.curve, "seconds": result.seconds, "step_seconds": result.step_seconds}
-        (self.folder / STATE_RECORD).unlink(missing_ok=True)  # incomplete until the new record lands
-        for name, tensors in ((STATE_WEIGHTS, weights), (STATE_OPTIMIZER, moments)):
-            tmp = self.folder / f".{name}.tmp"
+                  "curve": result.curve, "seconds": result.seconds, "step_seconds": result.step_seconds, "files": files}
+        for kind, tensors in (("weights", weights), ("optimizer", moments)):
+            tmp = self.folder / f".{files[kind]}.tmp"
             save_file(tensors, str(tmp))
-            os.replace(tmp, self.folder / name)
+            os.replace(tmp, self.folder / files[kind])
         tmp = self.folder / f".{STATE_RECORD}.tmp"
         tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        os.replace(tmp, self.folder / STATE_RECORD)
+        os.replace(tmp, self.folder / STATE_RECORD)  # the moment the new state takes over
+        for path in self.folder.glob("*.safetensors"):
+            if path.name not in files.values():
+                path.unlink(missing_ok=True)
+
+
+def _step_name(name: str, step: int) -> str:
+    """``heal_weights.safetensors`` -> ``heal_weights.step000120.safetensors``."""
+    stem, _, ext = name.partition(".")
+    return f"{stem}.step{step:06d}.{ext}"

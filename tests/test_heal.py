@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +205,43 @@ def test_a_stopped_healing_run_resumes_to_the_same_result(tmp_path):
     with pytest.raises(ConfigError) as refused:  # the record of the run that wrote the state names what changed
         heal_(copy.deepcopy(students[1]), teacher, batches, other, state_dir=tmp_path)
     assert "\n" not in str(refused.value) and "lr (was 0.001, now 0.002)" in str(refused.value), refused.value
+
+
+def test_a_run_stopped_while_saving_keeps_the_state_before(tmp_path, monkeypatch):
+    """Killed in the seconds a save takes (after the new weights are written, before the new
+    record lands), the folder still holds the previous state whole: the next run resumes from
+    it, not from step 0, and the files of the unfinished save are cleared by the next one."""
+    import monarchify.heal as heal_module
+
+    teacher = tiny_llama()
+    student = copy.deepcopy(teacher)
+    convert(student, MonarchConfig(nblocks=2))
+    batches = [{"input_ids": b["input_ids"] % 120} for b in random_batches(3, 120, seed=0)]
+    config = HealConfig(steps=9, lr=1e-3, save_every=4, hidden_weight=0.0, logit_weight=1.0)
+
+    class Killed(Exception):
+        pass
+
+    real_replace, replaced = os.replace, []
+
+    def replace(src, dst):
+        if str(dst).endswith("heal_state.json") and json.loads(Path(src).read_text())["step"] == 8:
+            raise Killed  # the weights of step 8 are on disk, its record is not
+        replaced.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(heal_module.os, "replace", replace)
+    with pytest.raises(Killed):
+        heal_(copy.deepcopy(student), teacher, batches, config, state_dir=tmp_path)
+    monkeypatch.setattr(heal_module.os, "replace", real_replace)
+    assert json.loads((tmp_path / "heal_state.json").read_text())["step"] == 4
+    assert any("step000008" in name for name in replaced)  # the unfinished save got that far
+
+    seen = []
+    heal_(copy.deepcopy(student), teacher, batches, config, state_dir=tmp_path, progress=lambda step, loss: seen.append(step))
+    assert seen[0] == 5  # resumed after step 4
+    record = json.loads((tmp_path / "heal_state.json").read_text())
+    assert record["step"] == 8 and sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(record["files"].values())
 
 
 def test_logit_healing_matches_next_token_distributions():
