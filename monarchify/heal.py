@@ -203,11 +203,14 @@ def heal_(
         trained = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None,
                                           find_unused_parameters=True)
     rank, world = distributed.rank(), distributed.world_size()
-    if measure is not None and first == 0:
-        result.heldout_before = measure(model)
-        result.curve.append((0, result.heldout_before))
+    def record(step: int, value: float) -> float:
+        result.curve.append((step, value))
         if measured is not None:
-            measured(0, result.heldout_before)
+            measured(step, value)
+        return value
+
+    if measure is not None and first == 0:
+        result.heldout_before = record(0, measure(model))
     measuring = 0.0
     start = time.perf_counter() - result.seconds
     timer = StepTimer(result.step_seconds)
@@ -233,10 +236,8 @@ def heal_(
         done = step + 1
         if measure is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             began = time.perf_counter()
-            result.curve.append((done, measure(model)))
+            record(done, measure(model))
             measuring += time.perf_counter() - began
-            if measured is not None:
-                measured(*result.curve[-1])
         if state is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
             result.seconds = time.perf_counter() - start - measuring
             state.save(done, named, optimizer, result)  # gathered in every process, written by the main one
@@ -247,10 +248,7 @@ def heal_(
         _gather_into(student, model)
         del trained, model, named, optimizer, scheduler
     if measure is not None:
-        result.heldout_after = measure(student)
-        result.curve.append((config.steps, result.heldout_after))
-        if measured is not None:
-            measured(config.steps, result.heldout_after)
+        result.heldout_after = record(config.steps, measure(student))
     return result
 
 

@@ -202,7 +202,7 @@ def _launch(inp_strides, inp, w1, w1_strides, w2, w2_strides, out, out_strides, 
         if interpreting():
             blocks, launch = _interpreter_blocks(in_block, out_block, t), {}
         else:
-            config = _prune(_configs(), dict(n_bucket=n_bucket, IN_BLOCK=in_block, OUT_BLOCK=out_block, T=t))[_pinned]
+            config = _prune(_fused_tuned.configs, dict(n_bucket=n_bucket, IN_BLOCK=in_block, OUT_BLOCK=out_block, T=t))[_pinned]
             blocks, launch = config.kwargs, dict(num_warps=config.num_warps, num_stages=config.num_stages)
         grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), nb, triton.cdiv(out_block, blocks["BLOCK_J"]))
         _fused_kernel[grid](*args, **flags, **blocks, **launch)
