@@ -205,6 +205,10 @@ class MonarchConfig:
       more summed error there.
     * ``ranks``: ``{regex: rank}``, a low-rank term for matching layers (last wins; 0 removes
       it). A budgeted checkpoint records its choices here, as exact names.
+    * ``keep_dense_if_not_smaller``: a layer whose Monarch form would hold no fewer weights than
+      its dense one (a square layer at two blocks holds exactly as many) stays dense instead of
+      only gaining error, unless an override named its block count. Language-model
+      ``compress`` turns it on; off, ``nblocks`` converts every selected layer as asked.
     * ``calibration``: project on real activations (the text is an argument of ``convert``).
     * ``speed_gate``: time every layer shape and keep dense those Monarch does not speed up.
     * ``structure``: what a converted layer becomes: ``"monarch"``, or ``"lowrank"``, the
@@ -234,6 +238,7 @@ class MonarchConfig:
     budget_objective: str = "layers"
     budget_solver: str = "exact"
     ranks: dict[str, int] = field(default_factory=dict)
+    keep_dense_if_not_smaller: bool = False
     calibration: CalibrationConfig | None = None
     speed_gate: SpeedGateConfig | None = None
     output_order: str = "blocked"
@@ -303,7 +308,8 @@ class MonarchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data; ``speed_gate``, ``budget_ranks``, ``budget_objective``,
-        ``budget_solver``, ``ranks``, ``structure`` and calibration's ``sequential`` appear only when set (recipes
+        ``budget_solver``, ``ranks``, ``structure``, ``keep_dense_if_not_smaller`` and calibration's ``sequential``
+        appear only when set (recipes
         written before they existed stay byte-identical)."""
         data = asdict(self)
         if data["structure"] == "monarch":
@@ -315,6 +321,8 @@ class MonarchConfig:
             del data["budget_objective"]
         if data["budget_solver"] == "exact":
             del data["budget_solver"]
+        if not data["keep_dense_if_not_smaller"]:
+            del data["keep_dense_if_not_smaller"]
         if data["calibration"] is not None and not data["calibration"]["sequential"]:
             del data["calibration"]["sequential"]
         return data

@@ -278,3 +278,31 @@ def test_the_even_objective_spreads_what_the_plain_sum_concentrates():
     assert [o.nblocks for o in even.choices.values()] == [4, 4]
     assert math.isclose(even.error, 2 * 0.3 ** 2) and even.to_dict()["error_kind"].startswith("squared")
     assert priced["a"].options == options  # the caller's prices are not rewritten
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.45, 0.62])
+def test_the_plan_records_exactly_what_it_changed_against_the_nearest_uniform_plan(fraction):
+    from monarchify.cli.render import moved_line
+    from monarchify.pipeline.pricing import price_layer
+
+    model = tiny_bert(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    config = MonarchConfig(budget=fraction)
+    layers = plan(model, config)
+    solved = plan_budget(layers, config)
+    nearest = min(solved.uniform, key=lambda b: (abs(solved.uniform[b]["params"] - solved.params_used), b))
+    uniform = {layer.name: next(o for o in price_layer(layer, config, None).options if o.nblocks == nearest) for layer in layers}
+    differ = {name for name, option in solved.choices.items() if option.nblocks != uniform[name].nblocks}
+    assert set(solved.moved) == differ
+    for name, move in solved.moved.items():
+        assert move["uniform_nblocks"] == nearest and move["nblocks"] == solved.choices[name].nblocks
+        assert move["uniform_error"] == pytest.approx(uniform[name].error) and move["error"] == pytest.approx(solved.choices[name].error)
+    # the changes account for the whole difference in parameters and error
+    assert sum(m["params_change"] for m in solved.moved.values()) == solved.params_used - solved.uniform[nearest]["params"]
+    assert sum(m["error"] - m["uniform_error"] for m in solved.moved.values()) == pytest.approx(
+        solved.error - solved.uniform[nearest]["error"], abs=1e-9)
+    assert solved.to_dict().get("moved", {}) == solved.moved
+    if solved.moved:
+        line = moved_line(solved.moved, limit=2)
+        assert line.startswith(f"against uniform {nearest} blocks the budget changed {len(solved.moved)} layers")
+        assert sum(name in line for name in solved.moved) == min(2, len(solved.moved))
+        assert ("more" in line) == (len(solved.moved) > 2)

@@ -195,6 +195,30 @@ def test_cli_compress_text_at_a_block_count_with_sequential_calibration(tmp_path
     assert_one_line_error(code, err, "--task compression needs --budget")
 
 
+def test_cli_compress_text_keeps_layers_two_blocks_would_not_shrink_and_heals_hidden_states_when_asked(tmp_path, lm_folder, capsys):
+    from test_finetune import assert_one_line_error, run_cli
+
+    from monarchify.hf.stored_report import read_report
+
+    text = _text(tmp_path / "train.txt", seed=4)
+    out = tmp_path / "b2h"
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "2", "--out", out, "--heal-steps", "2",
+                        "--distill-hidden", "0.5", "--max-length", "16", "--batch-size", "4", "--calibration-samples", "16")
+    assert code == 0, err
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["options"]["heal"]["hidden_weight"] == 0.5 and results["options"]["heal"]["logit_weight"] == 1.0
+    assert results["recipe"]["keep_dense_if_not_smaller"] is True
+    report = read_report(str(out))
+    kept = {layer.name for layer in report.layers if layer.kept_dense}
+    square = {layer.name for layer in report.layers if layer.shape[0] == layer.shape[1]}
+    assert square and kept == square  # q_proj/o_proj of the tiny Llama: 2 blocks hold all their weights
+    assert all("no smaller" in layer.reason for layer in report.layers if layer.kept_dense)
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "2", "--out", tmp_path / "neg",
+                        "--distill-hidden", "-1")
+    assert_one_line_error(code, err, "hidden_weight", "negative")
+    assert not (tmp_path / "neg").exists()
+
+
 @pytest.mark.parametrize("better", ["budget", "uniform"])
 def test_the_budget_plan_is_kept_only_when_the_model_prefers_it(tmp_path, lm_folder, monkeypatch, better):
     """The uniform rival is the largest block count within the budget; whichever of the two

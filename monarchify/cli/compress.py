@@ -38,7 +38,7 @@ def compress(
     save_every: Annotated[int, typer.Option("--save-steps", metavar="N", help="--text: keep a resumable healing state every N steps.")] = 50,
     distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels in stage 3, 0..1.")] = 0.5,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the logit term.")] = 2.0,
-    distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states in stage 3 (0: off).")] = 0.0,
+    distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states, layer by layer (0: off): in stage 3 with --task, in healing with --text (next to the logit term).")] = 0.0,
     output_order: OutputOrder = "blocked",
     budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term next to its blocks, e.g. 8,16,32.")] = None,
     budget_objective: BudgetObjective = "layers",
@@ -79,7 +79,7 @@ def compress(
             recipe["calibration"] = {"sequential": True}
         _refuse_task_flags(teacher_lr=teacher_lr != 1e-4, epochs=epochs != 3.0, data_dir=data_dir is not None,
                            distill_alpha=distill_alpha != 0.5, distill_temperature=distill_temperature != 2.0,
-                           distill_hidden=distill_hidden != 0.0, gradual=gradual is not None, finetuned=finetuned is not None,
+                           gradual=gradual is not None, finetuned=finetuned is not None,
                            max_train_samples=max_train_samples is not None, max_eval_samples=max_eval_samples is not None)
         from monarchify.cli.compress_text import run_text_compress
         from monarchify.heal_config import HealConfig
@@ -87,7 +87,7 @@ def compress(
 
         if heal_steps < 0:
             raise ConfigError(f"--heal-steps must not be negative, got {heal_steps}")
-        heal = HealConfig(steps=heal_steps, lr=1e-4 if student_lr is None else student_lr, seed=seed, hidden_weight=0.0, logit_weight=1.0,
+        heal = HealConfig(steps=heal_steps, lr=1e-4 if student_lr is None else student_lr, seed=seed, hidden_weight=distill_hidden, logit_weight=1.0,
                           save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4)) if heal_steps else None
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,

@@ -216,6 +216,8 @@ def accuracy_lever_lines(report: ConversionReport) -> list[str]:
         if closest:
             line += f" (uniform {closest[0]} blocks: {closest[1]['fraction']:.1%}, error {closest[1]['error']:.3f})"
         lines.append(line)
+        if budget.get("moved"):
+            lines.append(moved_line(budget["moved"]))
     heal = report.meta.get("heal")
     if heal:
         lines.append(
@@ -224,6 +226,25 @@ def accuracy_lever_lines(report: ConversionReport) -> list[str]:
             f"{heal['heldout_hidden_error_after']:.4f}"
         )
     return lines
+
+
+def moved_line(moved: dict[str, dict[str, Any]], limit: int = 6) -> str:
+    """What the budget changed against the nearest uniform plan, and the trade behind each
+    change: a layer's error before → after and the parameters it took or gave up. Layers that
+    took parameters come first (they are why the others gave some up)."""
+    uniform = next(iter(moved.values()))["uniform_nblocks"]
+    order = sorted(moved.items(), key=lambda item: (-item[1]["params_change"], item[0]))
+
+    def option(move: dict[str, Any]) -> str:
+        if move["nblocks"] is None:
+            return "dense"
+        return f"{move['nblocks']} blocks" + (f" + rank {move['rank']}" if move["rank"] else "")
+
+    parts = [f"{name} {option(move)} (error {move['uniform_error']:.3f} → {move['error']:.3f}, "
+             f"{'+' if move['params_change'] >= 0 else '−'}{_count(abs(move['params_change']))} params)"
+             for name, move in order[:limit]]
+    more = f"; and {len(order) - limit} more (monarchify_report.json: budget.moved)" if len(order) > limit else ""
+    return f"against uniform {uniform} blocks the budget changed {len(order)} layers: " + "; ".join(parts) + more
 
 
 def print_budget_warning(report: ConversionReport) -> None:

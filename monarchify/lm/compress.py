@@ -92,7 +92,7 @@ class TextCompressOptions:
 
     @property
     def conversion(self) -> MonarchConfig:
-        recipe = dict(self.recipe)
+        recipe = {"keep_dense_if_not_smaller": True, **self.recipe}
         if self.budget is not None:
             recipe["budget"] = self.budget
         calibration = dict(recipe.get("calibration") or {})

@@ -33,7 +33,7 @@ import torch
 from monarchify.config import MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.monarch.layout import BLOCKED, MonarchLayout
-from monarchify.monarch.lowrank import check_rank
+from monarchify.monarch.lowrank import check_rank, lowrank_params
 from monarchify.monarch.whitening import DEFAULT_DAMPING
 from monarchify.pipeline.knapsack import BudgetError, solve, solve_nested
 from monarchify.pipeline.plan import PlannedLayer
@@ -64,6 +64,27 @@ class BudgetPlan:
     structure: str = "monarch"
     """``"lowrank"``: the options were ranks of a low-rank layer (their ``nblocks`` is the
     layer's planned block count, unused)."""
+    moved: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The layers whose choice differs from the nearest uniform plan (:meth:`compare_uniform`),
+    with both options' block counts, errors and parameters: what the budget changed, and the
+    trade that made it worth it."""
+
+    def compare_uniform(self, options: Mapping[str, Sequence[Option]]) -> None:
+        """Record in ``moved`` how the plan departs from the uniform block count whose parameter
+        count is nearest to it. A user reading the plan wants the few layers that differ from
+        "4 blocks everywhere", and the price of each: a layer kept dense bought its error back
+        with parameters the others gave up."""
+        if not self.uniform:
+            return
+        nearest = min(self.uniform, key=lambda b: (abs(self.uniform[b]["params"] - self.params_used), b))
+        self.moved = {}
+        for name, chosen in self.choices.items():
+            uniform = next(o for o in options[name] if o.nblocks == nearest and not o.rank)
+            if (chosen.nblocks, chosen.rank) != (uniform.nblocks, uniform.rank):
+                self.moved[name] = {
+                    "uniform_nblocks": nearest, "nblocks": chosen.nblocks, "rank": chosen.rank,
+                    "uniform_error": uniform.error, "error": chosen.error, "params_change": chosen.params - uniform.params,
+                }
 
     @property
     def params_used(self) -> int:
@@ -92,6 +113,7 @@ class BudgetPlan:
             **({"structure": self.structure, "lowrank": {n: o.rank for n, o in self.choices.items() if o.rank}}
                if self.structure != "monarch" else {}),
             **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
+            **({"moved": self.moved} if self.moved else {}),
         }
 
 
@@ -158,6 +180,7 @@ def plan_budget(
                 "fraction": sum(o.params for o in chosen) / params_dense,
                 "error": sum(o.error for o in chosen),
             }
+    plan.compare_uniform({layer.name: layer.options for layer in choices})
     return plan
 
 
@@ -269,6 +292,8 @@ def allocate(
     else:
         allocation.nblocks = {layer.name: layer.nblocks for layer in layers}
         allocation.ranks = {layer.name: rank for layer in layers if (rank := rank_of(layer.name, config))}
+        if config.keep_dense_if_not_smaller:
+            _keep_dense_where_no_smaller(allocation, layers)
 
     monarch = [layer for layer in layers if layer.name in allocation.nblocks]
     for layer in monarch:
@@ -283,6 +308,21 @@ def allocate(
     if config.speed_gate is not None:
         _apply_speed_gate(allocation, monarch, config)
     return allocation
+
+
+def _keep_dense_where_no_smaller(allocation: Allocation, layers: Sequence[PlannedLayer]) -> None:
+    """``keep_dense_if_not_smaller``: a layer whose Monarch form holds as many weights as its
+    dense one would only gain error (and dispatches): two blocks of a square layer are
+    ``2·(n/2)·n = n²`` weights. An override naming its block count still converts it."""
+    for layer in layers:
+        if layer.pinned or layer.name not in allocation.nblocks:
+            continue
+        params = allocation.layout(layer).weight_params + lowrank_params(allocation.ranks.get(layer.name, 0), layer.d_in, layer.d_out)
+        if params >= layer.d_in * layer.d_out:
+            nblocks = allocation.nblocks.pop(layer.name)
+            allocation.ranks.pop(layer.name, None)
+            allocation.kept[layer.name] = KeptDense(
+                f"no smaller: {nblocks} blocks hold {params:,} weights, dense {layer.d_in}→{layer.d_out} holds {layer.d_in * layer.d_out:,}", nblocks)
 
 
 def _apply_speed_gate(allocation: Allocation, layers: Sequence[PlannedLayer], config: MonarchConfig) -> None:
