@@ -85,6 +85,9 @@ class CompressOptions:
     """What the converted layers become (``MonarchConfig.structure``): ``"lowrank"`` runs the
     same recipe with the low-rank baseline, the budget choosing ranks."""
     seed: int = 42
+    holdout: float | None = None
+    """Stage 3 keeps the epoch that scores best on this share of the training examples, held out
+    from its training (``FinetuneOptions.holdout``); ``None``: the last epoch."""
     finetune: dict[str, Any] = field(default_factory=dict)
     """Other :class:`FinetuneOptions` fields for both fine-tuning stages (``epochs``, ``batch_size``...)."""
     force: bool = False
@@ -98,7 +101,7 @@ class CompressOptions:
         self.out = Path(self.out)
         self.data_dir = Path(self.data_dir) if self.data_dir is not None else None
         reserved = {"task", "model", "out", "data_dir", "learning_rate", "distill", "monarch", "seed", "force", "resume", "gradual",
-                    "checkpoint_dir"}
+                    "checkpoint_dir", "holdout"}
         if reserved & set(self.finetune):
             raise ConfigError(f"finetune settings may not set {', '.join(sorted(reserved & set(self.finetune)))}")
         if self.restart_from is not None and self.restart_from not in STAGES:
@@ -110,7 +113,7 @@ class CompressOptions:
         self.recipe  # noqa: B018 - building the recipe checks the budget
         DistillConfig(str(self.model), **self.distill)
         self.finetune_options(self.model, self.out, self.teacher_lr)
-        self.finetune_options(self.model, self.out, self.student_lr, gradual=self.gradual)
+        self.finetune_options(self.model, self.out, self.student_lr, gradual=self.gradual, holdout=self.holdout)
 
     @property
     def stages(self) -> Path:
@@ -342,7 +345,7 @@ def compress(
 
     distill = DistillConfig(str(teacher), **options.distill)
     student = options.finetune_options(str(converted), options.out, options.student_lr, distill=distill,
-                                       gradual=options.gradual, force=options.force)
+                                       gradual=options.gradual, holdout=options.holdout, force=options.force)
     status = _check(manifest, "distill", student.deciding(), "stage 3/3", "fine-tuning from the first epoch", events)
     if status != "started":  # checkpoints of a student made with other options, or on another stage 2
         distributed.on_main(_discard, student.checkpoints)

@@ -40,7 +40,10 @@ class FinetuneOptions:
     unless ``keep_checkpoints``). ``gradual``: the share of the training steps over which the
     Monarch layers take over from their dense originals (:mod:`monarchify.gradual`), starting
     at probability ``gradual_start``; the originals come from the distillation teacher, or from
-    the model itself when it is converted on the fly.
+    the model itself when it is converted on the fly. ``holdout``: a share of the training
+    examples kept out of training (every ``1/holdout``-th one, the same whatever the seed) to
+    choose the epoch whose model is kept: the one that scores best on them by the task's main
+    metric, never the dev split's score (``None``: the last epoch's).
     """
 
     task: str
@@ -73,6 +76,7 @@ class FinetuneOptions:
     force: bool = False
     gradual: float | None = None
     gradual_start: float = 0.5
+    holdout: float | None = None
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -98,6 +102,12 @@ class FinetuneOptions:
             raise ConfigError(f"max_steps must be at least 1 (or -1 for none), got {self.max_steps}", field="max_steps")
         if self.gradual is not None and not 0 < self.gradual <= 1:
             raise ConfigError(f"gradual must be a fraction of the training steps in (0, 1], got {self.gradual}", field="gradual")
+        if self.holdout is not None:
+            if isinstance(self.holdout, bool) or not 0 < self.holdout <= 0.5:
+                raise ConfigError(f"holdout must be a share of the training examples in (0, 0.5], got {self.holdout}", field="holdout")
+            if not (self.eval_each_epoch and self.save_checkpoints):
+                raise ConfigError("holdout chooses among the epochs' checkpoints: it needs eval_each_epoch and save_checkpoints",
+                                  field=("holdout", "eval_each_epoch", "save_checkpoints"))
         if not 0 <= self.gradual_start < 1:
             raise ConfigError(f"gradual_start must be in [0, 1), got {self.gradual_start}", field="gradual_start")
 

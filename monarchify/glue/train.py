@@ -208,7 +208,7 @@ class NoEvaluationAtTheEnd(TrainerCallback):
     so this covers it too."""
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step >= state.max_steps:
+        if state.global_step >= state.max_steps and not args.load_best_model_at_end:  # the last epoch is a candidate too
             control.should_evaluate = False
 
 
@@ -256,13 +256,34 @@ def tokenize(data: GlueData, tokenizer: Any, max_length: int) -> tuple[Any, dict
     return run(data.train), {name: run(ds) for name, ds in data.eval.items()}
 
 
-def training_arguments(options: FinetuneOptions, *, progress_bar: bool) -> TrainingArguments:
+HOLDOUT = "train_holdout"
+"""The evaluation split that ``holdout`` cuts from the training examples."""
+
+
+def split_holdout(train: Any, share: float) -> tuple[Any, Any]:
+    """(the training examples left, those held out): ``floor(n·share)`` of them, evenly spread
+    (example ``i`` is held out when ``⌊(i+1)·share⌋`` passes an integer). Evenly rather than at
+    random so that every seed of a recipe chooses its epoch on the same examples."""
+    held = [i for i in range(len(train)) if int((i + 1) * share) > int(i * share)]
+    if not held or len(held) == len(train):
+        raise ConfigError(f"holdout {share:g} of {len(train)} training examples leaves no examples to "
+                          f"{'hold out' if not held else 'train on'}", field="holdout")
+    kept = sorted(set(range(len(train))) - set(held))
+    return train.select(kept), train.select(held)
+
+
+def training_arguments(options: FinetuneOptions, *, progress_bar: bool, main_metric: str | None = None) -> TrainingArguments:
+    """``main_metric``: with ``holdout``, the metric the kept epoch is chosen by."""
+    choose = {}
+    if options.holdout is not None:
+        choose = {"load_best_model_at_end": True, "metric_for_best_model": f"{HOLDOUT}_{main_metric}", "greater_is_better": True}
     return TrainingArguments(
         **shared_training_arguments(options, progress_bar=progress_bar),
         num_train_epochs=options.epochs,
         max_steps=options.max_steps,
         eval_strategy="epoch" if options.eval_each_epoch else "no",
         save_strategy="epoch" if options.save_checkpoints else "no",
+        **choose,
     )
 
 
@@ -341,6 +362,9 @@ def _load_data(options: FinetuneOptions, task: GlueTask) -> GlueData:
     """
     data = load_glue(task, options.data_dir)
     _subsample(data, options.max_train_samples, options.max_eval_samples)
+    if options.holdout is not None and data.train is not None:
+        data.train, held = split_holdout(data.train, options.holdout)
+        data.eval = {**data.eval, HOLDOUT: held}
     return data
 
 
@@ -505,7 +529,7 @@ def _build_trainer(
     clock = RunClock(timer.timer)
     trainer = MonarchTrainer(
         model=models.model,
-        args=training_arguments(options, progress_bar=progress_bar and not callbacks),
+        args=training_arguments(options, progress_bar=progress_bar and not callbacks, main_metric=task.main_metric),
         train_dataset=train_ds,
         eval_dataset=eval_ds if options.eval_each_epoch else None,
         processing_class=models.tokenizer,
@@ -574,6 +598,15 @@ def _evaluate(trainer: MonarchTrainer, eval_ds: dict[str, Any], task: GlueTask) 
             references = np.asarray(output.label_ids).reshape(-1).tolist()
             baselines[split] = trivial_baseline(task, references, predictions)
     return Evaluation(metrics, seconds, {split: len(ds) for split, ds in eval_ds.items()}, baselines)
+
+
+def _chosen_epoch(trainer: MonarchTrainer, task: GlueTask, examples: int) -> dict[str, Any]:
+    """Which epoch's model ``holdout`` kept (Trainer loaded it at the end), and its score."""
+    step = int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[1])
+    key = f"eval_{HOLDOUT}_{task.main_metric}"
+    scores = {entry["step"]: entry for entry in trainer.state.log_history if key in entry}
+    return {"step": step, "epoch": scores[step]["epoch"], "metric": task.main_metric, "value": trainer.state.best_metric,
+            "examples": examples, "by_epoch": {f"{entry['epoch']:g}": entry[key] for entry in scores.values()}}
 
 
 def _curves(results: dict[str, Any], events: FinetuneEvents) -> dict[str, bytes]:
@@ -684,6 +717,11 @@ def finetune(
         options, task, data, conversion=conversion, params=params, training=training, evaluation=evaluation,
         notes=models.notes, environment=environment, argv=argv,
     )
+    if options.holdout is not None:
+        results["train"]["chosen"] = _chosen_epoch(trainer, task, len(eval_ds[HOLDOUT]))
+        events.note(f"kept the model of epoch {results['train']['chosen']['epoch']:g} (step {results['train']['chosen']['step']}): "
+                    f"the best {task.main_metric} on {results['train']['chosen']['examples']} held-out training examples, "
+                    f"{results['train']['chosen']['value']:.4f}")
     results.update(extra_results or {})
 
     # Under torchrun every process gets here with the same model; the main one writes the
