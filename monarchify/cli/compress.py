@@ -44,6 +44,7 @@ def compress(
     budget_objective: BudgetObjective = "layers",
     budget_solver: BudgetSolver = "exact",
     structure: Structure = "monarch",
+    augment: Annotated[int, typer.Option("--augment", metavar="N", help="Stage 3 also trains on N variants of every training example (words swapped for words of the task's text), labelled by the dense teacher.")] = 0,
     holdout: Annotated[float | None, typer.Option("--holdout", metavar="FRACTION", help="Stage 3 keeps the epoch that scores best on this share of the training examples, held out from its training (never chosen on dev). Default: the last epoch.")] = None,
     gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Stage 3: Monarch layers take over from the teacher's dense layers gradually, over this share of the steps.")] = None,
     finetuned: Annotated[bool | None, typer.Option("--finetuned/--pretrained", help="Whether MODEL is already fine-tuned on the task (default: read from its config.json).")] = None,
@@ -80,7 +81,7 @@ def compress(
             recipe["calibration"] = {"sequential": True}
         _refuse_task_flags(teacher_lr=teacher_lr != 1e-4, epochs=epochs != 3.0, data_dir=data_dir is not None,
                            distill_alpha=distill_alpha != 0.5, distill_temperature=distill_temperature != 2.0,
-                           holdout=holdout is not None, gradual=gradual is not None, finetuned=finetuned is not None,
+                           holdout=holdout is not None, augment=augment != 0, gradual=gradual is not None, finetuned=finetuned is not None,
                            max_train_samples=max_train_samples is not None, max_eval_samples=max_eval_samples is not None)
         from monarchify.cli.compress_text import run_text_compress
         from monarchify.heal_config import HealConfig
@@ -104,7 +105,7 @@ def compress(
               "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
     options = CompressOptions(
         task=task, model=model, out=out, budget=budget, data_dir=data_dir, teacher_lr=teacher_lr, student_lr=5e-5 if student_lr is None else student_lr,
-        calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, holdout=holdout, force=force, output_order=output_order,
+        calibration_samples=calibration_samples, seed=seed, finetuned=finetuned, gradual=gradual, holdout=holdout, augment=augment, force=force, output_order=output_order,
         distill={"alpha": distill_alpha, "temperature": distill_temperature, "hidden_weight": distill_hidden},
         finetune=shared, budget_ranks=parse_ranks(budget_ranks) if budget_ranks is not None else [],
         budget_objective=budget_objective, budget_solver=budget_solver, restart_from=restart_from, structure=structure,

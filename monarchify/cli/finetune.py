@@ -139,6 +139,7 @@ def finetune(
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder, if the model folder has none.")] = None,
     gradual: Annotated[float | None, typer.Option("--gradual", metavar="FRACTION", help="Gradual replacement: each Monarch layer stands in for its dense original with a probability that rises to 1 over this share of the steps (the originals: the model before --nblocks, or the --teacher teacher).")] = None,
     gradual_start: Annotated[float, typer.Option("--gradual-start", help="The probability gradual replacement starts at.")] = 0.5,
+    augment: Annotated[int, typer.Option("--augment", metavar="N", help="With --teacher: add N variants of every training example (words swapped for words of the task's text) that the teacher labels.")] = 0,
     holdout: Annotated[float | None, typer.Option("--holdout", metavar="FRACTION", help="Hold out this share of the training examples (evenly spread, the same for every seed) and keep the epoch that scores best on them, never on dev. Default: the last epoch.")] = None,
     threads: Threads = None,
     force: ForceFlag = False,
@@ -174,7 +175,7 @@ def finetune(
         weight_decay=weight_decay, grad_accum=grad_accum, precision=precision,
         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, eval_each_epoch=eval_each_epoch,
         save_checkpoints=save_checkpoints, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
-        resume=resume, force=force, gradual=gradual, gradual_start=gradual_start, holdout=holdout,
+        resume=resume, force=force, gradual=gradual, gradual_start=gradual_start, holdout=holdout, augment=augment,
     )
     busy_check = threads_for_training(threads)
     # Imported here: Trainer and datasets take seconds to import, which no other command should pay.

@@ -88,6 +88,9 @@ class CompressOptions:
     holdout: float | None = None
     """Stage 3 keeps the epoch that scores best on this share of the training examples, held out
     from its training (``FinetuneOptions.holdout``); ``None``: the last epoch."""
+    augment: int = 0
+    """Stage 3 also trains on this many teacher-labelled variants of every training example
+    (``FinetuneOptions.augment``)."""
     finetune: dict[str, Any] = field(default_factory=dict)
     """Other :class:`FinetuneOptions` fields for both fine-tuning stages (``epochs``, ``batch_size``...)."""
     force: bool = False
@@ -101,7 +104,7 @@ class CompressOptions:
         self.out = Path(self.out)
         self.data_dir = Path(self.data_dir) if self.data_dir is not None else None
         reserved = {"task", "model", "out", "data_dir", "learning_rate", "distill", "monarch", "seed", "force", "resume", "gradual",
-                    "checkpoint_dir", "holdout"}
+                    "checkpoint_dir", "holdout", "augment"}
         if reserved & set(self.finetune):
             raise ConfigError(f"finetune settings may not set {', '.join(sorted(reserved & set(self.finetune)))}")
         if self.restart_from is not None and self.restart_from not in STAGES:
@@ -111,9 +114,9 @@ class CompressOptions:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}", field=name)
         # Build each part once so that a bad setting fails here, before any stage runs.
         self.recipe  # noqa: B018 - building the recipe checks the budget
-        DistillConfig(str(self.model), **self.distill)
         self.finetune_options(self.model, self.out, self.teacher_lr)
-        self.finetune_options(self.model, self.out, self.student_lr, gradual=self.gradual, holdout=self.holdout)
+        self.finetune_options(self.model, self.out, self.student_lr, gradual=self.gradual, holdout=self.holdout,
+                              augment=self.augment, distill=DistillConfig(str(self.model), **self.distill))
 
     @property
     def stages(self) -> Path:
@@ -345,7 +348,8 @@ def compress(
 
     distill = DistillConfig(str(teacher), **options.distill)
     student = options.finetune_options(str(converted), options.out, options.student_lr, distill=distill,
-                                       gradual=options.gradual, holdout=options.holdout, force=options.force)
+                                       gradual=options.gradual, holdout=options.holdout, augment=options.augment,
+                                       force=options.force)
     status = _check(manifest, "distill", student.deciding(), "stage 3/3", "fine-tuning from the first epoch", events)
     if status != "started":  # checkpoints of a student made with other options, or on another stage 2
         distributed.on_main(_discard, student.checkpoints)

@@ -43,7 +43,9 @@ class FinetuneOptions:
     the model itself when it is converted on the fly. ``holdout``: a share of the training
     examples kept out of training (every ``1/holdout``-th one, the same whatever the seed) to
     choose the epoch whose model is kept: the one that scores best on them by the task's main
-    metric, never the dev split's score (``None``: the last epoch's).
+    metric, never the dev split's score (``None``: the last epoch's). ``augment``: variants of
+    every training example added to training, words swapped at ``augment_rate`` and labelled
+    by the distillation teacher (:mod:`monarchify.glue.augment`; needs ``distill``).
     """
 
     task: str
@@ -77,6 +79,8 @@ class FinetuneOptions:
     gradual: float | None = None
     gradual_start: float = 0.5
     holdout: float | None = None
+    augment: int = 0
+    augment_rate: float = 0.15
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -108,6 +112,13 @@ class FinetuneOptions:
             if not (self.eval_each_epoch and self.save_checkpoints):
                 raise ConfigError("holdout chooses among the epochs' checkpoints: it needs eval_each_epoch and save_checkpoints",
                                   field=("holdout", "eval_each_epoch", "save_checkpoints"))
+        if isinstance(self.augment, bool) or not isinstance(self.augment, int) or self.augment < 0:
+            raise ConfigError(f"augment must be a number of variants per example (0: none), got {self.augment!r}", field="augment")
+        if self.augment and self.distill is None:
+            raise ConfigError("augment adds examples that the teacher labels: it needs distillation (a teacher)",
+                              field=("augment", "teacher"))
+        if not 0 < self.augment_rate <= 1:
+            raise ConfigError(f"augment_rate must be in (0, 1], got {self.augment_rate}", field="augment_rate")
         if not 0 <= self.gradual_start < 1:
             raise ConfigError(f"gradual_start must be in [0, 1), got {self.gradual_start}", field="gradual_start")
 

