@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -302,7 +303,13 @@ def test_the_plan_records_exactly_what_it_changed_against_the_nearest_uniform_pl
         solved.error - solved.uniform[nearest]["error"], abs=1e-9)
     assert solved.to_dict().get("moved", {}) == solved.moved
     if solved.moved:
-        line = moved_line(solved.moved, limit=2)
+        line = moved_line(solved.moved, names=1)
         assert line.startswith(f"against uniform {nearest} blocks the budget changed {len(solved.moved)} layers")
-        assert sum(name in line for name in solved.moved) == min(2, len(solved.moved))
-        assert ("more" in line) == (len(solved.moved) > 2)
+        # one group per option the moved layers took, with its count, parameters and error
+        destinations = Counter(solved.choices[name].nblocks for name in solved.moved)
+        for nblocks, count in destinations.items():
+            what = "kept dense" if nblocks is None else f"at {nblocks} blocks"
+            group = [n for n in solved.moved if solved.choices[n].nblocks == nblocks]
+            error = sum(solved.moved[n]["error"] - solved.moved[n]["uniform_error"] for n in group)
+            assert f"{count} {what} (" in line and f"error {error:+.3f}" in line
+        assert sum(name in line for name in solved.moved) == len(destinations)

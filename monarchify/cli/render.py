@@ -228,23 +228,29 @@ def accuracy_lever_lines(report: ConversionReport) -> list[str]:
     return lines
 
 
-def moved_line(moved: dict[str, dict[str, Any]], limit: int = 6) -> str:
-    """What the budget changed against the nearest uniform plan, and the trade behind each
-    change: a layer's error before → after and the parameters it took or gave up. Layers that
-    took parameters come first (they are why the others gave some up)."""
+def moved_line(moved: dict[str, dict[str, Any]], names: int = 2) -> str:
+    """What the budget changed against the nearest uniform plan, grouped by what the layers
+    became: how many, the parameters they took (+) or gave up (−) and the error that bought or
+    cost, with the first ``names`` of each group. The groups that took parameters come first:
+    they are why the others gave some up."""
     uniform = next(iter(moved.values()))["uniform_nblocks"]
-    order = sorted(moved.items(), key=lambda item: (-item[1]["params_change"], item[0]))
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, move in moved.items():
+        groups.setdefault((move["nblocks"] or 0, move["rank"]), []).append(name)
 
-    def option(move: dict[str, Any]) -> str:
-        if move["nblocks"] is None:
-            return "dense"
-        return f"{move['nblocks']} blocks" + (f" + rank {move['rank']}" if move["rank"] else "")
+    def label(key: tuple[int, int]) -> str:
+        nblocks, rank = key
+        return "kept dense" if not nblocks else f"at {nblocks} blocks" + (f" + rank {rank}" if rank else "")
 
-    parts = [f"{name} {option(move)} (error {move['uniform_error']:.3f} → {move['error']:.3f}, "
-             f"{'+' if move['params_change'] >= 0 else '−'}{_count(abs(move['params_change']))} params)"
-             for name, move in order[:limit]]
-    more = f"; and {len(order) - limit} more (monarchify_report.json: budget.moved)" if len(order) > limit else ""
-    return f"against uniform {uniform} blocks the budget changed {len(order)} layers: " + "; ".join(parts) + more
+    parts = []
+    for key, members in sorted(groups.items(), key=lambda item: -sum(moved[n]["params_change"] for n in item[1])):
+        params = sum(moved[n]["params_change"] for n in members)
+        error = sum(moved[n]["error"] - moved[n]["uniform_error"] for n in members)
+        shown = ", ".join(sorted(members, key=natural_key)[:names]) + (", ..." if len(members) > names else "")
+        parts.append(f"{len(members)} {label(key)} ({'+' if params >= 0 else '-'}{_count(abs(params))} params, "
+                     f"error {error:+.3f}: {shown})")
+    return (f"against uniform {uniform} blocks the budget changed {len(moved)} layers: " + "; ".join(parts)
+            + " (every layer: monarchify_report.json, budget.moved)")
 
 
 def print_budget_warning(report: ConversionReport) -> None:
