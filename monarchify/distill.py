@@ -34,6 +34,10 @@ def logit_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
     """
     if student.shape != teacher.shape:
         raise ConfigError(f"student and teacher logits differ in shape: {tuple(student.shape)} vs {tuple(teacher.shape)}")
+    if student.dtype in (torch.bfloat16, torch.float16):
+        # A half-precision softmax over a language model's vocabulary loses the small
+        # probabilities the divergence is made of (bfloat16 gave negative "divergences").
+        student = student.float()
     teacher = teacher.detach().to(student.dtype)
     if student.shape[-1] == 1:
         return F.mse_loss(student, teacher)

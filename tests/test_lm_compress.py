@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+import transformers
 
 from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
@@ -217,6 +218,31 @@ def test_cli_compress_text_keeps_layers_two_blocks_would_not_shrink_and_heals_hi
                         "--distill-hidden", "-1")
     assert_one_line_error(code, err, "hidden_weight", "negative")
     assert not (tmp_path / "neg").exists()
+
+
+def test_a_bfloat16_checkpoint_heals_in_float32_and_is_saved_as_it_came(tmp_path, lm_folder):
+    """Most published LLM checkpoints are bfloat16: healing them in bfloat16 would lose AdamW's
+    small steps (and gave negative divergences); the output keeps the stored precision."""
+    from safetensors import safe_open
+
+    from monarchify.distill import logit_loss
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(lm_folder).to(torch.bfloat16)
+    half = tmp_path / "bf16"
+    model.save_pretrained(half)
+    transformers.AutoTokenizer.from_pretrained(lm_folder).save_pretrained(half)
+    text = _text(tmp_path / "train.txt", seed=5)
+    result = compress_text(_options(half, text, tmp_path / "out", budget=None, recipe={"nblocks": 4},
+                                    heal=HealConfig(steps=3, lr=1e-3, hidden_weight=0.0, logit_weight=1.0, eval_every=3)))
+    assert result.results["dtype"] == {"measured_and_healed": "float32", "saved": "bfloat16"}
+    assert result.results["heal"]["final_loss"] >= 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    # the divergence itself is taken in float32 from half-precision logits
+    torch.manual_seed(0)
+    s, t = torch.randn(64, 3000) * 4, torch.randn(64, 3000) * 4
+    exact = logit_loss(s.double(), t.double())
+    assert abs(float(logit_loss(s.bfloat16(), t.bfloat16())) - float(logit_loss(s.bfloat16().double(), t.bfloat16().double()))) < 1e-4 * float(exact)
 
 
 @pytest.mark.parametrize("better", ["budget", "uniform"])

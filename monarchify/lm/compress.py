@@ -241,6 +241,16 @@ def check_against_uniform(options: TextCompressOptions, converted: Path, data: T
     return {"chosen": chosen, "uniform": {"nblocks": blocks}, "perplexity": scores}
 
 
+def _stored_dtype(folder: Path) -> Any:
+    """The floating-point dtype a model folder's config says its weights are stored in, or None."""
+    import torch
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype")
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
 def _reset(paths: list[Path]) -> None:
     for path in paths:
         if path.is_dir():
@@ -327,8 +337,12 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     distributed.barrier()  # the converted stage and a reset healing state are there for every process
 
     torch.manual_seed(options.seed)
-    student = load_model(str(converted))
-    dense = load_model(options.model)
+    # Measured and healed in float32 whatever the checkpoint stores: AdamW's small steps
+    # vanish in bfloat16 weights (a step of 1e-4 relative is below its resolution), and CPUs
+    # multiply half precision slowly. The output is written back in the stored precision.
+    student = load_model(str(converted), dtype=torch.float32)
+    dense = load_model(options.model, dtype=torch.float32)
+    stored = _stored_dtype(converted)
     report = read_report(str(converted))
     dense_ppl = window_perplexity(dense, data.heldout, options.batch_size)
     events.done(f"dense perplexity on the held-out text: {dense_ppl:.2f}")
@@ -375,6 +389,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
            if (converted / ALLOCATION_FILE).is_file() else {}),
         "heal": result_heal,
         "times": {k: round(v, 2) for k, v in times.items()},
+        "dtype": {"measured_and_healed": "float32", "saved": str(stored or torch.float32).removeprefix("torch.")},
         "recipe": recipe_of(student),
         "options": options.to_dict(),
         "environment": environment,
@@ -383,6 +398,8 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     results["options"]["heal"] = heal.to_dict() if heal else None
     if distributed.is_main():
         events.stage(f"saving to {options.out}")
+        if stored is not None and stored != torch.float32:
+            student = student.to(stored)
         save_model(student, options.out, tokenizer=tokenizer, report=report, force=options.force,
                    extra_files={RESULTS_FILE: json.dumps(results, indent=2, default=str) + "\n"})
         manifest.finish("heal")
