@@ -230,7 +230,7 @@ def accuracy_lever_lines(report: ConversionReport) -> list[str]:
 
 def moved_line(moved: dict[str, dict[str, Any]], names: int = 2) -> str:
     """What the budget changed against the nearest uniform plan, grouped by what the layers
-    became: how many, the parameters they took (+) or gave up (−) and the error that bought or
+    became: how many, the parameters they took (+) or gave up (-) and the error that bought or
     cost, with the first ``names`` of each group. The groups that took parameters come first:
     they are why the others gave some up."""
     uniform = next(iter(moved.values()))["uniform_nblocks"]
