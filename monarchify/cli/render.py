@@ -211,8 +211,8 @@ def accuracy_lever_lines(report: ConversionReport) -> list[str]:
             f"budget {budget['fraction']:g}: {budget['params_used'] / budget['params_dense']:.1%} of the selected layers' "
             f"parameters{f', {kept} kept dense' if kept else ''}; total {budget['error_kind']} error {budget['total_error']:.3f}"
         )
-        closest = min(budget.get("uniform", {}).items(), default=None,
-                      key=lambda item: abs(item[1]["params"] - budget["params_used"]))
+        closest = min(budget.get("uniform", {}).items(), default=None,  # ties as BudgetPlan.compare_uniform breaks them
+                      key=lambda item: (abs(item[1]["params"] - budget["params_used"]), int(item[0])))
         if closest:
             line += f" (uniform {closest[0]} blocks: {closest[1]['fraction']:.1%}, error {closest[1]['error']:.3f})"
         lines.append(line)

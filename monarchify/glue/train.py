@@ -744,10 +744,9 @@ def finetune(
     if augmented is not None:
         results["data"]["augmented"] = augmented
     if options.holdout is not None:
-        results["train"]["chosen"] = _chosen_epoch(trainer, task, len(eval_ds[HOLDOUT]))
-        events.note(f"kept the model of epoch {results['train']['chosen']['epoch']:g} (step {results['train']['chosen']['step']}): "
-                    f"the best {task.main_metric} on {results['train']['chosen']['examples']} held-out training examples, "
-                    f"{results['train']['chosen']['value']:.4f}")
+        chosen = results["train"]["chosen"] = _chosen_epoch(trainer, task, len(eval_ds[HOLDOUT]))
+        events.note(f"kept the model of epoch {chosen['epoch']:g} (step {chosen['step']}): the best {task.main_metric} "
+                    f"on {chosen['examples']} held-out training examples, {chosen['value']:.4f}")
     results.update(extra_results or {})
 
     # Under torchrun every process gets here with the same model; the main one writes the

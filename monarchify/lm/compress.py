@@ -214,7 +214,6 @@ def check_against_uniform(options: TextCompressOptions, converted: Path, data: T
     own output prefers, and says which. One binary choice made on the held-out windows, which
     the report then measures: the test text says what it is worth."""
     from monarchify.hf.convert import convert_pretrained
-    from monarchify.hf.loading import load_model
     from monarchify.hf.stored_report import read_report
 
     blocks = uniform_rival(read_report(str(converted)), options.budget)
@@ -228,7 +227,7 @@ def check_against_uniform(options: TextCompressOptions, converted: Path, data: T
     with events.converting() as convert_events:
         convert_pretrained(options.model, rival, recipe, calibration_data=data.calibration, force=True, check=False,
                            events=convert_events)
-    scores = {name: window_perplexity(load_model(str(folder)), data.heldout, options.batch_size)
+    scores = {name: window_perplexity(_load_measured(folder), data.heldout, options.batch_size)
               for name, folder in (("budget", converted), ("uniform", rival))}
     chosen = "uniform" if scores["uniform"] < scores["budget"] else "budget"
     if chosen == "uniform":  # a stop in between leaves the stage unfinished in the manifest: it is redone
@@ -245,10 +244,24 @@ def _stored_dtype(folder: Path) -> Any:
     """The floating-point dtype a model folder's config says its weights are stored in, or None."""
     import torch
 
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    from monarchify.hf.loading import read_config
+
+    config = read_config(folder)
     name = config.get("dtype") or config.get("torch_dtype")
     value = getattr(torch, name, None) if isinstance(name, str) else None
     return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def _load_measured(source: str | Path) -> Any:
+    """A model as this recipe measures and heals it: in float32 whatever the checkpoint stores.
+    AdamW's small steps vanish in bfloat16 weights (a step of 1e-4 relative is below its
+    resolution), CPUs multiply half precision slowly, and every perplexity the run compares
+    (dense, budget plan, uniform rival, healed) is then taken the same way."""
+    import torch
+
+    from monarchify.hf.loading import load_model
+
+    return load_model(str(source), dtype=torch.float32)
 
 
 def _reset(paths: list[Path]) -> None:
@@ -265,7 +278,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     from monarchify.atomic import atomic_write_text, check_output_dir
     from monarchify.heal import check_sharding, heal_
     from monarchify.hf.convert import convert_pretrained
-    from monarchify.hf.loading import load_model, load_tokenizer
+    from monarchify.hf.loading import load_tokenizer
     from monarchify.hf.saving import recipe_of, save_model
     from monarchify.hf.stored_report import read_report
     from monarchify.manifest import RunManifest
@@ -337,12 +350,9 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     distributed.barrier()  # the converted stage and a reset healing state are there for every process
 
     torch.manual_seed(options.seed)
-    # Measured and healed in float32 whatever the checkpoint stores: AdamW's small steps
-    # vanish in bfloat16 weights (a step of 1e-4 relative is below its resolution), and CPUs
-    # multiply half precision slowly. The output is written back in the stored precision.
-    student = load_model(str(converted), dtype=torch.float32)
-    dense = load_model(options.model, dtype=torch.float32)
-    stored = _stored_dtype(converted)
+    student = _load_measured(converted)
+    dense = _load_measured(options.model)
+    stored = _stored_dtype(converted)  # the output is written back in the stored precision
     report = read_report(str(converted))
     dense_ppl = window_perplexity(dense, data.heldout, options.batch_size)
     events.done(f"dense perplexity on the held-out text: {dense_ppl:.2f}")
