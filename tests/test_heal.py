@@ -141,6 +141,8 @@ def test_cli_heal_bad_input(tmp_path, capsys, bert_folder, bert_tokenizer):
 
     code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, *base, "--lr", "0")
     assert_one_line_error(code, err, "lr must be positive")
+    code, err = run_cli(capsys, "heal", converted, "--teacher", bert_folder, *base, "--train", "norms")
+    assert_one_line_error(code, err, "train must be one of all, converted")
     assert not out.exists()
 
     out.mkdir()
@@ -311,3 +313,27 @@ def test_healing_sharded_refuses_weights_loaded_in_one_process_only(monkeypatch)
         heal_(model, copy.deepcopy(model), [{"input_ids": torch.zeros(2, 4, dtype=torch.long)}], HealConfig(steps=1))
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     check_sharding()
+
+
+def test_healing_only_the_converted_layers_leaves_every_other_weight_as_it_was():
+    teacher, student, batches, heldout = causal_pair(tiny_llama)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    config = HealConfig(steps=20, lr=1e-3, hidden_weight=0.0, logit_weight=1.0, train="converted")
+    result = heal_(student, teacher, batches, config)
+    converted = {f"{name}.{p}" for name, m in student.named_modules() if isinstance(m, MonarchLinear) for p, _ in m.named_parameters()}
+    assert converted and sum(result.losses[-5:]) < sum(result.losses[:5])
+    for key, value in student.state_dict().items():
+        if key in converted:
+            continue
+        assert torch.equal(value, before[key]), key  # embeddings, norms, dense layers: the dense model's
+    assert any(not torch.equal(student.state_dict()[k], before[k]) for k in converted)
+    assert all(p.requires_grad for p in student.parameters())  # released after the run
+    assert "train" in config.to_dict() and "train" not in HealConfig().to_dict()  # the default keeps old fingerprints
+
+
+def test_healing_only_the_converted_layers_needs_some():
+    teacher, _, batches, _ = causal_pair(tiny_llama)
+    with pytest.raises(ConfigError, match="converted"):
+        heal_(copy.deepcopy(teacher), teacher, batches, HealConfig(steps=2, train="converted"))
+    with pytest.raises(ConfigError, match="train"):
+        HealConfig(train="embeddings")

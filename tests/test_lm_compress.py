@@ -220,6 +220,30 @@ def test_cli_compress_text_keeps_layers_two_blocks_would_not_shrink_and_heals_hi
     assert not (tmp_path / "neg").exists()
 
 
+def test_cli_compress_text_heals_the_converted_layers_only_on_text_the_dense_model_wrote_too(tmp_path, lm_folder, capsys):
+    from safetensors.torch import load_file
+    from test_finetune import assert_one_line_error, run_cli
+
+    text = _text(tmp_path / "train.txt", seed=5)
+    out = tmp_path / "frozen"
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "4", "--out", out, "--heal-steps", "3",
+                        "--heal-train", "converted", "--generate", "6", "--max-length", "16", "--batch-size", "4",
+                        "--calibration-samples", "16")
+    assert code == 0, err
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["options"]["heal"]["train"] == "converted" and results["tokens"]["generated"] == 6 * 16
+    healed, dense = load_file(str(out / "model.safetensors")), load_file(str(lm_folder / "model.safetensors"))
+    assert torch.equal(healed["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
+    assert torch.equal(healed["model.norm.weight"], dense["model.norm.weight"])
+    code, err = run_cli(capsys, "compress", lm_folder, "--task", "mrpc", "--budget", "0.5", "--out", tmp_path / "t",
+                        "--generate", "4")
+    assert_one_line_error(code, err, "--generate")
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "4", "--out", tmp_path / "bad",
+                        "--heal-train", "everything")
+    assert_one_line_error(code, err, "train must be one of")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "bad").exists()
+
+
 def test_a_bfloat16_checkpoint_heals_in_float32_and_is_saved_as_it_came(tmp_path, lm_folder):
     """Most published LLM checkpoints are bfloat16: healing them in bfloat16 would lose AdamW's
     small steps (and gave negative divergences); the output keeps the stored precision."""

@@ -35,6 +35,8 @@ def compress(
     sequential: Annotated[bool, typer.Option("--sequential", help="--text with --nblocks: calibrate each block on the inputs the already converted blocks produce (see convert --sequential).")] = False,
     heal_steps: Annotated[int, typer.Option("--heal-steps", metavar="N", help="--text: healing steps after the conversion (0: none, the training-free result).")] = 200,
     eval_every: Annotated[int | None, typer.Option("--eval-steps", metavar="N", help="--text: also measure held-out perplexity every N healing steps (default: four times in the run).")] = None,
+    generate: Annotated[int, typer.Option("--generate", metavar="N", help="--text: the dense model also writes N windows of text to heal on (sampled from its own next-token distribution, each from a few tokens of the text): more varied text than a small file holds.")] = 0,
+    heal_train: Annotated[str, typer.Option("--heal-train", help="--text: what healing trains: all (every weight) or converted (only the converted layers; embeddings, norms and the layers kept dense stay the dense model's, and a step is cheaper).")] = "all",
     save_every: Annotated[int, typer.Option("--save-steps", metavar="N", help="--text: keep a resumable healing state every N steps.")] = 50,
     distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels in stage 3, 0..1.")] = 0.5,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the logit term.")] = 2.0,
@@ -90,15 +92,15 @@ def compress(
         if heal_steps < 0:
             raise ConfigError(f"--heal-steps must not be negative, got {heal_steps}")
         heal = HealConfig(steps=heal_steps, lr=1e-4 if student_lr is None else student_lr, seed=seed, hidden_weight=distill_hidden, logit_weight=1.0,
-                          save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4)) if heal_steps else None
+                          save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4), train=heal_train) if heal_steps else None
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,
-                                      batch_size=batch_size or 8, heal=heal, force=force, restart_from=restart_from)
+                                      batch_size=batch_size or 8, heal=heal, generate=generate, force=force, restart_from=restart_from)
         run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]],
                           busy_check=threads_for_training(threads, on_gpu=False))
         return
-    if budget is None or nblocks is not None or sequential:
-        raise ConfigError("--task compression needs --budget FRACTION (--nblocks and --sequential are for --text)")
+    if budget is None or nblocks is not None or sequential or heal_train != "all" or generate:
+        raise ConfigError("--task compression needs --budget FRACTION (--nblocks, --sequential, --heal-train and --generate are for --text)")
     from monarchify.glue.compress import CompressOptions
 
     shared = {"epochs": epochs, "batch_size": batch_size or 32, "max_length": max_length or 128,

@@ -47,6 +47,31 @@ class HealBar:
             self.progress = None
 
 
+class WriteBar:
+    """The progress of the windows the dense model writes (``--generate``): minutes of work."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            self.progress = progress_bar(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                         TextColumn("eta"), TimeRemainingColumn())
+            self.progress.start()
+            self.task = self.progress.add_task("writing", total=total)
+        self.progress.update(self.task, completed=done)
+        if not err_console.is_interactive:
+            err_console.print(f"written {done}/{total} windows  {self.progress.tasks[0].elapsed or 0.0:.0f} s")
+        if done >= total:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
 def results_table(results: dict[str, Any]) -> Table:
     ppl, params = results["perplexity"], results["params"]
     table = Table(title=f"held-out perplexity ({results['heldout']['tokens_scored']:,} tokens, "
@@ -71,8 +96,8 @@ def run_text_compress(options: Any, *, json_out: bool, argv: list[str], busy_che
     from monarchify.lm.compress import TextCompressEvents, compress_text
 
     rich = RichEvents()
-    bar = HealBar(busy_check)
-    events = TextCompressEvents(stage=rich.stage, done=rich.done, note=rich.note, heal_step=bar,
+    bar, writing = HealBar(busy_check), WriteBar()
+    events = TextCompressEvents(stage=rich.stage, done=rich.done, note=rich.note, heal_step=bar, generating=writing,
                                 heal_measured=bar.measured, converting=conversion_progress)
     when_interrupted(f"interrupted; {options.stages} keeps the finished stages and the last healing state: "
                      "the same command again resumes from there")
@@ -80,6 +105,7 @@ def run_text_compress(options: Any, *, json_out: bool, argv: list[str], busy_che
         result = compress_text(options, events, argv=argv)
     finally:
         bar.stop()
+        writing.stop()
     if json_out:
         print_json(result.results)
         return

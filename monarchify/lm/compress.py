@@ -36,6 +36,8 @@ from monarchify.heal_config import HealConfig
 
 RESULTS_FILE = "eval_results.json"
 CONVERTED, HEALED_STATE = "1-converted", "2-heal-state"
+GENERATED = "2-generated.safetensors"
+"""The windows the dense model wrote for healing (``generate``), kept so a resumed run reuses them."""
 UNIFORM = "1-uniform"
 """Where a budgeted conversion's uniform rival is converted (and, when it loses, deleted)."""
 ALLOCATION_FILE = "allocation.json"
@@ -52,7 +54,8 @@ class TextCompressOptions:
     ``budget`` and ``calibration`` are set from the fields here). ``block_size``: tokens per
     training and evaluation window. ``calibration_samples``: windows of text the conversion is
     fitted on. ``heal``: the healing settings (``None``: no healing); ``batch_size``: windows per
-    healing step. ``eval_fraction``: the held-out share of the text lines.
+    healing step. ``generate``: windows the dense model writes (:mod:`monarchify.lm.generate`),
+    healed on next to the text's own. ``eval_fraction``: the held-out share of the text lines.
     """
 
     model: str
@@ -65,6 +68,7 @@ class TextCompressOptions:
     heal: HealConfig | None = field(default_factory=lambda: HealConfig(steps=200, lr=1e-4, hidden_weight=0.0, logit_weight=1.0,
                                                                        save_every=50))
     batch_size: int = 8
+    generate: int = 0
     eval_fraction: float = 0.05
     max_heldout_windows: int = 64
     seed: int = 0
@@ -80,6 +84,10 @@ class TextCompressOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}", field=name)
+        if isinstance(self.generate, bool) or not isinstance(self.generate, int) or self.generate < 0:
+            raise ConfigError(f"generate must be a number of windows (0: none), got {self.generate!r}", field="generate")
+        if self.generate and self.heal is None:
+            raise ConfigError("generate writes text to heal on: it needs healing steps", field="generate")
         if not 0 < self.eval_fraction <= 0.5:
             raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}", field="eval_fraction")
         if self.restart_from is not None and self.restart_from not in STAGES:
@@ -105,7 +113,8 @@ class TextCompressOptions:
         text = {"files": [str(p) for p in self.text], "eval_fraction": self.eval_fraction, "block_size": self.block_size}
         return {
             "convert": {"model": str(self.model), "recipe": self.conversion.to_dict(), **text},
-            "heal": {**(self.heal.to_dict() if self.heal else {"steps": 0}), "batch_size": self.batch_size, "seed": self.seed, **text},
+            "heal": {**(self.heal.to_dict() if self.heal else {"steps": 0}), "batch_size": self.batch_size, "seed": self.seed, **text,
+                     **({"generate": self.generate} if self.generate else {})},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +131,8 @@ class TextCompressEvents:
     done: Callable[[str], None] = lambda message: None
     note: Callable[[str], None] = lambda message: None
     heal_step: Callable[[int, int, float], None] = lambda step, steps, loss: None
+    generating: Callable[[int, int], None] = lambda done, total: None
+    """``done`` of ``total`` windows written by the dense model (``generate``)."""
     heal_measured: Callable[[int, int, float], None] = lambda step, steps, perplexity: None
     """Held-out perplexity after ``step`` of ``steps`` healing steps (0: before healing)."""
     converting: Callable[[], ContextManager[Any]] = nullcontext
@@ -264,6 +275,29 @@ def _load_measured(source: str | Path) -> Any:
     return load_model(str(source), dtype=torch.float32)
 
 
+def _generated(options: TextCompressOptions, dense: Any, data: TextData, events: TextCompressEvents) -> Any:
+    """The windows the dense model writes for healing: read back when an earlier start of this
+    stage wrote them already (with the same options), else written now by the main process and
+    read by the others."""
+    from monarchify import distributed
+    from monarchify.lm.generate import load_windows, prompts, save_windows, write_windows
+
+    path = options.stages / GENERATED
+    fingerprint = json.dumps({"generate": options.generate, "seed": options.seed, "block_size": options.block_size,
+                              "files": [str(p) for p in options.text], "model": str(options.model)}, sort_keys=True)
+    windows = load_windows(path, fingerprint)
+    if windows is not None and len(windows) == options.generate:
+        events.done(f"text written by the dense model: {len(windows)} windows, written already ({path})")
+        return windows
+    if distributed.is_main():
+        events.stage(f"the dense model writes {options.generate} windows of {options.block_size} tokens to heal on")
+        starts = prompts(data.train, options.generate, options.seed)
+        save_windows(path, write_windows(dense, starts, options.block_size, seed=options.seed, progress=events.generating),
+                     fingerprint)
+    distributed.barrier()
+    return load_windows(path, fingerprint)
+
+
 def _reset(paths: list[Path]) -> None:
     for path in paths:
         if path.is_dir():
@@ -342,6 +376,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             changed = manifest.changes("heal", stage_options["heal"])
             events.note(f"stage 2/2: {', '.join(changed) or 'the conversion'} changed: healing again")
             _reset([state_dir])
+            (options.stages / GENERATED).unlink(missing_ok=True)  # its file records what it was written for, too
         elif status == "started" and (state_dir / "heal_state.json").is_file():
             step = json.loads((state_dir / "heal_state.json").read_text(encoding="utf-8"))["step"]
             events.note(f"stage 2/2: resuming healing from step {step} of {options.heal.steps if options.heal else 0}")
@@ -359,9 +394,13 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     heal = options.heal
     result_heal: dict[str, Any] = {"steps": 0}
     if heal is not None:
+        windows = data.train
+        if options.generate:
+            began = time.perf_counter()
+            windows = torch.cat([windows, _generated(options, dense, data, events)])
+            times["generate_seconds"] = time.perf_counter() - began
         events.stage(f"stage 2/2: healing {heal.steps} steps of {options.batch_size} x {options.block_size} tokens "
                      f"towards the dense model -> {options.out}")
-        windows = data.train
         generator = torch.Generator().manual_seed(options.seed)
         order = torch.randperm(len(windows), generator=generator)
         batches = [{"input_ids": windows[order[i: i + options.batch_size]]} for i in range(0, len(windows), options.batch_size)]
@@ -394,7 +433,8 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
         "params": {"dense": parameters(dense), "compressed": parameters(student), "ratio": parameters(student) / parameters(dense)},
         "heldout": {"windows": len(data.heldout), "tokens_scored": len(data.heldout) * (options.block_size - 1),
                     "window": options.block_size},
-        "tokens": {"calibration_samples": len(data.calibration.fit), "healing": result_heal.get("tokens", 0)},
+        "tokens": {"calibration_samples": len(data.calibration.fit), "healing": result_heal.get("tokens", 0),
+                   "generated": options.generate * options.block_size},
         **({"allocation": json.loads((converted / ALLOCATION_FILE).read_text(encoding="utf-8"))}
            if (converted / ALLOCATION_FILE).is_file() else {}),
         "heal": result_heal,

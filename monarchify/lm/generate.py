@@ -1,0 +1,94 @@
+"""Healing text the dense model writes itself.
+
+Healing pulls the student towards the teacher's next-token distribution, so any text will do as
+long as it is text the teacher has an opinion on, and the more varied it is the less the student
+learns one file instead of the teacher. A user's healing file is small (wikitext-2's validation
+set is 250K tokens: two passes of a 600-step run), and the student then fits that file's articles
+rather than the teacher at large. The teacher can write more: sampled from its own distribution
+at temperature 1 (no top-k or nucleus cut: those would be a different distribution from the one
+healing matches), each window started from a few tokens of the user's text so that it stays near
+that text's domain. Data-free distillation of LLMs (LLM-QAT) does the same.
+
+Sampling is reproducible: batch ``i`` samples under seed ``seed + i``, whatever came before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PROMPT_TOKENS = 8
+"""Tokens of the user's text each written window starts from."""
+
+
+def prompts(windows: torch.Tensor, n: int, seed: int, length: int = PROMPT_TOKENS) -> torch.Tensor:
+    """The first ``length`` tokens of ``n`` training windows, drawn evenly (with a seeded shuffle,
+    repeating the windows when ``n`` exceeds them)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(windows), generator=generator) for _ in range(-(-n // len(windows)))])[:n]
+    return windows[order, :length]
+
+
+@torch.no_grad()
+def write_windows(
+    model: nn.Module,
+    starts: torch.Tensor,
+    block_size: int,
+    *,
+    seed: int,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """``(len(starts), block_size)`` token windows: each row of ``starts`` continued by ``model``
+    to ``block_size`` tokens, sampled from its next-token distribution.
+
+    ``batch_size`` rows are written at once: on a CPU a batch of 64 writes about 1.7 times the
+    tokens per second a batch of 16 does (SmolLM2-135M, one thread).
+
+    The end-of-text token is never sampled (every window is full: a window cut short would be
+    padding that healing then skips); that is the only change to the model's distribution."""
+    from transformers import GenerationConfig
+
+    new = block_size - starts.shape[1]
+    if new < 1:
+        raise ValueError(f"windows of {block_size} tokens leave no room after {starts.shape[1]} prompt tokens")
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                              pad_token_id=eos if eos is not None else 0, eos_token_id=eos)
+    model.eval()
+    device = next(model.parameters()).device
+    written = []
+    for i, first in enumerate(range(0, len(starts), batch_size)):
+        batch = starts[first: first + batch_size].to(device)
+        torch.manual_seed(seed + i)
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), generation_config=config)
+        written.append(out[:, :block_size].cpu())
+        if progress is not None:
+            progress(first + len(batch), len(starts))
+    return torch.cat(written) if written else starts.new_zeros((0, block_size))
+
+
+def save_windows(path: Path, windows: torch.Tensor, fingerprint: str) -> None:
+    """``windows`` to a safetensors file, atomically (a stop while writing leaves no file)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file({"windows": windows.contiguous()}, str(partial), metadata={"fingerprint": fingerprint})
+    partial.replace(path)
+
+
+def load_windows(path: Path, fingerprint: str) -> torch.Tensor | None:
+    """The windows saved at ``path`` if they were written for ``fingerprint``, else None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("fingerprint") != fingerprint:
+            return None
+        return f.get_tensor("windows")
