@@ -54,22 +54,4 @@ for lever in "holdout --holdout 0.1" "augment --augment 2 --epochs 1" "nested --
   done
 done | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
 
-python - "$RUNS" <<'EOF'
-import json, statistics, sys
-from pathlib import Path
-
-runs = Path(sys.argv[1])
-by_lever = {}
-for results in sorted(runs.glob("*/eval_results.json")):
-    data = json.loads(results.read_text())
-    lever, seed = results.parent.name.rsplit("-s", 1)
-    split = next(iter(data["main_metric"]))
-    teacher = data["compress"]["dense"]["main_metric"][split]
-    score = data["main_metric"][split]
-    minutes = data["train"]["seconds"] / 60
-    print(f"{results.parent.name:24s} {split} teacher {teacher:.4f} student {score:.4f} "
-          f"({100 * (score - teacher):+.2f} points, {minutes:.1f} min of stage 3)")
-    by_lever.setdefault(lever, []).append(100 * (score - teacher))
-for lever, gaps in by_lever.items():
-    print(f"{lever:24s} mean {statistics.mean(gaps):+.2f}, worst {min(gaps):+.2f} points over {len(gaps)} seeds")
-EOF
+python benchmarks/robust_summary.py "$RUNS"
