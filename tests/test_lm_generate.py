@@ -77,7 +77,7 @@ def test_compress_heals_on_written_text_and_a_resumed_run_reuses_it(tmp_path, lm
     written = []
     result = compress_text(_options(lm_folder, text, out, heal=heal, generate=10),
                            TextCompressEvents(generating=lambda done, total: written.append((done, total))))
-    assert written[-1] == (10, 10)
+    assert written[0] == (0, 10) and written[-1] == (10, 10)
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["tokens"]["generated"] == 10 * 16 and "generate_seconds" in saved["times"]
     assert saved["options"]["generate"] == 10

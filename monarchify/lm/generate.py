@@ -62,6 +62,8 @@ def write_windows(
     model.eval()
     device = next(model.parameters()).device
     written = []
+    if progress is not None:
+        progress(0, len(starts))  # the clock starts with the first batch, not after it
     for i, first in enumerate(range(0, len(starts), batch_size)):
         batch = starts[first: first + batch_size].to(device)
         torch.manual_seed(seed + i)
