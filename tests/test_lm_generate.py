@@ -106,3 +106,5 @@ def test_generate_is_checked(tmp_path, lm_folder):  # noqa: F811
         _options(lm_folder, text, tmp_path / "o", generate=-1)
     with pytest.raises(ConfigError, match="healing"):
         _options(lm_folder, text, tmp_path / "o", generate=4, heal=None)
+    with pytest.raises(ConfigError, match="2 tokens"):
+        _options(lm_folder, text, tmp_path / "o", generate=4, block_size=1)

@@ -88,6 +88,8 @@ class TextCompressOptions:
             raise ConfigError(f"generate must be a number of windows (0: none), got {self.generate!r}", field="generate")
         if self.generate and self.heal is None:
             raise ConfigError("generate writes text to heal on: it needs healing steps", field="generate")
+        if self.generate and self.block_size < 2:
+            raise ConfigError("generate continues the first tokens of a window: it needs windows of 2 tokens or more", field="generate")
         if not 0 < self.eval_fraction <= 0.5:
             raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}", field="eval_fraction")
         if self.restart_from is not None and self.restart_from not in STAGES:
@@ -280,7 +282,7 @@ def _generated(options: TextCompressOptions, dense: Any, data: TextData, events:
     stage wrote them already (with the same options), else written now by the main process and
     read by the others."""
     from monarchify import distributed
-    from monarchify.lm.generate import load_windows, prompts, save_windows, write_windows
+    from monarchify.lm.generate import PROMPT_TOKENS, load_windows, prompts, save_windows, write_windows
 
     path = options.stages / GENERATED
     fingerprint = json.dumps({"generate": options.generate, "seed": options.seed, "block_size": options.block_size,
@@ -291,7 +293,7 @@ def _generated(options: TextCompressOptions, dense: Any, data: TextData, events:
         return windows
     if distributed.is_main():
         events.stage(f"the dense model writes {options.generate} windows of {options.block_size} tokens to heal on")
-        starts = prompts(data.train, options.generate, options.seed)
+        starts = prompts(data.train, options.generate, options.seed, length=min(PROMPT_TOKENS, options.block_size // 2))
         save_windows(path, write_windows(dense, starts, options.block_size, seed=options.seed, progress=events.generating),
                      fingerprint)
     distributed.barrier()
