@@ -1,5 +1,5 @@
-"""Healing text the dense model writes: sampled from its own distribution (no top-k, no
-nucleus, no temperature), reproducible, full windows, kept and reused by a resumed run."""
+"""Healing text the dense model writes: sampled from its own distribution within the nucleus (no
+top-k, no temperature), reproducible, full windows, kept and reused by a resumed run."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from conftest import tiny_llama
 from test_lm_compress import _options, _text, lm_folder  # noqa: F401 - the fixture
 
 
-def test_written_tokens_follow_the_model_distribution_except_the_end_of_text():
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_written_tokens_follow_the_model_distribution_in_its_nucleus_never_the_end_of_text(top_p):
     model = tiny_llama(vocab_size=60)
     model.config.eos_token_id = 2
     with torch.no_grad():
@@ -28,16 +29,20 @@ def test_written_tokens_follow_the_model_distribution_except_the_end_of_text():
         probs = model(start).logits[0, -1].double().softmax(-1)
     probs[2] = 0.0  # never sampled: every window is full
     probs /= probs.sum()
+    ranked = probs.argsort(descending=True)
+    kept = int((probs[ranked].cumsum(0) < top_p).sum()) + 1  # the smallest set holding top_p
+    nucleus = torch.zeros_like(probs)
+    nucleus[ranked[:kept]] = probs[ranked[:kept]]
+    nucleus /= nucleus.sum()
     n = 3000
-    written = write_windows(model, start.repeat(n, 1), 4, seed=0, batch_size=1000)
+    written = write_windows(model, start.repeat(n, 1), 4, seed=0, batch_size=1000, top_p=top_p)
     assert written.shape == (n, 4) and torch.equal(written[:, :3], start.repeat(n, 1))
     counts = torch.bincount(written[:, 3], minlength=60).double()
-    assert counts[2] == 0
-    # ten bins of the tokens sorted by probability: a top-k or top-p cut empties the unlikely bins,
+    assert counts[2] == 0 and counts[ranked[kept:]].sum() == 0
+    # ten bins of the tokens sorted by probability: a wrong cut empties or fills the unlikely bins,
     # a temperature moves mass between bins; the tolerance is ~5 binomial standard deviations
-    order = probs.argsort()
-    for chunk in order.chunk(10):
-        p = float(probs[chunk].sum())
+    for chunk in nucleus.argsort().chunk(10):
+        p = float(nucleus[chunk].sum())
         seen = float(counts[chunk].sum()) / n
         assert abs(seen - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1e-3, (p, seen)
 

@@ -282,10 +282,10 @@ def _generated(options: TextCompressOptions, dense: Any, data: TextData, events:
     stage wrote them already (with the same options), else written now by the main process and
     read by the others."""
     from monarchify import distributed
-    from monarchify.lm.generate import PROMPT_TOKENS, load_windows, prompts, save_windows, write_windows
+    from monarchify.lm.generate import PROMPT_TOKENS, TOP_P, load_windows, prompts, save_windows, write_windows
 
     path = options.stages / GENERATED
-    fingerprint = json.dumps({"generate": options.generate, "seed": options.seed, "block_size": options.block_size,
+    fingerprint = json.dumps({"generate": options.generate, "seed": options.seed, "block_size": options.block_size, "top_p": TOP_P,
                               "files": [str(p) for p in options.text], "model": str(options.model)}, sort_keys=True)
     windows = load_windows(path, fingerprint)
     if windows is not None and len(windows) == options.generate:

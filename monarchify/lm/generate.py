@@ -4,10 +4,15 @@ Healing pulls the student towards the teacher's next-token distribution, so any 
 long as it is text the teacher has an opinion on, and the more varied it is the less the student
 learns one file instead of the teacher. A user's healing file is small (wikitext-2's validation
 set is 250K tokens: two passes of a 600-step run), and the student then fits that file's articles
-rather than the teacher at large. The teacher can write more: sampled from its own distribution
-at temperature 1 (no top-k or nucleus cut: those would be a different distribution from the one
-healing matches), each window started from a few tokens of the user's text so that it stays near
-that text's domain. Data-free distillation of LLMs (LLM-QAT) does the same.
+rather than the teacher at large. The teacher can write more, each window started from a few
+tokens of the user's text so that it stays near that text's domain (data-free distillation of
+LLMs, LLM-QAT, does the same).
+
+What is sampled only chooses the *contexts*: at every position healing matches the teacher's whole
+next-token distribution, whatever token came next. So the contexts should look like the text the
+model will meet, and a small model sampled at temperature 1 does not write such text: one unlikely
+token and it drifts into symbols and mixed scripts (SmolLM2-135M did within a window, from
+WikiText prompts). Nucleus sampling (``TOP_P``) cuts those tails and keeps the text varied.
 
 Sampling is reproducible: batch ``i`` samples under seed ``seed + i``, whatever came before.
 """
@@ -22,6 +27,8 @@ from torch import nn
 
 PROMPT_TOKENS = 8
 """Tokens of the user's text each written window starts from."""
+TOP_P = 0.9
+"""Each token is sampled from the smallest set of tokens holding this much of the probability."""
 
 
 def prompts(windows: torch.Tensor, n: int, seed: int, length: int = PROMPT_TOKENS) -> torch.Tensor:
@@ -40,16 +47,17 @@ def write_windows(
     *,
     seed: int,
     batch_size: int = 64,
+    top_p: float = TOP_P,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """``(len(starts), block_size)`` token windows: each row of ``starts`` continued by ``model``
-    to ``block_size`` tokens, sampled from its next-token distribution.
+    to ``block_size`` tokens, sampled from its next-token distribution cut to the nucleus ``top_p``.
 
     ``batch_size`` rows are written at once: on a CPU a batch of 64 writes about 1.7 times the
     tokens per second a batch of 16 does (SmolLM2-135M, one thread).
 
-    The end-of-text token is never sampled (every window is full: a window cut short would be
-    padding that healing then skips); that is the only change to the model's distribution."""
+    The end-of-text token is never sampled either (every window is full: a window cut short would
+    be padding that healing then skips)."""
     from transformers import GenerationConfig
 
     new = block_size - starts.shape[1]
@@ -57,7 +65,7 @@ def write_windows(
         raise ValueError(f"windows of {block_size} tokens leave no room after {starts.shape[1]} prompt tokens")
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=top_p, max_new_tokens=new, min_new_tokens=new,
                               pad_token_id=eos if eos is not None else 0, eos_token_id=eos)
     model.eval()
     device = next(model.parameters()).device
