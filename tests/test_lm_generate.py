@@ -104,6 +104,13 @@ def test_compress_heals_on_written_text_and_a_resumed_run_reuses_it(tmp_path, lm
     assert any("generate" in m and "healing again" in m for m in messages), messages
     assert more and more[-1] == 12
 
+    shutil.rmtree(out)  # other healing settings: healed again, on the windows already written
+    messages.clear()
+    longer = HealConfig(steps=7, lr=1e-3, logit_weight=1.0, hidden_weight=0.0, save_every=3)
+    compress_text(_options(lm_folder, text, out, heal=longer, generate=12), TextCompressEvents(
+        note=messages.append, done=messages.append, generating=lambda *a: pytest.fail("written again")))
+    assert any("healing again" in m for m in messages) and any("written already" in m for m in messages), messages
+
 
 def test_generate_is_checked(tmp_path, lm_folder):  # noqa: F811
     text = _text(tmp_path / "train.txt")

@@ -378,7 +378,6 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             changed = manifest.changes("heal", stage_options["heal"])
             events.note(f"stage 2/2: {', '.join(changed) or 'the conversion'} changed: healing again")
             _reset([state_dir])
-            (options.stages / GENERATED).unlink(missing_ok=True)  # its file records what it was written for, too
         elif status == "started" and (state_dir / "heal_state.json").is_file():
             step = json.loads((state_dir / "heal_state.json").read_text(encoding="utf-8"))["step"]
             events.note(f"stage 2/2: resuming healing from step {step} of {options.heal.steps if options.heal else 0}")
