@@ -86,6 +86,7 @@ def test_compress_heals_on_written_text_and_a_resumed_run_reuses_it(tmp_path, lm
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["tokens"]["generated"] == 10 * 16 and "generate_seconds" in saved["times"]
     assert saved["options"]["generate"] == 10
+    assert saved["heal"]["windows"]["generated"] == 10 and saved["heal"]["windows"]["text"] > 0
     stored = out.with_name("out.stages") / GENERATED
     assert stored.is_file()
 

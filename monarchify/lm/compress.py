@@ -416,6 +416,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
         tokens_per_step = options.batch_size * options.block_size
         result_heal = {
             **heal.to_dict(), "batch_size": options.batch_size, "tokens": heal.steps * tokens_per_step,
+            "windows": {"text": len(data.train), "generated": options.generate},
             "perplexity_before": healed.heldout_before, "perplexity_after": healed.heldout_after,
             "curve": [{"step": s, "tokens": s * tokens_per_step, "perplexity": v} for s, v in healed.curve],
             "seconds": round(healed.seconds, 2), "median_step_ms": healed.median_step_ms, "final_loss": healed.losses[-1] if healed.losses else None,
