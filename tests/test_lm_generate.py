@@ -47,6 +47,18 @@ def test_written_tokens_follow_the_model_distribution_in_its_nucleus_never_the_e
         assert abs(seen - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1e-3, (p, seen)
 
 
+def test_no_end_of_text_token_is_written_when_a_model_has_several():
+    model = tiny_llama(vocab_size=12)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[[2, 3]] = 1.0  # every position puts most of its mass on 2 and 3
+    model.config.eos_token_id = [2, 3]
+    written = write_windows(model, torch.tensor([[5, 6]] * 50), 8, seed=0, top_p=1.0)
+    assert not torch.isin(written, torch.tensor([2, 3])).any()
+    model.config.eos_token_id = None  # a model without one writes every token it likes
+    assert torch.isin(write_windows(model, torch.tensor([[5, 6]] * 50), 8, seed=0, top_p=1.0), torch.tensor([2, 3])).any()
+
+
 def test_writing_is_reproducible_batch_by_batch_and_needs_room():
     model = tiny_llama()
     starts = prompts(torch.arange(40 * 16).reshape(40, 16) % 100, 10, seed=3, length=4)

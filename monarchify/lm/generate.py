@@ -64,9 +64,9 @@ def write_windows(
     if new < 1:
         raise ValueError(f"windows of {block_size} tokens leave no room after {starts.shape[1]} prompt tokens")
     eos = model.config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
+    ends = [eos] if isinstance(eos, int) else list(eos or [])  # Llama 3 has two: neither is sampled
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=top_p, max_new_tokens=new, min_new_tokens=new,
-                              pad_token_id=eos if eos is not None else 0, eos_token_id=eos)
+                              pad_token_id=ends[0] if ends else 0, eos_token_id=ends or None)
     model.eval()
     device = next(model.parameters()).device
     written = []
