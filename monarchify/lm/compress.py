@@ -286,7 +286,8 @@ def _generated(options: TextCompressOptions, dense: Any, data: TextData, events:
 
     path = options.stages / GENERATED
     fingerprint = json.dumps({"generate": options.generate, "seed": options.seed, "block_size": options.block_size, "top_p": TOP_P,
-                              "files": [str(p) for p in options.text], "model": str(options.model)}, sort_keys=True)
+                              "files": [str(p) for p in options.text], "eval_fraction": options.eval_fraction,
+                              "model": str(options.model)}, sort_keys=True)  # what the prompts and the sampling depend on
     windows = load_windows(path, fingerprint)
     if windows is not None and len(windows) == options.generate:
         events.done(f"text written by the dense model: {len(windows)} windows, written already ({path})")
