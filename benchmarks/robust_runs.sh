@@ -46,7 +46,7 @@ printf 'today-s%s %s %s\n' 0 "$MINILM" 0 1 "$MINILM" 1 2 "$MINILM" 2 | xargs -P 
 # (three times the examples, one pass): the same wall-clock, the lever alone.
 # Lever by lever, so that the first levers have all three seeds before the later ones start.
 # `--epochs 4`: the student's step is ~1.3x faster than the teacher's, so four student epochs cost
-# about the wall-clock of three dense ones (and --holdout kept the last epoch at every seed).
+# about the wall-clock of three dense ones (and --holdout kept the last epoch at two seeds of three).
 for lever in "holdout --holdout 0.1" "augment --augment 2 --epochs 1" "nested --budget-solver nested" \
              "epochs4 --epochs 4" "holdout-augment --holdout 0.1 --augment 2 --epochs 1"; do
   for seed in 0 1 2; do
