@@ -259,9 +259,9 @@ def _freeze_unconverted(student: nn.Module) -> list[nn.Parameter]:
     """Stop the gradient of every trainable weight outside the converted layers (``HealConfig.train
     = "converted"``) and return those weights, to be released after the run. Not computing their
     gradients is also the cheaper step: a causal LM's output layer is its largest matrix."""
-    from monarchify.monarch.layer import LowRankLinear, MonarchLinear
+    from monarchify.monarch import STRUCTURED_LAYERS
 
-    converted = {id(p) for m in student.modules() if isinstance(m, (MonarchLinear, LowRankLinear)) for p in m.parameters()}
+    converted = {id(p) for m in student.modules() if isinstance(m, STRUCTURED_LAYERS) for p in m.parameters()}
     if not converted:
         raise ConfigError("healing only the converted layers, but the model has none (no Monarch or low-rank layer)")
     frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in converted]

@@ -12,27 +12,44 @@ from rich.table import Table
 from monarchify.cli.render import console, err_console, print_json, progress_bar
 
 
-class HealBar:
-    """The healing progress bar (steps, loss, elapsed, time left), started on the first step so
-    that the lines before it (loading, converting) stay readable; ``at_start`` runs then too
-    (the busy-machine check)."""
+class _Bar:
+    """A progress bar (what, done of total, elapsed, time left) started on the first update, so
+    that the lines before it (loading, converting) stay readable."""
 
-    def __init__(self, at_start: Callable[[], None] = lambda: None) -> None:
+    def __init__(self) -> None:
         self.progress: Progress | None = None
         self.task: Any = None
+
+    def show(self, description: str, done: int, total: int, first: int = 0) -> float:
+        """Move the bar to ``done`` of ``total``; the seconds since it started."""
+        if self.progress is None:
+            self.progress = progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                         TextColumn("eta"), TimeRemainingColumn())
+            self.progress.start()
+            self.task = self.progress.add_task(description, total=total, completed=first)
+        self.progress.update(self.task, completed=done, description=description)
+        return self.progress.tasks[0].elapsed or 0.0
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class HealBar(_Bar):
+    """The healing progress bar (steps, loss, elapsed, time left); ``at_start`` runs with the
+    first step (the busy-machine check)."""
+
+    def __init__(self, at_start: Callable[[], None] = lambda: None) -> None:
+        super().__init__()
         self.at_start = at_start
 
     def __call__(self, step: int, steps: int, loss: float) -> None:
         if self.progress is None:
             self.at_start()
-            self.progress = progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                         TextColumn("eta"), TimeRemainingColumn())
-            self.progress.start()
-            self.task = self.progress.add_task("healing", total=steps, completed=step - 1)
-        self.progress.update(self.task, completed=step, description=f"healing  loss {loss:.4f}")
+        elapsed = self.show(f"healing  loss {loss:.4f}", step, steps, first=step - 1)
         if not err_console.is_interactive and (step % max(1, steps // 20) == 0 or step == steps):
             # a log file gets a line now and then instead of a bar
-            elapsed = self.progress.tasks[0].elapsed or 0.0
             err_console.print(f"healing step {step}/{steps}  loss {loss:.4f}  {elapsed:.0f} s")
         if step >= steps:
             self.stop()
@@ -41,35 +58,16 @@ class HealBar:
         when = "before healing" if step == 0 else f"after step {step}/{steps}"
         err_console.print(f"held-out perplexity {when}: {perplexity:.2f}")  # above the bar while it runs
 
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
-
-class WriteBar:
+class WriteBar(_Bar):
     """The progress of the windows the dense model writes (``--generate``): minutes of work."""
 
-    def __init__(self) -> None:
-        self.progress: Progress | None = None
-        self.task: Any = None
-
     def __call__(self, done: int, total: int) -> None:
-        if self.progress is None:
-            self.progress = progress_bar(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                         TextColumn("eta"), TimeRemainingColumn())
-            self.progress.start()
-            self.task = self.progress.add_task("writing", total=total)
-        self.progress.update(self.task, completed=done)
+        elapsed = self.show("writing", done, total)
         if not err_console.is_interactive:
-            err_console.print(f"written {done}/{total} windows  {self.progress.tasks[0].elapsed or 0.0:.0f} s")
+            err_console.print(f"written {done}/{total} windows  {elapsed:.0f} s")
         if done >= total:
             self.stop()
-
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
 
 def results_table(results: dict[str, Any]) -> Table:

@@ -292,13 +292,14 @@ def _generated(options: TextCompressOptions, dense: Any, data: TextData, events:
     if windows is not None and len(windows) == options.generate:
         events.done(f"text written by the dense model: {len(windows)} windows, written already ({path})")
         return windows
+    written = None
     if distributed.is_main():
         events.stage(f"the dense model writes {options.generate} windows of {options.block_size} tokens to heal on")
         starts = prompts(data.train, options.generate, options.seed, length=min(PROMPT_TOKENS, options.block_size // 2))
-        save_windows(path, write_windows(dense, starts, options.block_size, seed=options.seed, progress=events.generating),
-                     fingerprint)
+        written = write_windows(dense, starts, options.block_size, seed=options.seed, progress=events.generating)
+        save_windows(path, written, fingerprint)
     distributed.barrier()
-    return load_windows(path, fingerprint)
+    return written if written is not None else load_windows(path, fingerprint)
 
 
 def _reset(paths: list[Path]) -> None:
