@@ -96,7 +96,8 @@ def healing_loss(student: nn.Module, teacher: nn.Module, batch: Batch, config: H
     mask = batch.get("attention_mask")
     loss = torch.zeros((), device=model_device(student))
     if hidden:
-        loss = loss + config.hidden_weight * hidden_state_loss(output.hidden_states[1:], taught.hidden_states[1:], mask)
+        loss = loss + config.hidden_weight * hidden_state_loss(output.hidden_states[1:], taught.hidden_states[1:], mask,
+                                                              per_token=config.hidden_norm == "token")
     if config.logit_weight > 0:
         if getattr(output, "logits", None) is None:
             raise ConfigError(f"{type(student).__name__} returns no logits to match: heal it with logit_weight 0")

@@ -17,6 +17,9 @@ DEFAULT_HEAL_BATCH = 16
 """Samples per optimiser step."""
 TRAINED = ("all", "converted")
 """What a healing run trains: every weight of the student, or only its converted layers."""
+HIDDEN_NORMS = ("layer", "token")
+"""How the hidden-state term weighs tokens (:func:`monarchify.distill.hidden_state_loss`): one
+relative error per layer (a ratio of sums), or one per token, then averaged."""
 
 
 @dataclass
@@ -37,7 +40,11 @@ class HealConfig:
     layers (Monarch or low-rank factors), the rest (embeddings, norms, layers kept dense) staying
     the dense model's. Healing text is small next to what a model was trained on: the embeddings
     and the dense layers are not what the conversion damaged, and retraining them on a few
-    hundred thousand tokens bends them towards that text."""
+    hundred thousand tokens bends them towards that text.
+
+    ``hidden_norm``: ``"layer"`` takes the hidden-state term's relative error over all of a
+    layer's tokens at once; ``"token"`` token by token, so that a language model's few
+    massive-activation tokens do not stand for the whole window."""
 
     steps: int = 200
     lr: float = 1e-4
@@ -50,6 +57,7 @@ class HealConfig:
     temperature: float = 1.0
     save_every: int | None = None
     train: str = "all"
+    hidden_norm: str = "layer"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -70,11 +78,16 @@ class HealConfig:
         if self.save_every is not None and (isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 1):
             raise ConfigError(f"save_every must be a positive number of steps, got {self.save_every!r}", field="save_every")
 
+        if self.hidden_norm not in HIDDEN_NORMS:
+            raise ConfigError(f"hidden_norm must be one of {', '.join(HIDDEN_NORMS)}, got {self.hidden_norm!r}", field="hidden_norm")
         if self.train not in TRAINED:
             raise ConfigError(f"train must be one of {', '.join(TRAINED)}, got {self.train!r}", field="train")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.train == "all":  # the default: fingerprints of runs made before the field stay valid
+        # The defaults: fingerprints of runs made before these fields stay valid.
+        if self.train == "all":
             del data["train"]
+        if self.hidden_norm == "layer" or self.hidden_weight == 0:  # or when it has nothing to weigh
+            del data["hidden_norm"]
         return data

@@ -168,3 +168,18 @@ def test_cli_distillation_bad_input(tmp_path, capsys, bert_folder, bert_tokenize
     code, err = run_cli(capsys, *base, "--teacher", three, "--distill-alpha", "2")
     assert_one_line_error(code, err, "--distill-alpha must be between 0 and 1")
     assert not (tmp_path / "out").exists()
+
+
+def test_hidden_state_loss_per_token_against_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    student = [torch.randn(2, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    teacher = [torch.randn(2, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+    teacher[0][1, 0] *= 1000  # a massive-activation token
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    expected = 0.0
+    for s, t in zip(student, teacher):
+        ratios = [float(((s[b, i] - t[b, i]) ** 2).sum() / (t[b, i] ** 2).sum()) for b in range(2) for i in range(5) if mask[b, i]]
+        expected += sum(ratios) / len(ratios) / 2
+    assert float(hidden_state_loss(student, teacher, mask, per_token=True)) == pytest.approx(expected, rel=1e-12)
+    # A ratio of sums is ruled by the massive token; per token it is one of seven.
+    assert float(hidden_state_loss(student, teacher, mask)) != pytest.approx(expected, rel=1e-2)

@@ -15,7 +15,8 @@ from transformers import AutoModel
 
 from monarchify import MonarchConfig, MonarchLinear, convert
 from monarchify.errors import ConfigError
-from monarchify.heal import _schedule, heal_, hidden_error
+from monarchify.distill import hidden_state_loss
+from monarchify.heal import _schedule, heal_, healing_loss, hidden_error, token_logit_loss
 from monarchify.heal_config import HealConfig
 from monarchify.hf.convert import convert_pretrained
 
@@ -337,3 +338,22 @@ def test_healing_only_the_converted_layers_needs_some():
         heal_(copy.deepcopy(teacher), teacher, batches, HealConfig(steps=2, train="converted"))
     with pytest.raises(ConfigError, match="train"):
         HealConfig(train="embeddings")
+
+
+def test_per_token_hidden_term_heals_and_is_fingerprinted_only_when_used():
+    teacher, student, batches, _ = causal_pair(tiny_llama)
+    config = HealConfig(steps=20, lr=1e-3, hidden_weight=1.0, logit_weight=1.0, hidden_norm="token")
+    batch = batches[0]
+    with torch.no_grad():
+        taught = teacher(**batch, output_hidden_states=True)
+        out = student(**batch, output_hidden_states=True)
+        mask = batch.get("attention_mask")
+        expected = hidden_state_loss(out.hidden_states[1:], taught.hidden_states[1:], mask, per_token=True) + token_logit_loss(
+            out.logits, taught.logits, mask, 1.0)
+        assert float(healing_loss(student, teacher, batch, config)) == pytest.approx(float(expected), rel=1e-5)
+    result = heal_(student, teacher, batches, config)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert config.to_dict()["hidden_norm"] == "token"
+    assert "hidden_norm" not in HealConfig(hidden_weight=0.0, logit_weight=1.0, hidden_norm="token").to_dict()
+    with pytest.raises(ConfigError, match="hidden_norm"):
+        HealConfig(hidden_norm="tokens")

@@ -208,6 +208,7 @@ def test_cli_compress_text_keeps_layers_two_blocks_would_not_shrink_and_heals_hi
     assert code == 0, err
     results = json.loads((out / "eval_results.json").read_text())
     assert results["options"]["heal"]["hidden_weight"] == 0.5 and results["options"]["heal"]["logit_weight"] == 1.0
+    assert results["options"]["heal"]["hidden_norm"] == "token"  # a causal LM: per token, not ruled by its massive tokens
     assert results["recipe"]["keep_dense_if_not_smaller"] is True
     report = read_report(str(out))
     kept = {layer.name for layer in report.layers if layer.kept_dense}

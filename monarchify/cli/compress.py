@@ -92,7 +92,8 @@ def compress(
         if heal_steps < 0:
             raise ConfigError(f"--heal-steps must not be negative, got {heal_steps}")
         heal = HealConfig(steps=heal_steps, lr=1e-4 if student_lr is None else student_lr, seed=seed, hidden_weight=distill_hidden, logit_weight=1.0,
-                          save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4), train=heal_train) if heal_steps else None
+                          save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4), train=heal_train,
+                          hidden_norm="token") if heal_steps else None
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,
                                       batch_size=batch_size or 8, heal=heal, generate=generate, force=force, restart_from=restart_from)
