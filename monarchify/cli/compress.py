@@ -43,7 +43,7 @@ def compress(
     distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states, layer by layer (0: off): in stage 3 with --task, in healing with --text (next to the logit term).")] = 0.0,
     output_order: OutputOrder = "blocked",
     budget_ranks: Annotated[str | None, typer.Option("--budget-ranks", metavar="K,K,...", help="Monarch plus low rank: --budget may also give a layer a rank-K term next to its blocks, e.g. 8,16,32.")] = None,
-    budget_objective: BudgetObjective = "layers",
+    budget_objective: BudgetObjective = None,
     budget_solver: BudgetSolver = "exact",
     structure: Structure = "monarch",
     augment: Annotated[int, typer.Option("--augment", metavar="N", help="Stage 3 also trains on N variants of every training example (words swapped for words of the task's text), labelled by the dense teacher.")] = 0,
@@ -71,7 +71,7 @@ def compress(
     """
     if (task is None) == (text is None):
         raise ConfigError("give --task (a GLUE task) or --text (language-model compression), one of the two")
-    recipe = {"output_order": output_order, "budget_objective": budget_objective, "budget_solver": budget_solver,
+    recipe = {"output_order": output_order, "budget_objective": budget_objective or "layers", "budget_solver": budget_solver,
               "structure": structure,
               "budget_ranks": parse_ranks(budget_ranks) if budget_ranks is not None else []}
     if text is not None:

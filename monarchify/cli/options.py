@@ -49,7 +49,7 @@ OutputOrder = Annotated[
     ),
 ]
 BudgetObjective = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--budget-objective",
         help="What --budget minimises: layers (the sum of the layers' relative output errors), even (the sum of "
@@ -57,7 +57,8 @@ BudgetObjective = Annotated[
         "layer's error weighted by how far it moves the model's output, measured on the calibration text: one "
         "forward pass per layer on 128 samples) or fisher (every layer's error in the model's own loss: each output "
         "weighted by the gradient the model's output distribution puts on it, one forward and backward pass on 64 "
-        "samples; the sum is the estimated divergence from the dense model).",
+        "samples; the sum is the estimated divergence from the dense model). Default: layers; compress --task "
+        "uses fisher for plain Monarch layers.",
     ),
 ]
 BudgetSolver = Annotated[

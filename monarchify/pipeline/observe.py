@@ -293,15 +293,20 @@ def output_fisher(
     def leaf(_module: nn.Module, _args: Any, out: Any) -> Any:  # gradients start here, none reach the weights
         return out.detach().requires_grad_(True) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
+    # Every embedding module, not only get_input_embeddings(): an encoder-decoder (BART) shares
+    # that table with per-stack embedding modules, which are what its forward pass calls.
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     try:
-        embeddings = model.get_input_embeddings()
+        given = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
-        embeddings = None
-    if not isinstance(embeddings, nn.Module):
+        given = None
+    if isinstance(given, nn.Module) and all(given is not m for m in embeddings):
+        embeddings.append(given)
+    if not embeddings:
         raise SampleError("the Fisher weights need the model's input embeddings (get_input_embeddings)")
     needed = {p: p.requires_grad for p in model.parameters()}
     handles = [module.register_forward_hook(capture(name)) for name, module in modules.items()]
-    handles.append(embeddings.register_forward_hook(leaf))
+    handles += [module.register_forward_hook(leaf) for module in embeddings]
     try:
         for p in needed:
             p.requires_grad_(False)
