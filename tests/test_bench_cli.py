@@ -353,7 +353,8 @@ def test_generation_that_cannot_run_is_one_line(capsys, llama_folder, args, frag
 
 
 def test_layer_at_one_token_times_the_decoding_path_for_inference(capsys, fake_clock):
-    code, out, err = run(capsys, "bench", "layer", "--d-in", "64", "--d-out", "96", "--tokens", "1", "--json", *QUICK)
+    # One thread: the native kernel is auto's choice there only (with more, MKL's threaded path).
+    code, out, err = run(capsys, "bench", "layer", "--d-in", "64", "--d-out", "96", "--tokens", "1", "--threads", "1", "--json", *QUICK)
     assert code == 0, err
     result = json.loads(out)
     from monarchify.monarch.kernels import native

@@ -16,6 +16,29 @@ from monarchify.monarch.kernels import native, small
 
 from test_speed_kernels import F64, ORDERS, dense_from_factors, factors
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The native kernel is chosen for one thread only (more: MKL's threaded path); the tests
+    here pin the thread count so that the choice does not depend on the machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_with_more_threads_auto_leaves_the_native_kernel_for_the_threaded_small_path(monkeypatch):
+    layer = MonarchLinear(64, 64, nblocks=4).eval()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        want = layer(x)
+        torch.set_num_threads(2)
+        spy = Spy(monkeypatch)
+        got = layer(x)
+    assert kernels.auto_choice(x, inference=True, weights=layer.R.numel() + layer.L.numel()) == "small"
+    assert spy.calls == {"native": 0, "small": 1}
+    torch.testing.assert_close(got, want)
+
 # (b, p, s): square, wider, narrower, a GQA-like 4:1 projection, structural zeros (q = 3 < b = 4)
 SHAPES = [(4, 8, 8), (4, 6, 16), (4, 16, 6), (4, 16, 4), (4, 3, 12), (1, 5, 7), (3, 4, 4)]
 
