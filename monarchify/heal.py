@@ -62,8 +62,9 @@ def _states(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def hidden_error(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch]) -> float:
-    """Mean over batches of :func:`hidden_state_loss`: how far the student is from the teacher."""
+def hidden_error(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch], *, per_token: bool = False) -> float:
+    """Mean over batches of :func:`hidden_state_loss` (``per_token`` as there): how far the
+    student is from the teacher."""
     was_training = student.training
     student.eval()
     teacher.eval()
@@ -71,7 +72,8 @@ def hidden_error(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch
     values = []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        values.append(float(hidden_state_loss(_states(student, batch), _states(teacher, batch), batch.get("attention_mask"))))
+        values.append(float(hidden_state_loss(_states(student, batch), _states(teacher, batch), batch.get("attention_mask"),
+                                              per_token=per_token)))
     student.train(was_training)
     if not values:
         raise ConfigError("no batches to measure the hidden-state error on")
@@ -97,7 +99,7 @@ def healing_loss(student: nn.Module, teacher: nn.Module, batch: Batch, config: H
     loss = torch.zeros((), device=model_device(student))
     if hidden:
         loss = loss + config.hidden_weight * hidden_state_loss(output.hidden_states[1:], taught.hidden_states[1:], mask,
-                                                              per_token=config.hidden_norm == "token")
+                                                              per_token=config.per_token_hidden)
     if config.logit_weight > 0:
         if getattr(output, "logits", None) is None:
             raise ConfigError(f"{type(student).__name__} returns no logits to match: heal it with logit_weight 0")
@@ -182,7 +184,8 @@ def heal_(
         raise ConfigError("healing needs at least one batch of text")
     check_sharding()
     if measure is None and heldout:
-        measure = lambda model: hidden_error(model, teacher, heldout)  # noqa: E731
+        # The held-out error weighs tokens as the loss does: what training lowers is what is measured.
+        measure = lambda model: hidden_error(model, teacher, heldout, per_token=config.per_token_hidden)  # noqa: E731
     torch.manual_seed(config.seed)
     teacher.eval().requires_grad_(False)
     student.eval()

@@ -83,6 +83,11 @@ class HealConfig:
         if self.train not in TRAINED:
             raise ConfigError(f"train must be one of {', '.join(TRAINED)}, got {self.train!r}", field="train")
 
+    @property
+    def per_token_hidden(self) -> bool:
+        """Whether the hidden-state term (and its held-out measure) is taken token by token."""
+        return self.hidden_norm == "token"
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         # The defaults: fingerprints of runs made before these fields stay valid.

@@ -341,8 +341,10 @@ def test_healing_only_the_converted_layers_needs_some():
 
 
 def test_per_token_hidden_term_heals_and_is_fingerprinted_only_when_used():
-    teacher, student, batches, _ = causal_pair(tiny_llama)
+    teacher, student, batches, heldout = causal_pair(tiny_llama)
     config = HealConfig(steps=20, lr=1e-3, hidden_weight=1.0, logit_weight=1.0, hidden_norm="token")
+    before = hidden_error(student, teacher, heldout, per_token=True)
+    assert before != pytest.approx(hidden_error(student, teacher, heldout), rel=1e-3)
     batch = batches[0]
     with torch.no_grad():
         taught = teacher(**batch, output_hidden_states=True)
@@ -351,8 +353,9 @@ def test_per_token_hidden_term_heals_and_is_fingerprinted_only_when_used():
         expected = hidden_state_loss(out.hidden_states[1:], taught.hidden_states[1:], mask, per_token=True) + token_logit_loss(
             out.logits, taught.logits, mask, 1.0)
         assert float(healing_loss(student, teacher, batch, config)) == pytest.approx(float(expected), rel=1e-5)
-    result = heal_(student, teacher, batches, config)
+    result = heal_(student, teacher, batches, config, heldout=heldout)
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert result.heldout_before == pytest.approx(before, rel=1e-9)  # measured as the loss weighs tokens
     assert config.to_dict()["hidden_norm"] == "token"
     assert "hidden_norm" not in HealConfig(hidden_weight=0.0, logit_weight=1.0, hidden_norm="token").to_dict()
     with pytest.raises(ConfigError, match="hidden_norm"):
