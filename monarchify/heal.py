@@ -234,6 +234,8 @@ def heal_(
         loss = healing_loss(trained, teacher, batch, config)
         optimizer.zero_grad(set_to_none=True)
         (loss * weight if parallel else loss).backward()
+        if config.max_grad_norm is not None:  # after DDP's all-reduce, or on FSDP's sharded gradients: the whole norm
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         result.losses.append(distributed.all_reduce_sum(loss.item() * weight / world) if parallel else loss.item())

@@ -44,7 +44,11 @@ class HealConfig:
 
     ``hidden_norm``: ``"layer"`` takes the hidden-state term's relative error over all of a
     layer's tokens at once; ``"token"`` token by token, so that a language model's few
-    massive-activation tokens do not stand for the whole window."""
+    massive-activation tokens do not stand for the whole window.
+
+    ``max_grad_norm``: scale each step's gradient down to at most this norm (all trained
+    weights together); ``None``: never. A whitened low-rank model healed at the rate a Monarch
+    one heals best at diverged without it (``docs/language-models.md``)."""
 
     steps: int = 200
     lr: float = 1e-4
@@ -58,6 +62,7 @@ class HealConfig:
     save_every: int | None = None
     train: str = "all"
     hidden_norm: str = "layer"
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -78,6 +83,8 @@ class HealConfig:
         if self.save_every is not None and (isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 1):
             raise ConfigError(f"save_every must be a positive number of steps, got {self.save_every!r}", field="save_every")
 
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be positive, got {self.max_grad_norm}", field="max_grad_norm")
         if self.hidden_norm not in HIDDEN_NORMS:
             raise ConfigError(f"hidden_norm must be one of {', '.join(HIDDEN_NORMS)}, got {self.hidden_norm!r}", field="hidden_norm")
         if self.train not in TRAINED:
@@ -95,4 +102,6 @@ class HealConfig:
             del data["train"]
         if self.hidden_norm == "layer" or self.hidden_weight == 0:  # or when it has nothing to weigh
             del data["hidden_norm"]
+        if self.max_grad_norm is None:
+            del data["max_grad_norm"]
         return data

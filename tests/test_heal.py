@@ -360,3 +360,27 @@ def test_per_token_hidden_term_heals_and_is_fingerprinted_only_when_used():
     assert "hidden_norm" not in HealConfig(hidden_weight=0.0, logit_weight=1.0, hidden_norm="token").to_dict()
     with pytest.raises(ConfigError, match="hidden_norm"):
         HealConfig(hidden_norm="tokens")
+
+
+def test_max_grad_norm_caps_every_step_the_optimizer_takes_and_is_fingerprinted_only_when_set(monkeypatch):
+    teacher, student, batches, _ = causal_pair(tiny_llama)
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def spying(self, *args, **kwargs):  # the norm of the gradient each step is taken with
+        grads = [p.grad.flatten() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spying)
+    heal_(copy.deepcopy(student), teacher, batches, HealConfig(steps=6, lr=1e-3, hidden_weight=0.0, logit_weight=1.0))
+    free, cap = list(norms), min(norms) / 2
+    norms.clear()
+    config = HealConfig(steps=6, lr=1e-3, hidden_weight=0.0, logit_weight=1.0, max_grad_norm=cap)
+    result = heal_(student, teacher, batches, config)
+    assert len(free) == len(norms) == 6 and min(free) > cap
+    assert max(norms) == pytest.approx(cap, rel=1e-4)  # every step was over the cap: each is scaled to it
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])  # still heals
+    assert config.to_dict()["max_grad_norm"] == cap and "max_grad_norm" not in HealConfig().to_dict()
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        HealConfig(max_grad_norm=0.0)

@@ -229,16 +229,23 @@ def test_cli_compress_text_heals_the_converted_layers_only_on_text_the_dense_mod
     out = tmp_path / "frozen"
     code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "4", "--out", out, "--heal-steps", "3",
                         "--heal-train", "converted", "--generate", "6", "--max-length", "16", "--batch-size", "4",
-                        "--calibration-samples", "16")
+                        "--calibration-samples", "16", "--max-grad-norm", "0.5")
     assert code == 0, err
     results = json.loads((out / "eval_results.json").read_text())
     assert results["options"]["heal"]["train"] == "converted" and results["tokens"]["generated"] == 6 * 16
+    assert results["options"]["heal"]["max_grad_norm"] == 0.5
     healed, dense = load_file(str(out / "model.safetensors")), load_file(str(lm_folder / "model.safetensors"))
     assert torch.equal(healed["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
     assert torch.equal(healed["model.norm.weight"], dense["model.norm.weight"])
     code, err = run_cli(capsys, "compress", lm_folder, "--task", "mrpc", "--budget", "0.5", "--out", tmp_path / "t",
                         "--generate", "4")
     assert_one_line_error(code, err, "--generate")
+    code, err = run_cli(capsys, "compress", lm_folder, "--task", "mrpc", "--budget", "0.5", "--out", tmp_path / "t",
+                        "--max-grad-norm", "1")
+    assert_one_line_error(code, err, "--max-grad-norm")
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "4", "--out", tmp_path / "bad",
+                        "--max-grad-norm", "0")
+    assert_one_line_error(code, err, "--max-grad-norm", "positive")
     code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "4", "--out", tmp_path / "bad",
                         "--heal-train", "everything")
     assert_one_line_error(code, err, "train must be one of")

@@ -19,25 +19,31 @@ from test_speed_kernels import F64, ORDERS, dense_from_factors, factors
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The native kernel is chosen for one thread only (more: MKL's threaded path); the tests
-    here pin the thread count so that the choice does not depend on the machine."""
+    """Where the native kernel is built without OpenMP it is chosen for one thread only (more:
+    MKL's threaded path); the tests here pin the thread count so that no choice depends on the
+    machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
 
-def test_with_more_threads_auto_leaves_the_native_kernel_for_the_threaded_small_path(monkeypatch):
+@pytest.mark.parametrize("openmp", [True, False])
+def test_with_more_threads_auto_keeps_the_native_kernel_only_where_it_is_threaded(monkeypatch, openmp):
     layer = MonarchLinear(64, 64, nblocks=4).eval()
     x = torch.randn(1, 64)
     with torch.no_grad():
         want = layer(x)
+        monkeypatch.setattr(native, "threaded", lambda: openmp)
         torch.set_num_threads(2)
         spy = Spy(monkeypatch)
         got = layer(x)
-    assert kernels.auto_choice(x, inference=True, weights=layer.R.numel() + layer.L.numel()) == "small"
-    assert spy.calls == {"native": 0, "small": 1}
+    built = native.library() is not None
+    expected = "native" if openmp and built else "small"
+    assert kernels.auto_choice(x, inference=True, weights=layer.R.numel() + layer.L.numel()) == expected
+    assert spy.calls == {"native": int(expected == "native"), "small": int(expected == "small")}
     torch.testing.assert_close(got, want)
+
 
 # (b, p, s): square, wider, narrower, a GQA-like 4:1 projection, structural zeros (q = 3 < b = 4)
 SHAPES = [(4, 8, 8), (4, 6, 16), (4, 16, 6), (4, 16, 4), (4, 3, 12), (1, 5, 7), (3, 4, 4)]
@@ -239,6 +245,25 @@ def test_native_outputs_do_not_depend_on_where_the_weights_live():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_native_outputs_do_not_depend_on_the_thread_count_or_how_many_rows_come_together(dtype):
+    """Each output is one weight row's dot product, summed in one order: the same bits on one
+    thread or two, for a token alone or in a group of four (the layer is wide enough that two
+    threads share it; widths off the 8-wide lanes)."""
+    R, L, bias = factors(4, 101, 163, dtype=dtype, seed=5)
+    x = torch.randn(native.MAX_TOKENS, 4 * 101, dtype=dtype)
+    torch.set_num_threads(1)
+    alone = torch.cat([native.monarch_native(row[None], R, L, bias, blocked=False) for row in x])
+    together = native.monarch_native(x, R, L, bias, blocked=False)
+    torch.set_num_threads(2)
+    shared = native.monarch_native(x, R, L, bias, blocked=False)
+    assert torch.equal(together, alone) and torch.equal(shared, alone)
+    want = x.double() @ dense_from_factors(R.double(), L.double(), False).T + bias.double()
+    torch.testing.assert_close(shared.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                               atol=1e-4 if dtype == torch.float32 else 1e-12)
+
+
+@needs_native
 def test_native_refuses_mixed_dtypes():
     R, L, bias = factors(2, 4, 4, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="one dtype"):
@@ -262,6 +287,31 @@ def test_the_native_library_is_built_into_the_cache_or_given_up_cleanly(monkeypa
         if native.shutil.which("cc") or native.shutil.which("gcc"):
             assert native.library() is not None
             assert [p.suffix for p in (tmp_path / "monarchify").iterdir()] == [".so"]  # no temporary left behind
+    finally:
+        native.library.cache_clear()
+
+
+@needs_native
+def test_a_compiler_without_openmp_builds_the_single_threaded_kernel(monkeypatch, tmp_path):
+    """Where ``-fopenmp`` fails (a clang with no OpenMP runtime) the kernel is still built, runs
+    on one thread, and auto then takes it for one thread only."""
+    run = native.subprocess.run
+
+    def no_openmp(command, **kwargs):
+        if "-fopenmp" in command:
+            raise native.subprocess.CalledProcessError(1, command)
+        return run(command, **kwargs)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native.subprocess, "run", no_openmp)
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None and not native.threaded()
+        R, L, bias = factors(4, 96, 96, dtype=F64, seed=6)
+        x = torch.randn(2, 4 * 96, dtype=F64)
+        torch.testing.assert_close(native.monarch_native(x, R, L, bias), reference(x, R, L, bias, True), rtol=1e-12, atol=1e-12)
+        torch.set_num_threads(2)
+        assert kernels.auto_choice(x, inference=True) == "small"
     finally:
         native.library.cache_clear()
 

@@ -38,6 +38,7 @@ def compress(
     generate: Annotated[int, typer.Option("--generate", metavar="N", help="--text: the dense model also writes N windows of text to heal on (sampled from its own next-token distribution, each from a few tokens of the text): more varied text than a small file holds.")] = 0,
     heal_train: Annotated[str, typer.Option("--heal-train", help="--text: what healing trains: all (every weight) or converted (only the converted layers; embeddings, norms and the layers kept dense stay the dense model's, and a step is cheaper).")] = "all",
     save_every: Annotated[int, typer.Option("--save-steps", metavar="N", help="--text: keep a resumable healing state every N steps.")] = 50,
+    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", metavar="NORM", help="--text: scale each healing step's gradient down to at most this norm (default: never). Low-rank layers at a high --student-lr need it.")] = None,
     distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels in stage 3, 0..1.")] = 0.5,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the logit term.")] = 2.0,
     distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states, layer by layer (0: off): in stage 3 with --task, in healing with --text (next to the logit term).")] = 0.0,
@@ -93,15 +94,16 @@ def compress(
             raise ConfigError(f"--heal-steps must not be negative, got {heal_steps}")
         heal = HealConfig(steps=heal_steps, lr=1e-4 if student_lr is None else student_lr, seed=seed, hidden_weight=distill_hidden, logit_weight=1.0,
                           save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4), train=heal_train,
-                          hidden_norm="token") if heal_steps else None
+                          hidden_norm="token", max_grad_norm=max_grad_norm) if heal_steps else None
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,
                                       batch_size=batch_size or 8, heal=heal, generate=generate, force=force, restart_from=restart_from)
         run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]],
                           busy_check=threads_for_training(threads, on_gpu=False))
         return
-    if budget is None or nblocks is not None or sequential or heal_train != "all" or generate:
-        raise ConfigError("--task compression needs --budget FRACTION (--nblocks, --sequential, --heal-train and --generate are for --text)")
+    if budget is None or nblocks is not None or sequential or heal_train != "all" or generate or max_grad_norm is not None:
+        raise ConfigError("--task compression needs --budget FRACTION (--nblocks, --sequential, --heal-train, --generate and "
+                          "--max-grad-norm are for --text)")
     from monarchify.glue.compress import CompressOptions
 
     shared = {"epochs": epochs, "batch_size": batch_size or 32, "max_length": max_length or 128,

@@ -29,6 +29,7 @@ def heal(
         int | None, typer.Option("--eval-steps", metavar="N", help="Also measure the held-out error every N steps (the report keeps the curve).")
     ] = None,
     train: Annotated[str, typer.Option("--train", help="What trains: all (every weight) or converted (only the converted layers).")] = HealConfig.train,
+    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", metavar="NORM", help="Scale each step's gradient down to at most this norm (default: never).")] = None,
     threads: Threads = None,
     force: ForceFlag = False,
     json_out: JsonFlag = False,
@@ -44,7 +45,7 @@ def heal(
       monarchify heal minilm-monarch --teacher ./minilm --text sentences.txt -o minilm-healed
       monarchify heal minilm-monarch --teacher ./minilm --text glue/MRPC/train.tsv --max-steps 300 -o healed
     """
-    config = HealConfig(steps=steps, lr=lr, seed=seed, eval_every=eval_every, train=train)
+    config = HealConfig(steps=steps, lr=lr, seed=seed, eval_every=eval_every, train=train, max_grad_norm=max_grad_norm)
     busy_check = threads_for_training(threads, on_gpu=False)  # heal runs where the model loads: on the CPU
     # Imported here: torch and transformers take seconds to import, which --help should not pay.
     from monarchify.hf.heal import describe, heal_pretrained

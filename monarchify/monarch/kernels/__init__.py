@@ -58,11 +58,12 @@ def auto_choice(x: torch.Tensor, *, inference: bool = False, weights: int = 0) -
     strided path beat it everywhere measured (1 to 16,384 tokens, 576 to 14,336 wide,
     forward and backward; ``benchmarks/gpu_check.py``), by 1.3x to 9x.
 
-    The native kernel runs on one thread: with more, MKL's threaded products of the small path
-    are faster (SmolLM2 at 4 blocks, two threads, decoding one sequence: 33.3 tokens/s against
-    25.0, dense 27.6), so it is chosen for one thread only."""
+    With more than one thread the native kernel is chosen only where it was built with OpenMP
+    (it then shares torch's threads): a single-threaded build loses to MKL's threaded small
+    path there (SmolLM2 at 4 blocks, two threads, one sequence: 25.0 tokens/s against 33.3,
+    dense 27.6; threaded, 38.4)."""
     if inference and x.is_cpu and x.shape[0] <= SMALL_BATCH_TOKENS:
-        native_fits = weights <= native.MAX_WEIGHTS and torch.get_num_threads() == 1 and native.supports(x)
+        native_fits = weights <= native.MAX_WEIGHTS and (native.threaded() or torch.get_num_threads() == 1) and native.supports(x)
         return "native" if native_fits else "small"
     return "strided"
 
@@ -79,7 +80,7 @@ def decode_native(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor, bias: torch
     """
     width = x.shape[-1]
     if not (x.is_cpu and x.numel() <= native.MAX_TOKENS * width and R.numel() + L.numel() <= native.MAX_WEIGHTS and x.dtype in native.FUNCTIONS and x.is_contiguous()
-            and _choice.get() == "auto" and torch.get_num_threads() == 1 and not torch.compiler.is_compiling()
+            and _choice.get() == "auto" and (native.threaded() or torch.get_num_threads() == 1) and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu")):
         return None
     dtype = x.dtype

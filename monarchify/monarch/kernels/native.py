@@ -7,8 +7,11 @@ one long GEMV streams at, plus some ten dispatched ops per layer for the middle 
 and the views (``docs/performance.md``). This kernel walks ``R`` then ``L`` once, in storage
 order (one sequential stream each, which the hardware prefetcher follows across blocks),
 does the middle permutation in a gather of a few kilobytes, and is one call from Python. Per
-token it computes each output as a dot product of a weight row; for several tokens the row
-is reused from L1 cache. It reads the parameters as stored: no arranged copy.
+token it computes each output as a dot product of a weight row; tokens four at a time share
+each load of the row. It reads the parameters as stored: no arranged copy.
+
+With several threads each takes a contiguous run of the rows of each factor, so every
+core streams its own part of the weights (OpenMP, torch's own thread pool: see :func:`_build`).
 
 It is built on first use with the system C compiler (``cc``, well under a second) into the
 user's cache directory and loaded with ``ctypes``, so monarchify needs no build step and no
@@ -16,7 +19,8 @@ compiler: where building or loading fails, or ``MONARCHIFY_NATIVE=0`` is set, th
 the torch small-batch path (:mod:`.small`) instead. x86-64 builds carry an AVX2/FMA clone
 chosen at load time by the CPU (GCC's ``target_clones``), so a cached library is safe on
 any x86-64 machine. Summation order differs from BLAS (float32 results agree to rounding,
-``tests/test_small_batch.py``) but does not depend on where the weights live.
+``tests/test_small_batch.py``) but does not depend on where the weights live, on the thread
+count, or on how many tokens come together.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ import torch
 
 MAX_TOKENS = 4
 """Up to this many rows the kernel beats the torch small path (on SmolLM2's layer shapes,
-one thread: 2.0x dense per transformer block at 1 token, 2.7x at 2, 1.9x at 4, against 1.3-1.6x; at 8
-rows its per-token dot products lose)."""
+one thread: 2.0x dense per transformer block at 1 token, 2.7x at 2, 1.9x at 4, against 1.3-1.6x).
+At 8 rows MKL's register-blocked products win (SmolLM2 at 4 blocks decoding 8 sequences, one
+thread: 92 tokens/s here against 96 through the small path; two threads: even)."""
 
 MAX_WEIGHTS = 1 << 22
 """Above this many factor entries (``R`` and ``L`` together) MKL's GEMVs in the torch small
@@ -53,66 +58,109 @@ SOURCE = r"""
 #define CLONES
 #endif
 
-/* out[t * ld_out + r] = row r of w (rows x width, row-major) . in[t * ld_in + 0 .. width) */
-#define STAGE(NAME, T)                                                                    \
-static void NAME(const T *w, long rows, long width, const T *in, long ld_in, int n,      \
-                 T *out, long ld_out)                                                     \
+/* Below this many multiply-adds a layer runs on one thread: waking a second costs more. */
+#define PARALLEL_WORK 32768L
+
+int monarch_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Eight lanes of T, loadable from any T-aligned address and aliasing T (GCC and clang). */
+typedef float f32x8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double f64x8 __attribute__((vector_size(64), aligned(8), may_alias));
+
+/* out[t * ldo] = row[0 .. width) . in[t * ld + 0 .. width) for t < n. Eight partial sums a
+   token, tokens four at a time so that each load of the row feeds four of them; a token's
+   sum is added up in the same order however the tokens are grouped. */
+#define DOTS(NAME, T, V)                                                                  \
+static inline T NAME##_sum(V a, const T *row, const T *v, long i, long width)            \
 {                                                                                         \
-    for (long r = 0; r < rows; r++) {                                                     \
-        const T *row = w + r * width;                                                     \
-        for (int t = 0; t < n; t++) {                                                     \
-            const T *v = in + t * ld_in;                                                  \
-            T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                          \
-            long i = 0;                                                                   \
-            for (; i + 8 <= width; i += 8)                                                \
-                for (int j = 0; j < 8; j++) acc[j] += row[i + j] * v[i + j];              \
-            T sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])); \
-            for (; i < width; i++) sum += row[i] * v[i];                                  \
-            out[t * ld_out + r] = sum;                                                    \
+    T sum = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));            \
+    for (; i < width; i++) sum += row[i] * v[i];                                          \
+    return sum;                                                                           \
+}                                                                                         \
+static inline void NAME(const T *row, const T *in, long ld, int n, long width, T *out, long ldo) \
+{                                                                                         \
+    long full = width - width % 8;                                                        \
+    int t = 0;                                                                            \
+    for (; t + 4 <= n; t += 4) {                                                          \
+        const T *v0 = in + t * ld, *v1 = v0 + ld, *v2 = v1 + ld, *v3 = v2 + ld;           \
+        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                         \
+        for (long i = 0; i < full; i += 8) {                                              \
+            V r = *(const V *)(row + i);                                                  \
+            a0 += r * *(const V *)(v0 + i); a1 += r * *(const V *)(v1 + i);               \
+            a2 += r * *(const V *)(v2 + i); a3 += r * *(const V *)(v3 + i);               \
         }                                                                                 \
+        out[t * ldo] = NAME##_sum(a0, row, v0, full, width);                              \
+        out[(t + 1) * ldo] = NAME##_sum(a1, row, v1, full, width);                        \
+        out[(t + 2) * ldo] = NAME##_sum(a2, row, v2, full, width);                        \
+        out[(t + 3) * ldo] = NAME##_sum(a3, row, v3, full, width);                        \
+    }                                                                                     \
+    for (; t < n; t++) {                                                                  \
+        const T *v0 = in + t * ld;                                                        \
+        V a0 = {0};                                                                       \
+        for (long i = 0; i < full; i += 8)                                                \
+            a0 += *(const V *)(row + i) * *(const V *)(v0 + i);                           \
+        out[t * ldo] = NAME##_sum(a0, row, v0, full, width);                              \
     }                                                                                     \
 }
 
 /* y[t, o] = bias[o] + (M x_t)[o] for t < n, M = P_out blockdiag(L) P_mid blockdiag(R):
    R is (b, q, p), L is (b, s, q), both contiguous; o = l*s + r (blocked) or r*b + l.
-   Returns 0, or -1 when out of memory. */
-#define MONARCH(NAME, STAGE_FN, T)                                                        \
+   Each stage is one loop over the factor's rows in storage order (row g of R is block g div q,
+   row g of L block g div s), split into contiguous runs across `threads` OpenMP threads: every
+   thread streams its own part of the weights once, and for several tokens reuses each row from
+   L1 cache. An output is one row's dot product whatever the thread count, so results do not
+   depend on it. Returns 0, or -1 when out of memory. */
+#define MONARCH(NAME, DOT_FN, T)                                                          \
 CLONES int NAME(const T *x, long ldx, const T *R, const T *L, const T *bias, T *y,       \
-                long ldy, int n, int b, int p, int q, int s, int blocked)                 \
+                long ldy, int n, int b, int p, int q, int s, int blocked, int threads)    \
 {                                                                                         \
-    long mid = (long)n * b * q;                                                           \
-    T *h = malloc(sizeof(T) * (2 * mid + (long)n * s));                                   \
+    long rows_r = (long)b * q, rows_l = (long)b * s, mid = (long)n * rows_r;              \
+    T *h = malloc(sizeof(T) * 2 * mid);                                                   \
     if (!h) return -1;                                                                    \
-    T *hb = h + mid, *yl = hb + mid;                                                      \
-    /* middle f = k*q + j of token t at h[t*b*q + f] */                                   \
-    for (int k = 0; k < b; k++)                                                           \
-        STAGE_FN(R + (long)k * q * p, q, p, x + (long)k * p, ldx, n, h + (long)k * q, (long)b * q); \
-    /* f feeds L block f mod b as its column f div b: hb[(l*n + t)*q + c] = h[t, c*b + l] */ \
-    for (int t = 0; t < n; t++)                                                           \
-        for (int l = 0; l < b; l++)                                                       \
+    T *hb = h + mid;                                                                      \
+    int parallel = threads > 1 && (rows_r * p + rows_l * q) * n >= PARALLEL_WORK;          \
+    (void)parallel;                                                                       \
+    _Pragma("omp parallel num_threads(threads) if(parallel)")                             \
+    {                                                                                     \
+        /* middle f = k*q + j of token t at h[t*b*q + f] */                               \
+        _Pragma("omp for schedule(static)")                                               \
+        for (long g = 0; g < rows_r; g++)                                                 \
+            DOT_FN(R + g * p, x + (g / q) * p, ldx, n, p, h + g, rows_r);                 \
+        /* f feeds L block f mod b as its column f div b: hb[(l*n + t)*q + c] = h[t, c*b + l] */ \
+        _Pragma("omp for schedule(static)")                                               \
+        for (long lt = 0; lt < (long)b * n; lt++) {                                       \
+            long l = lt / n, t = lt % n;                                                  \
             for (int c = 0; c < q; c++)                                                   \
-                hb[((long)l * n + t) * q + c] = h[(long)t * b * q + (long)c * b + l];     \
-    for (int l = 0; l < b; l++) {                                                         \
-        STAGE_FN(L + (long)l * s * q, s, q, hb + (long)l * n * q, q, n, yl, s);           \
-        for (int t = 0; t < n; t++)                                                       \
-            for (int r = 0; r < s; r++) {                                                 \
-                long o = blocked ? (long)l * s + r : (long)r * b + l;                     \
-                y[t * ldy + o] = bias ? yl[(long)t * s + r] + bias[o] : yl[(long)t * s + r]; \
-            }                                                                             \
+                hb[lt * q + c] = h[t * rows_r + (long)c * b + l];                         \
+        }                                                                                 \
+        _Pragma("omp for schedule(static)")                                               \
+        for (long g = 0; g < rows_l; g++) {                                               \
+            long l = g / s, o = blocked ? g : (g % s) * b + l;                            \
+            DOT_FN(L + g * q, hb + l * n * q, q, n, q, y + o, ldy);                       \
+            if (bias)                                                                     \
+                for (int t = 0; t < n; t++) y[t * ldy + o] += bias[o];                    \
+        }                                                                                 \
     }                                                                                     \
     free(h);                                                                              \
     return 0;                                                                             \
 }
 
-STAGE(stage_f32, float)
-STAGE(stage_f64, double)
-MONARCH(monarch_f32, stage_f32, float)
-MONARCH(monarch_f64, stage_f64, double)
+DOTS(dots_f32, float, f32x8)
+DOTS(dots_f64, double, f64x8)
+MONARCH(monarch_f32, dots_f32, float)
+MONARCH(monarch_f64, dots_f64, double)
 """
 
 FUNCTIONS = {torch.float32: "monarch_f32", torch.float64: "monarch_f64"}
 _ARGS = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-         ctypes.c_long] + [ctypes.c_int] * 6
+         ctypes.c_long] + [ctypes.c_int] * 7
 
 
 def _cache_dir() -> Path:
@@ -122,14 +170,22 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str, target: Path) -> None:
     """Compile into a private temporary folder, then move into place atomically (two
-    processes building at once both succeed; a reader never sees half a library)."""
+    processes building at once both succeed; a reader never sees half a library).
+
+    With OpenMP where the compiler has it: the library then needs ``libgomp.so.1``, which the
+    dynamic linker finds already loaded by torch (its CPU wheels ship their own under that
+    name), so the kernel's threads are torch's, counted by ``torch.set_num_threads``. Without
+    (e.g. a clang with no OpenMP runtime), a single-threaded build."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         src = Path(work) / "monarch_native.c"
         src.write_text(SOURCE, encoding="utf-8")
         out = Path(work) / target.name
-        subprocess.run([compiler, "-O3", "-shared", "-fPIC", str(src), "-o", str(out)],
-                       check=True, capture_output=True, timeout=120)
+        command = [compiler, "-O3", "-shared", "-fPIC", str(src), "-o", str(out)]
+        try:
+            subprocess.run([*command, "-fopenmp"], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
         os.replace(out, target)
 
 
@@ -154,7 +210,14 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = _ARGS
+    lib.monarch_openmp.restype = ctypes.c_int
+    lib.openmp = bool(lib.monarch_openmp())
     return lib
+
+
+def threaded() -> bool:
+    """Whether the built kernel splits its work over torch's threads (an OpenMP build)."""
+    return bool(getattr(library(), "openmp", False))
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -173,10 +236,11 @@ def function(dtype: torch.dtype) -> Any | None:
 def call(fn: Any, x: torch.Tensor, ldx: int, R: torch.Tensor, L: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
          b: int, p: int, q: int, s: int, blocked: bool) -> None:
     """Run ``fn`` on rows ``ldx`` apart in ``x`` into contiguous ``y`` (``b·s`` wide); the
-    factors must be contiguous, everything in ``fn``'s dtype on the CPU (unchecked here)."""
+    factors must be contiguous, everything in ``fn``'s dtype on the CPU (unchecked here).
+    It runs on ``torch.get_num_threads()`` threads where the build is threaded."""
     n = y.numel() // (b * s)
     status = fn(x.data_ptr(), ldx, R.data_ptr(), L.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                b * s, n, b, p, q, s, 1 if blocked else 0)
+                b * s, n, b, p, q, s, 1 if blocked else 0, torch.get_num_threads())
     if status != 0:
         raise MemoryError("the native Monarch kernel could not allocate its middle buffer")
 
