@@ -108,6 +108,21 @@ static inline void NAME(const T *row, const T *in, long ld, int n, long width, T
             a0 += *(const V *)(row + i) * *(const V *)(v0 + i);                           \
         out[t * ldo] = NAME##_sum(a0, row, v0, full, width);                              \
     }                                                                                     \
+}                                                                                         \
+/* out[u] = row u of w (4 rows, `width` apart) . v: four independent sums in flight, so that \
+   one token is not held up by the latency of a single chain of multiply-adds. */         \
+static inline void NAME##_rows4(const T *w, long width, const T *v, T *out)              \
+{                                                                                         \
+    long full = width - width % 8;                                                        \
+    const T *w0 = w, *w1 = w + width, *w2 = w1 + width, *w3 = w2 + width;                 \
+    V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                             \
+    for (long i = 0; i < full; i += 8) {                                                  \
+        V x = *(const V *)(v + i);                                                        \
+        a0 += *(const V *)(w0 + i) * x; a1 += *(const V *)(w1 + i) * x;                  \
+        a2 += *(const V *)(w2 + i) * x; a3 += *(const V *)(w3 + i) * x;                   \
+    }                                                                                     \
+    out[0] = NAME##_sum(a0, w0, v, full, width); out[1] = NAME##_sum(a1, w1, v, full, width); \
+    out[2] = NAME##_sum(a2, w2, v, full, width); out[3] = NAME##_sum(a3, w3, v, full, width); \
 }
 
 /* y[t, o] = bias[o] + (M x_t)[o] for t < n, M = P_out blockdiag(L) P_mid blockdiag(R):
@@ -131,8 +146,18 @@ CLONES int NAME(const T *x, long ldx, const T *R, const T *L, const T *bias, T *
     {                                                                                     \
         /* middle f = k*q + j of token t at h[t*b*q + f] */                               \
         _Pragma("omp for schedule(static)")                                               \
-        for (long g = 0; g < rows_r; g++)                                                 \
-            DOT_FN(R + g * p, x + (g / q) * p, ldx, n, p, h + g, rows_r);                 \
+        for (long g4 = 0; g4 < (rows_r + 3) / 4; g4++) {                                  \
+            long g = 4 * g4, end = g + 4 < rows_r ? g + 4 : rows_r;                       \
+            if (n < 4 && end - g == 4 && g / q == (end - 1) / q) {                        \
+                for (int t = 0; t < n; t++) {                                             \
+                    T four[4];                                                            \
+                    DOT_FN##_rows4(R + g * p, p, x + t * ldx + (g / q) * p, four);        \
+                    for (int u = 0; u < 4; u++) h[t * rows_r + g + u] = four[u];          \
+                }                                                                         \
+            } else                                                                        \
+                for (; g < end; g++)                                                      \
+                    DOT_FN(R + g * p, x + (g / q) * p, ldx, n, p, h + g, rows_r);         \
+        }                                                                                 \
         /* f feeds L block f mod b as its column f div b: hb[(l*n + t)*q + c] = h[t, c*b + l] */ \
         _Pragma("omp for schedule(static)")                                               \
         for (long lt = 0; lt < (long)b * n; lt++) {                                       \
@@ -141,11 +166,25 @@ CLONES int NAME(const T *x, long ldx, const T *R, const T *L, const T *bias, T *
                 hb[lt * q + c] = h[t * rows_r + (long)c * b + l];                         \
         }                                                                                 \
         _Pragma("omp for schedule(static)")                                               \
-        for (long g = 0; g < rows_l; g++) {                                               \
-            long l = g / s, o = blocked ? g : (g % s) * b + l;                            \
-            DOT_FN(L + g * q, hb + l * n * q, q, n, q, y + o, ldy);                       \
-            if (bias)                                                                     \
-                for (int t = 0; t < n; t++) y[t * ldy + o] += bias[o];                    \
+        for (long g4 = 0; g4 < (rows_l + 3) / 4; g4++) {                                  \
+            long g = 4 * g4, end = g + 4 < rows_l ? g + 4 : rows_l;                       \
+            if (n < 4 && end - g == 4 && g / s == (end - 1) / s) {                        \
+                long l = g / s;                                                           \
+                for (int t = 0; t < n; t++) {                                             \
+                    T four[4];                                                            \
+                    DOT_FN##_rows4(L + g * q, q, hb + (l * n + t) * q, four);             \
+                    for (int u = 0; u < 4; u++) {                                         \
+                        long o = blocked ? g + u : ((g + u) % s) * b + l;                 \
+                        y[t * ldy + o] = bias ? four[u] + bias[o] : four[u];              \
+                    }                                                                     \
+                }                                                                         \
+            } else                                                                        \
+                for (; g < end; g++) {                                                    \
+                    long l = g / s, o = blocked ? g : (g % s) * b + l;                    \
+                    DOT_FN(L + g * q, hb + l * n * q, q, n, q, y + o, ldy);               \
+                    if (bias)                                                             \
+                        for (int t = 0; t < n; t++) y[t * ldy + o] += bias[o];            \
+                }                                                                         \
         }                                                                                 \
     }                                                                                     \
     free(h);                                                                              \
