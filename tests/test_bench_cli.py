@@ -376,3 +376,29 @@ def test_prefill_computes_logits_for_the_last_position_only_as_generate_does():
     model_bench.models_benchmark(dense, monarch, batch=2, seq_len=8, device="cpu", train=False, warmup=0, repeat=1,
                            generation=model_bench.Generation(prompt_tokens=6, new_tokens=2, batches=(3,)))
     assert (3, 1) in seen and (3, 6) not in seen
+
+
+def test_a_low_rank_checkpoint_benchmarks_against_its_multiplied_out_twin(capsys, tmp_path):
+    """``--structure lowrank`` folders (the baseline a user compares Monarch with) are converted
+    checkpoints too: timed as they are, against the dense model they multiply out to."""
+    from monarchify.monarch import LowRankLinear
+    from tests.conftest import tiny_llama
+
+    from monarchify.hf.convert import convert_pretrained
+    from monarchify.hf.loading import load_model
+
+    source, folder = tmp_path / "dense", tmp_path / "lowrank"
+    tiny_llama().save_pretrained(source)
+    convert_pretrained(source, folder, MonarchConfig(nblocks=2, structure="lowrank"), check=False)
+    model = load_model(folder)
+    dense, converted = model_bench.model_pair(model)
+    assert converted is model and not any(isinstance(m, LowRankLinear) for m in dense.modules())
+    ids = torch.randint(0, dense.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    code, out, err = run(capsys, "bench", "model", folder, "--no-train", *GEN, "--json", *QUICK)
+    assert code == 0, err
+    result = json.loads(out)
+    layers = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    assert layers > 0 and result["monarch_layers"] == layers and result["config"]["converted_in_memory"] is False
+    assert [row["batch"] for row in result["decode"]] == [1, 2] and all(row["monarch_ms"] > 0 for row in result["decode"])

@@ -22,7 +22,7 @@ from torch import nn
 from monarchify.bench import Stat, calls, compare, environment, pair, resolve_device
 from monarchify.errors import ConfigError
 from monarchify.model_inputs import is_causal_lm, position_limit, random_inputs
-from monarchify.monarch import MonarchLinear
+from monarchify.monarch import STRUCTURED_LAYERS
 from monarchify.pipeline.densify import densify_
 
 
@@ -37,12 +37,13 @@ def densified(model: nn.Module) -> nn.Module:
 
 
 def model_pair(model: nn.Module, nblocks: int = 4) -> tuple[nn.Module, nn.Module]:
-    """``(dense, monarch)`` versions of ``model``: multiplied out if it already has Monarch
-    layers, else converted (the default selection) at ``nblocks``."""
+    """``(dense, monarch)`` versions of ``model``: multiplied out if it already has converted
+    layers (Monarch or the low-rank baseline), else converted (the default selection) at
+    ``nblocks``."""
     from monarchify.config import MonarchConfig
     from monarchify.pipeline import convert
 
-    if any(isinstance(m, MonarchLinear) for m in model.modules()):
+    if any(isinstance(m, STRUCTURED_LAYERS) for m in model.modules()):
         return densified(model), model
     monarch = copy.deepcopy(model)
     convert(monarch, MonarchConfig(nblocks=nblocks))
@@ -207,7 +208,7 @@ def models_benchmark(
         "environment": environment(device),
         "model": type(dense).__name__,
         "params": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
-        "monarch_layers": sum(isinstance(m, MonarchLinear) for m in monarch.modules()),
+        "monarch_layers": sum(isinstance(m, STRUCTURED_LAYERS) for m in monarch.modules()),  # (or low-rank ones)
     }
     if generation is not None:
         result["config"]["generation"] = {"prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
@@ -235,11 +236,12 @@ def models_benchmark(
 
 def model_benchmark(folder: str | os.PathLike[str], *, nblocks: int = 4, **kwargs: Any) -> dict[str, Any]:
     """:func:`models_benchmark` for a model folder: a dense checkpoint is converted at
-    ``nblocks`` in memory; a Monarch checkpoint is compared with its multiplied-out twin."""
+    ``nblocks`` in memory; a converted checkpoint (Monarch or low rank) is compared with its
+    multiplied-out twin."""
     from monarchify.hf.loading import load_model
 
     model = load_model(folder)
-    checkpoint_is_monarch = any(isinstance(m, MonarchLinear) for m in model.modules())
+    checkpoint_is_monarch = any(isinstance(m, STRUCTURED_LAYERS) for m in model.modules())
     dense, monarch = model_pair(model, nblocks)
     result = models_benchmark(dense, monarch, **kwargs)
     result["source"] = os.fspath(folder)
