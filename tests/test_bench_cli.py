@@ -381,11 +381,10 @@ def test_prefill_computes_logits_for_the_last_position_only_as_generate_does():
 def test_a_low_rank_checkpoint_benchmarks_against_its_multiplied_out_twin(capsys, tmp_path):
     """``--structure lowrank`` folders (the baseline a user compares Monarch with) are converted
     checkpoints too: timed as they are, against the dense model they multiply out to."""
-    from monarchify.monarch import LowRankLinear
-    from tests.conftest import tiny_llama
-
     from monarchify.hf.convert import convert_pretrained
     from monarchify.hf.loading import load_model
+    from monarchify.monarch import LowRankLinear
+    from tests.conftest import tiny_llama
 
     source, folder = tmp_path / "dense", tmp_path / "lowrank"
     tiny_llama().save_pretrained(source)

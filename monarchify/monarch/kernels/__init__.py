@@ -61,7 +61,7 @@ def auto_choice(x: torch.Tensor, *, inference: bool = False, weights: int = 0) -
     With more than one thread the native kernel is chosen only where it was built with OpenMP
     (it then shares torch's threads): a single-threaded build loses to MKL's threaded small
     path there (SmolLM2 at 4 blocks, two threads, one sequence: 25.0 tokens/s against 33.3,
-    dense 27.6; threaded, 38.4)."""
+    dense 27.6; the threaded build 36.0 against dense 27.4)."""
     if inference and x.is_cpu and x.shape[0] <= SMALL_BATCH_TOKENS:
         native_fits = weights <= native.MAX_WEIGHTS and (native.threaded() or torch.get_num_threads() == 1) and native.supports(x)
         return "native" if native_fits else "small"
