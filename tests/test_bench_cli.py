@@ -332,7 +332,7 @@ def test_decoding_that_stops_early_is_refused(monkeypatch):
 def test_causal_lm_table_and_no_generation_for_other_models(capsys, llama_folder, bert_folder):
     code, out, err = run(capsys, "bench", "model", llama_folder, "--nblocks", "2", "--no-train", *GEN, *QUICK)
     assert code == 0, err
-    assert "tokens per second: prefill of 8 tokens" in out and "decode, batch 2" in out and "monarch / dense" in out
+    assert "tokens per second: prefill of 8 tokens" in out and "decode, batch 2" in out and "Monarch / dense" in out
     code, out, err = run(capsys, "bench", "model", bert_folder, "--nblocks", "2", "--batch-size", "1", "--seq-len", "8",
                          "--no-train", "--json", *QUICK)
     assert code == 0, err
@@ -401,3 +401,7 @@ def test_a_low_rank_checkpoint_benchmarks_against_its_multiplied_out_twin(capsys
     layers = sum(isinstance(m, LowRankLinear) for m in model.modules())
     assert layers > 0 and result["monarch_layers"] == layers and result["config"]["converted_in_memory"] is False
     assert [row["batch"] for row in result["decode"]] == [1, 2] and all(row["monarch_ms"] > 0 for row in result["decode"])
+    assert result["structure"] == "low rank"
+    code, out, err = run(capsys, "bench", "model", folder, "--no-train", *GEN, *QUICK)  # the tables name it too
+    assert code == 0, err
+    assert "low rank tok/s" in out and "Monarch" not in out

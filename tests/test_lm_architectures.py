@@ -1,14 +1,16 @@
 """`compress --text` and `eval` on the causal LM families users bring, not only Llama.
 
 Each family lays its linears out differently (GPT-2's transposed Conv1D, Phi-3's fused qkv and
-gate/up projections, Gemma's scaled embeddings and tied head, Qwen2's biased q/k/v, Mistral's
-sliding window); the same command has to find the block linears, convert, heal, save a folder that
+gate/up projections, Gemma's scaled embeddings and tied head, Gemma 2's logit soft-capping, Qwen2's
+biased q/k/v, Qwen3's per-head query/key norms, Mistral's sliding window, GPT-NeoX's and Falcon's
+fused query_key_value with parallel residuals, OPT's decoder stack); the same command has to find the block linears, convert, heal, save a folder that
 loads back, and score it the way a plain transformers computation does."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -38,10 +40,22 @@ def _config(family: str, vocab: int):
         return transformers.Phi3Config(**small, num_key_value_heads=2, pad_token_id=0)
     if family == "phi":
         return transformers.PhiConfig(**small, num_key_value_heads=4)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**small, num_key_value_heads=2, head_dim=16)
+    if family == "gemma2":
+        return transformers.Gemma2Config(**small, num_key_value_heads=2, head_dim=16, sliding_window=16)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(**small)
+    if family == "falcon":
+        return transformers.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if family == "opt":
+        return transformers.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                                      max_position_embeddings=64, word_embed_proj_dim=64)
     raise AssertionError(family)
 
 
-FAMILIES = ["gpt2", "qwen2", "mistral", "gemma", "phi3", "phi"]
+FAMILIES = ["gpt2", "qwen2", "mistral", "gemma", "phi3", "phi", "qwen3", "gemma2", "gpt_neox", "falcon", "opt"]
+BLOCK_LINEAR = re.compile(r"(^|\.)(layers|h)\.\d+\.")  # inside a repeated block, whatever the family calls the stack
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +87,7 @@ def test_compress_text_converts_heals_and_reloads_every_family(tmp_path, tokeniz
 
     linears, square = set(), set()
     for name, module in dense.named_modules():
-        if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and name.startswith(("model.layers.", "transformer.h.")):
+        if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and BLOCK_LINEAR.search(name):
             d_out, d_in = dense_weight(module).shape
             (linears if MonarchLayout(d_in, d_out, 2).weight_params < d_in * d_out else square).add(name)
 

@@ -29,12 +29,12 @@ def _ratio(value: float) -> str:
     return f"[{colour}]{value:.2f}×[/]"
 
 
-def _table(title: str, rows: dict[str, dict[str, float]], extra: str | None = None) -> Table:
+def _table(title: str, rows: dict[str, dict[str, float]], extra: str | None = None, side: str = "monarch") -> Table:
     table = Table(title=title, header_style="bold")
     table.add_column("measure")
     table.add_column("dense ms", justify="right")
-    table.add_column("monarch ms", justify="right")
-    table.add_column("dense / monarch", justify="right")
+    table.add_column(f"{side} ms", justify="right")
+    table.add_column(f"dense / {side}", justify="right")
     if extra:
         table.add_column(f"{extra} ms", justify="right")
         table.add_column(f"dense / {extra}", justify="right")
@@ -170,7 +170,7 @@ def model(
             progress=lambda stage, done, total: progress.update(task, description=f"timing {stage}", completed=done, total=total),
         )
     _warn_if_busy(result)
-    title = (f"{result['model']} ({result['monarch_layers']} Monarch layers), batch {batch}×{seq_len}, {dtype}; "
+    title = (f"{result['model']} ({result['monarch_layers']} {result['structure']} layers), batch {batch}×{seq_len}, {dtype}; "
              f"params {result['params']['dense'] / 1e6:.1f}M → {result['params']['monarch'] / 1e6:.1f}M")
     if plot is not None:
         from monarchify.plots import bench_figure, save_figure
@@ -182,7 +182,7 @@ def model(
         print_json(result)
         return
     rows = {k: result[k] for k in ("inference", "train_step") if k in result}
-    console.print(_table(title, rows))
+    console.print(_table(title, rows, side=result["structure"]))
     if "prefill" in result:
         console.print(_generation_table(result))
     console.print(f"medians of {repeat} interleaved runs on {_environment_line(result)}")
@@ -194,8 +194,8 @@ def _generation_table(result: dict[str, Any]) -> Table:
                         f"with the KV cache (after {gen['decode_prompt_tokens']})", header_style="bold")
     table.add_column("measure")
     table.add_column("dense tok/s", justify="right")
-    table.add_column("monarch tok/s", justify="right")
-    table.add_column("monarch / dense", justify="right")
+    table.add_column(f"{result['structure']} tok/s", justify="right")
+    table.add_column(f"{result['structure']} / dense", justify="right")
     for stage in ("prefill", "decode"):
         for row in result[stage]:
             table.add_row(f"{stage}, batch {row['batch']}", f"{row['dense_tokens_per_s']:,.1f}",

@@ -209,6 +209,7 @@ def models_benchmark(
         "model": type(dense).__name__,
         "params": {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()},
         "monarch_layers": sum(isinstance(m, STRUCTURED_LAYERS) for m in monarch.modules()),  # (or low-rank ones)
+        "structure": _structure(monarch),
     }
     if generation is not None:
         result["config"]["generation"] = {"prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
@@ -232,6 +233,15 @@ def models_benchmark(
         stats = time_stage(steps, "training step")
         result["train_step"] = pair(stats["dense"], stats["monarch"])
     return result
+
+
+def _structure(model: nn.Module) -> str:
+    """The word for the converted layers, so a low-rank folder is not reported as Monarch (the
+    JSON keys stay `monarch` for the converted side whatever its structure)."""
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, STRUCTURED_LAYERS)}
+    if kinds == {"LowRankLinear"}:
+        return "low rank"
+    return "Monarch" if kinds <= {"MonarchLinear"} else "Monarch and low rank"
 
 
 def model_benchmark(folder: str | os.PathLike[str], *, nblocks: int = 4, **kwargs: Any) -> dict[str, Any]:
