@@ -154,6 +154,8 @@ def test_cli_compress_text_prints_the_perplexities_and_refuses_task_flags(tmp_pa
     assert code == 0, err
     results = json.loads((out / "eval_results.json").read_text())
     assert results["heal"]["steps"] == 4 and results["heldout"]["window"] == 16
+    # the measured schedule is the default: peak 5e-4, gradients clipped to norm 1
+    assert results["options"]["heal"]["lr"] == 5e-4 and results["options"]["heal"]["max_grad_norm"] == 1.0
     assert [p["step"] for p in results["heal"]["curve"]] == [0, 1, 2, 3, 4]  # default: every steps // 4
     # the curve is shown as it grows (a real healing run is hours), each point as recorded
     shown = [line for line in err.splitlines() if line.startswith(("held-out perplexity before", "held-out perplexity after"))]
@@ -244,8 +246,12 @@ def test_cli_compress_text_heals_the_converted_layers_only_on_text_the_dense_mod
                         "--max-grad-norm", "1")
     assert_one_line_error(code, err, "--max-grad-norm")
     code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "4", "--out", tmp_path / "bad",
-                        "--max-grad-norm", "0")
+                        "--max-grad-norm", "-1")
     assert_one_line_error(code, err, "--max-grad-norm", "positive")
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "4", "--out", tmp_path / "unclipped",
+                        "--heal-steps", "1", "--max-grad-norm", "0", "--max-length", "16", "--calibration-samples", "16")
+    assert code == 0, err  # 0 turns the default clipping off
+    assert "max_grad_norm" not in json.loads((tmp_path / "unclipped" / "eval_results.json").read_text())["options"]["heal"]
     code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "4", "--out", tmp_path / "bad",
                         "--heal-train", "everything")
     assert_one_line_error(code, err, "train must be one of")

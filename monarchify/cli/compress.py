@@ -15,6 +15,7 @@ from monarchify.cli.render import console, print_json
 from monarchify.config import parse_ranks
 from monarchify.errors import ConfigError
 from monarchify.glue.tasks import TASK_NAMES, get_task
+from monarchify.lm.compress import HEAL_BATCH_SIZE, HEAL_LR, HEAL_MAX_GRAD_NORM, HEAL_STEPS
 
 
 def compress(
@@ -26,19 +27,19 @@ def compress(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="GLUE TSV folder (<DIR>/MRPC/train.tsv...). Default: the datasets hub copy (needs network).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of both fine-tuning stages.")] = 42,
     teacher_lr: Annotated[float, typer.Option("--teacher-lr", help="Peak learning rate of the dense fine-tuning (stage 1).")] = 1e-4,
-    student_lr: Annotated[float | None, typer.Option("--student-lr", help="Peak learning rate of the compressed model's training: stage 3 with --task (default 5e-5), healing with --text (default 1e-4).")] = None,
+    student_lr: Annotated[float | None, typer.Option("--student-lr", help="Peak learning rate of the compressed model's training: stage 3 with --task (default 5e-5), healing with --text (default 5e-4).")] = None,
     epochs: Annotated[float, typer.Option("--epochs", help="Epochs of each fine-tuning stage.")] = 3.0,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Training batch size (default 32 with --task; 8 windows with --text).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Training batch size (default 32 with --task; 4 windows with --text).")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Truncate inputs to this many tokens (default 128); with --text, the window of tokens trained and scored (default 256).")] = None,
     calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help="Examples the conversion is calibrated on. --task: default 256, doubled until they hold 8 tokens per input of the widest converted layer (SST-2 on MiniLM: 1024 sentences; MRPC: 256 pairs). --text: windows of text, default 128.")] = None,
     nblocks: Annotated[int | None, typer.Option("--nblocks", "-b", help="--text: every selected layer at this block count instead of a --budget.")] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="--text with --nblocks: calibrate each block on the inputs the already converted blocks produce (see convert --sequential).")] = False,
-    heal_steps: Annotated[int, typer.Option("--heal-steps", metavar="N", help="--text: healing steps after the conversion (0: none, the training-free result).")] = 200,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", metavar="N", help="--text: healing steps after the conversion (0: none, the training-free result).")] = 400,
     eval_every: Annotated[int | None, typer.Option("--eval-steps", metavar="N", help="--text: also measure held-out perplexity every N healing steps (default: four times in the run).")] = None,
     generate: Annotated[int, typer.Option("--generate", metavar="N", help="--text: the dense model also writes N windows of text to heal on (sampled from its own next-token distribution, each from a few tokens of the text): more varied text than a small file holds.")] = 0,
     heal_train: Annotated[str, typer.Option("--heal-train", help="--text: what healing trains: all (every weight) or converted (only the converted layers; embeddings, norms and the layers kept dense stay the dense model's, and a step is cheaper).")] = "all",
     save_every: Annotated[int, typer.Option("--save-steps", metavar="N", help="--text: keep a resumable healing state every N steps.")] = 50,
-    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", metavar="NORM", help="--text: scale each healing step's gradient down to at most this norm (default: never). Low-rank layers at a high --student-lr need it.")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option("--max-grad-norm", metavar="NORM", help="--text: scale each healing step's gradient down to at most this norm (default 1; 0: never). It keeps the default rate stable (low rank diverged without it) and healed Monarch better too.")] = None,
     distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the teacher's logits against the labels in stage 3, 0..1.")] = 0.5,
     distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="Softmax temperature of the logit term.")] = 2.0,
     distill_hidden: Annotated[float, typer.Option("--distill-hidden", help="Weight of matching the teacher's hidden states, layer by layer (0: off): in stage 3 with --task, in healing with --text (next to the logit term).")] = 0.0,
@@ -92,12 +93,13 @@ def compress(
 
         if heal_steps < 0:
             raise ConfigError(f"--heal-steps must not be negative, got {heal_steps}")
-        heal = HealConfig(steps=heal_steps, lr=1e-4 if student_lr is None else student_lr, seed=seed, hidden_weight=distill_hidden, logit_weight=1.0,
-                          save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4), train=heal_train,
-                          hidden_norm="token", max_grad_norm=max_grad_norm) if heal_steps else None
+        clip = HEAL_MAX_GRAD_NORM if max_grad_norm is None else (max_grad_norm or None)  # 0: no clipping
+        heal = HealConfig(steps=heal_steps, lr=HEAL_LR if student_lr is None else student_lr, seed=seed, hidden_weight=distill_hidden,
+                          logit_weight=1.0, save_every=save_every, eval_every=eval_every or max(1, heal_steps // 4), train=heal_train,
+                          hidden_norm="token", max_grad_norm=clip) if heal_steps else None
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,
-                                      batch_size=batch_size or 8, heal=heal, generate=generate, force=force, restart_from=restart_from)
+                                      batch_size=batch_size or HEAL_BATCH_SIZE, heal=heal, generate=generate, force=force, restart_from=restart_from)
         run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]],
                           busy_check=threads_for_training(threads, on_gpu=False))
         return
