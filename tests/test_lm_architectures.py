@@ -3,8 +3,9 @@
 Each family lays its linears out differently (GPT-2's transposed Conv1D, Phi-3's fused qkv and
 gate/up projections, Gemma's scaled embeddings and tied head, Gemma 2's logit soft-capping, Qwen2's
 biased q/k/v, Qwen3's per-head query/key norms, Mistral's sliding window, GPT-NeoX's and Falcon's
-fused query_key_value with parallel residuals, OPT's decoder stack); the same command has to find the block linears, convert, heal, save a folder that
-loads back, and score it the way a plain transformers computation does."""
+fused query_key_value with parallel residuals, OPT's decoder stack); the same command has to find
+the block linears, convert, heal, save a folder that loads back, and score it the way a plain
+transformers computation does."""
 
 from __future__ import annotations
 

@@ -46,9 +46,9 @@ STAGES = ("convert", "heal")
 
 HEAL_STEPS, HEAL_BATCH_SIZE, HEAL_LR, HEAL_MAX_GRAD_NORM = 400, 4, 5e-4, 1.0
 """The healing schedule that healed SmolLM2-135M best of those measured (docs/language-models.md):
-4 windows a step, peak rate 5e-4 (6e-4 at half the parameters was level), every gradient clipped
-to norm 1. Without the clip whitened low rank diverged at that rate, and Monarch healed 2 points
-of test perplexity worse."""
+4 windows a step at peak rate 5e-4 (the three-quarter-size runs; the half-size ones used 6e-4),
+every gradient clipped to norm 1. Without the clip whitened low rank diverged at such rates, and
+Monarch healed 2 points of test perplexity worse."""
 
 
 def default_heal() -> HealConfig:
