@@ -22,7 +22,7 @@ from torch import nn
 from monarchify.bench import Stat, calls, compare, environment, pair, resolve_device
 from monarchify.errors import ConfigError
 from monarchify.model_inputs import is_causal_lm, position_limit, random_inputs
-from monarchify.monarch import STRUCTURED_LAYERS
+from monarchify.monarch import STRUCTURED_LAYERS, LowRankLinear
 from monarchify.pipeline.densify import densify_
 
 
@@ -238,10 +238,10 @@ def models_benchmark(
 def _structure(model: nn.Module) -> str:
     """The word for the converted layers, so a low-rank folder is not reported as Monarch (the
     JSON keys stay `monarch` for the converted side whatever its structure)."""
-    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, STRUCTURED_LAYERS)}
-    if kinds == {"LowRankLinear"}:
+    lowrank = [isinstance(m, LowRankLinear) for m in model.modules() if isinstance(m, STRUCTURED_LAYERS)]
+    if lowrank and all(lowrank):
         return "low rank"
-    return "Monarch" if kinds <= {"MonarchLinear"} else "Monarch and low rank"
+    return "Monarch and low rank" if any(lowrank) else "Monarch"
 
 
 def model_benchmark(folder: str | os.PathLike[str], *, nblocks: int = 4, **kwargs: Any) -> dict[str, Any]:
