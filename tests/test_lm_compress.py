@@ -313,3 +313,40 @@ def test_the_budget_plan_is_kept_only_when_the_model_prefers_it(tmp_path, lm_fol
     kept = read_report(str(converted))
     assert ("budget" in kept.meta) == (better == "budget")
     assert sorted(p.name for p in converted.parent.iterdir()) == [lm_compress.CONVERTED]
+
+
+def test_cli_compress_text_converts_only_the_layers_chosen_and_at_their_own_block_counts(tmp_path, lm_folder, capsys):
+    from test_finetune import assert_one_line_error, run_cli
+
+    from monarchify.hf.stored_report import read_report
+
+    text = _text(tmp_path / "train.txt", seed=7)
+    out = tmp_path / "chosen"
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "2", "--exclude", "k_proj", "--exclude", "v_proj",
+                        "--override", "down_proj=4", "--out", out, "--heal-steps", "0", "--max-length", "16",
+                        "--calibration-samples", "16")
+    assert code == 0, err
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["recipe"]["exclude"] == ["k_proj", "v_proj"] and results["recipe"]["overrides"] == {"down_proj": 4}
+    layers = {layer.name: layer for layer in read_report(str(out)).layers}
+    assert not any(name.endswith(("k_proj", "v_proj")) for name in layers)  # never selected, so never converted
+    down = [layer for name, layer in layers.items() if name.endswith("down_proj")]
+    gate = [layer for name, layer in layers.items() if name.endswith("gate_proj")]
+    assert down and all(layer.nblocks == 4 for layer in down)
+    assert gate and all(layer.nblocks == 2 for layer in gate)
+    # the choice is part of what the converted stage was made with: a changed one converts again
+    import shutil
+
+    shutil.rmtree(out)  # as after a stop before the final save
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "2", "--exclude", "k_proj", "--out", out,
+                        "--heal-steps", "0", "--max-length", "16", "--calibration-samples", "16")
+    assert code == 0, err
+    assert "recipe.exclude" in err and "converting again" in err, err
+    layers = {layer.name for layer in read_report(str(out)).layers}
+    assert any(name.endswith("v_proj") for name in layers) and not any(name.endswith("k_proj") for name in layers)
+
+    code, err = run_cli(capsys, "compress", lm_folder, "--task", "mrpc", "--budget", "0.5", "--exclude", "query", "--out", tmp_path / "t")
+    assert_one_line_error(code, err, "--exclude", "--text compression")
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "2", "--override", "down_proj", "--out", tmp_path / "bad")
+    assert_one_line_error(code, err, "REGEX=NBLOCKS")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.stages").exists()

@@ -10,9 +10,10 @@ from typing import Annotated, Any
 import typer
 
 from monarchify.cli.finetune import RichEvents, print_results, warn_if_trivial
-from monarchify.cli.options import BudgetObjective, BudgetSolver, JsonFlag, OutputOrder, Structure, Threads, threads_for_training
+from monarchify.cli.options import (BudgetObjective, BudgetSolver, Exclude, Include, JsonFlag, OutputOrder, Override, Structure, Threads,
+                                    threads_for_training)
 from monarchify.cli.render import console, print_json
-from monarchify.config import parse_ranks
+from monarchify.config import parse_override, parse_ranks
 from monarchify.errors import ConfigError
 from monarchify.glue.tasks import TASK_NAMES, get_task
 from monarchify.lm.compress import HEAL_BATCH_SIZE, HEAL_LR, HEAL_MAX_GRAD_NORM, HEAL_STEPS
@@ -33,6 +34,9 @@ def compress(
     max_length: Annotated[int | None, typer.Option("--max-length", help="Truncate inputs to this many tokens (default 128); with --text, the window of tokens trained and scored (default 256).")] = None,
     calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", metavar="N", help="Examples the conversion is calibrated on. --task: default 256, doubled until they hold 8 tokens per input of the widest converted layer (SST-2 on MiniLM: 1024 sentences; MRPC: 256 pairs). --text: windows of text, default 128.")] = None,
     nblocks: Annotated[int | None, typer.Option("--nblocks", "-b", help="--text: every selected layer at this block count instead of a --budget.")] = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    override: Override = None,
     sequential: Annotated[bool, typer.Option("--sequential", help="--text with --nblocks: calibrate each block on the inputs the already converted blocks produce (see convert --sequential).")] = False,
     heal_steps: Annotated[int, typer.Option("--heal-steps", metavar="N", help="--text: healing steps after the conversion (0: none, the training-free result).")] = HEAL_STEPS,
     eval_every: Annotated[int | None, typer.Option("--eval-steps", metavar="N", help="--text: also measure held-out perplexity every N healing steps (default: four times in the run).")] = None,
@@ -81,6 +85,7 @@ def compress(
             raise ConfigError("--text compression needs --budget FRACTION or --nblocks N, one of the two")
         if nblocks is not None:
             recipe["nblocks"] = nblocks
+        recipe.update(include=include or [], exclude=exclude or [], overrides=dict(parse_override(o) for o in override or []))
         if sequential:
             recipe["calibration"] = {"sequential": True}
         _refuse_task_flags(teacher_lr=teacher_lr != 1e-4, epochs=epochs != 3.0, data_dir=data_dir is not None,
@@ -106,6 +111,9 @@ def compress(
     if budget is None or nblocks is not None or sequential or heal_train != "all" or generate or max_grad_norm is not None:
         raise ConfigError("--task compression needs --budget FRACTION (--nblocks, --sequential, --heal-train, --generate and "
                           "--max-grad-norm are for --text)")
+    if include or exclude or override:
+        raise ConfigError("--include, --exclude and --override choose the layers of --text compression; --task converts every "
+                          "layer of the encoder")
     from monarchify.glue.compress import CompressOptions
 
     shared = {"epochs": epochs, "batch_size": batch_size or 32, "max_length": max_length or 128,
