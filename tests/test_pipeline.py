@@ -147,6 +147,81 @@ def test_conversion_leaves_the_thread_count_as_it_found_it(bert_tokenizer):
         torch.set_num_threads(original)
 
 
+@pytest.mark.parametrize("structure", ["monarch", "lowrank"])
+def test_layers_projected_side_by_side_are_the_ones_projected_one_at_a_time(bert_tokenizer, structure, monkeypatch):
+    """Several threads project several layers at once, each single-threaded: the factors are
+    those of one thread, bit for bit, whatever the thread count; progress comes in the plan's
+    order."""
+    import monarchify.pipeline as pipeline
+    from monarchify.pipeline.project import project_layers
+
+    config = MonarchConfig(nblocks=2, structure=structure, calibration=CalibrationConfig(samples=10))
+
+    import threading
+
+    import monarchify.pipeline.project as project_module
+
+    where = []
+    one_layer = project_module._project_one
+
+    def located(*args):
+        where.append(threading.current_thread().name)
+        return one_layer(*args)
+
+    monkeypatch.setattr(project_module, "_project_one", located)
+
+    def convert_with(threads, workers=None):
+        order = []
+        where.clear()
+
+        def watched(layers, allocation, projector, on_layer=None):
+            def record(name):
+                order.append(name)
+                on_layer(name)
+            return project_layers(layers, allocation, projector, record, workers=workers)
+
+        monkeypatch.setattr(pipeline, "project_layers", watched)
+        model = tiny_bert(vocab_size=len(bert_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            report = monarchify.convert(model, config, samples=TEXTS, tokenizer=bert_tokenizer)
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(previous)
+        return model.state_dict(), report, order
+
+    one, report_one, order_one = convert_with(1)
+    assert set(where) == {threading.main_thread().name}
+    two, report_two, order_two = convert_with(2)
+    assert where and all(name.startswith("monarchify-project") for name in where)
+    three, _, _ = convert_with(2, workers=3)
+    assert len(order_one) == len(report_one.layers) == 18
+    assert order_one == order_two == [layer.name for layer in report_one.layers]
+    assert one.keys() == two.keys() == three.keys()
+    for key in one:
+        assert torch.equal(one[key], two[key]) and torch.equal(one[key], three[key]), key
+    assert [layer.rel_error for layer in report_one.layers] == [layer.rel_error for layer in report_two.layers]
+
+
+def test_a_failing_layer_among_parallel_ones_is_named_and_nothing_is_swapped():
+    bad = tiny_bert(num_hidden_layers=3)
+    with torch.no_grad():
+        bad.encoder.layer[2].intermediate.dense.weight[1, 1] = float("inf")
+    before = {k: v.clone() for k, v in bad.state_dict().items()}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(MonarchifyError, match=r"layer\.2\.intermediate\.dense"):
+            monarchify.convert(bad, MonarchConfig(nblocks=2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    after = bad.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before if "intermediate.dense.weight" not in k)
+    assert not any(isinstance(m, MonarchLinear) for m in bad.modules())
+
+
 def python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=REPO, timeout=300)
 

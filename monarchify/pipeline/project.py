@@ -14,6 +14,12 @@ truncated SVD, whitened on the calibration activations when there are some; the 
 it each layer's rank (and the ``layout`` it is called with only names the block count that rank
 matches).
 
+The projectors that ship are thread-safe (``thread_safe = True``): on a CPU with several threads
+:func:`project_layers` projects that many layers at once, each single-threaded. A projection is a
+chain of small LAPACK calls (SVDs and Cholesky solves of a few hundred columns) that gain little
+from threads of their own, so layers side by side use the cores where one layer at a time left
+them idle; and a layer's factors no longer depend on the thread count.
+
 Monarch plus low rank is built in: when the allocation gives a layer a rank, both projectors
 are called with ``rank=`` and fit ``M + U V`` (:func:`monarchify.monarch.lowrank.project_lowrank`);
 a custom projector only sees ``rank`` when the recipe asks for one. Another structure is a
@@ -24,6 +30,7 @@ layer is projected before any is swapped, so a failure leaves the model untouche
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +39,7 @@ from torch import nn
 from monarchify.errors import NonFiniteWeightError
 from monarchify.monarch import LowRankLinear, MonarchLayout, MonarchLinear, Projection, project
 from monarchify.monarch.lowrank import LowRank, MonarchLowRank, project_lowrank, truncated_svd
+from monarchify.monarch.threads import torch_threads
 from monarchify.monarch.whitening import (
     assemble, cross_rel_error, cross_target, output_rel_error, output_sq_error, project_whitened, refine_full,
 )
@@ -82,6 +90,8 @@ def monarch_module(projection: Projection, like: nn.Module, lowrank: LowRank | N
 class PlainProjector:
     """The Frobenius-optimal projection of each weight on its own."""
 
+    thread_safe = True
+
     def __init__(self, allow_structural_zeros: bool = False) -> None:
         self.allow_structural_zeros = allow_structural_zeros
 
@@ -108,6 +118,8 @@ class WhitenedProjector:
     corrected target (:func:`~monarchify.monarch.whitening.cross_target`). Held-out errors are
     measured in the same terms.
     """
+
+    thread_safe = True
 
     def __init__(self, observation: Observation, allow_structural_zeros: bool = False) -> None:
         self.observation = observation
@@ -200,6 +212,8 @@ class LowRankProjector:
     matrix, :func:`~monarchify.monarch.lowrank.truncated_svd`); then, like
     :class:`WhitenedProjector`, the held-out output errors of it and of the plain SVD."""
 
+    thread_safe = True
+
     def __init__(self, observation: Observation | None = None) -> None:
         self.observation = observation
 
@@ -234,18 +248,50 @@ def project_layers(
     allocation: Allocation,
     projector: Projector,
     on_layer: Callable[[str], None] | None = None,
+    *,
+    workers: int | None = None,
 ) -> dict[str, Projected]:
     """Every layer the allocation makes Monarch, projected; ``on_layer(name)`` after each
-    planned layer (kept-dense ones included, so a progress bar over the plan completes)."""
-    projected = {}
-    for layer in layers:
-        if layer.name in allocation.nblocks:
-            rank = allocation.ranks.get(layer.name, 0)
-            try:
-                layout = allocation.layout(layer)
-                projected[layer.name] = projector(layer, layout, rank=rank) if rank else projector(layer, layout)
-            except NonFiniteWeightError as exc:
-                raise NonFiniteWeightError(f"layer '{layer.name}': {exc}") from None
-        if on_layer is not None:
-            on_layer(layer.name)
-    return projected
+    planned layer, in the plan's order (kept-dense ones included, so a progress bar over the
+    plan completes, and a caller freeing a layer's statistics frees them only once every
+    layer before it is done).
+
+    ``workers``: layers projected at once. Default: torch's thread count for a thread-safe
+    projector (``projector.thread_safe``) on CPU weights, else one; with several, each layer
+    runs single-threaded."""
+    todo = [layer for layer in layers if layer.name in allocation.nblocks]
+    if workers is None:
+        cpu = all(not layer.weight.is_cuda for layer in todo)
+        workers = torch.get_num_threads() if cpu and getattr(projector, "thread_safe", False) else 1
+    workers = max(1, min(workers, len(todo)))
+    if workers == 1:
+        projected = {}
+        for layer in layers:
+            if layer.name in allocation.nblocks:
+                projected[layer.name] = _project_one(projector, layer, allocation)
+            if on_layer is not None:
+                on_layer(layer.name)
+        return projected
+    with torch_threads(1):  # before the pool starts: its threads take torch's count from here
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="monarchify-project")
+        try:
+            futures: dict[str, Future[Projected]] = {layer.name: pool.submit(_project_one, projector, layer, allocation)
+                                                     for layer in todo}
+            projected = {}
+            for layer in layers:
+                if layer.name in futures:
+                    projected[layer.name] = futures[layer.name].result()
+                if on_layer is not None:
+                    on_layer(layer.name)
+            return projected
+        finally:  # on a failure (or Ctrl-C) the layers not started are dropped, the running ones finish
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _project_one(projector: Projector, layer: PlannedLayer, allocation: Allocation) -> Projected:
+    rank = allocation.ranks.get(layer.name, 0)
+    try:
+        layout = allocation.layout(layer)
+        return projector(layer, layout, rank=rank) if rank else projector(layer, layout)
+    except NonFiniteWeightError as exc:
+        raise NonFiniteWeightError(f"layer '{layer.name}': {exc}") from None
