@@ -271,6 +271,9 @@ class MonarchConfig:
                               field=("speed_gate", "structure"))
         if self.budget_ranks and self.budget is None:
             raise ConfigError("budget_ranks only means something with a budget", field=("budget_ranks", "budget"))
+        if self.budget_objective == "kinds":
+            raise ConfigError("budget_objective 'kinds' scores a language model on held-out text: only the text recipe "
+                              "measures it (monarchify.lm.compress, by_kind)", field="budget_objective")
         if self.budget_objective not in BUDGET_OBJECTIVES:
             raise ConfigError(f"budget_objective must be one of {', '.join(BUDGET_OBJECTIVES)}, got {self.budget_objective!r}",
                               field="budget_objective")

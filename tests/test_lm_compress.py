@@ -12,7 +12,7 @@ import transformers
 
 from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
-from monarchify.lm.compress import TextCompressOptions, compress_text, window_perplexity
+from monarchify.lm.compress import TextCompressEvents, TextCompressOptions, compress_text, window_perplexity
 from monarchify.manifest import MANIFEST_FILE
 
 from conftest import WORDS, tiny_gpt2, tiny_llama
@@ -350,3 +350,58 @@ def test_cli_compress_text_converts_only_the_layers_chosen_and_at_their_own_bloc
     code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "-b", "2", "--override", "down_proj", "--out", tmp_path / "bad")
     assert_one_line_error(code, err, "REGEX=NBLOCKS")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.stages").exists()
+
+
+def test_a_budget_allocated_by_kind_measures_every_kind_and_keeps_the_better_of_it_and_uniform(tmp_path, lm_folder):
+    from monarchify.hf.stored_report import read_report
+    from monarchify.lm.compress import KINDS
+    from monarchify.lm.kinds import kind_of
+
+    text = _text(tmp_path / "train.txt", seed=8)
+    out = tmp_path / "kinds"
+    messages = []
+    events = TextCompressEvents(note=messages.append, done=messages.append, stage=messages.append)
+    result = compress_text(_options(lm_folder, text, out, budget=0.6, by_kind=True, heal=None), events)
+    allocation = result.results["allocation"]
+    assert allocation["objective"] == "kinds"
+    kinds = set(allocation["plan"])
+    assert kinds == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj"}
+    measured = {(m["kind"], m["nblocks"]) for m in allocation["measured"]}
+    assert {kind for kind, _ in measured} == kinds and all(b in (2, 3, 4) for _, b in measured)
+    assert allocation["params"]["plan"] <= allocation["params"]["budget"]
+    assert allocation["chosen"] in ("kinds", "uniform") and allocation["uniform"] is not None
+    assert allocation["perplexity"][allocation["chosen"]] == min(allocation["perplexity"].values())
+    assert allocation["perplexity"][allocation["chosen"]] == pytest.approx(result.results["perplexity"]["converted"], rel=1e-5)
+    layers = read_report(str(out)).layers
+    if allocation["chosen"] == "kinds":  # the saved model is the plan, kind by kind (dense kinds not selected at all)
+        assert {kind_of(layer.name): layer.nblocks for layer in layers} == {
+            kind: b for kind, b in allocation["plan"].items() if b != "dense"}
+    else:
+        assert {layer.nblocks for layer in layers} == {allocation["uniform"]["nblocks"]}
+    assert any("measuring 7 kinds" in m for m in messages), messages
+    assert not list(tmp_path.glob(f"kinds.stages/{KINDS}-*"))  # the candidates are gone
+
+    with pytest.raises(ConfigError, match="by_kind"):
+        _options(lm_folder, text, tmp_path / "x", budget=None, recipe={"nblocks": 2}, by_kind=True)
+    with pytest.raises(ConfigError, match="by_kind"):
+        _options(lm_folder, text, tmp_path / "x", by_kind=True, recipe={"overrides": {"q_proj": 4}})
+
+
+def test_cli_budget_objective_kinds_is_the_text_recipes(tmp_path, lm_folder, capsys):
+    from test_finetune import assert_one_line_error, run_cli
+
+    text = _text(tmp_path / "train.txt", seed=9)
+    out = tmp_path / "cli-kinds"
+    code, err = run_cli(capsys, "compress", lm_folder, "--text", text, "--budget", "0.6", "--budget-objective", "kinds",
+                        "--out", out, "--heal-steps", "0", "--max-length", "16", "--calibration-samples", "16")
+    assert code == 0, err
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["allocation"]["objective"] == "kinds" and results["options"]["by_kind"] is True
+    assert "mlp.up_proj at 2 blocks, the rest dense: held-out perplexity x" in err
+    code, err = run_cli(capsys, "compress", lm_folder, "--task", "mrpc", "--budget", "0.5", "--budget-objective", "kinds",
+                        "--out", tmp_path / "t")
+    assert_one_line_error(code, err, "kinds", "--text")
+    code, err = run_cli(capsys, "convert", lm_folder, "--budget", "0.5", "--budget-objective", "kinds", "--out", tmp_path / "c")
+    assert_one_line_error(code, err, "kinds", "language model", "text recipe")
+    assert not (tmp_path / "c").exists()

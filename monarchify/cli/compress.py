@@ -77,7 +77,10 @@ def compress(
     """
     if (task is None) == (text is None):
         raise ConfigError("give --task (a GLUE task) or --text (language-model compression), one of the two")
-    recipe = {"output_order": output_order, "budget_objective": budget_objective or "layers", "budget_solver": budget_solver,
+    by_kind = budget_objective == "kinds"
+    if by_kind and text is None:
+        raise ConfigError("--budget-objective kinds measures a language model on text: it needs --text")
+    recipe = {"output_order": output_order, "budget_objective": "layers" if by_kind else budget_objective or "layers", "budget_solver": budget_solver,
               "structure": structure,
               "budget_ranks": parse_ranks(budget_ranks) if budget_ranks is not None else []}
     if text is not None:
@@ -104,7 +107,8 @@ def compress(
                           hidden_norm="token", max_grad_norm=clip) if heal_steps else None
         options = TextCompressOptions(model=model, text=list(text), out=out, budget=budget, recipe=recipe, seed=seed,
                                       block_size=max_length or 256, calibration_samples=calibration_samples or 128,
-                                      batch_size=batch_size or HEAL_BATCH_SIZE, heal=heal, generate=generate, force=force, restart_from=restart_from)
+                                      batch_size=batch_size or HEAL_BATCH_SIZE, heal=heal, generate=generate, force=force, restart_from=restart_from,
+                                      by_kind=by_kind)
         run_text_compress(options, json_out=json_out, argv=["monarchify", *sys.argv[1:]],
                           busy_check=threads_for_training(threads, on_gpu=False))
         return

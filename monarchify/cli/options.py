@@ -57,7 +57,9 @@ BudgetObjective = Annotated[
         "layer's error weighted by how far it moves the model's output, measured on the calibration text: one "
         "forward pass per layer on 128 samples) or fisher (every layer's error in the model's own loss: each output "
         "weighted by the gradient the model's output distribution puts on it, one forward and backward pass on 64 "
-        "samples; the sum is the estimated divergence from the dense model). Default: layers; compress --task "
+        "samples; the sum is the estimated divergence from the dense model), or kinds (compress --text only: each kind "
+        "of layer, e.g. every mlp.up_proj, converted alone at 2, 3 and 4 blocks and the model scored on held-out "
+        "text; the kinds then take the counts whose summed loss is least). Default: layers; compress --task "
         "uses fisher for plain Monarch layers.",
     ),
 ]

@@ -22,6 +22,7 @@ The options are plain data (this module imports torch only inside the functions 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +40,14 @@ CONVERTED, HEALED_STATE = "1-converted", "2-heal-state"
 GENERATED = "2-generated.safetensors"
 """The windows the dense model wrote for healing (``generate``), kept so a resumed run reuses them."""
 UNIFORM = "1-uniform"
+KINDS = "1-kinds"
+"""Where ``by_kind`` converts each candidate block count uniformly to measure the kinds (deleted after)."""
+KIND_CANDIDATES = (2, 3, 4)
+"""The block counts each kind of layer is measured at (with dense): 2 keeps 69 % of an MLP
+matrix, 4 keeps 34 %, and beyond 4 the layers SmolLM2 was measured on lose too much to heal."""
+KIND_WINDOWS = 16
+"""Held-out windows each kind is scored on: enough to rank kinds whose costs differ by tens of
+percent, at a third of the full held-out scoring's time per measurement."""
 """Where a budgeted conversion's uniform rival is converted (and, when it loses, deleted)."""
 ALLOCATION_FILE = "allocation.json"
 """In the converted stage: the budget's plan against the uniform one, on the held-out text."""
@@ -67,6 +76,8 @@ class TextCompressOptions:
     fitted on. ``heal``: the healing settings (``None``: no healing); ``batch_size``: windows per
     healing step. ``generate``: windows the dense model writes (:mod:`monarchify.lm.generate`),
     healed on next to the text's own. ``eval_fraction``: the held-out share of the text lines.
+    ``by_kind``: allocate ``budget`` by layer kind, each kind's cost measured on held-out text
+    (:mod:`monarchify.lm.kinds`) rather than priced layer by layer.
     """
 
     model: str
@@ -84,6 +95,7 @@ class TextCompressOptions:
     seed: int = 0
     force: bool = False
     restart_from: str | None = None
+    by_kind: bool = False
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -102,6 +114,11 @@ class TextCompressOptions:
             raise ConfigError("generate continues the first tokens of a window: it needs windows of 2 tokens or more", field="generate")
         if not 0 < self.eval_fraction <= 0.5:
             raise ConfigError(f"eval_fraction must be in (0, 0.5], got {self.eval_fraction}", field="eval_fraction")
+        if self.by_kind and self.budget is None:
+            raise ConfigError("by_kind allocates a budget: it needs budget", field="by_kind")
+        if self.by_kind and (self.recipe.get("overrides") or self.recipe.get("budget_ranks") or self.recipe.get("structure", "monarch") != "monarch"):
+            raise ConfigError("by_kind chooses every kind's block count itself: it takes no overrides, budget ranks or other "
+                              "structure", field="by_kind")
         if self.restart_from is not None and self.restart_from not in STAGES:
             raise ConfigError(f"restart_from must be one of {', '.join(STAGES)}, got {self.restart_from!r}", field="restart_from")
         self.conversion  # noqa: B018 - building the recipe checks it before any stage runs
@@ -124,7 +141,7 @@ class TextCompressOptions:
         """Per stage, the options that decide its output (what the manifest fingerprints)."""
         text = {"files": [str(p) for p in self.text], "eval_fraction": self.eval_fraction, "block_size": self.block_size}
         return {
-            "convert": {"model": str(self.model), "recipe": self.conversion.to_dict(), **text},
+            "convert": {"model": str(self.model), "recipe": self.conversion.to_dict(), **text, **({"by_kind": True} if self.by_kind else {})},
             "heal": {**(self.heal.to_dict() if self.heal else {"steps": 0}), "batch_size": self.batch_size, "seed": self.seed, **text,
                      **({"generate": self.generate} if self.generate else {})},
         }
@@ -263,6 +280,91 @@ def check_against_uniform(options: TextCompressOptions, converted: Path, data: T
     return {"chosen": chosen, "uniform": {"nblocks": blocks}, "perplexity": scores}
 
 
+def allocate_by_kind(options: TextCompressOptions, converted: Path, data: TextData, events: TextCompressEvents) -> dict[str, Any]:
+    """Convert under the budget allocated by layer kind (:mod:`monarchify.lm.kinds`) into
+    ``converted``, and keep it only if it beats the uniform block count the budget allows (the
+    guard of :func:`check_against_uniform`). Costs one conversion per candidate count and one
+    more for the plan; the candidates are deleted after."""
+    from monarchify.hf.convert import convert_pretrained
+    from monarchify.hf.stored_report import read_report
+    from monarchify.lm.kinds import KindOption, choose, group_by_kind, kind_pattern, measure
+
+    base = replace(options.conversion, budget=None, budget_objective="layers", budget_solver="exact", budget_ranks=[])
+    folders: dict[int, Path] = {}
+    for nblocks in KIND_CANDIDATES:
+        folder = options.stages / f"{KINDS}-{nblocks}"
+        _reset([folder])
+        events.note(f"stage 1/2: converting uniform {nblocks} blocks, to measure each kind of layer at {nblocks}")
+        try:
+            with events.converting() as convert_events:
+                convert_pretrained(options.model, folder, replace(base, nblocks=nblocks), calibration_data=data.calibration,
+                                   force=True, check=False, events=convert_events)
+        except ConfigError as exc:  # e.g. layers too small for this count
+            events.note(f"stage 1/2: {nblocks} blocks left out: {exc}")
+            _reset([folder])
+            continue
+        folders[nblocks] = folder
+    if not folders:
+        raise ConfigError(f"no candidate block count ({', '.join(map(str, KIND_CANDIDATES))}) converts this model")
+    layers = {b: {layer.name: layer for layer in read_report(str(f)).layers} for b, f in folders.items()}
+    selected = {name: layer.params_dense for name, layer in next(iter(layers.values())).items()}
+    kinds = group_by_kind(selected)
+    budget_params = int(options.budget * sum(selected.values()))
+    windows = data.heldout[:KIND_WINDOWS]
+
+    def nll(model: Any) -> float:
+        return math.log(window_perplexity(model, windows, options.batch_size))
+
+    dense = _load_measured(options.model)
+    dense_nll = nll(dense)
+    sources = {b: _load_measured(f) for b, f in folders.items()}
+    events.stage(f"stage 1/2: measuring {len(kinds)} kinds of layer at {', '.join(map(str, folders))} blocks on "
+                 f"{len(windows)} held-out windows")
+    measured = measure(dense, sources, kinds, nll, lambda kind, b, value: events.done(
+        f"{kind} at {b} blocks, the rest dense: held-out perplexity x{math.exp(value - dense_nll):.3f}"))
+    del sources, dense
+    choices = {kind: [KindOption(None, sum(selected[n] for n in names), 0.0)]
+               + [KindOption(b, sum(layers[b][n].params_monarch for n in names), measured[kind, b] - dense_nll)
+                  for b in folders if (kind, b) in measured]
+               for kind, names in kinds.items()}
+    plan = choose(choices, budget_params)
+    counts = [option.nblocks for option in plan.values() if option.nblocks is not None]
+    nblocks = max(sorted(set(counts)), key=counts.count) if counts else base.nblocks
+    recipe = replace(base, nblocks=nblocks,
+                     exclude=[*base.exclude, *(kind_pattern(k) for k, o in plan.items() if o.nblocks is None)],
+                     overrides={kind_pattern(k): o.nblocks for k, o in plan.items() if o.nblocks not in (None, nblocks)})
+    described = ", ".join(f"{k} {'dense' if o.nblocks is None else o.nblocks}" for k, o in plan.items())
+    events.stage(f"stage 1/2: converting by kind ({described}) -> {converted}")
+    with events.converting() as convert_events:
+        convert_pretrained(options.model, converted, recipe, calibration_data=data.calibration, force=True, check=False,
+                           events=convert_events)
+
+    def uniform_params(b: int) -> int:
+        return sum(layer.params_dense if layer.kept_dense else layer.params_monarch for layer in layers[b].values())
+
+    record: dict[str, Any] = {
+        "objective": "kinds", "windows": len(windows), "dense_perplexity": math.exp(dense_nll),
+        "measured": [{"kind": kind, "nblocks": b, "perplexity": math.exp(value)} for (kind, b), value in measured.items()],
+        "plan": {k: "dense" if o.nblocks is None else o.nblocks for k, o in plan.items()},
+        "params": {"budget": budget_params, "plan": sum(o.params for o in plan.values())},
+        "chosen": "kinds", "uniform": None,
+    }
+    fits = [b for b in folders if uniform_params(b) <= budget_params]
+    if fits:
+        rival = max(fits, key=uniform_params)
+        scores = {name: window_perplexity(_load_measured(folder), data.heldout, options.batch_size)
+                  for name, folder in (("kinds", converted), ("uniform", folders[rival]))}
+        chosen = "uniform" if scores["uniform"] < scores["kinds"] else "kinds"
+        record.update(uniform={"nblocks": rival}, perplexity=scores, chosen=chosen)
+        if chosen == "uniform":  # a stop in between leaves the stage unfinished in the manifest: it is redone
+            shutil.rmtree(converted)
+            folders.pop(rival).rename(converted)
+        events.done(f"held-out perplexity: by kind {scores['kinds']:.2f}, uniform {rival} blocks {scores['uniform']:.2f}: "
+                    f"keeping {'the uniform conversion' if chosen == 'uniform' else 'the plan by kind'}")
+    _reset(list(folders.values()))
+    return record
+
+
 def _stored_dtype(folder: Path) -> Any:
     """The floating-point dtype a model folder's config says its weights are stored in, or None."""
     import torch
@@ -376,11 +478,15 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             events.stage(f"stage 1/2: converting at {size} with calibration on "
                          f"{len(data.calibration.fit)} text samples -> {converted}")
             began = time.perf_counter()
-            with events.converting() as convert_events:
-                convert_pretrained(options.model, converted, options.conversion, calibration_data=data.calibration, force=True,
-                                   check=False, events=convert_events)
+            if options.by_kind:
+                allocation = allocate_by_kind(options, converted, data, events)
+            else:
+                with events.converting() as convert_events:
+                    convert_pretrained(options.model, converted, options.conversion, calibration_data=data.calibration, force=True,
+                                       check=False, events=convert_events)
+                if options.budget is not None:
+                    allocation = check_against_uniform(options, converted, data, events)
             if options.budget is not None:
-                allocation = check_against_uniform(options, converted, data, events)
                 atomic_write_text(converted / ALLOCATION_FILE, json.dumps(allocation, indent=2) + "\n")
             times["convert_seconds"] = time.perf_counter() - began
             manifest.finish("convert")
