@@ -267,17 +267,26 @@ def check_against_uniform(options: TextCompressOptions, converted: Path, data: T
     with events.converting() as convert_events:
         convert_pretrained(options.model, rival, recipe, calibration_data=data.calibration, force=True, check=False,
                            events=convert_events)
+    chosen, scores = _keep_better("budget", "the budget plan", converted, rival, blocks, options, data, events)
+    return {"chosen": chosen, "uniform": {"nblocks": blocks}, "perplexity": scores}
+
+
+def _keep_better(plan: str, described: str, converted: Path, rival: Path, blocks: int, options: TextCompressOptions,
+                 data: TextData, events: TextCompressEvents) -> tuple[str, dict[str, float]]:
+    """Score the plan in ``converted`` and the uniform conversion in ``rival`` on the held-out
+    text, leave the better one in ``converted`` (the other is deleted) and say which: ``plan`` or
+    ``"uniform"``, and both perplexities under those names."""
     scores = {name: window_perplexity(_load_measured(folder), data.heldout, options.batch_size)
-              for name, folder in (("budget", converted), ("uniform", rival))}
-    chosen = "uniform" if scores["uniform"] < scores["budget"] else "budget"
+              for name, folder in ((plan, converted), ("uniform", rival))}
+    chosen = "uniform" if scores["uniform"] < scores[plan] else plan
     if chosen == "uniform":  # a stop in between leaves the stage unfinished in the manifest: it is redone
         shutil.rmtree(converted)
         rival.rename(converted)
     else:
         shutil.rmtree(rival)
-    events.done(f"held-out perplexity: the budget's plan {scores['budget']:.2f}, uniform {blocks} blocks "
-                f"{scores['uniform']:.2f}: keeping the {'uniform conversion' if chosen == 'uniform' else 'budget plan'}")
-    return {"chosen": chosen, "uniform": {"nblocks": blocks}, "perplexity": scores}
+    events.done(f"held-out perplexity: {described} {scores[plan]:.2f}, uniform {blocks} blocks {scores['uniform']:.2f}: "
+                f"keeping {'the uniform conversion' if chosen == 'uniform' else described}")
+    return chosen, scores
 
 
 def allocate_by_kind(options: TextCompressOptions, converted: Path, data: TextData, events: TextCompressEvents) -> dict[str, Any]:
@@ -352,15 +361,8 @@ def allocate_by_kind(options: TextCompressOptions, converted: Path, data: TextDa
     fits = [b for b in folders if uniform_params(b) <= budget_params]
     if fits:
         rival = max(fits, key=uniform_params)
-        scores = {name: window_perplexity(_load_measured(folder), data.heldout, options.batch_size)
-                  for name, folder in (("kinds", converted), ("uniform", folders[rival]))}
-        chosen = "uniform" if scores["uniform"] < scores["kinds"] else "kinds"
+        chosen, scores = _keep_better("kinds", "the plan by kind", converted, folders.pop(rival), rival, options, data, events)
         record.update(uniform={"nblocks": rival}, perplexity=scores, chosen=chosen)
-        if chosen == "uniform":  # a stop in between leaves the stage unfinished in the manifest: it is redone
-            shutil.rmtree(converted)
-            folders.pop(rival).rename(converted)
-        events.done(f"held-out perplexity: by kind {scores['kinds']:.2f}, uniform {rival} blocks {scores['uniform']:.2f}: "
-                    f"keeping {'the uniform conversion' if chosen == 'uniform' else 'the plan by kind'}")
     _reset(list(folders.values()))
     return record
 

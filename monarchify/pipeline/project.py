@@ -265,27 +265,27 @@ def project_layers(
         workers = torch.get_num_threads() if cpu and getattr(projector, "thread_safe", False) else 1
     workers = max(1, min(workers, len(todo)))
     if workers == 1:
-        projected = {}
-        for layer in layers:
-            if layer.name in allocation.nblocks:
-                projected[layer.name] = _project_one(projector, layer, allocation)
-            if on_layer is not None:
-                on_layer(layer.name)
-        return projected
+        return _in_plan_order(layers, allocation, on_layer, lambda layer: _project_one(projector, layer, allocation))
     with torch_threads(1):  # before the pool starts: its threads take torch's count from here
         pool = ThreadPoolExecutor(workers, thread_name_prefix="monarchify-project")
         try:
             futures: dict[str, Future[Projected]] = {layer.name: pool.submit(_project_one, projector, layer, allocation)
                                                      for layer in todo}
-            projected = {}
-            for layer in layers:
-                if layer.name in futures:
-                    projected[layer.name] = futures[layer.name].result()
-                if on_layer is not None:
-                    on_layer(layer.name)
-            return projected
+            return _in_plan_order(layers, allocation, on_layer, lambda layer: futures[layer.name].result())
         finally:  # on a failure (or Ctrl-C) the layers not started are dropped, the running ones finish
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _in_plan_order(layers: Sequence[PlannedLayer], allocation: Allocation, on_layer: Callable[[str], None] | None,
+                   result: Callable[[PlannedLayer], Projected]) -> dict[str, Projected]:
+    """Each projected layer's ``result`` (computed now or awaited), then ``on_layer``, layer by layer."""
+    projected = {}
+    for layer in layers:
+        if layer.name in allocation.nblocks:
+            projected[layer.name] = result(layer)
+        if on_layer is not None:
+            on_layer(layer.name)
+    return projected
 
 
 def _project_one(projector: Projector, layer: PlannedLayer, allocation: Allocation) -> Projected:
