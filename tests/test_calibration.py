@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import monarchify
-from monarchify.pipeline.observe import collect
+from monarchify.pipeline.observe import GRAM_SLAB, collect, gram
 from monarchify.pipeline.plan import plan
 from monarchify.samples import SampleError, read_samples, tokenize
 from monarchify.cli.app import main
@@ -174,6 +174,18 @@ def test_statistics_equal_an_explicit_computation(tiny, bert_tokenizer):
     stats = collect(model, modules, batches)
     torch.testing.assert_close(stats.covariance(name), rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-7)
     assert stats.counts[name] == int(sum(b["attention_mask"].sum() for b in batches))
+
+
+@pytest.mark.parametrize("rows, width", [(7, 3), (300, 2 * GRAM_SLAB), (257, 2 * GRAM_SLAB + 1), (64, 1536), (1000, 700),
+                                         (5, 3 * GRAM_SLAB)])
+def test_gram_in_slabs_is_the_symmetric_product(rows, width):
+    generator = torch.Generator().manual_seed(rows * 7919 + width)
+    x = torch.randn(rows, width, generator=generator) * torch.rand(width, generator=generator) * 10
+    got = gram(x)
+    reference = x.double().T @ x.double()
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max()))  # float32 rounding
+    assert got.dtype == x.dtype and got.shape == (width, width)
+    assert torch.equal(got, got.T)  # mirrored, not computed twice
 
 
 # --- activation-aware conversion ---------------------------------------------------------
