@@ -43,7 +43,6 @@ BUDGET_SOLVERS = ("exact", "nested")
 """How a budget picks its plan (``MonarchConfig.budget_solver``)."""
 STRUCTURES = ("monarch", "lowrank")
 """What a converted layer becomes (``MonarchConfig.structure``)."""
-"""What a budget minimises (``MonarchConfig.budget_objective``)."""
 DEFAULT_CALIBRATION_SAMPLES = 256
 DEFAULT_SWEEPS = 2
 """Full-covariance refinement sweeps. On MiniLM at 4 blocks, 2 sweeps take the mean held-out

@@ -106,6 +106,18 @@ def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+def peak_rss_mb() -> float | None:
+    """The most memory this process has held so far, in MB (``None`` where the system keeps no
+    count). A high-water mark: read after a stage, it is that stage's peak if nothing before it
+    held more."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)  # bytes on macOS, KiB elsewhere
+
+
 def source_fingerprint() -> str:
     """A hash of monarchify's own source files: which code produced a result, even uncommitted."""
     root = Path(__file__).resolve().parent

@@ -12,7 +12,9 @@ import transformers
 
 from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
-from monarchify.lm.compress import TextCompressEvents, TextCompressOptions, compress_text, window_perplexity
+from monarchify.lm.compress import (
+    CALIBRATION_HELDOUT, TextCompressEvents, TextCompressOptions, compress_text, window_perplexity,
+)
 from monarchify.manifest import MANIFEST_FILE
 
 from conftest import WORDS, tiny_gpt2, tiny_llama
@@ -66,6 +68,9 @@ def test_compress_text_heals_and_records_perplexities(tmp_path, lm_folder):
     assert saved["heal"]["tokens"] == 12 * 4 * 16
     assert 0 < saved["heal"]["median_step_ms"] <= 1000 * saved["heal"]["seconds"] + 10  # seconds are rounded to 0.01
     assert saved["params"]["compressed"] < saved["params"]["dense"]
+    memory = saved["memory"]  # high-water marks: the conversion's, then the whole run's
+    if memory["peak_rss_mb"] is not None:
+        assert 0 < memory["convert_peak_rss_mb"] <= memory["peak_rss_mb"]
     allocation = saved["allocation"]  # the budget's plan was checked against a uniform one
     assert allocation["chosen"] in ("budget", "uniform")
     assert allocation["perplexity"][allocation["chosen"]] == min(allocation["perplexity"].values())
@@ -179,6 +184,13 @@ def test_cli_compress_text_prints_the_perplexities_and_refuses_task_flags(tmp_pa
         assert not (tmp_path / "o5").exists() and not (tmp_path / "o5.stages").exists()
 
 
+@pytest.mark.parametrize("samples, heldout", [(1, 1), (16, 4), (32, CALIBRATION_HELDOUT), (128, CALIBRATION_HELDOUT)])
+def test_held_out_calibration_windows_are_capped(tmp_path, samples, heldout):
+    options = _options("model", tmp_path / "t.txt", tmp_path / "out", calibration_samples=samples)
+    assert options.conversion.calibration.heldout == heldout
+    assert options.stage_options()["convert"]["recipe"]["calibration"]["heldout"] == heldout  # a change redoes the stage
+
+
 def test_cli_compress_text_at_a_block_count_with_sequential_calibration(tmp_path, lm_folder, capsys):
     from test_finetune import assert_one_line_error, run_cli
 
@@ -189,6 +201,7 @@ def test_cli_compress_text_at_a_block_count_with_sequential_calibration(tmp_path
     assert code == 0, err
     results = json.loads((out / "eval_results.json").read_text())
     assert results["recipe"]["nblocks"] == 2 and results["recipe"]["calibration"]["sequential"] is True
+    assert results["recipe"]["calibration"]["heldout"] == 4  # a quarter of 16, under the cap
     assert "budget" not in results["recipe"] or results["recipe"]["budget"] is None
     assert results["heal"] == {"steps": 0} and results["perplexity"]["compressed"] == results["perplexity"]["converted"]
 

@@ -126,3 +126,23 @@ def test_a_finetune_resume_with_another_seed_is_refused_before_loading(tmp_path,
         _check_request(opts)
     assert json.loads((opts.checkpoints / MANIFEST_FILE).read_text()) == before
     assert not opts.out.exists()
+
+
+# ------------------------------------------------------------------------------- the machine
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_peak_memory_is_a_high_water_mark_in_mb():
+    held = torch.ones(64 * 1024 * 1024 // 4)  # 64 MB, every page written
+    now = _rss_mb()
+    peak = training.peak_rss_mb()
+    del held
+    assert now - 4 <= peak < 64 * now  # in MB (KiB or bytes would be 1,024 times off), give or take a page table
+    assert training.peak_rss_mb() >= peak  # never falls

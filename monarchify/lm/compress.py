@@ -14,7 +14,7 @@ stop resumes where it stopped, and a changed option redoes exactly the stages it
 
 The output folder holds the healed model and ``eval_results.json``: the dense and compressed
 perplexity on held-out text (every ``round(1/eval_fraction)``-th line of the text files, never
-trained or calibrated on), before and after healing, parameters, tokens used and times.
+trained or calibrated on), before and after healing, parameters, tokens used, times and peak memory.
 
 The options are plain data (this module imports torch only inside the functions that run).
 """
@@ -34,6 +34,7 @@ from typing import Any, Callable
 from monarchify.config import CalibrationConfig, MonarchConfig
 from monarchify.errors import ConfigError
 from monarchify.heal_config import HealConfig
+from monarchify.samples import default_heldout
 
 RESULTS_FILE = "eval_results.json"
 CONVERTED, HEALED_STATE = "1-converted", "2-heal-state"
@@ -49,6 +50,11 @@ KIND_CANDIDATES = (2, 3, 4)
 KIND_WINDOWS = 16
 """Held-out windows each kind is scored on: enough to rank kinds whose costs differ by tens of
 percent, at a third of the full held-out scoring's time per measurement."""
+CALIBRATION_HELDOUT = 8
+"""Held-out calibration windows, beside the fitted ones: their statistics give each layer's
+output error on unseen text in the report. Convert's default quarter (32 windows at the 128
+fitted here) was a fifth of the conversion's forward passes; this recipe judges by the model's
+own held-out perplexity, and 2,048 tokens still show whether a layer's fit carries to new text."""
 ALLOCATION_FILE = "allocation.json"
 """In the converted stage: the budget's plan against the uniform one, on the held-out text."""
 STAGES = ("convert", "heal")
@@ -133,7 +139,8 @@ class TextCompressOptions:
         if self.budget is not None:
             recipe["budget"] = self.budget
         calibration = dict(recipe.get("calibration") or {})
-        calibration.update(samples=self.calibration_samples, max_length=self.block_size)
+        calibration.update(samples=self.calibration_samples, max_length=self.block_size,
+                           heldout=min(CALIBRATION_HELDOUT, default_heldout(self.calibration_samples)))
         recipe["calibration"] = CalibrationConfig.from_dict(calibration)
         return MonarchConfig(**recipe)
 
@@ -212,7 +219,8 @@ def load_text(options: TextCompressOptions, tokenizer: Any) -> TextData:
     heldout = pack(lines.heldout, tokenizer, options.block_size)[: options.max_heldout_windows]
     # about four characters a token in English: a chunk of 4 x block_size characters fills a window
     chunks = _chunks(lines.train, 4 * options.block_size)
-    calibration = split_samples(chunks, options.calibration_samples, source=", ".join(map(str, options.text)), kind="text")
+    settings = options.conversion.calibration
+    calibration = split_samples(chunks, settings.samples, settings.heldout, source=", ".join(map(str, options.text)), kind="text")
     return TextData(train, heldout, calibration, {"train": len(lines.train), "heldout": len(lines.heldout)})
 
 
@@ -434,7 +442,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     from monarchify.hf.saving import recipe_of, save_model
     from monarchify.hf.stored_report import read_report
     from monarchify.manifest import RunManifest
-    from monarchify.training import run_environment
+    from monarchify.training import peak_rss_mb, run_environment
 
     from monarchify import distributed
 
@@ -462,6 +470,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     stage_options = options.stage_options()
     converted, state_dir = options.stages / CONVERTED, options.stages / HEALED_STATE
     times: dict[str, float] = {}
+    memory: dict[str, float | None] = {}
     if distributed.is_main():  # the stages' bookkeeping and the conversion
         manifest = RunManifest.load(options.stages)
         if options.restart_from is not None:
@@ -491,6 +500,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             if options.budget is not None:
                 atomic_write_text(converted / ALLOCATION_FILE, json.dumps(allocation, indent=2) + "\n")
             times["convert_seconds"] = time.perf_counter() - began
+            memory["convert_peak_rss_mb"] = peak_rss_mb()
             manifest.finish("convert")
 
         status = manifest.check("heal", stage_options["heal"])
@@ -506,13 +516,15 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     distributed.barrier()  # the converted stage and a reset healing state are there for every process
 
     torch.manual_seed(options.seed)
-    student = _load_measured(converted)
     dense = _load_measured(options.model)
-    stored = _stored_dtype(converted)  # the output is written back in the stored precision
-    report = read_report(str(converted))
-    dense_ppl = window_perplexity(dense, data.heldout, options.batch_size)
+    dense_ppl, dense_params = window_perplexity(dense, data.heldout, options.batch_size), parameters(dense)
     events.done(f"dense perplexity on the held-out text: {dense_ppl:.2f}")
     heal = options.heal
+    if heal is None:  # only healing needs the dense model beside the converted one
+        del dense
+    student = _load_measured(converted)
+    stored = _stored_dtype(converted)  # the output is written back in the stored precision
+    report = read_report(str(converted))
     result_heal: dict[str, Any] = {"steps": 0}
     if heal is not None:
         windows = data.train
@@ -552,7 +564,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
         "text": [str(p) for p in options.text],
         "perplexity": {"dense": dense_ppl, "converted": before, "compressed": compressed_ppl,
                        "ratio": compressed_ppl / dense_ppl},
-        "params": {"dense": parameters(dense), "compressed": parameters(student), "ratio": parameters(student) / parameters(dense)},
+        "params": {"dense": dense_params, "compressed": parameters(student), "ratio": parameters(student) / dense_params},
         "heldout": {"windows": len(data.heldout), "tokens_scored": len(data.heldout) * (options.block_size - 1),
                     "window": options.block_size},
         "tokens": {"calibration_samples": len(data.calibration.fit), "healing": result_heal.get("tokens", 0),
@@ -561,6 +573,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
            if (converted / ALLOCATION_FILE).is_file() else {}),
         "heal": result_heal,
         "times": {k: round(v, 2) for k, v in times.items()},
+        "memory": {**memory, "peak_rss_mb": peak_rss_mb()},
         "dtype": {"measured_and_healed": "float32", "saved": str(stored or torch.float32).removeprefix("torch.")},
         "recipe": recipe_of(student),
         "options": options.to_dict(),

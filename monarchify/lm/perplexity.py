@@ -110,10 +110,13 @@ def window_nll(model: nn.Module, ids: torch.Tensor, first_scored: int) -> torch.
     float64 logits, else in float32."""
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[:, first_scored - 1 : -1]
-    logits = logits if logits.dtype == torch.float64 else logits.float()
     targets = ids[:, first_scored:]
-    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view(targets.shape).sum(dim=1, dtype=torch.float64)
+    # Row by row: a batch's logits span the vocabulary (200 MB for 4 windows of 256 tokens over
+    # SmolLM2's 49,152), and a float copy plus a log-softmax of the whole batch tripled that.
+    return torch.stack([
+        nn.functional.cross_entropy(row if row.dtype == torch.float64 else row.float(), target, reduction="none").sum(dtype=torch.float64)
+        for row, target in zip(logits, targets)
+    ])
 
 
 def perplexity(
