@@ -106,8 +106,8 @@ def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def peak_rss_mb() -> float | None:
-    """The most memory this process has held so far, in MB (``None`` where the system keeps no
+def peak_rss_mib() -> float | None:
+    """The most memory this process has held so far, in MiB (``None`` where the system keeps no
     count). A high-water mark: read after a stage, it is that stage's peak if nothing before it
     held more."""
     try:

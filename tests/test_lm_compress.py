@@ -69,8 +69,8 @@ def test_compress_text_heals_and_records_perplexities(tmp_path, lm_folder):
     assert 0 < saved["heal"]["median_step_ms"] <= 1000 * saved["heal"]["seconds"] + 10  # seconds are rounded to 0.01
     assert saved["params"]["compressed"] < saved["params"]["dense"]
     memory = saved["memory"]  # high-water marks: the conversion's, then the whole run's
-    if memory["peak_rss_mb"] is not None:
-        assert 0 < memory["convert_peak_rss_mb"] <= memory["peak_rss_mb"]
+    if memory["peak_rss_mib"] is not None:
+        assert 0 < memory["convert_peak_rss_mib"] <= memory["peak_rss_mib"]
     allocation = saved["allocation"]  # the budget's plan was checked against a uniform one
     assert allocation["chosen"] in ("budget", "uniform")
     assert allocation["perplexity"][allocation["chosen"]] == min(allocation["perplexity"].values())

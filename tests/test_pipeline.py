@@ -161,11 +161,12 @@ def test_layers_projected_side_by_side_are_the_ones_projected_one_at_a_time(bert
 
     import monarchify.pipeline.project as project_module
 
-    where = []
+    where, started = [], []
     one_layer = project_module._project_one
 
     def located(*args):
         where.append(threading.current_thread().name)
+        started.append(args[1])
         return one_layer(*args)
 
     monkeypatch.setattr(project_module, "_project_one", located)
@@ -173,6 +174,7 @@ def test_layers_projected_side_by_side_are_the_ones_projected_one_at_a_time(bert
     def convert_with(threads, workers=None):
         order = []
         where.clear()
+        started.clear()
 
         def watched(layers, allocation, projector, on_layer=None):
             def record(name):
@@ -195,6 +197,11 @@ def test_layers_projected_side_by_side_are_the_ones_projected_one_at_a_time(bert
     assert set(where) == {threading.main_thread().name}
     two, report_two, order_two = convert_with(2)
     assert where and all(name.startswith("monarchify-project") for name in where)
+    # the longest first (the 64 x 128 output layers), the square 64 x 64 ones last; the queue is
+    # first in, first out, so only neighbours can swap between the two threads
+    work = [layer.d_out * layer.d_in ** 2 for layer in started]
+    assert work[:2] == [max(work)] * 2 and work[-2:] == [min(work)] * 2 and max(work) > min(work)
+    assert all(a >= b for a, b in zip(work[::2], work[2::2]))
     three, _, _ = convert_with(2, workers=3)
     assert len(order_one) == len(report_one.layers) == 18
     assert order_one == order_two == [layer.name for layer in report_one.layers]

@@ -4,6 +4,7 @@ check, used alike by fine-tuning, training from scratch and healing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,18 +132,18 @@ def test_a_finetune_resume_with_another_seed_is_refused_before_loading(tmp_path,
 # ------------------------------------------------------------------------------- the machine
 
 
-def _rss_mb() -> float:
-    for line in open("/proc/self/status", encoding="ascii"):
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS line")
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc (Linux)")
-def test_peak_memory_is_a_high_water_mark_in_mb():
-    held = torch.ones(64 * 1024 * 1024 // 4)  # 64 MB, every page written
-    now = _rss_mb()
-    peak = training.peak_rss_mb()
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_peak_memory_is_a_high_water_mark_in_mib():
+    held = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, every page written
+    now = _rss_mib()
+    peak = training.peak_rss_mib()
     del held
-    assert now - 4 <= peak < 64 * now  # in MB (KiB or bytes would be 1,024 times off), give or take a page table
-    assert training.peak_rss_mb() >= peak  # never falls
+    assert now - 4 <= peak < 64 * now  # in MiB (KiB or bytes would be 1,024 times off), give or take a page table
+    assert training.peak_rss_mib() >= peak  # never falls

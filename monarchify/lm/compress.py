@@ -442,7 +442,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
     from monarchify.hf.saving import recipe_of, save_model
     from monarchify.hf.stored_report import read_report
     from monarchify.manifest import RunManifest
-    from monarchify.training import peak_rss_mb, run_environment
+    from monarchify.training import peak_rss_mib, run_environment
 
     from monarchify import distributed
 
@@ -500,7 +500,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
             if options.budget is not None:
                 atomic_write_text(converted / ALLOCATION_FILE, json.dumps(allocation, indent=2) + "\n")
             times["convert_seconds"] = time.perf_counter() - began
-            memory["convert_peak_rss_mb"] = peak_rss_mb()
+            memory["convert_peak_rss_mib"] = peak_rss_mib()
             manifest.finish("convert")
 
         status = manifest.check("heal", stage_options["heal"])
@@ -573,7 +573,7 @@ def compress_text(options: TextCompressOptions, events: TextCompressEvents | Non
            if (converted / ALLOCATION_FILE).is_file() else {}),
         "heal": result_heal,
         "times": {k: round(v, 2) for k, v in times.items()},
-        "memory": {**memory, "peak_rss_mb": peak_rss_mb()},
+        "memory": {**memory, "peak_rss_mib": peak_rss_mib()},
         "dtype": {"measured_and_healed": "float32", "saved": str(stored or torch.float32).removeprefix("torch.")},
         "recipe": recipe_of(student),
         "options": options.to_dict(),
