@@ -133,3 +133,36 @@ def test_perplexity_agrees_with_each_family_s_own_loss(tokenizer_and_text, famil
         losses = [model(input_ids=w[None], labels=w[None]).loss.double() for w in ids.split(32)]
     assert measured.tokens == 5 * 31
     assert measured.perplexity == pytest.approx(math.exp(float(torch.stack(losses).mean())), rel=1e-5), family
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "gpt_neox", "opt"])
+def test_a_budget_by_layer_kind_finds_each_family_s_kinds(tmp_path, tokenizer_and_text, family):
+    """`--budget-objective kinds` names kinds by a layer's place inside its repeated block, so
+    fused projections (GPT-2's transposed c_attn, Phi-3's qkv_proj, GPT-NeoX's query_key_value)
+    and another stack's name (OPT's decoder.layers) are kinds like any other."""
+    import transformers
+
+    from monarchify.hf.stored_report import read_report
+    from monarchify.lm.kinds import group_by_kind, kind_of
+
+    tokenizer, text = tokenizer_and_text
+    torch.manual_seed(2)
+    dense = transformers.AutoModelForCausalLM.from_config(_config(family, len(tokenizer))).eval()
+    folder = tmp_path / family
+    dense.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    in_blocks = [name for name, module in dense.named_modules()
+                 if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and BLOCK_LINEAR.search(name)]
+    expected = set(group_by_kind(in_blocks))
+
+    out = tmp_path / "out"
+    result = compress_text(TextCompressOptions(model=str(folder), text=[text], out=out, budget=0.6, by_kind=True, block_size=16,
+                                               calibration_samples=16, batch_size=4, heal=None, eval_fraction=0.1))
+    allocation = result.results["allocation"]
+    assert set(allocation["plan"]) == expected and len(expected) >= 4, (family, allocation["plan"])
+    assert allocation["params"]["plan"] <= allocation["params"]["budget"]
+    assert allocation["perplexity"][allocation["chosen"]] == min(allocation["perplexity"].values())
+    converted = {kind_of(layer.name) for layer in read_report(str(out)).layers}
+    if allocation["chosen"] == "kinds":
+        assert converted == {kind for kind, b in allocation["plan"].items() if b != "dense"}, family
+    assert result.results["params"]["compressed"] < result.results["params"]["dense"]
