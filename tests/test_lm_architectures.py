@@ -59,6 +59,18 @@ FAMILIES = ["gpt2", "qwen2", "mistral", "gemma", "phi3", "phi", "qwen3", "gemma2
 BLOCK_LINEAR = re.compile(r"(^|\.)(layers|h)\.\d+\.")  # inside a repeated block, whatever the family calls the stack
 
 
+def _saved(tmp_path, family: str, tokenizer, seed: int):
+    """A random model of ``family`` and the folder it and the tokenizer were saved to."""
+    import transformers
+
+    torch.manual_seed(seed)
+    dense = transformers.AutoModelForCausalLM.from_config(_config(family, len(tokenizer))).eval()
+    folder = tmp_path / family
+    dense.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return dense, folder
+
+
 @pytest.fixture(scope="module")
 def tokenizer_and_text(tmp_path_factory):
     from monarchify.lm.text import train_tokenizer
@@ -76,11 +88,7 @@ def test_compress_text_converts_heals_and_reloads_every_family(tmp_path, tokeniz
     from monarchify.monarch import MonarchLinear
 
     tokenizer, text = tokenizer_and_text
-    torch.manual_seed(0)
-    dense = transformers.AutoModelForCausalLM.from_config(_config(family, len(tokenizer))).eval()
-    folder = tmp_path / family
-    dense.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    dense, folder = _saved(tmp_path, family, tokenizer, seed=0)
     # The linears inside the repeated blocks (the head and embeddings are never converted),
     # less those two blocks would not make smaller (square ones), which compress keeps dense.
     from monarchify.monarch import MonarchLayout
@@ -146,11 +154,7 @@ def test_a_budget_by_layer_kind_finds_each_family_s_kinds(tmp_path, tokenizer_an
     from monarchify.lm.kinds import group_by_kind, kind_of
 
     tokenizer, text = tokenizer_and_text
-    torch.manual_seed(2)
-    dense = transformers.AutoModelForCausalLM.from_config(_config(family, len(tokenizer))).eval()
-    folder = tmp_path / family
-    dense.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    dense, folder = _saved(tmp_path, family, tokenizer, seed=2)
     in_blocks = [name for name, module in dense.named_modules()
                  if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and BLOCK_LINEAR.search(name)]
     expected = set(group_by_kind(in_blocks))
