@@ -16,7 +16,8 @@ count, so that the summed increase in held-out loss is least within the paramete
 (:func:`choose`: exact, over a few options per kind). Summing assumes the kinds' damage adds up;
 it does not (it compounds), but the ranking it gives is what the allocation needs.
 
-Torch only; the conversions and the scoring are the caller's (:mod:`monarchify.lm.compress`).
+The conversions and the scoring are the caller's (:mod:`monarchify.lm.compress`); the module swap is
+the pipeline's (:func:`~monarchify.pipeline.apply.apply`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from monarchify.errors import ConfigError
+from monarchify.pipeline.apply import apply
 
 _BLOCK_INDEX = re.compile(r"^.*?\.\d+\.")
 
@@ -92,11 +94,9 @@ def measure(dense: Any, sources: Mapping[int, Any], kinds: Mapping[str, list[str
                 continue  # kept dense there (no smaller at this count): not an option
             originals = {name: dense.get_submodule(name) for name in names}
             try:
-                for name, module in replacements.items():
-                    dense.set_submodule(name, module)
+                apply(dense, replacements)
                 results[kind, nblocks] = score(dense)
             finally:
-                for name, module in originals.items():
-                    dense.set_submodule(name, module)
+                apply(dense, originals)
             on_measured(kind, nblocks, results[kind, nblocks])
     return results
